@@ -1,0 +1,46 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - run every notebook end to end on the tiny CPU model (executed copies in runs/notebooks)
+#   make test   - unit tests + every notebook in smoke mode
+# Both create .venv when missing and install a CPU torch pinned to 2.13.0 when no torch is present
+# (an unpinned torch would pull a multi-GB CUDA build).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.entruth-installed
+TORCH_CPU ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test unit notebooks-smoke setup strip build-tiny clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_CPU)"
+	$(PY) -m pip install -q -e ".[notebooks,dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/entruth-lite notebooks run --out runs/notebooks
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+unit: $(STAMP)
+	$(PY) -m pytest -m "not notebooks"
+
+notebooks-smoke: $(STAMP)
+	$(VENV)/bin/entruth-lite notebooks run --smoke --out runs/notebooks-smoke
+
+strip: $(STAMP)
+	$(VENV)/bin/entruth-lite notebooks strip
+
+build-tiny: $(STAMP)
+	$(VENV)/bin/entruth-lite zoo build-tiny
+
+clean:
+	rm -rf runs .pytest_cache

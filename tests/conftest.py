@@ -1,0 +1,34 @@
+"""Tests run offline: nothing may reach a model hub."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root`` (relative name -> digest), to prove a folder was not touched."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def small_dataset(tmp_path):
+    """A 12-image captioned imagefolder of flat colours."""
+    from PIL import Image
+
+    from entruth_lite import data
+
+    images = [Image.new("RGB", (32, 32), (20 * i, 255 - 20 * i, 100)) for i in range(12)]
+    captions = [f"an emoji of a colour number {i}" for i in range(12)]
+    return data.save_imagefolder(images, captions, tmp_path / "small")
