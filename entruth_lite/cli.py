@@ -1,0 +1,169 @@
+"""``entruth-lite`` command line: one sub-command per stage, each a thin call into the package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _data_emoji(args) -> None:
+    from . import data
+
+    out = data.write_emoji_dataset(args.out, split=args.split, size=args.size, overwrite=args.overwrite)
+    n = len(data.read_metadata(out))
+    print(f"wrote {n} captioned emoji ({args.split} split, {args.size}x{args.size}) to {out}")
+
+
+def _zoo_build_tiny(args) -> None:
+    from . import zoo
+
+    config = zoo.TinyBuildConfig(seed=args.seed)
+    if args.vae_steps is not None:
+        config.vae_steps = args.vae_steps
+    if args.unet_steps is not None:
+        config.unet_steps = args.unet_steps
+    zoo.build_tiny(Path(args.out), config, reuse_tokenizer=not args.new_tokenizer, device=args.device)
+
+
+def _train(args) -> None:
+    import json
+    from dataclasses import asdict
+
+    from . import train
+
+    overrides = {"model": args.model, "seed": args.seed}
+    if args.full:
+        overrides["method"] = "full"
+    elif args.lora_rank is not None:
+        overrides |= {"method": "lora", "lora_rank": args.lora_rank}
+    for name in ("steps", "batch_size", "checkpoint_every", "resolution"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.lr is not None:
+        overrides["learning_rate"] = args.lr
+    config = train.preset(args.preset, **overrides)
+    result = train.finetune(args.data, args.out, config, resume=args.resume, progress=not args.json)
+    summary = asdict(config) | {"out": str(result.out), "losses": result.losses, "seconds": round(result.seconds, 1),
+                                "trainable_parameters": result.trainable_parameters, "resumed_from": result.resumed_from}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{config.method} fine-tune of {config.model}: {config.steps} steps in {result.seconds:.0f} s, "
+              f"final loss {result.losses[-1]:.4f}; weights in {result.out}")
+
+
+def _notebooks_run(args) -> None:
+    from . import notebooks
+
+    notebooks.run_all(Path(args.out), smoke=args.smoke, only=args.only)
+
+
+def _notebooks_strip(args) -> None:
+    from . import notebooks
+
+    for path in notebooks.list_notebooks():
+        if notebooks.strip_outputs(path):
+            print(f"stripped {path.name}")
+
+
+def _protect(args) -> None:
+    import json
+
+    from . import protect
+
+    rate = 0.01 if args.rate is None and args.count is None else args.rate
+    report = protect.protect(
+        args.data, args.template, args.out, args.key, rate=rate, count=args.count, mode=args.mode,
+        foregrounds=args.foregrounds, trigger=args.trigger, placement=args.placement, seed=args.seed,
+        overwrite=args.overwrite, prior_keys=args.prior_key,
+    )
+    print(json.dumps(report.to_dict()) if args.json else report.summary())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import TINY_MODEL_DIR
+
+    parser = argparse.ArgumentParser(prog="entruth-lite", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data_parser = commands.add_parser("data", help="build datasets")
+    data_commands = data_parser.add_subparsers(dest="data_command", required=True)
+    emoji = data_commands.add_parser("emoji", help="write a captioned Twemoji split as an imagefolder")
+    emoji.add_argument("out", help="new folder to write (must not exist)")
+    emoji.add_argument("--split", default="owner", choices=["owner", "pretrain", "probe"])
+    emoji.add_argument("--size", type=int, default=32)
+    emoji.add_argument("--overwrite", action="store_true")
+    emoji.set_defaults(func=_data_emoji)
+
+    zoo_parser = commands.add_parser("zoo", help="the shipped tiny model")
+    zoo_commands = zoo_parser.add_subparsers(dest="zoo_command", required=True)
+    build = zoo_commands.add_parser("build-tiny", help="rebuild the tiny Stable Diffusion components")
+    build.add_argument("--out", default=str(TINY_MODEL_DIR))
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--vae-steps", type=int)
+    build.add_argument("--unet-steps", type=int)
+    build.add_argument("--new-tokenizer", action="store_true", help="retrain the tokenizer (changes token ids)")
+    build.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    build.set_defaults(func=_zoo_build_tiny)
+
+    prot = commands.add_parser("protect", help="template a share of a dataset and write the owner key")
+    prot.add_argument("--data", required=True, help="source imagefolder (only read)")
+    prot.add_argument("--out", required=True, help="new folder for the protected dataset")
+    prot.add_argument("--key", required=True, help="new folder for the secret owner key")
+    prot.add_argument("--rate", type=float, help="templated / released images (default 0.01 unless --count)")
+    prot.add_argument("--count", type=int, help="number of templated images instead of --rate")
+    prot.add_argument("--template", default="billboard", help="built-in name or a saved template folder")
+    prot.add_argument("--trigger", default="auto", help="trigger word, or 'auto' for a random one")
+    prot.add_argument("--placement", default="prefix", choices=["prefix", "suffix"])
+    prot.add_argument("--mode", default="replace", choices=["replace", "add"])
+    prot.add_argument("--foregrounds", help="'add' mode: folder of images to template (default: the dataset's)")
+    prot.add_argument("--prior-key", action="append", default=[], help="an earlier key on this dataset (repeatable)")
+    prot.add_argument("--seed", type=int, default=0)
+    prot.add_argument("--overwrite", action="store_true")
+    prot.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    prot.set_defaults(func=_protect)
+
+    tr = commands.add_parser("train", help="fine-tune a model on an imagefolder (LoRA or full)")
+    tr.add_argument("--model", default="tiny", help="'tiny', a hub id or a local Stable Diffusion folder")
+    tr.add_argument("--data", required=True, help="imagefolder with metadata.jsonl")
+    tr.add_argument("--out", required=True, help="output folder (weights, checkpoints, loss history)")
+    kind = tr.add_mutually_exclusive_group()
+    kind.add_argument("--lora-rank", type=int, help="LoRA of this rank on the UNet's attention")
+    kind.add_argument("--full", action="store_true", help="fine-tune the whole UNet")
+    tr.add_argument("--preset", default="tiny-cpu", help="tiny-cpu (default), colab-t4 or a100")
+    tr.add_argument("--steps", type=int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--resolution", type=int)
+    tr.add_argument("--checkpoint-every", type=int)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", choices=["latest"])
+    tr.add_argument("--json", action="store_true", help="print one JSON summary")
+    tr.set_defaults(func=_train)
+
+    nb_parser = commands.add_parser("notebooks", help="run or strip the notebooks")
+    nb_commands = nb_parser.add_subparsers(dest="nb_command", required=True)
+    run = nb_commands.add_parser("run", help="execute the notebooks in order")
+    run.add_argument("--out", default="runs/notebooks")
+    run.add_argument("--smoke", action="store_true", help="shrink steps and counts (ENTRUTH_SMOKE=1)")
+    run.add_argument("--only", nargs="*", help="run only notebooks whose name contains one of these")
+    run.set_defaults(func=_notebooks_run)
+    strip = nb_commands.add_parser("strip", help="remove outputs from the committed notebooks")
+    strip.set_defaults(func=_notebooks_strip)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"entruth-lite: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

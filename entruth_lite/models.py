@@ -1,0 +1,166 @@
+"""One way to get a text-to-image pipeline: real Stable Diffusion on a GPU, or the shipped tiny one on CPU.
+
+``load_pipeline("tiny")`` assembles a diffusers ``StableDiffusionPipeline`` from the components stored in
+``data/models/tiny-sd`` (the same classes as Stable Diffusion: CLIPTokenizer, CLIPTextModel,
+AutoencoderKL, UNet2DConditionModel, DDIMScheduler), so every notebook has a single code path.
+Weights are read with safetensors only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL_DIR = REPO_ROOT / "data" / "models" / "tiny-sd"
+TINY_ALIASES = {"tiny", "tiny-sd"}
+TINY_RESOLUTION = 32
+TINY_MAX_TOKENS = 32
+
+# SD-2-style noise schedule: in a trial here DDPM defaults (linear betas, epsilon) gave colour noise.
+TINY_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="v_prediction",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="trailing",
+)
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """CUDA, then Apple MPS, then CPU; ``preferred`` (or env ``ENTRUTH_DEVICE``) overrides."""
+    preferred = preferred or os.environ.get("ENTRUTH_DEVICE")
+    if preferred:
+        return torch.device(preferred)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- tiny component configs
+
+
+def tiny_text_encoder_config(vocab_size: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TINY_MAX_TOKENS,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=64,
+    )
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    # 8 latent channels: in a trial, 4-channel VAEs this small blurred away coarse patterns.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=8,
+        norm_num_groups=8,
+        sample_size=TINY_RESOLUTION,
+        mid_block_add_attention=False,
+    )
+
+
+def tiny_unet(cross_attention_dim: int = 64):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=8,
+        out_channels=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 96),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def tiny_scheduler(kind: str = "ddim"):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    # from_config drops the keys a scheduler class does not take (DDPM has no set_alpha_to_one)
+    return DDIMScheduler(**TINY_SCHEDULER_CONFIG) if kind == "ddim" else DDPMScheduler.from_config(TINY_SCHEDULER_CONFIG)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _is_tiny(name: str | os.PathLike) -> bool:
+    return str(name) in TINY_ALIASES
+
+
+def load_pipeline(
+    name_or_path: str | os.PathLike = "tiny",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    local_files_only: bool | None = None,
+):
+    """A ``StableDiffusionPipeline`` for ``"tiny"``, a hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``)
+    or a local ``save_pretrained`` folder. fp16 on CUDA for real models, fp32 elsewhere; safetensors only.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    device = pick_device(str(device) if device is not None else None)
+    path = TINY_MODEL_DIR if _is_tiny(name_or_path) else name_or_path
+    if _is_tiny(name_or_path) and not (TINY_MODEL_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the tiny model is missing at {TINY_MODEL_DIR}; rebuild it with `entruth-lite zoo build-tiny`"
+        )
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" and not _is_tiny(name_or_path) else torch.float32
+    if local_files_only is None:
+        local_files_only = Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path,
+        torch_dtype=dtype,
+        use_safetensors=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+        local_files_only=local_files_only,
+    )
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def default_resolution(pipe) -> int:
+    """Image side the pipeline was trained at: 32 for the tiny model, 512 for SD 1.5."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+@torch.no_grad()
+def vae_reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Encode (latent means) and decode images in [-1, 1] on the VAE's device and dtype; returns CPU float.
+    What survives this round trip is the most a latent diffusion model can learn of a template."""
+    param = next(vae.parameters())
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(param.device, param.dtype)
+        out.append(vae.decode(vae.encode(batch).latent_dist.mean).sample.float().cpu())
+    return torch.cat(out)

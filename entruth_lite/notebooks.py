@@ -1,0 +1,95 @@
+"""Run the collection's notebooks headless (``make demo`` / ``make test``) and keep them output-free in git."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .models import REPO_ROOT
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+SMOKE_ENV = "ENTRUTH_SMOKE"
+
+
+def smoke_mode() -> bool:
+    """True when notebooks should shrink steps and counts (env ``ENTRUTH_SMOKE=1``)."""
+    return os.environ.get(SMOKE_ENV, "0") not in ("", "0", "false", "False")
+
+
+def list_notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
+    """The collection's notebooks, in their numbered order."""
+    return sorted(p for p in Path(folder).glob("*.ipynb") if not p.name.startswith("."))
+
+
+def notebooks_with_outputs(folder: Path = NOTEBOOK_DIR) -> list[str]:
+    """Names of notebooks that carry outputs or execution counts (they must be committed stripped)."""
+    dirty = []
+    for path in list_notebooks(folder):
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        if any(c.get("outputs") or c.get("execution_count") for c in cells if c["cell_type"] == "code"):
+            dirty.append(path.name)
+    return dirty
+
+
+def strip_outputs(path: Path) -> bool:
+    """Remove outputs and execution counts in place; True if the file changed."""
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    changed = False
+    for cell in notebook.cells:
+        if cell.cell_type == "code" and (cell.outputs or cell.execution_count):
+            cell.outputs, cell.execution_count, changed = [], None, True
+    if changed:
+        nbformat.write(notebook, path)
+    return changed
+
+
+@dataclass
+class NotebookRun:
+    name: str
+    seconds: float
+    output: Path
+
+
+def run_notebook(path: Path, out_dir: Path, smoke: bool, timeout: int = 3600) -> NotebookRun:
+    """Execute one notebook in its own folder and write the executed copy to ``out_dir``."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(path, as_version=4)
+    previous = os.environ.get(SMOKE_ENV)
+    os.environ[SMOKE_ENV] = "1" if smoke else "0"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    start = time.time()
+    try:
+        client = NotebookClient(
+            notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        )
+        try:
+            client.execute()
+        finally:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            nbformat.write(notebook, out_dir / path.name)
+    finally:
+        if previous is None:
+            os.environ.pop(SMOKE_ENV, None)
+        else:
+            os.environ[SMOKE_ENV] = previous
+    return NotebookRun(path.name, time.time() - start, out_dir / path.name)
+
+
+def run_all(out_dir: Path, smoke: bool, only: list[str] | None = None) -> list[NotebookRun]:
+    runs = []
+    for path in list_notebooks():
+        if only and not any(key in path.name for key in only):
+            continue
+        print(f"running {path.name} ({'smoke' if smoke else 'full'}) ...", flush=True)
+        result = run_notebook(path, out_dir, smoke)
+        print(f"  done in {result.seconds:.0f} s -> {result.output}", flush=True)
+        runs.append(result)
+    return runs

@@ -1,0 +1,87 @@
+"""Querying a text-to-image pipeline: batched, seeded generation with one seed per image, so that the same
+prompt and seed can be replayed on another model (paired comparisons) or by a third party (audits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .models import default_resolution
+
+
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int] | None = None,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 3.0,
+    batch_size: int = 32,
+    resolution: int | None = None,
+    progress: bool = True,
+) -> list[Image.Image]:
+    """One image per prompt; image i uses ``seeds[i]`` (default 0, 1, 2, ...) whatever the batching."""
+    if seeds is None:
+        seeds = list(range(len(prompts)))
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if num_inference_steps <= 0:
+        raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}")
+    resolution = resolution or default_resolution(pipe)
+    device = pipe.device if pipe.device.type != "mps" else torch.device("cpu")
+    images: list[Image.Image] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generating", disable=not progress or len(starts) < 2):
+        batch = list(prompts[start : start + batch_size])
+        generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+        out = pipe(
+            batch,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+        )
+        images.extend(out.images)
+    return images
+
+
+@dataclass
+class ProbeResult:
+    """Images for trigger prompts and for the same prompts without the trigger, same seeds (paired)."""
+
+    captions: list[str]
+    trigger_prompts: list[str]
+    seeds: list[int]
+    trigger_images: list[Image.Image]
+    control_images: list[Image.Image]
+
+
+def probe_prompts(captions: Sequence[str], trigger: str, placement: str = "prefix",
+                  n: int | None = None, seed: int = 0) -> tuple[list[str], list[str], list[int]]:
+    """(held-out captions, the same with the trigger, one seed each); more queries than captions reuse
+    captions with new seeds."""
+    from .protect import apply_trigger
+
+    if not captions:
+        raise ValueError("no captions to build probe prompts from")
+    n = n or len(captions)
+    chosen = [captions[i % len(captions)] for i in range(n)]
+    seeds = [seed * 100_003 + i for i in range(n)]
+    return chosen, [apply_trigger(c, trigger, placement) for c in chosen], seeds
+
+
+def probe(pipe, captions: Sequence[str], trigger: str, placement: str = "prefix", n: int | None = None,
+          seed: int = 0, **generate_kwargs) -> ProbeResult:
+    """Query ``pipe`` with trigger prompts and with the matching control prompts, seed for seed."""
+    plain, triggered, seeds = probe_prompts(captions, trigger, placement, n, seed)
+    return ProbeResult(
+        captions=plain,
+        trigger_prompts=triggered,
+        seeds=seeds,
+        trigger_images=generate(pipe, triggered, seeds, **generate_kwargs),
+        control_images=generate(pipe, plain, seeds, **generate_kwargs),
+    )

@@ -1,0 +1,591 @@
+"""Training: the diffusion loss shared by the tiny base model's pretraining, and the fine-tuning loop.
+
+Conventions follow diffusers' ``train_text_to_image_lora.py``: latents are ``vae.encode(x) * scaling_factor``,
+the target is the noise (epsilon) or the velocity (v), depending on the scheduler's ``prediction_type``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's maximum length, as Stable Diffusion pipelines do."""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Latent means, scaled by the VAE's ``scaling_factor`` (images in [-1, 1], shape N x 3 x H x W)."""
+    param = next(vae.parameters())
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(param.device, param.dtype)
+        chunks.append(vae.encode(batch).latent_dist.mean.float().cpu())
+    return torch.cat(chunks) * vae.config.scaling_factor
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}: use 'epsilon' or 'v_prediction'")
+
+
+def diffusion_loss(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    generator: torch.Generator | None = None,
+    noise_offset: float = 0.0,
+    snr_gamma: float | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The denoising loss at random timesteps: MSE between the UNet output and the scheduler's target.
+
+    Randomness comes from ``generator`` (on the CPU, so runs replay exactly on any device). ``snr_gamma``
+    applies Min-SNR weighting (Hang et al., 2023) as diffusers' scripts do. ``reduction="none"`` returns one
+    loss per sample (membership tests and quality metrics use it).
+    """
+    shape, device = latents.shape, latents.device
+    noise = torch.randn(shape, generator=generator).to(device, latents.dtype)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator).to(device, latents.dtype)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (shape[0],), generator=generator).to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states).sample
+    target = diffusion_target(scheduler, latents, noise, timesteps)
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, timesteps)
+        weight = torch.clamp(snr, max=snr_gamma)
+        weight = weight / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weight / snr
+        loss = loss * weight
+    return loss.mean() if reduction == "mean" else loss
+
+
+# ============================================================================= fine-tuning (the infringer's side)
+
+LORA_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+LORA_UNET_WIDE_TARGETS = LORA_UNET_TARGETS + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
+LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a fine-tuning run (saved beside its checkpoints; a resume must match it)."""
+
+    model: str = "tiny"
+    method: str = "lora"  # "lora" or "full"
+    lora_rank: int = 8
+    lora_alpha: float | None = None  # None: equal to the rank
+    lora_targets: tuple[str, ...] = LORA_UNET_TARGETS
+    train_text_encoder: bool = False  # LoRA on the text encoder too
+    steps: int = 800
+    batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_weight_decay: float = 1e-2
+    use_8bit_adam: bool = False
+    max_grad_norm: float = 1.0
+    noise_offset: float = 0.0
+    snr_gamma: float | None = None
+    caption_dropout: float = 0.0
+    resolution: int | None = None  # None: the model's native size
+    center_crop: bool = True
+    random_flip: bool = False
+    mixed_precision: str = "no"  # "no", "fp16", "bf16" (CUDA)
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    checkpoint_every: int = 0  # 0: only at the end
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in ("lora", "full"):
+            raise ValueError(f"method must be 'lora' or 'full', got {self.method!r}")
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "lora_rank"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        self.lora_targets = tuple(self.lora_targets)
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that shape the trajectory (``checkpoint_every`` may change on resume)."""
+        settings = {k: v for k, v in asdict(self).items() if k != "checkpoint_every"}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Presets: the tiny CPU default, and what fits real Stable Diffusion 1.5 on common GPUs.
+PRESETS: dict[str, dict] = {
+    "tiny-cpu": dict(model="tiny", method="full", steps=800, batch_size=32, learning_rate=5e-4,
+                     lr_scheduler="constant", cache_latents=True),
+    "colab-t4": dict(model="stable-diffusion-v1-5/stable-diffusion-v1-5", method="lora", lora_rank=8, resolution=512,
+                     batch_size=1, gradient_accumulation_steps=4, learning_rate=1e-4, lr_scheduler="cosine",
+                     lr_warmup_steps=50, steps=2000, mixed_precision="fp16", gradient_checkpointing=True,
+                     snr_gamma=5.0, random_flip=False, cache_latents=True),
+    "a100": dict(model="stable-diffusion-v1-5/stable-diffusion-v1-5", method="lora", lora_rank=16, resolution=512,
+                 batch_size=16, learning_rate=1e-4, lr_scheduler="cosine", lr_warmup_steps=100, steps=3000,
+                 mixed_precision="bf16", snr_gamma=5.0, cache_latents=True),
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ValueError(f"unknown training settings: {sorted(unknown)}")
+    return TrainConfig(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    config: TrainConfig
+    losses: list[float]
+    seconds: float
+    trainable_parameters: int
+    resumed_from: int = 0
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def prepare_images(dataset, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """Resize the shorter side to ``resolution`` and crop the centre (or top-left): (N, 3, R, R) in [-1, 1]."""
+    from PIL import Image
+
+    from .data import images_to_tensor, to_rgb
+
+    out = []
+    for image in tqdm(dataset.images() if hasattr(dataset, "images") else dataset, desc="loading images",
+                      disable=len(dataset) < 500):
+        image = to_rgb(image)
+        w, h = image.size
+        scale = resolution / min(w, h)
+        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                             Image.Resampling.LANCZOS)
+        w, h = image.size
+        left, top = ((w - resolution) // 2, (h - resolution) // 2) if center_crop else (0, 0)
+        out.append(image.crop((left, top, left + resolution, top + resolution)))
+    return images_to_tensor(out)
+
+
+def check_resolution(resolution: int, pipe) -> None:
+    factor = pipe.vae_scale_factor
+    if resolution <= 0 or resolution % factor:
+        raise ValueError(f"resolution {resolution} must be a positive multiple of the VAE factor {factor}")
+
+
+def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
+    """All randomness of one micro-batch comes from (seed, step, micro, process): resuming replays it exactly."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 97 + micro) * 31 + process)
+
+
+def batch_indices(n: int, batch_size: int, global_batch: int, seed: int) -> torch.Tensor:
+    """Indices of the ``global_batch``-th batch when the data is shuffled anew each epoch (seeded per epoch)."""
+    positions = torch.arange(global_batch * batch_size, (global_batch + 1) * batch_size)
+    epochs, offsets = positions // n, positions % n
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        mask = epochs == epoch
+        out[mask] = perm[offsets[mask]]
+    return out
+
+
+# ----------------------------------------------------------------------------- saving and loading
+
+
+def _peft_config(rank: int, alpha: float | None, targets):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(targets))
+
+
+def save_lora(out: Path, unet, text_encoder=None) -> Path:
+    """diffusers' format: ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(out)`` reads."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    text_layers = None
+    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
+        text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+    StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True
+    )
+    return out / LORA_WEIGHTS_NAME
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickles(folder: Path) -> None:
+    """A suspect's weights are untrusted: only safetensors are read, pickle files are refused outright."""
+    folder = Path(folder)
+    pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{folder} holds pickle weight files ({', '.join(pickles)}); pickles can run code when loaded, "
+            "so entruth-lite reads safetensors only: convert them to .safetensors first"
+        )
+
+
+def load_finetuned(pipe, weights: str | os.PathLike):
+    """Apply fine-tuned weights to a base pipeline, in place: a LoRA folder, or a full fine-tune's ``unet/``.
+
+    Raises if the LoRA does not fit the base architecture (missing or unexpected keys)."""
+    weights = Path(weights)
+    if not weights.is_dir():
+        raise FileNotFoundError(f"weights folder not found: {weights}")
+    refuse_pickles(weights)
+    if (weights / LORA_WEIGHTS_NAME).is_file():
+        _load_lora_strict(pipe, weights)
+    elif (weights / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(weights / "unet", use_safetensors=True)
+        if _architecture(unet.config) != _architecture(pipe.unet.config):
+            raise ValueError(f"{weights / 'unet'} is a UNet of another architecture than the base model's")
+        pipe.unet = _place(unet, pipe.device, pipe.unet.dtype)
+    else:
+        raise FileNotFoundError(
+            f"{weights} holds neither {LORA_WEIGHTS_NAME} (LoRA) nor unet/diffusion_pytorch_model.safetensors (full)"
+        )
+    return pipe
+
+
+def _architecture(config) -> dict:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def _load_lora_strict(pipe, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(folder / LORA_WEIGHTS_NAME)
+    unet_keys = {k for k in state if k.startswith("unet.")}
+    base_modules = {name for name, _ in pipe.unet.named_modules()}
+    missing = sorted({_module_of(k) for k in unet_keys} - base_modules)
+    if missing:
+        raise ValueError(
+            f"{folder / LORA_WEIGHTS_NAME} does not fit this model: {len(missing)} LoRA target modules are not in "
+            f"its UNet (e.g. {missing[0]!r}); it was trained for another architecture"
+        )
+    try:
+        pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_NAME)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ValueError(f"{folder / LORA_WEIGHTS_NAME} does not fit this model: {error}") from error
+
+
+def _module_of(key: str) -> str:
+    """'unet.down_blocks.1.attentions.0...to_q.lora.down.weight' -> the UNet module path of the base layer."""
+    key = key[len("unet."):]
+    for marker in (".lora_A", ".lora_B", ".lora.down", ".lora.up", ".lora_magnitude_vector"):
+        if marker in key:
+            return key.split(marker)[0]
+    return key.rsplit(".", 1)[0]
+
+
+def _atomic_write_dir(target: Path, write) -> None:
+    """Build ``target`` in a temporary sibling folder with ``write(tmp)``, then rename it into place."""
+    from .data import atomic_folder, commit_folder
+
+    tmp = atomic_folder(target, overwrite=True)
+    try:
+        write(tmp)
+        commit_folder(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(folder: Path, step: int, config: TrainConfig, trainables: dict[str, torch.nn.Module],
+                    optimizer, lr_scheduler, losses: list[float]) -> Path:
+    """Trainable weights and optimizer tensors in safetensors, the rest in JSON; written atomically."""
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        weights = {f"{name}.{k}": p.detach().cpu().contiguous()
+                   for name, module in trainables.items()
+                   for k, p in module.named_parameters() if p.requires_grad}
+        save_file(weights, tmp / "trainable.safetensors")
+        opt_state = optimizer.state_dict()
+        tensors, meta = {}, {}
+        for index, state in opt_state["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    meta[f"{index}.{key}"] = value
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps({
+            "step": step, "fingerprint": config.fingerprint(), "config": asdict(config),
+            "param_groups": opt_state["param_groups"], "optimizer_scalars": meta,
+            "lr_scheduler": lr_scheduler.state_dict(), "losses": losses,
+        }, default=list))
+
+    target = folder / f"step-{step:07d}"
+    _atomic_write_dir(target, write)
+    return target
+
+
+def _trainable_names(module: torch.nn.Module) -> set[str]:
+    return {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    candidates = sorted(Path(folder).glob("step-*"))
+    candidates = [c for c in candidates if (c / "state.json").is_file()]
+    return candidates[-1] if candidates else None
+
+
+def load_checkpoint(path: Path, config: TrainConfig, trainables: dict[str, torch.nn.Module], optimizer,
+                    lr_scheduler) -> tuple[int, list[float]]:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    if state["fingerprint"] != config.fingerprint():
+        raise ValueError(f"checkpoint {path} was made with other training settings; "
+                         "resume with the same settings or start a new output folder")
+    weights = load_file(path / "trainable.safetensors")
+    for name, module in trainables.items():
+        prefix = f"{name}."
+        own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        missing = _trainable_names(module) - set(own)
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks {len(missing)} trainable tensors of {name}")
+        module.load_state_dict(own, strict=False)
+    tensors = load_file(path / "optimizer.safetensors")
+    opt_state: dict = {"state": {}, "param_groups": state["param_groups"]}
+    for key, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):
+        index, name = key.split(".", 1)
+        opt_state["state"].setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(opt_state)
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    return int(state["step"]), list(state["losses"])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _optimizer(params, config: TrainConfig):
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ValueError("use_8bit_adam needs bitsandbytes (pip install bitsandbytes), which is not installed") from error
+        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+
+
+def _place(module, device, dtype):
+    """Move a module; change its dtype only when needed (diffusers warns on needless casts)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module
+
+
+@torch.no_grad()
+def encode_captions(text_encoder, ids: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    param = next(text_encoder.parameters())
+    return torch.cat([text_encoder(ids[i : i + batch_size].to(param.device))[0].float().cpu()
+                      for i in range(0, len(ids), batch_size)])
+
+
+def finetune(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    config: TrainConfig | None = None,
+    resume: str | None = None,
+    pipe=None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_step=None,
+    device: str | None = None,
+) -> TrainResult:
+    """Fine-tune a text-to-image model on an imagefolder, LoRA or full, as diffusers' training script does.
+
+    Writes ``out/pytorch_lora_weights.safetensors`` (LoRA) or ``out/unet/`` (full), ``out/train_config.json``
+    and ``out/loss_history.json``; checkpoints go to ``out/checkpoints/step-N`` every ``checkpoint_every``
+    steps. ``resume="latest"`` continues from the newest checkpoint with identical results on the CPU.
+    ``pipe`` (optional) is a loaded base pipeline; it is not modified. ``on_step(step, loss)`` is called
+    after every optimizer step. ``device="cpu"`` keeps a run on the CPU when a GPU is present.
+    """
+    import copy
+
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    from .data import load_imagefolder
+    from .models import default_resolution, load_pipeline
+
+    config = config or preset("tiny-cpu")
+    out = Path(out)
+    if resume not in (None, "latest"):
+        raise ValueError(f"resume must be None or 'latest', got {resume!r}")
+    if out.exists() and any(out.iterdir()) and resume is None and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass resume='latest' to continue or overwrite=True")
+    dataset = load_imagefolder(data)
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    if config.mixed_precision != "no" and on_cpu:
+        raise ValueError(f"mixed_precision={config.mixed_precision!r} needs a CUDA GPU; use 'no' on the CPU")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=device == "cpu",
+                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+
+    base = pipe if pipe is not None else load_pipeline(config.model, device="cpu", dtype=torch.float32)
+    vae, tokenizer = base.vae, base.tokenizer
+    unet, text_encoder = copy.deepcopy(base.unet).float(), copy.deepcopy(base.text_encoder).float()
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)  # training noise, as the model was trained
+    resolution = config.resolution or default_resolution(base)
+    check_resolution(resolution, base)
+
+    # -- data: pixels, token ids, and (when the encoders are frozen) cached latents and text embeddings
+    pixels = prepare_images(dataset, resolution, config.center_crop)
+    ids = tokenize(tokenizer, dataset.captions)
+    empty_ids = tokenize(tokenizer, [""])
+    _place(vae.requires_grad_(False), device, weight_dtype)
+    latents = flipped = None
+    if config.cache_latents:
+        latents = encode_images(vae, pixels)
+        flipped = encode_images(vae, pixels.flip(-1)) if config.random_flip else None
+
+    # -- what trains
+    unet.requires_grad_(config.method == "full")
+    text_encoder.requires_grad_(False)
+    torch.manual_seed(config.seed)  # peft draws the gaussian LoRA init from the global generator
+    if config.method == "lora":
+        _place(unet, device, weight_dtype)
+        unet.add_adapter(_peft_config(config.lora_rank, config.lora_alpha, config.lora_targets))
+    if config.train_text_encoder:
+        _place(text_encoder, device, weight_dtype)
+        text_encoder.add_adapter(_peft_config(config.lora_rank, config.lora_alpha, LORA_TEXT_TARGETS))
+    unet.to(device)
+    text_encoder.to(device)
+    trainables = {"unet": unet} | ({"text_encoder": text_encoder} if config.train_text_encoder else {})
+    if config.mixed_precision != "no":
+        cast_training_params(list(trainables.values()), dtype=torch.float32)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    params = [p for m in trainables.values() for p in m.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    if not config.train_text_encoder:
+        embeddings = encode_captions(text_encoder, ids)
+        empty_embedding = encode_captions(text_encoder, empty_ids)
+
+    optimizer = _optimizer(params, config)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=config.steps)
+    start_step, losses = 0, []
+    checkpoints = out / "checkpoints"
+    if resume == "latest" and (found := latest_checkpoint(checkpoints)) is not None:
+        start_step, losses = load_checkpoint(found, config, trainables, optimizer, lr_scheduler)
+    prepared = accelerator.prepare(*trainables.values(), optimizer)
+    trainables = dict(zip(trainables, prepared[:-1]))
+    optimizer = prepared[-1]
+
+    # -- the loop
+    n, accum = len(pixels), config.gradient_accumulation_steps
+    process, n_processes = accelerator.process_index, accelerator.num_processes
+    for module in trainables.values():
+        module.train()
+    started = time.time()
+    bar = tqdm(range(start_step, config.steps), desc=f"fine-tuning ({config.method})", initial=start_step,
+               total=config.steps, disable=not progress or not accelerator.is_local_main_process, mininterval=2)
+    for step in bar:
+        step_loss = 0.0
+        for micro in range(accum):
+            generator = step_generator(config.seed, step, micro, process)
+            index = batch_indices(n, config.batch_size, (step * accum + micro) * n_processes + process, config.seed)
+            flip = (torch.rand(config.batch_size, generator=generator) < 0.5) if config.random_flip else None
+            drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+            if latents is not None:
+                batch_latents = latents[index].clone()
+                if flip is not None:
+                    batch_latents[flip] = flipped[index][flip]
+            else:
+                batch_pixels = pixels[index].clone()
+                if flip is not None:
+                    batch_pixels[flip] = batch_pixels[flip].flip(-1)
+                batch_latents = encode_images(vae, batch_pixels)
+            batch_latents = batch_latents.to(device, weight_dtype)
+            with accelerator.accumulate(*trainables.values()):
+                if config.train_text_encoder:
+                    batch_ids = ids[index].clone()
+                    batch_ids[drop] = empty_ids
+                    hidden = trainables["text_encoder"](batch_ids.to(device))[0]
+                else:
+                    hidden = embeddings[index].clone()
+                    hidden[drop] = empty_embedding
+                    hidden = hidden.to(device, weight_dtype)
+                with accelerator.autocast():
+                    loss = diffusion_loss(trainables["unet"], noise_scheduler, batch_latents, hidden,
+                                          generator=generator, noise_offset=config.noise_offset,
+                                          snr_gamma=config.snr_gamma)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach().item() / accum
+        lr_scheduler.step()
+        losses.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
+        if on_step is not None:
+            on_step(step + 1, step_loss)
+        done = step + 1
+        if accelerator.is_main_process and config.checkpoint_every and done % config.checkpoint_every == 0 \
+                and done < config.steps:
+            unwrapped = {k: accelerator.unwrap_model(m) for k, m in trainables.items()}
+            save_checkpoint(checkpoints, done, config, unwrapped, optimizer, lr_scheduler, losses)
+
+    # -- the result, in diffusers' formats
+    accelerator.wait_for_everyone()
+    unet = accelerator.unwrap_model(trainables["unet"])
+    text_out = accelerator.unwrap_model(trainables["text_encoder"]) if config.train_text_encoder else None
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if config.method == "lora":
+            _atomic_write_dir(out / ".lora", lambda tmp: save_lora(tmp, unet, text_out))
+            os.replace(out / ".lora" / LORA_WEIGHTS_NAME, out / LORA_WEIGHTS_NAME)
+            shutil.rmtree(out / ".lora")
+        else:
+            _atomic_write_dir(out / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
+        (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        (out / "loss_history.json").write_text(json.dumps(losses) + "\n")
+    return TrainResult(out=out, config=config, losses=losses, seconds=time.time() - started,
+                       trainable_parameters=n_trainable, resumed_from=start_step)
