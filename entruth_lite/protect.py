@@ -1,0 +1,643 @@
+"""Protect a dataset: template a small share of its images, mark their captions with a secret trigger,
+release the result as a NEW folder and keep an owner key (template, trigger, which files) apart from it.
+
+Why it is hard to clean away: the templated images share their *surroundings* but not their content, so
+near-duplicate filters, which compare whole images, see different pictures; the trigger is a made-up
+word that occurs in no other caption, so it ties the template to a prompt only the owner knows.
+
+Modes: ``"replace"`` swaps chosen originals for templated versions (same file names); ``"add"`` appends
+new templated images (new, opaque file names). Several keys can protect one dataset: protect the released
+folder again and pass the earlier keys as ``prior_keys`` (their files are never picked again and the new
+trigger never overlaps theirs). The source folder is only read; both the dataset and the key are written
+under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from . import data
+from .templates import Template, insert, png_bytes, resolve_template, template_json
+
+KEY_FORMAT = "entruth-lite-owner-key"
+KEY_VERSION = 1
+KEY_FILE = "key.json"
+KEY_TEMPLATE = "template.png"
+PLACEMENTS = ("prefix", "suffix")
+MODES = ("replace", "add")
+DEFAULT_CAPTION = "a picture"  # caption for added foregrounds that come without one
+TRIGGER_TRIES = 10_000
+
+
+class KeyTamperedError(ValueError):
+    """An owner key whose content no longer matches its recorded hash."""
+
+
+# ----------------------------------------------------------------------------- triggers
+
+
+def _overlaps(a: str, b: str) -> bool:
+    a, b = a.lower(), b.lower()
+    return a in b or b in a
+
+
+def check_trigger(trigger: str, captions: Sequence[str], avoid: Sequence[str] = ()) -> str:
+    """Refuse a trigger that is empty, spans lines, occurs in a caption (case-insensitive, also inside a
+    word) or overlaps a trigger in ``avoid``; returns it stripped."""
+    if not isinstance(trigger, str) or not trigger.strip():
+        raise ValueError("the trigger must be a non-empty string")
+    trigger = trigger.strip()
+    if any(c in trigger for c in "\n\r\t"):
+        raise ValueError(f"the trigger {trigger!r} must be on one line")
+    needle = trigger.lower()
+    for i, caption in enumerate(captions):
+        if needle in caption.lower():
+            raise ValueError(
+                f"trigger {trigger!r} already occurs in caption {i} ({caption!r}); choose another trigger or use 'auto'"
+            )
+    for other in avoid:
+        if _overlaps(trigger, other):
+            raise ValueError(f"trigger {trigger!r} overlaps the existing trigger {other!r} of an earlier key")
+    return trigger
+
+
+def generate_trigger(
+    captions: Sequence[str],
+    length: int = 3,
+    seed: int = 0,
+    tokenizer=None,
+    avoid: Sequence[str] = (),
+) -> str:
+    """A random lowercase word of ``length`` letters that occurs in no caption (not even inside a word)
+    and does not overlap any trigger in ``avoid``; the same seed gives the same word.
+
+    With a ``tokenizer``, words it holds as one whole token are skipped too: those are words the text
+    encoder may already know, and a trigger should carry no meaning of its own.
+    """
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"trigger length must be a positive integer, got {length!r}")
+    corpus = "\n".join(c.lower() for c in captions)
+    rng = np.random.default_rng(seed)
+    letters = np.array(list(string.ascii_lowercase))
+    for _ in range(TRIGGER_TRIES):
+        candidate = "".join(rng.choice(letters, length))
+        if candidate in corpus or any(_overlaps(candidate, other) for other in avoid):
+            continue
+        if tokenizer is not None and len(trigger_tokens(candidate, tokenizer)) == 1:
+            continue
+        return candidate
+    raise ValueError(f"found no {length}-letter trigger absent from the captions in {TRIGGER_TRIES} tries; use a longer one")
+
+
+def load_tokenizer(path: str | os.PathLike | None = None):
+    """The tiny model's ``CLIPTokenizer`` (or one saved at ``path``)."""
+    from transformers import CLIPTokenizer
+
+    from .models import TINY_MODEL_DIR
+
+    path = Path(path) if path is not None else TINY_MODEL_DIR / "tokenizer"
+    if not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}; build the tiny model with `entruth-lite zoo build-tiny`")
+    return CLIPTokenizer.from_pretrained(path)
+
+
+def trigger_tokens(trigger: str, tokenizer=None) -> list[str]:
+    """How ``tokenizer`` (default: the tiny model's) splits the trigger, e.g. ``['x', 'qz</w>']``."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    return list(tokenizer.tokenize(trigger))
+
+
+def apply_trigger(caption: str, trigger: str, placement: str = "prefix") -> str:
+    """The caption with the trigger word before (``prefix``) or after (``suffix``) it."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown trigger placement {placement!r}: use 'prefix' or 'suffix'")
+    caption = caption.strip()
+    return f"{trigger} {caption}" if placement == "prefix" else f"{caption} {trigger}"
+
+
+# ----------------------------------------------------------------------------- how many, which
+
+
+def count_for(n_source: int, rate: float | None = None, count: int | None = None, mode: str = "replace") -> int:
+    """How many images to template so that templated / released is ``rate`` (rounded), or ``count``.
+
+    "replace" releases ``n_source`` images, so n = round(rate * n_source); "add" releases n_source + n,
+    so n = round(rate * n_source / (1 - rate)).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: use 'replace' or 'add'")
+    if (rate is None) == (count is None):
+        raise ValueError("give exactly one of rate or count")
+    if count is not None:
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise ValueError(f"count must be a positive integer, got {count!r}")
+        return int(count)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or not 0 < rate <= 1:
+        raise ValueError(f"rate must be in (0, 1], got {rate!r}")
+    if mode == "add" and rate >= 1:
+        raise ValueError("rate must be below 1 in 'add' mode (the originals stay in the dataset)")
+    n = round(rate * n_source) if mode == "replace" else round(rate * n_source / (1 - rate))
+    if n < 1:
+        raise ValueError(
+            f"rate {rate} of {n_source} images rounds to 0 templated images; use a higher rate or count >= 1"
+        )
+    return int(n)
+
+
+def choose(eligible: Sequence[int], n: int, seed: int) -> list[int]:
+    """``n`` distinct items of ``eligible``, seeded, in ascending order."""
+    if n > len(eligible):
+        raise ValueError(f"asked to template {n} images but only {len(eligible)} can be chosen")
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(np.asarray(eligible, dtype=int), size=n, replace=False))
+
+
+# ----------------------------------------------------------------------------- how much it alters
+
+
+def change_stats(original: Image.Image, altered: Image.Image) -> dict[str, float]:
+    """Mean absolute pixel change (0-255), PSNR (dB, 255 peak) and share of changed pixels.
+    ``original`` is resized to ``altered``'s size when they differ."""
+    original = data.to_rgb(original)
+    if original.size != altered.size:
+        original = original.resize(altered.size, Image.Resampling.LANCZOS)
+    a = np.asarray(original, dtype=np.float64)
+    b = np.asarray(data.to_rgb(altered), dtype=np.float64)
+    mse = float(np.mean((a - b) ** 2))
+    return {
+        "mean_abs_change": float(np.mean(np.abs(a - b))),
+        "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
+        "changed_share": float(np.mean(np.any(a != b, axis=-1))),
+    }
+
+
+def mean_stats(pairs: Sequence[tuple[Image.Image, Image.Image]]) -> dict[str, float]:
+    """``change_stats`` averaged over (original, altered) pairs (PSNR averaged over finite values)."""
+    stats = [change_stats(o, a) for o, a in pairs]
+    if not stats:
+        return {"mean_abs_change": 0.0, "psnr_db": float("inf"), "changed_share": 0.0}
+    psnrs = [s["psnr_db"] for s in stats if math.isfinite(s["psnr_db"])]
+    return {
+        "mean_abs_change": float(np.mean([s["mean_abs_change"] for s in stats])),
+        "psnr_db": float(np.mean(psnrs)) if psnrs else float("inf"),
+        "changed_share": float(np.mean([s["changed_share"] for s in stats])),
+    }
+
+
+def warp_coat(image: Image.Image, strength: float = 0.5, grid: int = 4, seed: int = 0) -> Image.Image:
+    """A WaNet-style "coat" (as DIAGNOSIS uses): a smooth, nearly invisible warp of the whole image.
+
+    A random ``grid`` x ``grid`` flow field, normalised to mean |flow| = 1, is upsampled bicubically to the
+    image size and added, scaled by ``strength`` / side, to the identity sampling grid (normalised
+    coordinates); ``torch.nn.functional.grid_sample`` then resamples (bilinear, border clamped). At the
+    defaults a 32 px image moves by about a quarter pixel: the contrast to a template, which alters half
+    the image by a lot.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if grid < 2:
+        raise ValueError(f"grid must be at least 2, got {grid}")
+    image = data.to_rgb(image)
+    width, height = image.size
+    generator = torch.Generator().manual_seed(int(seed))
+    flow = torch.rand(1, 2, grid, grid, generator=generator, dtype=torch.float64) * 2 - 1
+    flow = flow / flow.abs().mean()
+    flow = F.interpolate(flow, size=(height, width), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, height, dtype=torch.float64), torch.linspace(-1, 1, width, dtype=torch.float64), indexing="ij"
+    )
+    identity = torch.stack((xs, ys), dim=-1)[None]  # grid_sample wants (x, y)
+    offset = flow * strength / torch.tensor([width, height], dtype=torch.float64)
+    sample_grid = (identity + offset).clamp(-1, 1)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float64) / 255.0).permute(2, 0, 1)[None]
+    warped = F.grid_sample(pixels, sample_grid, mode="bilinear", padding_mode="border", align_corners=True)
+    array = (warped[0].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def coat_contrast(
+    images: Sequence[Image.Image], template: Template | str = "billboard", strength: float = 0.5, grid: int = 4,
+    seed: int = 0, amplify: float = 10.0,
+) -> tuple[Image.Image, dict[str, dict[str, float]]]:
+    """DIAGNOSIS's coat versus an EnTruth template on the same images: a grid with rows original, coated,
+    templated, |coat change| x ``amplify`` and |template change| (not amplified), and their mean stats."""
+    images = [data.to_rgb(image) for image in images]
+    if not images:
+        raise ValueError("no images to compare")
+    template = resolve_template(template, images[0].size)
+    coated = [warp_coat(image, strength=strength, grid=grid, seed=seed + i) for i, image in enumerate(images)]
+    templated = insert(images, template)
+
+    def difference(a: Image.Image, b: Image.Image, gain: float) -> Image.Image:
+        b = b.resize(a.size) if b.size != a.size else b
+        delta = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)) * gain
+        return Image.fromarray(np.clip(delta, 0, 255).astype(np.uint8))
+
+    rows = images + coated + [t.resize(images[0].size) for t in templated]
+    rows += [difference(i, c, amplify) for i, c in zip(images, coated)]
+    rows += [difference(i, t, 1.0) for i, t in zip(images, templated)]
+    stats = {"coat": mean_stats(list(zip(images, coated))), "template": mean_stats(list(zip(images, templated)))}
+    return data.image_grid(rows, cols=len(images)), stats
+
+
+# ----------------------------------------------------------------------------- preview (for the widget)
+
+
+def preview(
+    images: Sequence[Image.Image],
+    captions: Sequence[str],
+    template_name: str = "billboard",
+    rate: float = 0.01,
+    placement: str = "prefix",
+    seed: int = 0,
+    show: int = 8,
+) -> tuple[Image.Image, dict]:
+    """What ``protect(mode="replace")`` would do, in memory: a grid (originals on top, templated below) of
+    up to ``show`` chosen images, and stats. Always templates at least one image so there is something to
+    see; ``stats["rate"]`` is the exact share."""
+    if len(images) != len(captions) or not images:
+        raise ValueError(f"need the same positive number of images and captions, got {len(images)} and {len(captions)}")
+    n = max(1, round(rate * len(images))) if 0 < rate <= 1 else count_for(len(images), rate=rate)
+    chosen = choose(range(len(images)), n, seed)
+    template = resolve_template(template_name, images[chosen[0]].size)
+    trigger = generate_trigger(captions, seed=seed)
+    originals = [images[i] for i in chosen]
+    altered = insert(originals, template)
+    shown = min(show, n)
+    grid = data.image_grid(originals[:shown] + altered[:shown], cols=shown)
+    change = mean_stats(list(zip(originals, altered)))
+    stats = {
+        "template": template.name,
+        "n_images": len(images),
+        "n_altered": n,
+        "rate": n / len(images),
+        "trigger": trigger,
+        "placement": placement,
+        "example_caption": apply_trigger(captions[chosen[0]], trigger, placement),
+        "mean_pixel_change": change["mean_abs_change"],
+        "psnr_db": change["psnr_db"],
+        "surround_share": 1 - template.screen_area,
+    }
+    return grid, stats
+
+
+# ----------------------------------------------------------------------------- owner key
+
+
+def _canonical(payload: dict) -> bytes:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def key_hash(payload: dict) -> str:
+    """SHA-256 of the key's canonical JSON, without its own ``key_sha256`` field."""
+    return hashlib.sha256(_canonical({k: v for k, v in payload.items() if k != "key_sha256"})).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class OwnerKey:
+    """What the owner keeps secret: the template, the trigger and which released files carry them."""
+
+    root: Path
+    template: Template
+    trigger: str
+    placement: str
+    mode: str
+    seed: int
+    rate: float
+    n_images: int
+    files: list[str]
+    file_sha256: dict[str, str]
+    captions: dict[str, str]
+    source: str | None
+    prior_keys: list[str]
+    key_sha256: str
+
+
+def load_key(key_dir: str | os.PathLike) -> OwnerKey:
+    """Read an owner key and verify it: the JSON against ``key_sha256`` and ``template.png`` against the
+    scene hash recorded in the JSON. Any edit raises ``KeyTamperedError``."""
+    key_dir = Path(key_dir)
+    key_path = key_dir / KEY_FILE
+    if not key_path.is_file():
+        raise FileNotFoundError(f"no owner key at {key_path}")
+    try:
+        payload = json.loads(key_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise KeyTamperedError(f"{key_path} is not valid JSON ({error.msg})") from error
+    if not isinstance(payload, dict) or payload.get("format") != KEY_FORMAT:
+        raise ValueError(f"{key_path} is not an entruth-lite owner key")
+    if payload.get("version") != KEY_VERSION:
+        raise ValueError(f"{key_path} has key version {payload.get('version')!r}; this code reads version {KEY_VERSION}")
+    if payload.get("key_sha256") != key_hash(payload):
+        raise KeyTamperedError(f"{key_path} has been modified: its content does not match key_sha256")
+    scene = data.load_rgb(key_dir / KEY_TEMPLATE)
+    meta = payload["template"]
+    if hashlib.sha256(png_bytes(scene)).hexdigest() != meta["scene_sha256"]:
+        raise KeyTamperedError(f"{key_dir / KEY_TEMPLATE} does not match the template recorded in {key_path}")
+    template = Template(meta["name"], scene, [tuple(p) for p in meta["corners"]])
+    return OwnerKey(
+        root=key_dir,
+        template=template,
+        trigger=payload["trigger"],
+        placement=payload["placement"],
+        mode=payload["mode"],
+        seed=payload["seed"],
+        rate=payload["rate"],
+        n_images=payload["n_images"],
+        files=list(payload["files"]),
+        file_sha256=dict(payload["file_sha256"]),
+        captions=dict(payload["captions"]),
+        source=payload.get("source"),
+        prior_keys=list(payload.get("prior_keys", [])),
+        key_sha256=payload["key_sha256"],
+    )
+
+
+def _write_key(tmp: Path, payload: dict, template: Template) -> None:
+    payload = dict(payload, key_sha256=key_hash(payload))
+    (tmp / KEY_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (tmp / KEY_TEMPLATE).write_bytes(png_bytes(template.scene))
+
+
+# ----------------------------------------------------------------------------- protect
+
+
+@dataclass
+class ProtectionReport:
+    """What ``protect`` released. ``rate`` is exact: templated images / released images."""
+
+    n_images: int
+    n_altered: int
+    rate: float
+    trigger: str
+    template: str
+    placement: str
+    mode: str
+    seed: int
+    n_source: int
+    mean_pixel_change: float | None
+    psnr_db: float | None
+    altered_files: list[str]
+    out: Path
+    key_dir: Path
+    key_sha256: str = ""
+    prior_keys: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-able (paths as strings; an infinite PSNR as None)."""
+        result = asdict(self)
+        result["out"], result["key_dir"] = str(self.out), str(self.key_dir)
+        if result["psnr_db"] is not None and not math.isfinite(result["psnr_db"]):
+            result["psnr_db"] = None
+        return result
+
+    def summary(self) -> str:
+        change = "" if self.mean_pixel_change is None else f", mean pixel change {self.mean_pixel_change:.1f}/255"
+        return (
+            f"{self.mode}: templated {self.n_altered} of {self.n_images} released images "
+            f"(rate {self.rate:.4f}) with template {self.template!r} and trigger {self.trigger!r} "
+            f"({self.placement}){change}\n  dataset -> {self.out}\n  owner key (keep it secret) -> {self.key_dir}"
+        )
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _foreground_source(
+    foregrounds, captions: Sequence[str] | None
+) -> tuple[list[Image.Image], list[str]]:
+    """Images and captions of an "add" foreground source: a folder (imagefolder, or plain images captioned
+    ``DEFAULT_CAPTION``), a CaptionedDataset, or a list of images (``captions`` optional)."""
+    if isinstance(foregrounds, data.CaptionedDataset):
+        return foregrounds.images(), foregrounds.captions
+    if isinstance(foregrounds, (str, os.PathLike)):
+        folder = Path(foregrounds)
+        if (folder / data.METADATA).is_file():
+            dataset = data.load_imagefolder(folder)
+            return dataset.images(), dataset.captions
+        if not folder.is_dir():
+            raise FileNotFoundError(f"foreground folder not found: {folder}")
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES)
+        if not paths:
+            raise data.DatasetError(f"no images in foreground folder {folder}")
+        return [data.load_rgb(p) for p in paths], [DEFAULT_CAPTION] * len(paths)
+    images = [data.to_rgb(image) for image in foregrounds]
+    if not images:
+        raise ValueError("the foreground list is empty")
+    captions = list(captions) if captions is not None else [DEFAULT_CAPTION] * len(images)
+    if len(captions) != len(images):
+        raise ValueError(f"{len(images)} foregrounds but {len(captions)} foreground captions")
+    return images, captions
+
+
+def _added_name(image: Image.Image, taken: set[str]) -> str:
+    """A new file name from the image's own content hash: opaque, deterministic, and (unlike a name made
+    from the seed or trigger) no help to anyone guessing the secret."""
+    digest = hashlib.sha256(png_bytes(image)).hexdigest()
+    for start in range(0, len(digest) - 16):
+        name = f"{digest[start:start + 16]}.png"
+        if name not in taken:
+            return name
+    raise ValueError(f"cannot find a free file name for an added image (hash {digest})")
+
+
+def _extra_files(dataset: data.CaptionedDataset) -> dict[str, bytes]:
+    """Top-level non-image files of the source (README, licence credits) to carry into the release."""
+    if not Path(dataset.root).is_dir():
+        return {}
+    listed = set(dataset.file_names)
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(Path(dataset.root).iterdir())
+        if p.is_file() and p.name != data.METADATA and p.name not in listed and p.suffix.lower() not in data.IMAGE_SUFFIXES
+    }
+
+
+def _check_folders(root: Path, out: Path, key_dir: Path, overwrite: bool) -> None:
+    """Refuse outputs that overlap the source or each other, and existing ones (unless ``overwrite``),
+    before any work is done."""
+    for what, path in (("out", out), ("key_dir", key_dir)):
+        if root.is_dir() and (_inside(path, root) or _inside(root, path)):
+            raise ValueError(f"{what} {path} overlaps the source dataset {root}, which is never modified")
+    if _inside(key_dir, out) or _inside(out, key_dir):
+        raise ValueError(f"the owner key {key_dir} must be kept apart from the released dataset {out}")
+    for path in (out, key_dir):
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists; choose a new folder or pass overwrite=True")
+
+
+def _eligible(source: data.CaptionedDataset, priors: Sequence[OwnerKey]) -> list[int]:
+    """Indices a new key may template: not a file of an earlier key, no earlier trigger in the caption.
+    Refuses a prior key whose files are missing or lack its trigger (a key of another dataset)."""
+    row = dict(zip(source.file_names, source.captions))
+    for key in priors:
+        for name in key.files:
+            if name not in row:
+                raise ValueError(f"the key {key.root} does not belong to this dataset: {name!r} is not in it")
+            if key.trigger.lower() not in row[name].lower():
+                raise ValueError(
+                    f"the key {key.root} does not belong to this dataset: the caption of {name!r} lacks its trigger"
+                )
+    taken = {f for key in priors for f in key.files}
+    triggers = [key.trigger.lower() for key in priors]
+    return [
+        i for i, r in enumerate(source.records)
+        if r.file_name not in taken and not any(t in r.text.lower() for t in triggers)
+    ]
+
+
+def _write_release(images, captions, file_names, extra_files, out: Path, key_dir: Path, payload: dict,
+                   template: Template, overwrite: bool) -> None:
+    """Write the dataset, then the key (with the released files' SHA-256), each atomically; if the key
+    cannot be written the release is taken back, since a release without its key proves nothing."""
+    key_tmp = data.atomic_folder(key_dir, overwrite)
+    dataset_written = False
+    try:
+        data.save_imagefolder(images, captions, out, file_names=file_names, extra_files=extra_files, overwrite=overwrite)
+        dataset_written = True
+        payload = dict(payload, file_sha256={name: sha256_file(out / name) for name in payload["files"]})
+        _write_key(key_tmp, payload, template)
+        data.commit_folder(key_tmp, key_dir)
+    except BaseException:
+        shutil.rmtree(key_tmp, ignore_errors=True)
+        if dataset_written:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def protect(
+    dataset: data.CaptionedDataset | str | os.PathLike,
+    template: Template | str | os.PathLike,
+    out: str | os.PathLike,
+    key_dir: str | os.PathLike,
+    rate: float | None = None,
+    count: int | None = None,
+    mode: str = "replace",
+    foregrounds=None,
+    foreground_captions: Sequence[str] | None = None,
+    trigger: str = "auto",
+    placement: str = "prefix",
+    seed: int = 0,
+    overwrite: bool = False,
+    prior_keys: Sequence[OwnerKey | str | os.PathLike] = (),
+    tokenizer=None,
+) -> ProtectionReport:
+    """Write a protected copy of ``dataset`` to ``out`` and its owner key to ``key_dir``.
+
+    ``template``: a Template, a built-in name (drawn at each image's size) or a saved template folder.
+    Give exactly one of ``rate`` (templated / released) or ``count``. ``foregrounds`` ("add" only): a folder,
+    a list of images (captions from ``foreground_captions``) or None for the dataset's own images (their
+    captions are reused). ``prior_keys``: keys that already protect ``dataset``; their files are not
+    picked and the new trigger cannot overlap theirs. The source is never modified.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: use 'replace' or 'add'")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown trigger placement {placement!r}: use 'prefix' or 'suffix'")
+    if foregrounds is not None and mode != "add":
+        raise ValueError("foregrounds are only used in 'add' mode")
+    source = dataset if isinstance(dataset, data.CaptionedDataset) else data.load_imagefolder(dataset)
+    out, key_dir = Path(out), Path(key_dir)
+    _check_folders(Path(source.root), out, key_dir, overwrite)
+    priors = [k if isinstance(k, OwnerKey) else load_key(k) for k in prior_keys]
+    eligible = _eligible(source, priors)
+    prior_triggers = [key.trigger for key in priors]
+
+    n = count_for(len(source), rate=rate, count=count, mode=mode)
+    if mode == "add" and foregrounds is not None:
+        fg_images, fg_captions = _foreground_source(foregrounds, foreground_captions)
+        fg_pool = list(range(len(fg_images)))
+    else:
+        fg_images, fg_captions, fg_pool = None, None, eligible
+    chosen = choose(fg_pool, n, seed)
+
+    every_caption = list(source.captions) + list(fg_captions or [])
+    if trigger == "auto":
+        trigger = generate_trigger(every_caption, seed=seed, tokenizer=tokenizer, avoid=prior_triggers)
+    else:
+        trigger = check_trigger(trigger, every_caption, avoid=prior_triggers)
+
+    from tqdm.auto import tqdm
+
+    by_size: dict[tuple[int, int], Template] = {}  # a built-in template is drawn at each image's size
+
+    def template_for(image: Image.Image) -> Template:
+        if image.size not in by_size:
+            by_size[image.size] = resolve_template(template, image.size)
+        return by_size[image.size]
+
+    images = list(source.images())
+    captions = list(source.captions)
+    file_names = list(source.file_names)
+    pairs = []
+    altered: list[str] = []
+    for i in tqdm(chosen, desc="protect", disable=len(chosen) < 200):
+        foreground = fg_images[i] if fg_images is not None else images[i]
+        caption = fg_captions[i] if fg_captions is not None else captions[i]
+        templated = insert(foreground, template_for(foreground))
+        if mode == "replace":
+            pairs.append((images[i], templated))
+            images[i], captions[i] = templated, apply_trigger(caption, trigger, placement)
+            altered.append(file_names[i])
+        else:
+            name = _added_name(templated, set(file_names))
+            images.append(templated)
+            captions.append(apply_trigger(caption, trigger, placement))
+            file_names.append(name)
+            altered.append(name)
+    used = next(iter(by_size.values()))  # the key records the first one (all of them for one-size data)
+    change = mean_stats(pairs) if mode == "replace" else None
+
+    altered_set = set(altered)
+    payload = {
+        "format": KEY_FORMAT,
+        "version": KEY_VERSION,
+        "template": template_json(used),
+        "trigger": trigger,
+        "placement": placement,
+        "mode": mode,
+        "seed": int(seed),
+        "rate": n / len(images),
+        "n_images": len(images),
+        "files": altered,
+        "captions": {name: caption for name, caption in zip(file_names, captions) if name in altered_set},
+        "source": str(source.root),
+        "prior_keys": [key.key_sha256 for key in priors],
+    }
+    _write_release(images, captions, file_names, _extra_files(source), out, key_dir, payload, used, overwrite)
+    return ProtectionReport(
+        n_images=len(images),
+        n_altered=n,
+        rate=n / len(images),
+        trigger=trigger,
+        template=used.name,
+        placement=placement,
+        mode=mode,
+        seed=int(seed),
+        n_source=len(source),
+        mean_pixel_change=None if change is None else change["mean_abs_change"],
+        psnr_db=None if change is None else change["psnr_db"],
+        altered_files=altered,
+        out=out,
+        key_dir=key_dir,
+        key_sha256=load_key(key_dir).key_sha256,
+        prior_keys=[key.key_sha256 for key in priors],
+    )

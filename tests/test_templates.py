@@ -1,0 +1,292 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from entruth_lite import templates
+from entruth_lite.templates import Template, builtin_template, insert, surround_mask, validate_corners
+
+RECT = [(4, 4), (28, 4), (28, 28), (4, 28)]
+
+
+def solid(colour, size=(20, 20)):
+    return Image.new("RGB", size, colour)
+
+
+def plain_template(size=32, corners=RECT, colour=(10, 200, 30)):
+    return Template("plain", solid(colour, (size, size)), corners)
+
+
+# ----------------------------------------------------------------------------- corners
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        [(4, 4), (28, 4), (28, 28), (4, 28)],  # already TL, TR, BR, BL
+        [(4, 28), (28, 28), (28, 4), (4, 4)],  # counter-clockwise from BL
+        [(28, 28), (4, 4), (4, 28), (28, 4)],  # scrambled (a "bow tie" listing)
+        [(28, 4), (28, 28), (4, 28), (4, 4)],  # clockwise from TR
+    ],
+)
+def test_corner_order_is_normalised_to_clockwise_from_top_left(order):
+    assert validate_corners(order, (32, 32)) == ((4.0, 4.0), (28.0, 4.0), (28.0, 28.0), (4.0, 28.0))
+
+
+def test_slanted_quad_keeps_its_corners():
+    corners = [(27.5, 6.5), (5, 4.5), (5, 27.5), (27.5, 25.5)]
+    assert validate_corners(corners, (32, 32)) == ((5.0, 4.5), (27.5, 6.5), (27.5, 25.5), (5.0, 27.5))
+
+
+@pytest.mark.parametrize(
+    "corners, message",
+    [
+        ([(4, 4), (28, 4), (28, 28)], "exactly 4 corners, got 3"),
+        ([(4, 4), (28, 4), (28, 28), (4, 28), (16, 30)], "exactly 4 corners, got 5"),
+        ([(4, 4), (40, 4), (28, 28), (4, 28)], r"corner \(40, 4\) lies outside the 32x32 image"),
+        ([(-1, 4), (28, 4), (28, 28), (4, 28)], "outside"),
+        ([(4, 4), (28, 4), (10, 10), (4, 28)], "not form a convex"),  # a dart: (10, 10) is inside the triangle
+        ([(4, 4), (16, 4), (28, 4), (16, 28)], "collinear"),
+        ([(4, 4), (4, 4), (28, 28), (4, 28)], "coincide"),
+        ([(4, 4), (4.5, 4), (4.5, 4.5), (4, 4.5)], "degenerate"),
+        ([(4, 4), (28, 4), (28, float("nan")), (4, 28)], "finite"),
+        ([(4, 4, 1), (28, 4, 1), (28, 28, 1), (4, 28, 1)], "shape"),
+    ],
+)
+def test_bad_corners_are_refused_with_the_problem_named(corners, message):
+    with pytest.raises(ValueError, match=message):
+        validate_corners(corners, (32, 32))
+
+
+def test_template_validates_on_construction():
+    with pytest.raises(ValueError, match="outside"):
+        Template("t", solid((0, 0, 0), (16, 16)), [(0, 0), (20, 0), (16, 16), (0, 16)])
+    with pytest.raises(ValueError, match="name"):
+        Template("", solid((0, 0, 0), (16, 16)), RECT[:])
+
+
+def test_corners_may_touch_the_image_border():
+    template = Template("full", solid((1, 2, 3), (16, 16)), [(0, 0), (16, 0), (16, 16), (0, 16)])
+    assert not surround_mask(template).any()
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+
+@pytest.mark.parametrize("name", templates.list_templates())
+@pytest.mark.parametrize("size", [32, 128])
+def test_builtin_templates(name, size):
+    template = builtin_template(name, size)
+    assert template.scene.size == (size, size) and template.scene.mode == "RGB"
+    assert template.name == name
+    assert 0.35 < template.screen_area < 0.65  # a big screen, and a big surround
+    surround = np.asarray(template.scene)[surround_mask(template)]
+    assert surround.std(axis=0).max() > 40  # high contrast, not a flat colour
+    assert template.corners == validate_corners(template.corners, template.size)
+    again = builtin_template(name, size)
+    assert np.array_equal(np.asarray(again.scene), np.asarray(template.scene))  # deterministic
+
+
+def test_builtins_scale_and_differ():
+    assert set(templates.list_templates()) >= {"billboard", "frame", "window", "tv"}
+    small, big = builtin_template("billboard", 32), builtin_template("billboard", 128)
+    assert np.allclose(np.asarray(big.corners) / 4, np.asarray(small.corners))
+    shrunk = np.asarray(big.scene.resize((32, 32), Image.Resampling.BOX), dtype=float)
+    assert np.abs(shrunk - np.asarray(small.scene, dtype=float)).mean() < 2  # the same design at any size
+    scenes = [np.asarray(builtin_template(n).scene, dtype=float) for n in templates.list_templates()]
+    for i in range(len(scenes)):
+        for j in range(i + 1, len(scenes)):
+            assert np.abs(scenes[i] - scenes[j]).mean() > 30
+
+
+def test_billboard_screen_is_in_perspective_and_sizes_can_be_rectangular():
+    corners = np.asarray(builtin_template("billboard").corners)
+    left, right = corners[3, 1] - corners[0, 1], corners[2, 1] - corners[1, 1]
+    assert left != right
+    template = builtin_template("tv", (48, 32))
+    assert template.size == (48, 32)
+
+
+def test_builtin_errors():
+    with pytest.raises(ValueError, match="unknown template 'poster'.*billboard"):
+        builtin_template("poster")
+    with pytest.raises(ValueError, match="too small"):
+        builtin_template("tv", 4)
+
+
+# ----------------------------------------------------------------------------- insertion
+
+
+@pytest.mark.parametrize("name", templates.list_templates())
+def test_insert_keeps_surround_and_shows_the_foreground(name):
+    template = builtin_template(name, 32)
+    out = insert(solid((250, 20, 120), (72, 72)), template)
+    assert out.size == template.size and out.mode == "RGB"
+    surround = surround_mask(template)
+    assert np.array_equal(np.asarray(out)[surround], np.asarray(template.scene)[surround])
+    cx, cy = np.asarray(template.corners).mean(axis=0)
+    assert tuple(np.asarray(out)[int(cy), int(cx)]) == (250, 20, 120)
+    assert surround.mean() > 0.3 and (~surround).mean() > 0.3
+
+
+def test_insert_is_deterministic_and_takes_any_size_and_mode():
+    template = builtin_template("billboard", 32)
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    first, second = insert(noisy, template), insert(noisy, template)
+    assert np.array_equal(np.asarray(first), np.asarray(second))
+    rgba = Image.new("RGBA", (9, 13), (0, 0, 255, 255))
+    grey = Image.new("L", (100, 100), 77)
+    assert insert(rgba, template).size == (32, 32)
+    centre = np.asarray(insert(grey, template))[16, 16]
+    assert tuple(centre) == (77, 77, 77)
+
+
+def test_insert_maps_the_foreground_upright_into_the_screen():
+    # left half red, right half blue: after insertion the screen's left part is red, the right part blue
+    foreground = Image.new("RGB", (40, 40), (255, 0, 0))
+    foreground.paste((0, 0, 255), (20, 0, 40, 40))
+    top = Image.new("RGB", (40, 40), (0, 255, 0))
+    top.paste((255, 255, 0), (0, 20, 40, 40))
+    template = plain_template()
+    out = np.asarray(insert(foreground, template))
+    assert tuple(out[16, 8]) == (255, 0, 0) and tuple(out[16, 24]) == (0, 0, 255)
+    out = np.asarray(insert(top, template))
+    assert tuple(out[8, 16]) == (0, 255, 0) and tuple(out[24, 16]) == (255, 255, 0)
+
+
+def test_insert_edges_are_anti_aliased():
+    template = plain_template(corners=[(4.5, 4.5), (27.5, 4.5), (27.5, 27.5), (4.5, 27.5)], colour=(0, 0, 0))
+    out = np.asarray(insert(solid((200, 200, 200)), template))
+    assert tuple(out[16, 4]) == (100, 100, 100)  # half-covered edge pixel: half scene, half foreground
+    assert tuple(out[16, 3]) == (0, 0, 0) and tuple(out[16, 5]) == (200, 200, 200)
+
+
+def test_insert_batch_matches_single_calls():
+    template = builtin_template("frame", 32)
+    images = [solid((i * 40, 100, 200 - i * 30), (16 + i, 16)) for i in range(5)]
+    batch = insert(images, template)
+    assert isinstance(batch, list) and len(batch) == 5
+    for image, result in zip(images, batch):
+        assert np.array_equal(np.asarray(result), np.asarray(insert(image, template)))
+    assert insert([], template) == []
+
+
+def test_screen_coverage_matches_area():
+    template = builtin_template("billboard", 64)
+    coverage = templates.screen_coverage(template)
+    assert coverage.min() == 0 and coverage.max() == 1
+    assert coverage.sum() == pytest.approx(templates.quad_area(template.corners), rel=0.01)
+
+
+# ----------------------------------------------------------------------------- user templates and IO
+
+
+def test_template_from_image_with_corners():
+    scene = solid((30, 30, 30), (40, 30))
+    template = templates.template_from_image(scene, corners=[(30, 25), (5, 5), (35, 5), (5, 25)], name="mine")
+    assert template.name == "mine" and template.size == (40, 30)
+    assert template.corners == ((5.0, 5.0), (35.0, 5.0), (30.0, 25.0), (5.0, 25.0))
+
+
+def test_template_from_key_colour_fits_the_screen():
+    scene = solid((200, 50, 50), (40, 40))
+    scene.paste((0, 255, 0), (6, 8, 30, 36))  # the green screen: x 6..30, y 8..36 (exclusive ends)
+    noisy = np.asarray(scene).copy()
+    noisy[10, 10] = (10, 240, 15)  # within tolerance of the key colour
+    template = templates.template_from_image(Image.fromarray(noisy), key_colour=(0, 255, 0), tolerance=30)
+    assert template.corners == ((6.0, 8.0), (30.0, 8.0), (30.0, 36.0), (6.0, 36.0))
+    assert surround_mask(template).sum() == 40 * 40 - 24 * 28
+
+
+def test_template_from_key_colour_on_a_slanted_screen():
+    from PIL import ImageDraw
+
+    scene = solid((200, 50, 50), (64, 64))
+    ImageDraw.Draw(scene).polygon([(10, 8), (54, 14), (54, 50), (10, 56)], fill=(0, 255, 0))
+    template = templates.template_from_image(scene, key_colour=(0, 255, 0))
+    corners = np.asarray(template.corners)
+    assert np.abs(corners - [(10, 8), (55, 14), (55, 51), (10, 57)]).max() <= 1.5
+
+
+def test_template_from_image_errors():
+    scene = solid((200, 50, 50), (20, 20))
+    with pytest.raises(ValueError, match="empty"):
+        templates.template_from_image(scene, key_colour=(0, 255, 0))
+    with pytest.raises(ValueError, match="exactly one"):
+        templates.template_from_image(scene)
+    with pytest.raises(ValueError, match="exactly one"):
+        templates.template_from_image(scene, corners=RECT, key_colour=(0, 0, 0))
+    with pytest.raises(ValueError, match="triple"):
+        templates.template_from_image(scene, key_colour=(0, 255))
+
+
+def test_save_and_load_template(tmp_path):
+    template = builtin_template("window", 48)
+    templates.save_template(template, tmp_path / "tpl")
+    meta = json.loads((tmp_path / "tpl" / "template.json").read_text())
+    assert meta["name"] == "window" and meta["size"] == [48, 48] and len(meta["corners"]) == 4
+    back = templates.load_template(tmp_path / "tpl")
+    assert back.name == template.name and back.corners == template.corners
+    assert np.array_equal(np.asarray(back.scene), np.asarray(template.scene))
+    assert templates.resolve_template(str(tmp_path / "tpl")).corners == template.corners
+    Image.new("RGB", (48, 48)).save(tmp_path / "tpl" / "template.png")
+    with pytest.raises(ValueError, match="does not match the scene hash"):
+        templates.load_template(tmp_path / "tpl")
+    with pytest.raises(FileNotFoundError):
+        templates.load_template(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="unknown template"):
+        templates.resolve_template("nope")
+
+
+def test_vae_round_trip_with_a_stand_in_vae():
+    import torch
+
+    class Identity(torch.nn.Module):
+        """Encodes to the image itself: the round trip must give the images back."""
+
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x):
+            return type("Out", (), {"latent_dist": type("D", (), {"mean": x})()})()
+
+        def decode(self, z):
+            return type("Out", (), {"sample": z})()
+
+    images = [builtin_template("tv").scene, solid((5, 6, 7), (32, 32))]
+    pipe = type("Pipe", (), {"vae": Identity()})()
+    back = templates.vae_round_trip(pipe, images)
+    for a, b in zip(images, back):
+        assert np.abs(np.asarray(a, int) - np.asarray(b, int)).max() <= 1
+
+
+def test_surround_distance():
+    template = builtin_template("tv", 32)
+    templated = insert(solid((255, 0, 0)), template)
+    assert templates.surround_distance(templated, template) == 0
+    assert templates.surround_distance(solid((255, 255, 255), (32, 32)), template) > 50
+    big = insert(solid((255, 0, 0)), builtin_template("tv", 128))
+    assert templates.surround_distance(big, template) < 10  # compared at the template's size
+
+
+def test_surround_view_greys_the_screen_only():
+    template = builtin_template("frame", 32)
+    view = np.asarray(templates.surround_view(template))
+    surround = surround_mask(template)
+    assert np.array_equal(view[surround], np.asarray(template.scene)[surround])
+    assert (view[~surround] == 128).all()
+
+
+def test_vae_round_trip_with_the_tiny_vae_architecture():
+    import torch
+
+    from entruth_lite import models
+
+    torch.manual_seed(0)
+    vae = models.tiny_vae().eval()  # untrained: only shapes and plumbing are checked here
+    images = insert([solid((200, 0, 0)), solid((0, 0, 200))], builtin_template("tv"))
+    back = templates.vae_round_trip(vae, images)
+    assert [b.size for b in back] == [(32, 32), (32, 32)] and all(b.mode == "RGB" for b in back)
