@@ -1,0 +1,70 @@
+"""Fine-tuning speed and peak memory of the tiny model (CPU; CUDA too when present).
+
+    python benchmarks/train_speed.py [--steps 30] [--batch-size 32]
+
+Prints one row per (device, method): steps/s, seconds/step and peak memory (CPU: peak RSS of this process;
+CUDA: torch.cuda.max_memory_allocated), with the settings used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from entruth_lite import data, models, train
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(dataset: Path, device: str, config: train.TrainConfig) -> dict:
+    base = models.load_pipeline("tiny", device="cpu")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+
+    def on_step(step, loss):
+        times.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        train.finetune(dataset, Path(out) / "run", config, pipe=base, progress=False, on_step=on_step, device=device)
+    per_step = (times[-1] - times[2]) / (len(times) - 3)  # skip warm-up steps
+    memory = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb()
+    return dict(device=device, method=config.method, rank=config.lora_rank if config.method == "lora" else "-",
+                batch=config.batch_size, precision=config.mixed_precision, steps_per_s=1 / per_step,
+                s_per_step=per_step, peak_mb=memory)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", action="append", choices=["cpu", "cuda"],
+                        help="measure on this device (repeatable; default: cpu, and cuda when present)")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, CUDA: {torch.cuda.is_available()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        images, captions, names = data.emoji_dataset("owner", limit=256)
+        dataset = data.save_imagefolder(images, captions, Path(tmp) / "owner", file_names=names)
+        rows = []
+        devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+        for device in devices:
+            for method, extra in [("lora", dict(lora_rank=8)), ("lora", dict(lora_rank=32, lora_targets=train.LORA_UNET_WIDE_TARGETS)), ("full", {})]:
+                precision = "fp16" if device == "cuda" and method == "lora" else "no"
+                config = train.TrainConfig(method=method, steps=args.steps, batch_size=args.batch_size,
+                                           mixed_precision=precision, **extra)
+                rows.append(measure(dataset, device, config))
+                r = rows[-1]
+                print(f"{r['device']:5s} {r['method']:5s} rank {str(r['rank']):>3s} batch {r['batch']:3d} "
+                      f"{r['precision']:4s} {r['steps_per_s']:7.2f} steps/s {r['s_per_step']:7.3f} s/step "
+                      f"peak {r['peak_mb']:8.0f} MB", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Fine-tuning: formats, resume, determinism and bad input. Runs on a slice of the owner data, a few steps."""
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from entruth_lite import cli, data, models, train
+
+pytestmark = pytest.mark.skipif(
+    not (models.TINY_MODEL_DIR / "model_index.json").is_file(), reason="shipped tiny model missing"
+)
+FAST = dict(steps=4, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    images, captions, names = data.emoji_dataset("owner", limit=12)
+    return data.save_imagefolder(images, captions, tmp_path_factory.mktemp("ds") / "owner", file_names=names)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return models.load_pipeline("tiny", device="cpu")
+
+
+def lora_config(**extra):
+    return train.TrainConfig(method="lora", lora_rank=4, **(FAST | extra))
+
+
+def test_lora_file_loads_into_a_fresh_pipeline_with_no_stray_keys(dataset, base, tmp_path, caplog):
+    result = train.finetune(dataset, tmp_path / "lora", lora_config(), pipe=base, progress=False)
+    weights = load_file(tmp_path / "lora" / train.LORA_WEIGHTS_NAME)
+    assert weights and all(k.startswith("unet.") for k in weights)
+    assert result.trainable_parameters == sum(v.numel() for v in weights.values())
+    before = base.unet.state_dict()["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"].clone()
+    fresh = models.load_pipeline("tiny", device="cpu")
+    with caplog.at_level(logging.WARNING):
+        train.load_finetuned(fresh, tmp_path / "lora")
+    messages = [r.getMessage().lower() for r in caplog.records]
+    assert not [m for m in messages if "unexpected keys" in m or "missing keys" in m], messages
+    # every saved LoRA tensor is in the pipeline, with the trained values
+    loaded = {k: v for k, v in fresh.unet.state_dict().items() if "lora" in k}
+    assert len(loaded) == len(weights)
+    assert torch.equal(base.unet.state_dict()["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"], before), \
+        "fine-tuning must not modify the caller's pipeline"
+    image = fresh(["an emoji of a cat"], num_inference_steps=2, height=32, width=32).images[0]
+    assert image.size == (32, 32)
+
+
+def test_lora_changes_the_output_and_full_finetune_round_trips(dataset, base, tmp_path):
+    config = train.TrainConfig(method="full", learning_rate=1e-3, **FAST)
+    train.finetune(dataset, tmp_path / "full", config, pipe=base, progress=False)
+    assert (tmp_path / "full" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list((tmp_path / "full").rglob("*.bin"))
+    tuned = train.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / "full")
+    prompt = dict(prompt=["an emoji of a cat"], num_inference_steps=4, height=32, width=32, output_type="np")
+    a = base(**prompt, generator=torch.Generator().manual_seed(0)).images
+    b = tuned(**prompt, generator=torch.Generator().manual_seed(0)).images
+    assert abs(a - b).mean() > 1e-3
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(dataset, base, tmp_path):
+    config = lora_config(steps=6, checkpoint_every=2, random_flip=True, caption_dropout=0.2)
+    whole = train.finetune(dataset, tmp_path / "whole", config, pipe=base, progress=False)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_at_five(step, loss):
+        if step == 5:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train.finetune(dataset, tmp_path / "cut", config, pipe=base, progress=False, on_step=stop_at_five)
+    assert train.latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-0000004"
+    resumed = train.finetune(dataset, tmp_path / "cut", config, pipe=base, progress=False, resume="latest")
+    assert resumed.resumed_from == 4
+    assert resumed.losses == whole.losses
+    a = load_file(tmp_path / "whole" / train.LORA_WEIGHTS_NAME)
+    b = load_file(tmp_path / "cut" / train.LORA_WEIGHTS_NAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_settings_is_refused(dataset, base, tmp_path):
+    train.finetune(dataset, tmp_path / "run", lora_config(steps=4, checkpoint_every=2), pipe=base, progress=False)
+    with pytest.raises(ValueError, match="other training settings"):
+        train.finetune(dataset, tmp_path / "run", lora_config(steps=4, checkpoint_every=2, learning_rate=1.0),
+                       pipe=base, progress=False, resume="latest")
+
+
+def test_existing_output_is_not_overwritten(dataset, base, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        train.finetune(dataset, tmp_path / "mine", lora_config(), pipe=base, progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(steps=0), "steps must be positive"),
+        (dict(steps=-3), "steps must be positive"),
+        (dict(method="dora"), "method must be"),
+        (dict(learning_rate=0), "learning_rate must be positive"),
+        (dict(mixed_precision="fp8"), "mixed_precision must be"),
+    ],
+)
+def test_bad_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        train.TrainConfig(**settings)
+
+
+def test_bad_inputs_get_clear_errors(dataset, base, tmp_path):
+    with pytest.raises(data.DatasetError, match="dataset folder not found"):
+        train.finetune(tmp_path / "nowhere", tmp_path / "o1", lora_config(), pipe=base, progress=False)
+    with pytest.raises(ValueError, match="multiple of the VAE factor 2"):
+        train.finetune(dataset, tmp_path / "o2", lora_config(resolution=33), pipe=base, progress=False)
+    with pytest.raises(ValueError, match="unknown preset"):
+        train.preset("tpu-pod")
+
+
+def test_lora_for_another_architecture_is_refused(base, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "alien"
+    folder.mkdir()
+    save_file({"unet.mid_block.attentions.7.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.zeros(4, 96)},
+              folder / train.LORA_WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="another architecture"):
+        train.load_finetuned(models.load_pipeline("tiny", device="cpu"), folder)
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    folder = tmp_path / "suspect"
+    folder.mkdir()
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_lora_weights.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        train.load_finetuned(None, folder)
+
+
+def test_batches_cover_each_epoch_once():
+    seen = torch.cat([train.batch_indices(10, 5, b, seed=0) for b in range(2)])
+    assert sorted(seen.tolist()) == list(range(10))
+    assert not torch.equal(train.batch_indices(10, 5, 0, 0), train.batch_indices(10, 5, 2, 0))
+
+
+def test_presets_are_valid_configs():
+    for name in train.PRESETS:
+        config = train.preset(name)
+        assert config.steps > 0
+    assert train.preset("colab-t4").mixed_precision == "fp16"
+    assert train.preset("tiny-cpu", steps=5).steps == 5
+
+
+def test_cli_train(dataset, tmp_path, capsys):
+    code = cli.main(["train", "--model", "tiny", "--data", str(dataset), "--out", str(tmp_path / "cli"),
+                     "--lora-rank", "4", "--steps", "2", "--batch-size", "4", "--seed", "1", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["method"] == "lora" and len(summary["losses"]) == 2
+    assert (tmp_path / "cli" / train.LORA_WEIGHTS_NAME).is_file()
+    assert cli.main(["train", "--data", str(dataset), "--out", str(tmp_path / "bad"), "--steps", "0"]) == 2
