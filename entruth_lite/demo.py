@@ -1,0 +1,35 @@
+"""The demo's shared artefacts under ``runs/``: the owner's dataset, its protected release and key, so that
+each notebook can run on its own (it reuses what an earlier notebook wrote when the settings match)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import data, protect
+
+
+@dataclass
+class Release:
+    owner: Path
+    protected: Path
+    key: Path
+
+
+def release(runs: str | Path, rate: float = 0.01, template: str = "billboard", seed: int = 0) -> Release:
+    """The owner's emoji dataset and its protected release at ``rate``; made once, then reused."""
+    runs = Path(runs)
+    owner = runs / "data" / "owner"
+    protected, key_dir = runs / "data" / "protected", runs / "keys" / "owner-key"
+    if not (owner / data.METADATA).is_file():
+        data.write_emoji_dataset(owner, overwrite=True)
+    try:
+        key = protect.load_key(key_dir)
+        current = (key.template.name == template and key.seed == seed
+                   and len(key.files) == protect.count_for(key.n_images, rate=rate)
+                   and (protected / data.METADATA).is_file())
+    except (FileNotFoundError, ValueError):
+        current = False
+    if not current:
+        protect.protect(owner, template, protected, key_dir, rate=rate, seed=seed, overwrite=True)
+    return Release(owner=owner, protected=protected, key=key_dir)

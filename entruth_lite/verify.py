@@ -1,0 +1,96 @@
+"""Turning template scores into a verdict with a p-value.
+
+Each test states its null hypothesis; a p-value is only as honest as that hypothesis is for the model at
+hand, which is why ``benchmarks/`` checks the false-positive rate of every test on clean fine-tunes.
+
+- ``paired_test``: trigger-prompt scores vs the same prompts without the trigger, same model and seeds
+  (Wilcoxon signed-rank). Null: the trigger does not make outputs more template-like. No reference model.
+- ``reference_test``: trigger-prompt scores of the suspect vs those of a clean reference model
+  (Mann-Whitney U). Null: the suspect is no more template-like than a model that never saw the data.
+- ``binomial_test``: k of n trigger images flagged by a detector whose false-positive rate was calibrated on
+  negatives; null rate = the calibration's upper confidence bound, so estimation error is not in our favour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass
+class Verdict:
+    method: str
+    n_queries: int
+    detections: int | None
+    statistic: float
+    p_value: float
+    alpha: float
+    decision: bool  # True: evidence of training on the protected data at level alpha
+    evidence: list[int] = field(default_factory=list)  # indices of the queries that support it
+
+    def summary(self) -> str:
+        flagged = "" if self.detections is None else f", {self.detections}/{self.n_queries} flagged"
+        verdict = "TRAINED ON THE PROTECTED DATA" if self.decision else "no evidence"
+        return f"{self.method}: p = {self.p_value:.2e}{flagged} -> {verdict} (alpha {self.alpha:g})"
+
+
+def _scores(x: Sequence[float], name: str) -> np.ndarray:
+    array = np.asarray(x, dtype=float)
+    if array.ndim != 1 or len(array) == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of scores")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite scores")
+    return array
+
+
+def paired_test(trigger_scores, control_scores, alpha: float = 0.01) -> Verdict:
+    trigger, control = _scores(trigger_scores, "trigger_scores"), _scores(control_scores, "control_scores")
+    if len(trigger) != len(control):
+        raise ValueError(f"paired scores differ in length: {len(trigger)} trigger vs {len(control)} control")
+    difference = trigger - control
+    if not np.any(difference):
+        p = 1.0
+        statistic = 0.0
+    else:
+        result = stats.wilcoxon(trigger, control, alternative="greater", zero_method="wilcox")
+        p, statistic = float(result.pvalue), float(result.statistic)
+    evidence = [int(i) for i in np.argsort(-difference)[: min(8, len(difference))] if difference[i] > 0]
+    return Verdict("paired-wilcoxon", len(trigger), None, statistic, p, alpha, p < alpha, evidence)
+
+
+def reference_test(suspect_scores, reference_scores, alpha: float = 0.01) -> Verdict:
+    suspect, reference = _scores(suspect_scores, "suspect_scores"), _scores(reference_scores, "reference_scores")
+    result = stats.mannwhitneyu(suspect, reference, alternative="greater")
+    evidence = [int(i) for i in np.argsort(-suspect)[:8] if suspect[i] > np.max(reference)]
+    return Verdict("reference-mannwhitney", len(suspect), None, float(result.statistic), float(result.pvalue), alpha,
+                   float(result.pvalue) < alpha, evidence)
+
+
+def calibrate_threshold(negative_scores, fpr: float = 0.05) -> float:
+    """The smallest threshold whose empirical false-positive rate on negatives is at most ``fpr``."""
+    negatives = np.sort(_scores(negative_scores, "negative_scores"))
+    if not 0 < fpr < 1:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    k = min(int(np.floor(fpr * len(negatives))), len(negatives) - 1)  # negatives allowed at or above it
+    # just above the (n-k)-th smallest: at most k negatives lie above it, ties included
+    return float(np.nextafter(negatives[len(negatives) - k - 1], np.inf))
+
+
+def null_rate_upper(false_positives: int, n_negatives: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on the detector's false-positive rate."""
+    if false_positives >= n_negatives:
+        return 1.0
+    return float(stats.beta.ppf(confidence, false_positives + 1, n_negatives - false_positives))
+
+
+def binomial_test(scores, threshold: float, negative_scores, alpha: float = 0.01) -> Verdict:
+    scores, negatives = _scores(scores, "scores"), _scores(negative_scores, "negative_scores")
+    flagged = scores >= threshold
+    null_rate = null_rate_upper(int((negatives >= threshold).sum()), len(negatives))
+    k = int(flagged.sum())
+    p = float(stats.binomtest(k, len(scores), null_rate, alternative="greater").pvalue)
+    return Verdict("binomial", len(scores), k, float(null_rate), p, alpha, p < alpha,
+                   [int(i) for i in np.flatnonzero(flagged)])

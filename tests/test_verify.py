@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from entruth_lite import verify
+
+
+def test_paired_test_detects_a_shift_and_not_noise():
+    rng = np.random.default_rng(0)
+    control = rng.normal(0, 0.1, 64)
+    shifted = verify.paired_test(control + 0.2 + rng.normal(0, 0.05, 64), control)
+    assert shifted.p_value < 1e-6 and shifted.decision and shifted.evidence
+    same = verify.paired_test(control, control)
+    assert same.p_value == 1.0 and not same.decision
+
+
+@pytest.mark.parametrize("test", ["paired", "reference", "binomial"])
+def test_false_positive_rate_under_the_null_is_at_most_alpha(test):
+    """Scores drawn from one distribution (null true): the share of rejections stays within alpha + noise."""
+    rng = np.random.default_rng(1)
+    alpha, trials, rejected = 0.05, 400, 0
+    for _ in range(trials):
+        a, b = rng.normal(size=32), rng.normal(size=32)
+        if test == "paired":
+            verdict = verify.paired_test(a, b, alpha)
+        elif test == "reference":
+            verdict = verify.reference_test(a, b, alpha)
+        else:
+            negatives = rng.normal(size=200)
+            verdict = verify.binomial_test(a, verify.calibrate_threshold(negatives, 0.1), negatives, alpha)
+        rejected += verdict.decision
+    noise = 3 * np.sqrt(alpha * (1 - alpha) / trials)
+    assert rejected / trials <= alpha + noise
+
+
+def test_reference_test_detects_a_suspect():
+    rng = np.random.default_rng(2)
+    verdict = verify.reference_test(rng.normal(1.5, 1, 32), rng.normal(0, 1, 32))
+    assert verdict.p_value < 1e-3 and verdict.method == "reference-mannwhitney"
+
+
+def test_calibrated_threshold_bounds_the_empirical_fpr_even_with_ties():
+    negatives = np.array([0.0] * 50 + [0.1] * 30 + [0.2] * 20)
+    for fpr in (0.01, 0.05, 0.2, 0.3):
+        threshold = verify.calibrate_threshold(negatives, fpr)
+        assert (negatives >= threshold).mean() <= fpr
+    with pytest.raises(ValueError, match="fpr"):
+        verify.calibrate_threshold(negatives, 1.5)
+
+
+def test_binomial_test_counts_detections_against_a_conservative_null_rate():
+    negatives = np.linspace(0, 1, 100)
+    threshold = verify.calibrate_threshold(negatives, 0.05)
+    verdict = verify.binomial_test(np.array([0.99] * 20 + [0.1] * 44), threshold, negatives)
+    assert verdict.detections == 20 and verdict.n_queries == 64
+    assert verdict.statistic > 0.05  # the upper bound is above the empirical rate
+    assert verdict.p_value < 0.01 and verdict.evidence == list(range(20))
+
+
+def test_bad_scores_are_refused():
+    with pytest.raises(ValueError, match="differ in length"):
+        verify.paired_test([1, 2], [1])
+    with pytest.raises(ValueError, match="NaN"):
+        verify.reference_test([np.nan], [0.0])
+    with pytest.raises(ValueError, match="non-empty"):
+        verify.paired_test([], [])
