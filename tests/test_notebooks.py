@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from entruth_lite import notebooks
+
+NOTEBOOKS = notebooks.list_notebooks()
+
+
+def test_there_are_notebooks():
+    assert [p.name for p in NOTEBOOKS][:1] == ["00_quickstart.ipynb"]
+
+
+def test_committed_notebooks_are_stripped():
+    assert notebooks.notebooks_with_outputs() == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_first_code_cell_is_tagged_parameters_and_installs_on_colab(path):
+    cells = json.loads(path.read_text())["cells"]
+    first = next(c for c in cells if c["cell_type"] == "code")
+    assert "parameters" in first.get("metadata", {}).get("tags", [])
+    source = "".join(first["source"])
+    assert "google.colab" in source and "smoke_mode()" in source
+
+
+def test_strip_outputs_removes_outputs(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")])
+    nb.cells[0].outputs = [nbformat.v4.new_output("execute_result", data={"text/plain": "2"}, execution_count=1)]
+    nb.cells[0].execution_count = 1
+    path = tmp_path / "x.ipynb"
+    nbformat.write(nb, path)
+    assert notebooks.notebooks_with_outputs(tmp_path) == ["x.ipynb"]
+    assert notebooks.strip_outputs(path) is True
+    assert notebooks.notebooks_with_outputs(tmp_path) == []
+    assert notebooks.strip_outputs(path) is False
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_smoke_mode(path, tmp_path):
+    result = notebooks.run_notebook(path, tmp_path, smoke=True, timeout=900)
+    assert result.output.is_file()
+    assert not notebooks.notebooks_with_outputs(), "running must not write outputs into the committed notebook"
