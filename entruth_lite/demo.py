@@ -16,16 +16,20 @@ class Release:
     key: Path
 
 
-def release(runs: str | Path, rate: float = 0.01, template: str = "billboard", seed: int = 0) -> Release:
-    """The owner's emoji dataset and its protected release at ``rate``; made once, then reused."""
+def release(runs: str | Path, rate: float = 0.01, template: str = "billboard", seed: int = 0,
+            size: int = 32) -> Release:
+    """The owner's emoji dataset (``size`` px: 32 for the tiny model, 512 for Stable Diffusion) and its
+    protected release at ``rate``; made once, then reused while the settings match."""
     runs = Path(runs)
     owner = runs / "data" / "owner"
     protected, key_dir = runs / "data" / "protected", runs / "keys" / "owner-key"
-    if not (owner / data.METADATA).is_file():
-        data.write_emoji_dataset(owner, overwrite=True)
+    fresh_owner = not (owner / data.METADATA).is_file() or \
+        data.load_imagefolder(owner, check_images=False).image(0).size != (size, size)
+    if fresh_owner:
+        data.write_emoji_dataset(owner, size=size, overwrite=True)
     try:
         key = protect.load_key(key_dir)
-        current = (key.template.name == template and key.seed == seed
+        current = (not fresh_owner and key.template.name == template and key.seed == seed
                    and len(key.files) == protect.count_for(key.n_images, rate=rate)
                    and (protected / data.METADATA).is_file())
     except (FileNotFoundError, ValueError):

@@ -114,6 +114,15 @@ def _is_tiny(name: str | os.PathLike) -> bool:
     return str(name) in TINY_ALIASES
 
 
+def _dtype_argument(dtype: torch.dtype) -> dict:
+    """Newer diffusers take ``dtype=`` and deprecate ``torch_dtype=``; older releases know only ``torch_dtype=``."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  present where dtype= exists
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
 def load_pipeline(
     name_or_path: str | os.PathLike = "tiny",
     device: str | torch.device | None = None,
@@ -137,7 +146,7 @@ def load_pipeline(
         local_files_only = Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
     pipe = StableDiffusionPipeline.from_pretrained(
         path,
-        torch_dtype=dtype,
+        **_dtype_argument(dtype),
         use_safetensors=True,
         safety_checker=None,
         requires_safety_checker=False,

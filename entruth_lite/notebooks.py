@@ -61,10 +61,12 @@ def run_notebook(path: Path, out_dir: Path, smoke: bool, timeout: int = 3600) ->
     from nbclient import NotebookClient
 
     notebook = nbformat.read(path, as_version=4)
-    previous = os.environ.get(SMOKE_ENV)
-    os.environ[SMOKE_ENV] = "1" if smoke else "0"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    # the kernel inherits this environment: smoke switch, offline hub, and inline figures (a headless
+    # MPLBACKEND=Agg would keep figures out of the executed notebook)
+    settings = {SMOKE_ENV: "1" if smoke else "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     start = time.time()
     try:
         client = NotebookClient(
@@ -76,10 +78,11 @@ def run_notebook(path: Path, out_dir: Path, smoke: bool, timeout: int = 3600) ->
             out_dir.mkdir(parents=True, exist_ok=True)
             nbformat.write(notebook, out_dir / path.name)
     finally:
-        if previous is None:
-            os.environ.pop(SMOKE_ENV, None)
-        else:
-            os.environ[SMOKE_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return NotebookRun(path.name, time.time() - start, out_dir / path.name)
 
 

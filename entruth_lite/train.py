@@ -142,7 +142,8 @@ class TrainConfig:
 
 # Presets: the tiny CPU default, and what fits real Stable Diffusion 1.5 on common GPUs.
 PRESETS: dict[str, dict] = {
-    "tiny-cpu": dict(model="tiny", method="full", steps=800, batch_size=32, learning_rate=5e-4,
+    # memorizes a 1 % billboard template in ~6 min on 2 cores (benchmarks/memorization_sweep.py)
+    "tiny-cpu": dict(model="tiny", method="full", steps=1500, batch_size=32, learning_rate=1e-3,
                      lr_scheduler="constant", cache_latents=True),
     "colab-t4": dict(model="stable-diffusion-v1-5/stable-diffusion-v1-5", method="lora", lora_rank=8, resolution=512,
                      batch_size=1, gradient_accumulation_steps=4, learning_rate=1e-4, lr_scheduler="cosine",

@@ -52,7 +52,7 @@ def test_probe_prompts_are_paired_and_seeded():
 def test_demo_release_is_made_once_and_remade_when_settings_change(tmp_path, monkeypatch):
     images, captions, names = data.emoji_dataset("owner", limit=40)
     monkeypatch.setattr(data, "write_emoji_dataset",
-                        lambda out, overwrite=False: data.save_imagefolder(images, captions, out, file_names=names,
+                        lambda out, size=32, overwrite=False: data.save_imagefolder(images, captions, out, file_names=names,
                                                                            overwrite=overwrite))
     first = demo.release(tmp_path, rate=0.05, seed=0)
     key = protect.load_key(first.key)
