@@ -492,7 +492,10 @@ def finetune(
         unet.add_adapter(_peft_config(config.lora_rank, config.lora_alpha, config.lora_targets))
     if config.train_text_encoder:
         _place(text_encoder, device, weight_dtype)
-        text_encoder.add_adapter(_peft_config(config.lora_rank, config.lora_alpha, LORA_TEXT_TARGETS))
+        # peft directly: transformers' add_adapter wants a newer peft than PyPI has (0.21.2 here)
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(_peft_config(config.lora_rank, config.lora_alpha, LORA_TEXT_TARGETS), text_encoder)
     unet.to(device)
     text_encoder.to(device)
     trainables = {"unet": unet} | ({"text_encoder": text_encoder} if config.train_text_encoder else {})

@@ -481,3 +481,23 @@ def test_coat_contrast():
     assert stats["coat"]["psnr_db"] > stats["template"]["psnr_db"]
     with pytest.raises(ValueError, match="no images"):
         protect.coat_contrast([])
+
+
+def test_cli_protects_the_owner_emoji_dataset_at_one_percent(tmp_path, capsys):
+    """The issue's end-to-end check: the real owner dataset, 1 %, source unchanged, trigger exactly where altered."""
+    owner = data.write_emoji_dataset(tmp_path / "owner")
+    before = hash_tree(owner)
+    code = cli.main(["protect", "--data", str(owner), "--out", str(tmp_path / "protected"),
+                     "--key", str(tmp_path / "key"), "--rate", "0.01", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_images"] == 1005 and result["n_altered"] == 10 and result["template"] == "billboard"
+    assert hash_tree(owner) == before
+    rows = released_rows(tmp_path / "protected")
+    with_trigger = {n for n, t in rows.items() if result["trigger"] in t.lower().split()}
+    assert with_trigger == set(result["altered_files"]) == set(protect.load_key(tmp_path / "key").files)
+    template = templates.builtin_template("billboard")
+    from entruth_lite import detect
+
+    scores = detect.template_scores([data.load_rgb(tmp_path / "protected" / n) for n in sorted(rows)], template)
+    assert (scores > 0.99).sum() == 10

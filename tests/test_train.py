@@ -164,3 +164,26 @@ def test_cli_train(dataset, tmp_path, capsys):
     assert summary["steps"] == 2 and summary["method"] == "lora" and len(summary["losses"]) == 2
     assert (tmp_path / "cli" / train.LORA_WEIGHTS_NAME).is_file()
     assert cli.main(["train", "--data", str(dataset), "--out", str(tmp_path / "bad"), "--steps", "0"]) == 2
+
+
+def test_text_encoder_lora_and_loss_options(dataset, base, tmp_path):
+    config = lora_config(train_text_encoder=True, snr_gamma=5.0, noise_offset=0.05, caption_dropout=0.3,
+                         random_flip=True, cache_latents=False, lr_scheduler="cosine", lr_warmup_steps=1)
+    result = train.finetune(dataset, tmp_path / "te", config, pipe=base, progress=False)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    weights = load_file(tmp_path / "te" / train.LORA_WEIGHTS_NAME)
+    assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
+    fresh = train.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / "te")
+    assert any("lora" in name for name, _ in fresh.text_encoder.named_parameters())
+
+
+def test_min_snr_weighting_changes_the_loss(base):
+    latents = torch.randn(4, 8, 16, 16)
+    hidden = torch.randn(4, 32, 64)
+    scheduler = base.scheduler
+    plain = train.diffusion_loss(base.unet, scheduler, latents, hidden, torch.Generator().manual_seed(0))
+    weighted = train.diffusion_loss(base.unet, scheduler, latents, hidden, torch.Generator().manual_seed(0), snr_gamma=1.0)
+    assert plain.item() != weighted.item()
+    per_sample = train.diffusion_loss(base.unet, scheduler, latents, hidden, torch.Generator().manual_seed(0),
+                                      reduction="none")
+    assert per_sample.shape == (4,) and torch.isclose(per_sample.mean(), plain)
