@@ -66,6 +66,22 @@ def run_one(args, rate: float, owner: Path, out: Path) -> dict:
     return row
 
 
+def summarize(out: Path) -> None:
+    """The table of all runs so far; 'share > clean p95' uses the 95th percentile of the trigger-prompt scores
+    of the clean control fine-tuned with the same lr and steps (a description, not a test)."""
+    rows = [json.loads(line) for line in open(out / "results.jsonl")]
+    clean = {(r["lr"], r["steps"]): np.quantile(r["trigger_scores"], 0.95) for r in rows if r["rate"] == 0}
+    print("| run | rate (images) | train s | mean score trigger / plain | share > clean p95 | paired Wilcoxon p |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        threshold = clean.get((r["lr"], r["steps"]))
+        share = "-" if threshold is None else f"{(np.asarray(r['trigger_scores']) > threshold).mean():.2f}"
+        name = "full" if r["method"] == "full" else f"LoRA r{r['rank']} {r['targets']}"
+        print(f"| {name}, lr {r['lr']:g}, {r['steps']} steps | {r['rate']:g} ({r['n_altered']}) | "
+              f"{r['train_seconds']:.0f} | {r['mean_trigger']:.3f} / {r['mean_control']:.3f} | {share} | "
+              f"{r['wilcoxon_p']:.1e} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.05, 0.02, 0.01, 0.005, 0.0])
@@ -81,8 +97,11 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/sweep")
+    parser.add_argument("--summarize", action="store_true", help="only print the table of the runs in OUT")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.summarize:
+        return summarize(out)
     out.mkdir(parents=True, exist_ok=True)
     owner = out / "owner"
     if not owner.exists():

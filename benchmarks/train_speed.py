@@ -2,16 +2,18 @@
 
     python benchmarks/train_speed.py [--steps 30] [--batch-size 32]
 
-Prints one row per (device, method): steps/s, seconds/step and peak memory (CPU: peak RSS of this process;
-CUDA: torch.cuda.max_memory_allocated), with the settings used.
+Prints one row per (device, method): steps/s, seconds/step and peak memory (CPU: peak RSS of a fresh process
+per configuration; CUDA: torch.cuda.max_memory_allocated), with the settings used.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -59,7 +61,8 @@ def main() -> None:
                 precision = "fp16" if device == "cuda" and method == "lora" else "no"
                 config = train.TrainConfig(method=method, steps=args.steps, batch_size=args.batch_size,
                                            mixed_precision=precision, **extra)
-                rows.append(measure(dataset, device, config))
+                with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    rows.append(pool.submit(measure, dataset, device, config).result())  # fresh process: own peak
                 r = rows[-1]
                 print(f"{r['device']:5s} {r['method']:5s} rank {str(r['rank']):>3s} batch {r['batch']:3d} "
                       f"{r['precision']:4s} {r['steps_per_s']:7.2f} steps/s {r['s_per_step']:7.3f} s/step "

@@ -32,7 +32,7 @@ def _train(args) -> None:
 
     from . import train
 
-    overrides = {"model": args.model, "seed": args.seed}
+    overrides = {"seed": args.seed} | ({"model": args.model} if args.model else {})
     if args.full:
         overrides["method"] = "full"
     elif args.lora_rank is not None:
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     prot.set_defaults(func=_protect)
 
     tr = commands.add_parser("train", help="fine-tune a model on an imagefolder (LoRA or full)")
-    tr.add_argument("--model", default="tiny", help="'tiny', a hub id or a local Stable Diffusion folder")
+    tr.add_argument("--model", help="'tiny', a hub id or a local Stable Diffusion folder (default: the preset's)")
     tr.add_argument("--data", required=True, help="imagefolder with metadata.jsonl")
     tr.add_argument("--out", required=True, help="output folder (weights, checkpoints, loss history)")
     kind = tr.add_mutually_exclusive_group()
