@@ -466,16 +466,3 @@ def vae_round_trip(pipe_or_vae, images: Sequence[Image.Image], size: int | None 
 
     vae = getattr(pipe_or_vae, "vae", pipe_or_vae)
     return tensor_to_images(vae_reconstruct(vae, images_to_tensor(images, size=size), batch_size))
-
-
-def show(image: Image.Image, title: str | None = None, width: float = 8.0) -> None:
-    """Show one image in a notebook with matplotlib, pixels kept sharp (tiny images are upscaled)."""
-    import matplotlib.pyplot as plt
-
-    aspect = image.height / image.width
-    plt.figure(figsize=(width, width * aspect))
-    plt.imshow(np.asarray(to_rgb(image)), interpolation="nearest")
-    plt.axis("off")
-    if title:
-        plt.title(title)
-    plt.show()

@@ -56,3 +56,15 @@ def plot_losses(histories: dict[str, Sequence[float]], window: int = 25, ax=None
     ax.set_ylabel(f"loss (moving average, {window} steps)")
     ax.legend()
     return ax
+
+
+def show_image(image: Image.Image, title: str | None = None, width: float = 8.0) -> None:
+    """Show one image in a notebook with matplotlib, pixels kept sharp (tiny images are upscaled)."""
+    import matplotlib.pyplot as plt
+
+    plt.figure(figsize=(width, width * image.height / image.width))
+    plt.imshow(image, interpolation="nearest")
+    plt.axis("off")
+    if title:
+        plt.title(title)
+    plt.show()

@@ -187,3 +187,17 @@ def test_min_snr_weighting_changes_the_loss(base):
     per_sample = train.diffusion_loss(base.unet, scheduler, latents, hidden, torch.Generator().manual_seed(0),
                                       reduction="none")
     assert per_sample.shape == (4,) and torch.isclose(per_sample.mean(), plain)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(dataset, base, tmp_path):
+    """The memory-saving path GPU presets use; on the CPU it must not change the arithmetic."""
+    plain = train.finetune(dataset, tmp_path / "a", lora_config(steps=3), pipe=base, progress=False)
+    checkpointed = train.finetune(dataset, tmp_path / "b", lora_config(steps=3, gradient_checkpointing=True),
+                                  pipe=base, progress=False)
+    assert torch.allclose(torch.tensor(plain.losses), torch.tensor(checkpointed.losses), atol=1e-6)
+
+
+def test_mixed_precision_needs_a_gpu(dataset, base, tmp_path):
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        train.finetune(dataset, tmp_path / "fp16", lora_config(mixed_precision="fp16"), pipe=base,
+                       progress=False, device="cpu")
