@@ -467,8 +467,9 @@ def finetune(
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
 
     base = pipe if pipe is not None else load_pipeline(config.model, device="cpu", dtype=torch.float32)
-    vae, tokenizer = base.vae, base.tokenizer
-    unet, text_encoder = copy.deepcopy(base.unet).float(), copy.deepcopy(base.text_encoder).float()
+    tokenizer = base.tokenizer  # copies below: the caller's pipeline is never moved, cast or given adapters
+    vae, unet, text_encoder = (copy.deepcopy(m) for m in (base.vae, base.unet, base.text_encoder))
+    unet, text_encoder = unet.float(), text_encoder.float()
     noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)  # training noise, as the model was trained
     resolution = config.resolution or default_resolution(base)
     check_resolution(resolution, base)
