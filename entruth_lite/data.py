@@ -318,14 +318,6 @@ def family_key(stem: str) -> str:
     return "-".join(c for c in _strip(stem).split("-") if c not in SKIN_TONES)
 
 
-def split_of(family: str, owner_families: set[str], probe_families: set[str]) -> str:
-    if family in owner_families:
-        return "owner"
-    if family in probe_families:
-        return "probe"
-    return "pretrain"
-
-
 @dataclass
 class EmojiSplits:
     """The fixed split of the captioned Twemoji: the base model's corpus, the owner's dataset and the

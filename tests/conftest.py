@@ -22,6 +22,22 @@ def hash_tree(root: Path) -> dict[str, str]:
     }
 
 
+def fail_on_nth_save(monkeypatch, n: int) -> None:
+    """Make the n-th PIL ``Image.save`` raise OSError('disk full'), to provoke a failure mid-write."""
+    from PIL import Image
+
+    calls = {"n": 0}
+    real_save = Image.Image.save
+
+    def failing_save(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise OSError("disk full")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+
+
 @pytest.fixture
 def small_dataset(tmp_path):
     """A 12-image captioned imagefolder of flat colours."""

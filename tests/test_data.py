@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import hash_tree
+from conftest import fail_on_nth_save, hash_tree
 from entruth_lite import cli, data
 
 
@@ -30,16 +30,7 @@ def test_save_refuses_existing_folder_and_leaves_no_temp(tmp_path, small_dataset
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real_save = Image.Image.save
-
-    def failing_save(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError("disk full")
-        return real_save(self, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "save", failing_save)
+    fail_on_nth_save(monkeypatch, 2)
     with pytest.raises(OSError, match="disk full"):
         data.save_imagefolder([Image.new("RGB", (4, 4))] * 3, ["a", "b", "c"], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

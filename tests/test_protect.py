@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import hash_tree
+from conftest import fail_on_nth_save, hash_tree
 from entruth_lite import cli, data, models, protect, templates
 from entruth_lite.protect import apply_trigger, check_trigger, generate_trigger
 
@@ -320,16 +320,7 @@ def test_refuses_to_write_into_or_over_the_source(tmp_path, source):
 
 def test_failure_mid_write_leaves_nothing(tmp_path, source, monkeypatch):
     before = hash_tree(source)
-    calls = {"n": 0}
-    real_save = Image.Image.save
-
-    def failing_save(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise OSError("disk full")
-        return real_save(self, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "save", failing_save)
+    fail_on_nth_save(monkeypatch, 10)
     with pytest.raises(OSError, match="disk full"):
         protect.protect(source, "billboard", tmp_path / "out", tmp_path / "key", count=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
