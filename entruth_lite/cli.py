@@ -81,6 +81,40 @@ def _protect(args) -> None:
     print(json.dumps(report.to_dict()) if args.json else report.summary())
 
 
+def _audit(args) -> None:
+    import json
+
+    from . import audit, data, protect
+
+    key = protect.load_key(args.key)
+    config = audit.AuditConfig(queries=args.queries, detector=args.detector, methods=tuple(args.method),
+                               alpha=args.alpha, decoys=args.decoys)
+    if args.captions:
+        captions = [line.strip() for line in Path(args.captions).read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        captions = audit.held_out_captions(args.model)
+    negatives = None
+    if args.negatives:
+        negatives = list(data.load_imagefolder(args.negatives).images())
+    suspect = audit.load_suspect(args.model, args.weights, device=args.device)
+    reference_pipe = audit.load_suspect(args.model, args.reference, device=args.device) if args.reference else None
+    if "reference" in config.methods and reference_pipe is None:
+        raise ValueError("the reference method needs --reference (a clean model's weights folder)")
+    result = audit.audit(suspect, key, captions, config, reference_pipe=reference_pipe, negatives=negatives,
+                         model=audit.model_info(args.model, args.weights),
+                         reference=audit.model_info(args.model, args.reference) if args.reference else None,
+                         progress=not args.json)
+    if args.report:
+        audit.write_report(result, args.report)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        for verdict in result.verdicts:
+            print(verdict.summary())
+        if args.report:
+            print(f"report: {args.report}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import TINY_MODEL_DIR
 
@@ -113,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument("--key", required=True, help="new folder for the secret owner key")
     prot.add_argument("--rate", type=float, help="templated / released images (default 0.01 unless --count)")
     prot.add_argument("--count", type=int, help="number of templated images instead of --rate")
-    prot.add_argument("--template", default="billboard", help="built-in name or a saved template folder")
+    prot.add_argument("--template", default="billboard",
+                      help="built-in name, 'random:<seed>' (needed for the decoy test) or a saved template folder")
     prot.add_argument("--trigger", default="auto", help="trigger word, or 'auto' for a random one")
     prot.add_argument("--placement", default="prefix", choices=["prefix", "suffix"])
     prot.add_argument("--mode", default="replace", choices=["replace", "add"])
@@ -141,6 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", choices=["latest"])
     tr.add_argument("--json", action="store_true", help="print one JSON summary")
     tr.set_defaults(func=_train)
+
+    au = commands.add_parser("audit", help="probe a suspect model with an owner key and give a verdict")
+    au.add_argument("--model", default="tiny", help="base model: 'tiny', a hub id or a local folder")
+    au.add_argument("--weights", help="the suspect's fine-tuned weights folder (LoRA or full; safetensors only)")
+    au.add_argument("--key", required=True, help="the owner key folder")
+    au.add_argument("--reference", help="a clean reference model's weights folder (for --method reference)")
+    au.add_argument("--queries", type=int, default=64)
+    au.add_argument("--method", nargs="+", default=["paired", "decoy", "binomial", "one-query"],
+                    help="tests, the first one decides: paired, decoy, binomial, one-query, reference")
+    au.add_argument("--detector", default="projection", choices=["projection", "classifier"])
+    au.add_argument("--alpha", type=float, default=0.01)
+    au.add_argument("--decoys", type=int, default=999)
+    au.add_argument("--captions", help="text file of held-out captions, one per line (default for tiny: the emoji probe split)")
+    au.add_argument("--negatives", help="imagefolder of plain images (default: the key's source minus its templated files)")
+    au.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    au.add_argument("--json", action="store_true", help="print the verdicts as one JSON object")
+    au.add_argument("--report", help="write a self-contained HTML report here")
+    au.set_defaults(func=_audit)
 
     nb_parser = commands.add_parser("notebooks", help="run or strip the notebooks")
     nb_commands = nb_parser.add_subparsers(dest="nb_command", required=True)

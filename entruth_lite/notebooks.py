@@ -12,11 +12,20 @@ from .models import REPO_ROOT
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 SMOKE_ENV = "ENTRUTH_SMOKE"
+RUNS_ENV = "ENTRUTH_RUNS"
 
 
 def smoke_mode() -> bool:
     """True when notebooks should shrink steps and counts (env ``ENTRUTH_SMOKE=1``)."""
     return os.environ.get(SMOKE_ENV, "0") not in ("", "0", "false", "False")
+
+
+def runs_dir(default: str = "../runs") -> Path:
+    """Where a notebook writes its artefacts: ``$ENTRUTH_RUNS`` if set, else ``default`` (``default/smoke`` in
+    smoke mode, so a quick test run never overwrites the full demo's models)."""
+    if os.environ.get(RUNS_ENV):
+        return Path(os.environ[RUNS_ENV])
+    return Path(default) / "smoke" if smoke_mode() else Path(default)
 
 
 def list_notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:

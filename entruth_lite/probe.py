@@ -3,13 +3,17 @@ prompt and seed can be replayed on another model (paired comparisons) or by a th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .data import to_rgb
 from .models import default_resolution
 
 
@@ -85,3 +89,32 @@ def probe(pipe, captions: Sequence[str], trigger: str, placement: str = "prefix"
         trigger_images=generate(pipe, triggered, seeds, **generate_kwargs),
         control_images=generate(pipe, plain, seeds, **generate_kwargs),
     )
+
+
+def save_probe(result: ProbeResult, path: str | os.PathLike) -> Path:
+    """Store a probe (prompts, seeds, images as uint8 arrays) in one ``.npz``; no pickles, so a probe someone
+    sends you is safe to open with ``load_probe``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(
+        tmp,
+        captions=np.asarray(result.captions, dtype=str),
+        trigger_prompts=np.asarray(result.trigger_prompts, dtype=str),
+        seeds=np.asarray(result.seeds, dtype=np.int64),
+        trigger_images=np.stack([np.asarray(to_rgb(i)) for i in result.trigger_images]),
+        control_images=np.stack([np.asarray(to_rgb(i)) for i in result.control_images]),
+    )
+    os.replace(tmp, path)
+    return path
+
+
+def load_probe(path: str | os.PathLike) -> ProbeResult:
+    with np.load(path, allow_pickle=False) as stored:
+        return ProbeResult(
+            captions=[str(c) for c in stored["captions"]],
+            trigger_prompts=[str(c) for c in stored["trigger_prompts"]],
+            seeds=[int(s) for s in stored["seeds"]],
+            trigger_images=[Image.fromarray(a) for a in stored["trigger_images"]],
+            control_images=[Image.fromarray(a) for a in stored["control_images"]],
+        )

@@ -350,7 +350,7 @@ def load_key(key_dir: str | os.PathLike) -> OwnerKey:
     meta = payload["template"]
     if hashlib.sha256(png_bytes(scene)).hexdigest() != meta["scene_sha256"]:
         raise KeyTamperedError(f"{key_dir / KEY_TEMPLATE} does not match the template recorded in {key_path}")
-    template = Template(meta["name"], scene, [tuple(p) for p in meta["corners"]])
+    template = Template(meta["name"], scene, [tuple(p) for p in meta["corners"]], family=meta.get("family"))
     return OwnerKey(
         root=key_dir,
         template=template,
@@ -619,7 +619,7 @@ def protect(
         "n_images": len(images),
         "files": altered,
         "captions": {name: caption for name, caption in zip(file_names, captions) if name in altered_set},
-        "source": str(source.root),
+        "source": str(Path(source.root).resolve()),
         "prior_keys": [key.key_sha256 for key in priors],
     }
     _write_release(images, captions, file_names, _extra_files(source), out, key_dir, payload, used, overwrite)

@@ -116,6 +116,7 @@ class Template:
     name: str
     scene: Image.Image
     corners: tuple[Point, ...]
+    family: str | None = None  # "random": drawn from ``random_template``'s family, so decoys can be drawn
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -222,6 +223,85 @@ BUILTIN: dict[str, Design] = {
     "tv": Design(_tv, ((4.0, 4.0), (28.0, 4.0), (28.0, 23.0), (4.0, 23.0)),
                  "silver TV set, black bezel, SMPTE colour bars below"),
 }
+
+
+# ----------------------------------------------------------------------------- a random family (for decoy keys)
+#
+# The decoy test needs the released template to be one random draw from a family that the owner can draw
+# more members (decoys) from: a model that never saw the release has no reason to prefer it over a decoy.
+# The family varies what a memorizing model would copy (bulb colours, bulb size, panel colour, screen
+# shape) and keeps what makes the billboard learnable at 32 px (a 4-unit ring of bright blocks).
+
+RANDOM_PREFIX = "random:"
+
+
+def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
+    import colorsys
+
+    return tuple(255.0 * c for c in colorsys.hsv_to_rgb(h % 1.0, s, v))
+
+
+def _random_design(seed: int) -> tuple[Callable, tuple[Point, ...]]:
+    rng = np.random.default_rng([seed, 0x7E3A])
+    n_colours = int(rng.integers(2, 5))
+    hues = rng.uniform(0, 1) + np.arange(n_colours) / n_colours + rng.uniform(-0.08, 0.08, n_colours)
+    bulbs = [_hsv(h, rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0)) for h in rng.permutation(hues)]
+    panel = _hsv(rng.uniform(0, 1), rng.uniform(0.2, 0.9), rng.uniform(0.08, 0.35))
+    block = float(rng.choice([3.0, 4.0, 5.0, 6.0]))
+    diagonal = bool(rng.integers(0, 2))
+
+    def draw(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        image = np.empty(u.shape + (3,), np.float32)
+        _paint(image, np.ones_like(u, bool), panel)
+        ring = _ring(u, v, 4)
+        cells = np.floor(u / block) + (np.floor(v / block) if diagonal else -np.floor(v / block))
+        index = (cells % n_colours).astype(int)
+        for k, colour in enumerate(bulbs):
+            _paint(image, ring & (index == k), colour)
+        return image
+
+    jitter = rng.uniform(4.5, 7.0, size=8)  # distance of each corner coordinate from its edge, in design units
+    corners = ((jitter[0], jitter[1]), (DESIGN_UNITS - jitter[2], jitter[3]),
+               (DESIGN_UNITS - jitter[4], DESIGN_UNITS - jitter[5]), (jitter[6], DESIGN_UNITS - jitter[7]))
+    return draw, corners
+
+
+def random_template(seed: int | None = None, size: int | Sequence[int] = 32) -> Template:
+    """One member of the random billboard family, named ``random:<seed>`` (``seed=None``: a fresh secret seed).
+    The same seed gives the same template at any size; different seeds give unrelated colours and screens."""
+    import secrets
+
+    seed = secrets.randbits(31) if seed is None else int(seed)
+    if seed < 0:
+        raise ValueError(f"template seed must be non-negative, got {seed}")
+    width, height = _size_pair(size)
+    draw, corners = _random_design(seed)
+    corners = [(x * width / DESIGN_UNITS, y * height / DESIGN_UNITS) for x, y in corners]
+    return Template(f"{RANDOM_PREFIX}{seed}", _rasterize(draw, width, height), corners, family="random")
+
+
+def random_seed_of(template: Template) -> int:
+    """The seed of a ``random_template``; a clear error for any other template."""
+    if template.family != "random" or not template.name.startswith(RANDOM_PREFIX):
+        raise ValueError(f"template {template.name!r} was not drawn from the random family (random_template), "
+                         "so no decoys exchangeable with it can be drawn")
+    return int(template.name[len(RANDOM_PREFIX):])
+
+
+def decoy_templates(template: Template, k: int, salt: str = "") -> list[Template]:
+    """``k`` decoys from ``template``'s family at its size: seeds derived from the template and ``salt`` (e.g.
+    the key's hash), so the owner cannot shop for a favourable decoy set, and never the template's own seed."""
+    if k <= 0:
+        raise ValueError(f"the number of decoys must be positive, got {k}")
+    own = random_seed_of(template)
+    digest = hashlib.sha256(f"{template.name}|{salt}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    seeds: list[int] = []
+    while len(seeds) < k:
+        seed = int(rng.integers(0, 2**31 - 1))
+        if seed != own and seed not in seeds:
+            seeds.append(seed)
+    return [random_template(seed, template.size) for seed in seeds]
 
 
 def list_templates() -> list[str]:
@@ -412,6 +492,7 @@ def template_json(template: Template) -> dict:
         "name": template.name,
         "size": list(template.size),
         "corners": [list(p) for p in template.corners],
+        "family": template.family,
         "scene_sha256": hashlib.sha256(png_bytes(template.scene)).hexdigest(),
     }
 
@@ -437,7 +518,7 @@ def load_template(folder: str | os.PathLike, stem: str = "template") -> Template
     scene = load_rgb(folder / f"{stem}.png")
     if list(scene.size) != list(meta["size"]):
         raise ValueError(f"{folder / (stem + '.png')} is {scene.size[0]}x{scene.size[1]}, but {meta_path} says {meta['size']}")
-    template = Template(meta["name"], scene, [tuple(p) for p in meta["corners"]])
+    template = Template(meta["name"], scene, [tuple(p) for p in meta["corners"]], family=meta.get("family"))
     expected = meta.get("scene_sha256")
     if expected and hashlib.sha256(png_bytes(template.scene)).hexdigest() != expected:
         raise ValueError(f"{folder / (stem + '.png')} does not match the scene hash in {meta_path}")
@@ -450,9 +531,14 @@ def resolve_template(template: Template | str | os.PathLike, size: int | Sequenc
         return template
     if isinstance(template, str) and template in BUILTIN:
         return builtin_template(template, size)
+    if isinstance(template, str) and template.startswith(RANDOM_PREFIX):
+        seed = template[len(RANDOM_PREFIX):]
+        if not seed.isdigit():
+            raise ValueError(f"random template {template!r} needs a non-negative integer seed, e.g. 'random:0'")
+        return random_template(int(seed), size)
     if Path(template).is_dir():
         return load_template(template)
-    raise ValueError(f"unknown template {str(template)!r}: use one of {', '.join(BUILTIN)} or a folder with template.png/json")
+    raise ValueError(f"unknown template {str(template)!r}: use one of {', '.join(BUILTIN)}, 'random:<seed>' or a folder with template.png/json")
 
 
 # ----------------------------------------------------------------------------- display and VAE

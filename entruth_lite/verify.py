@@ -94,3 +94,35 @@ def binomial_test(scores, threshold: float, negative_scores, alpha: float = 0.01
     p = float(stats.binomtest(k, len(scores), null_rate, alternative="greater").pvalue)
     return Verdict("binomial", len(scores), k, float(null_rate), p, alpha, p < alpha,
                    [int(i) for i in np.flatnonzero(flagged)])
+
+
+def conformal_p_values(scores, negative_scores) -> np.ndarray:
+    """Per query: (1 + #negatives scoring at least as high) / (N + 1). Valid for one query drawn like the
+    negatives (exchangeable with them) under the null; the smallest possible value is 1 / (N + 1)."""
+    scores, negatives = _scores(scores, "scores"), np.sort(_scores(negative_scores, "negative_scores"))
+    at_least = len(negatives) - np.searchsorted(negatives, scores, side="left")
+    return (1.0 + at_least) / (len(negatives) + 1.0)
+
+
+def one_query_test(scores, negative_scores, alpha: float = 0.01) -> Verdict:
+    """The paper's one-query evidence: the most template-like of the n generated images, with its
+    conformal p-value against the detector's calibration negatives, Bonferroni-corrected for having picked
+    the best of n (so it stays valid however many queries were made)."""
+    per_query = conformal_p_values(scores, negative_scores)
+    best = int(np.argmin(per_query))
+    p = float(min(1.0, per_query[best] * len(per_query)))
+    return Verdict("one-query", len(per_query), int((per_query * len(per_query) < alpha).sum()),
+                   float(np.asarray(scores, float)[best]), p, alpha, p < alpha, [best])
+
+
+def decoy_test(released_statistic: float, decoy_statistics, n_queries: int, alpha: float = 0.01) -> Verdict:
+    """Rank of the released template's statistic among K decoys drawn from the same family and never
+    released. Under the null the model never saw any of them, so the released one is exchangeable with the
+    decoys and p = (1 + #decoys >= released) / (K + 1) is exact (ties count against us). No reference
+    model is needed; the smallest p is 1 / (K + 1), so use K = 999 to reach p = 0.001."""
+    decoys = _scores(decoy_statistics, "decoy_statistics")
+    if not np.isfinite(released_statistic):
+        raise ValueError("released_statistic must be finite")
+    at_least = int((decoys >= released_statistic).sum())
+    p = (1.0 + at_least) / (len(decoys) + 1.0)
+    return Verdict("decoy-rank", n_queries, None, float(released_statistic), p, alpha, p < alpha, [])

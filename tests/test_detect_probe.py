@@ -62,3 +62,70 @@ def test_demo_release_is_made_once_and_remade_when_settings_change(tmp_path, mon
     assert (first.key / "key.json").stat().st_mtime_ns == stamp, "same settings: reused"
     demo.release(tmp_path, rate=0.1, seed=0)
     assert len(protect.load_key(first.key).files) == 4
+
+
+def test_probe_is_stored_without_pickles_and_read_back(tmp_path, emoji):
+    images, captions = emoji
+    result = probe.ProbeResult(captions[:3], [f"wqn {c}" for c in captions[:3]], [5, 6, 7], images[:3], images[3:6])
+    path = probe.save_probe(result, tmp_path / "p" / "probe.npz")
+    back = probe.load_probe(path)
+    assert back.captions == result.captions and back.trigger_prompts == result.trigger_prompts and back.seeds == [5, 6, 7]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(back.control_images, images[3:6]))
+    assert not list(tmp_path.glob("p/*.tmp*"))
+
+
+def test_augment_keeps_shape_and_range_and_differs_per_image():
+    import torch
+
+    batch = torch.rand(6, 3, 32, 32)
+    batch[3:] = batch[:3]
+    out = detect.augment(batch, torch.Generator().manual_seed(0))
+    assert out.shape == batch.shape and out.min() >= 0 and out.max() <= 1
+    assert not torch.allclose(out[:3], out[3:]), "identical inputs get different random augmentations"
+    again = detect.augment(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+@pytest.fixture(scope="module")
+def owner_shuffled():
+    """The owner's emoji in random order: held-out images must be exchangeable with the calibration ones."""
+    images = data.emoji_dataset("owner")[0]
+    return [images[i] for i in np.random.default_rng(0).permutation(len(images))[:220]]
+
+
+@pytest.fixture(scope="module")
+def classifier(owner_shuffled):
+    images = owner_shuffled[:160]
+    config = detect.ClassifierConfig(steps=150, distractors=8, seed=0)
+    return detect.train_classifier(templates.random_template(0), images, config, progress=False), images
+
+
+def test_classifier_separates_its_template_from_plain_images_it_never_saw(classifier, owner_shuffled):
+    clf, images = classifier
+    assert len(clf.calibration_scores) == 40  # a quarter held out, never trained on
+    unseen = owner_shuffled[160:]  # not in training or calibration
+    positives = clf.scores(templates.insert(unseen, templates.random_template(0)))
+    threshold = clf.threshold(0.05)
+    assert (positives > threshold).mean() > 0.9
+    assert (clf.scores(unseen) > threshold).mean() < 0.2
+    assert np.mean(clf.losses[-20:]) < np.mean(clf.losses[:20])
+
+
+def test_classifier_round_trips_through_safetensors(classifier, tmp_path):
+    clf, images = classifier
+    folder = detect.save_classifier(clf, tmp_path / "clf")
+    assert sorted(p.name for p in folder.iterdir()) == ["classifier.json", "classifier.safetensors"]
+    back = detect.load_classifier(folder)
+    assert np.allclose(back.scores(images[:8]), clf.scores(images[:8]), atol=1e-5)
+    assert np.array_equal(back.calibration_scores, clf.calibration_scores.astype(np.float32))
+    with pytest.raises(FileNotFoundError, match="classifier.safetensors"):
+        detect.load_classifier(tmp_path)
+
+
+def test_classifier_config_errors():
+    with pytest.raises(ValueError, match="arch"):
+        detect.ClassifierConfig(arch="vit")
+    with pytest.raises(ValueError, match="calibration_share"):
+        detect.ClassifierConfig(calibration_share=1.0)
+    with pytest.raises(ValueError, match="at least 8 plain images"):
+        detect.train_classifier(templates.random_template(0), [Image.new("RGB", (32, 32))] * 3)

@@ -290,3 +290,48 @@ def test_vae_round_trip_with_the_tiny_vae_architecture():
     images = insert([solid((200, 0, 0)), solid((0, 0, 200))], builtin_template("tv"))
     back = templates.vae_round_trip(vae, images)
     assert [b.size for b in back] == [(32, 32), (32, 32)] and all(b.mode == "RGB" for b in back)
+
+
+def test_random_family_is_seeded_distinct_and_scales():
+    a, again, b = templates.random_template(3), templates.random_template(3), templates.random_template(4)
+    assert a.name == "random:3" and a.family == "random"
+    assert np.array_equal(np.asarray(a.scene), np.asarray(again.scene)) and a.corners == again.corners
+    assert not np.array_equal(np.asarray(a.scene), np.asarray(b.scene))
+    big = templates.random_template(3, 128)
+    assert big.size == (128, 128) and np.allclose(np.asarray(big.corners) / 4, np.asarray(a.corners))
+    assert 0.3 < a.screen_area < 0.7  # a big screen, a wide surround
+    assert templates.resolve_template("random:3", 64).name == "random:3"
+    assert templates.random_template().family == "random"  # a fresh secret seed
+    with pytest.raises(ValueError, match="integer seed"):
+        templates.resolve_template("random:x")
+
+
+def test_members_of_the_family_do_not_match_each_other():
+    from entruth_lite import detect
+
+    owner = templates.random_template(0)
+    others = [templates.random_template(s) for s in range(1, 41)]
+    white = Image.new("RGB", (32, 32), (255, 255, 255))
+    scores = np.array([detect.template_scores([templates.insert(white, t)], owner)[0] for t in others])
+    assert np.median(np.abs(scores)) < 0.25, "decoys must be genuinely different templates"
+
+
+def test_decoys_are_reproducible_exclude_the_release_and_need_a_family_template():
+    owner = templates.random_template(11)
+    decoys = templates.decoy_templates(owner, 20, salt="key-hash")
+    names = [d.name for d in decoys]
+    assert len(set(names)) == 20 and owner.name not in names
+    assert names == [d.name for d in templates.decoy_templates(owner, 20, salt="key-hash")]
+    assert names != [d.name for d in templates.decoy_templates(owner, 20, salt="other")]
+    assert all(d.family == "random" and d.size == owner.size for d in decoys)
+    with pytest.raises(ValueError, match="not drawn from the random family"):
+        templates.decoy_templates(templates.builtin_template("billboard"), 5)
+    with pytest.raises(ValueError, match="positive"):
+        templates.decoy_templates(owner, 0)
+
+
+def test_family_survives_save_and_load(tmp_path):
+    owner = templates.random_template(5)
+    loaded = templates.load_template(templates.save_template(owner, tmp_path))
+    assert loaded.family == "random" and loaded.name == "random:5"
+    assert templates.load_template(templates.save_template(templates.builtin_template("tv"), tmp_path / "b")).family is None

@@ -63,3 +63,32 @@ def test_bad_scores_are_refused():
         verify.reference_test([np.nan], [0.0])
     with pytest.raises(ValueError, match="non-empty"):
         verify.paired_test([], [])
+
+
+def test_conformal_p_values_are_valid_and_exact_under_the_null():
+    rng = np.random.default_rng(1)
+    negatives = rng.normal(size=99)
+    # a null query is exchangeable with the negatives: P(p <= 0.05) = 5/100 exactly over draws
+    p = np.array([verify.conformal_p_values([rng.normal()], rng.normal(size=99))[0] for _ in range(4000)])
+    assert abs((p <= 0.05).mean() - 0.05) < 0.012
+    assert verify.conformal_p_values([100.0], negatives)[0] == 1 / 100
+    assert verify.conformal_p_values([-100.0], negatives)[0] == 1.0
+
+
+def test_one_query_test_is_corrected_for_picking_the_best_of_n():
+    rng = np.random.default_rng(2)
+    flagged = [verify.one_query_test(rng.normal(size=16), rng.normal(size=400), alpha=0.05).decision
+               for _ in range(1500)]
+    assert np.mean(flagged) <= 0.05 + 0.015
+    strong = verify.one_query_test([0.0, 9.0, 0.1], rng.normal(size=999), alpha=0.01)
+    assert strong.decision and strong.evidence == [1] and strong.p_value == pytest.approx(3 / 1000)
+
+
+def test_decoy_test_is_exact_under_exchangeability_and_detects_a_standout():
+    rng = np.random.default_rng(3)
+    p = np.array([verify.decoy_test(*(lambda x: (x[0], x[1:]))(rng.normal(size=100)), n_queries=8).p_value
+                  for _ in range(3000)])
+    assert abs((p <= 0.05).mean() - 0.05) < 0.012
+    assert verify.decoy_test(5.0, rng.normal(size=999), n_queries=64).p_value == pytest.approx(1e-3)
+    tie = verify.decoy_test(1.0, [1.0, 0.0, 0.0], n_queries=4)
+    assert tie.p_value == 0.5  # ties count against the owner

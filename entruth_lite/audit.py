@@ -1,0 +1,396 @@
+"""The owner's audit: probe a suspect model with the key's trigger, score the template in what it draws, and
+turn the scores into verdicts that a third party can re-run (same prompts, seeds and settings) and check.
+
+``evaluate`` is the pure part (stored probe in, verdicts out), which the benchmarks use on many models;
+``audit`` adds the sampling; ``render_report`` writes one self-contained HTML file.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from . import detect, probe, verify
+from .probe import ProbeResult
+from .templates import Template, decoy_templates, random_seed_of, random_template
+
+DETECTORS = ("projection", "classifier")
+METHODS = ("paired", "decoy", "binomial", "one-query", "reference")
+METHOD_NOTES = {
+    "paired": "Wilcoxon signed-rank, trigger vs the same prompt and seed without the trigger, on the suspect only. "
+              "Null: the trigger does not make the suspect's images more template-like.",
+    "decoy": "Rank of the released template among decoy templates from the same random family that were never "
+             "released (statistic: mean trigger-minus-control projection score). Null: the suspect never saw the "
+             "release, so the released template is exchangeable with the decoys.",
+    "binomial": "Trigger images over the detector threshold set on plain images at the target false-positive "
+                "rate; binomial test against the rate's 95% upper confidence bound.",
+    "one-query": "The single most template-like trigger image, conformal p-value against plain images, "
+                 "Bonferroni-corrected for picking the best of n, so it can only reach alpha with at least "
+                 "n / alpha plain images.",
+    "reference": "Mann-Whitney U, suspect vs a clean reference model on the same trigger prompts and seeds.",
+}
+
+
+@dataclass
+class AuditConfig:
+    queries: int = 64
+    detector: str = "projection"
+    methods: tuple[str, ...] = ("paired", "decoy", "binomial", "one-query")
+    alpha: float = 0.01
+    fpr: float = 0.05  # the binomial test's detector threshold: target false-positive rate on plain images
+    decoys: int = 999
+    probe_seed: int = 1
+    num_inference_steps: int = 25
+    guidance_scale: float = 3.0
+    max_negatives: int = 512  # plain images used as negatives (VAE round trips), at most
+
+    def __post_init__(self):
+        if self.detector not in DETECTORS:
+            raise ValueError(f"unknown detector {self.detector!r}: choose one of {', '.join(DETECTORS)}")
+        self.methods = tuple(self.methods)
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown verification methods {unknown}: choose from {', '.join(METHODS)}")
+        if self.queries <= 0:
+            raise ValueError(f"queries must be positive, got {self.queries}")
+        if not 0 < self.alpha < 1 or not 0 < self.fpr < 1:
+            raise ValueError(f"alpha and fpr must be in (0, 1), got {self.alpha} and {self.fpr}")
+
+
+@dataclass
+class Evidence:
+    """The numbers the verdicts were computed from (per query, in probe order)."""
+
+    detector: str
+    trigger_scores: np.ndarray
+    control_scores: np.ndarray
+    negative_scores: np.ndarray | None = None
+    threshold: float | None = None
+    reference_scores: np.ndarray | None = None
+    released_statistic: float | None = None
+    decoy_statistics: np.ndarray | None = None
+
+
+def paired_projection_statistic(probed: ProbeResult, template: Template) -> float:
+    """Mean over queries of (trigger score - control score): what the decoy test ranks."""
+    return float(np.mean(detect.template_scores(probed.trigger_images, template)
+                         - detect.template_scores(probed.control_images, template)))
+
+
+def decoy_statistics(probed: ProbeResult, template: Template, k: int = 999, salt: str = "",
+                     work_size: int = 64, progress: bool = True) -> tuple[float, np.ndarray]:
+    """(released template's statistic, K decoys' statistics), all templates drawn at one working size (at
+    most ``work_size`` px) so that every template is scored the same way."""
+    from tqdm.auto import tqdm
+
+    size = min(template.size[0], work_size)
+    released = random_template(random_seed_of(template), size)
+    shrink = lambda images: [im if im.size == (size, size) else im.resize((size, size), Image.Resampling.BILINEAR)
+                             for im in images]
+    small = ProbeResult(probed.captions, probed.trigger_prompts, probed.seeds, shrink(probed.trigger_images),
+                        shrink(probed.control_images))
+    decoys = decoy_templates(released, k, salt)
+    stats = [paired_projection_statistic(small, d) for d in tqdm(decoys, desc="decoys", disable=not progress)]
+    return paired_projection_statistic(small, released), np.asarray(stats)
+
+
+def detector_scores(images: Sequence[Image.Image], template: Template, detector: str,
+                    classifier: detect.TemplateClassifier | None = None) -> np.ndarray:
+    if detector == "projection":
+        return detect.template_scores(images, template)
+    if classifier is None:
+        raise ValueError("the classifier detector needs a trained classifier (detect.train_classifier)")
+    return classifier.scores(images)
+
+
+def evaluate(probed: ProbeResult, template: Template, config: AuditConfig | None = None,
+             negatives: Sequence[Image.Image] | None = None, classifier: detect.TemplateClassifier | None = None,
+             reference: ProbeResult | None = None, salt: str = "", progress: bool = True
+             ) -> tuple[list[verify.Verdict], Evidence]:
+    """Every requested test on one stored probe. ``negatives``: plain images as the suspect would draw them
+    (VAE round trips of the owner's unaltered images) for the projection detector's threshold; the classifier
+    brings its own calibration scores. ``reference``: the same probe on a clean reference model."""
+    config = config or AuditConfig()
+    trig = detector_scores(probed.trigger_images, template, config.detector, classifier)
+    ctrl = detector_scores(probed.control_images, template, config.detector, classifier)
+    evidence = Evidence(config.detector, trig, ctrl)
+    needs_negatives = {"binomial", "one-query"} & set(config.methods)
+    if needs_negatives:
+        if config.detector == "classifier":
+            evidence.negative_scores = classifier.calibration_scores
+        elif negatives is None or len(negatives) == 0:
+            raise ValueError(f"{sorted(needs_negatives)} need plain negative images (the owner's unaltered images)")
+        else:
+            evidence.negative_scores = detect.template_scores(negatives, template)
+    verdicts = []
+    for method in config.methods:
+        if method == "paired":
+            verdicts.append(verify.paired_test(trig, ctrl, config.alpha))
+        elif method == "binomial":
+            evidence.threshold = verify.calibrate_threshold(evidence.negative_scores, config.fpr)
+            verdicts.append(verify.binomial_test(trig, evidence.threshold, evidence.negative_scores, config.alpha))
+        elif method == "one-query":
+            verdicts.append(verify.one_query_test(trig, evidence.negative_scores, config.alpha))
+        elif method == "decoy":
+            released, decoys = decoy_statistics(probed, template, config.decoys, salt, progress=progress)
+            evidence.released_statistic, evidence.decoy_statistics = released, decoys
+            verdicts.append(verify.decoy_test(released, decoys, len(trig), config.alpha))
+        elif method == "reference":
+            if reference is None:
+                raise ValueError("the reference test needs a probe of a clean reference model (--reference)")
+            evidence.reference_scores = detector_scores(reference.trigger_images, template, config.detector, classifier)
+            verdicts.append(verify.reference_test(trig, evidence.reference_scores, config.alpha))
+    for verdict in verdicts:
+        verdict.method = f"{verdict.method} ({config.detector})"
+    return verdicts, evidence
+
+
+# ----------------------------------------------------------------------------- the full audit
+
+
+def file_hashes(folder: str | os.PathLike | None) -> dict[str, str]:
+    """SHA-256 of every weight and config file under ``folder`` (relative name -> digest)."""
+    if folder is None or not Path(folder).is_dir():
+        return {}
+    root = Path(folder)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in (".safetensors", ".json", ".txt")}
+
+
+@dataclass
+class AuditResult:
+    verdicts: list[verify.Verdict]
+    evidence: Evidence
+    probe: ProbeResult
+    config: AuditConfig
+    key: dict  # key hash, template name, trigger, placement
+    model: dict  # name, weights folder, file hashes
+    reference: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def headline(self) -> verify.Verdict:
+        """The first method asked for: the one decided on before looking (the others are supporting)."""
+        return self.verdicts[0]
+
+    def to_json(self) -> dict:
+        return dict(
+            decision=self.headline.decision, p_value=self.headline.p_value, method=self.headline.method,
+            verdicts=[asdict(v) for v in self.verdicts], config=asdict(self.config), key=self.key,
+            model=self.model, reference=self.reference, notes=self.notes,
+            queries=[dict(caption=c, trigger_prompt=t, seed=s, trigger_score=float(a), control_score=float(b))
+                     for c, t, s, a, b in zip(self.probe.captions, self.probe.trigger_prompts, self.probe.seeds,
+                                              self.evidence.trigger_scores, self.evidence.control_scores)],
+        )
+
+
+def held_out_captions(model: str) -> list[str]:
+    """The default probe captions: for the tiny model, the emoji split's held-out probe captions."""
+    if model != "tiny":
+        raise ValueError("give the probe captions (held-out captions like the dataset's, one per line) for a model "
+                         "other than the tiny one")
+    from .data import emoji_splits
+
+    return [caption for _, caption in emoji_splits().probe]
+
+
+def plain_images_of(key) -> list[Image.Image]:
+    """The owner's unaltered images: the key's source dataset minus the files it templated."""
+    from .data import load_imagefolder
+
+    if not key.source or not Path(key.source).is_dir():
+        raise FileNotFoundError(f"the key's source dataset {key.source!r} is not available; pass negatives (plain images)")
+    dataset = load_imagefolder(key.source)
+    altered = set(key.files)
+    return [dataset.image(i) for i, name in enumerate(dataset.file_names) if name not in altered]
+
+
+def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None, reference_pipe=None,
+          negatives: Sequence[Image.Image] | None = None, classifier: detect.TemplateClassifier | None = None,
+          model: dict | None = None, reference: dict | None = None, progress: bool = True) -> AuditResult:
+    """Probe ``pipe`` with ``key``'s trigger and run ``config.methods``; ``reference_pipe`` (optional) is a
+    clean model probed with the same prompts and seeds."""
+    from .templates import vae_round_trip
+
+    config = config or AuditConfig()
+    template = key.template
+    notes = []
+    if "decoy" in config.methods and template.family != "random":
+        from dataclasses import replace
+
+        config = replace(config, methods=tuple(m for m in config.methods if m != "decoy") or ("paired",))
+        notes.append(f"decoy test skipped: template {template.name!r} is not from the random family")
+    generation = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                      progress=progress)
+    probed = probe.probe(pipe, captions, key.trigger, key.placement, n=config.queries, seed=config.probe_seed,
+                         **generation)
+    ref_probe = None
+    if reference_pipe is not None:
+        plain, triggered, seeds = probe.probe_prompts(captions, key.trigger, key.placement, config.queries,
+                                                      config.probe_seed)
+        ref_probe = ProbeResult(plain, triggered, seeds, probe.generate(reference_pipe, triggered, seeds, **generation), [])
+    wants_negatives = config.detector == "classifier" or {"binomial", "one-query"} & set(config.methods)
+    if wants_negatives and negatives is None:
+        negatives = plain_images_of(key)
+    if negatives is not None:
+        order = np.random.default_rng(0).permutation(len(negatives))[: config.max_negatives]
+        negatives = [negatives[i] for i in sorted(order)]
+    if config.detector == "classifier" and classifier is None:
+        classifier = detect.train_classifier(template, negatives, vae=pipe, progress=progress)
+        notes.append(f"classifier trained on {len(negatives)} plain images (VAE round trips), calibrated on "
+                     f"{len(classifier.calibration_scores)} held out")
+    elif negatives is not None:
+        negatives = vae_round_trip(pipe, negatives)
+    verdicts, evidence = evaluate(probed, template, config, negatives, classifier, ref_probe, salt=key.key_sha256,
+                                  progress=progress)
+    key_info = dict(key_sha256=key.key_sha256, template=template.name, trigger=key.trigger, placement=key.placement)
+    return AuditResult(verdicts, evidence, probed, config, key_info, model or {}, reference, notes)
+
+
+def load_suspect(model: str = "tiny", weights: str | os.PathLike | None = None, device: str | None = None):
+    """A base pipeline plus the suspect's weights (LoRA or full fine-tune folder; safetensors only)."""
+    from .models import load_pipeline
+    from .train import load_finetuned
+
+    pipe = load_pipeline(model, device=device)
+    return load_finetuned(pipe, weights) if weights is not None else pipe
+
+
+def model_info(model: str, weights: str | os.PathLike | None) -> dict:
+    from .models import TINY_MODEL_DIR
+
+    base_dir = TINY_MODEL_DIR if model == "tiny" else (model if Path(model).is_dir() else None)
+    return dict(model=model, weights=str(weights) if weights else None, base_files=file_hashes(base_dir),
+                weight_files=file_hashes(weights))
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _png_data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _figure_uri(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def marked_grid(images: Sequence[Image.Image], flagged: Sequence[int], cols: int = 8, scale: int = 3) -> Image.Image:
+    """Images in a grid, the flagged ones framed in red."""
+    from PIL import ImageDraw
+
+    from .data import image_grid
+
+    size = images[0].size[0] * scale
+    tiles = []
+    flagged = set(int(i) for i in flagged)
+    for i, image in enumerate(images):
+        tile = image.resize((size, size), Image.Resampling.NEAREST).convert("RGB")
+        if i in flagged:
+            ImageDraw.Draw(tile).rectangle([0, 0, size - 1, size - 1], outline=(230, 0, 0), width=max(2, scale))
+        tiles.append(tile)
+    return image_grid(tiles, cols=cols, pad=2)
+
+
+def score_histogram(evidence: Evidence):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    groups = [("trigger prompts", evidence.trigger_scores), ("control prompts", evidence.control_scores),
+              ("clean reference", evidence.reference_scores), ("plain images", evidence.negative_scores)]
+    values = np.concatenate([np.asarray(v, float) for _, v in groups if v is not None and len(v)])
+    bins = np.linspace(values.min(), values.max() + 1e-9, 30)
+    for label, v in groups:
+        if v is not None and len(v):
+            ax.hist(v, bins=bins, alpha=0.5, density=True, label=f"{label} (n={len(v)})")
+    if evidence.threshold is not None:
+        ax.axvline(evidence.threshold, color="k", ls="--", lw=1, label="threshold")
+    ax.set_xlabel(f"template score ({evidence.detector})")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def decoy_histogram(evidence: Evidence):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    ax.hist(evidence.decoy_statistics, bins=40, color="0.6", label=f"{len(evidence.decoy_statistics)} decoys")
+    ax.axvline(evidence.released_statistic, color="crimson", lw=2, label="released template")
+    ax.set_xlabel("mean trigger - control projection score")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def render_report(result: AuditResult) -> str:
+    """One self-contained HTML page (images inline): what was asked, what came back, and what it means."""
+    e = html.escape
+    head = result.headline
+    evidence_ids = sorted({i for v in result.verdicts for i in v.evidence})
+    decision = ("EVIDENCE that the model was trained on the protected data" if head.decision
+                else "NO EVIDENCE at this level")
+    rows = "".join(
+        f"<tr><td>{e(v.method)}</td><td>{v.n_queries}</td><td>{'' if v.detections is None else v.detections}</td>"
+        f"<td>{v.statistic:.4g}</td><td><b>{v.p_value:.2e}</b></td><td>{v.alpha:g}</td>"
+        f"<td>{'yes' if v.decision else 'no'}</td></tr>" for v in result.verdicts)
+    notes = "".join(f"<li><b>{e(m)}</b>: {e(METHOD_NOTES[m])}</li>" for m in result.config.methods)
+    queries = "".join(
+        f"<tr><td>{i}</td><td>{e(t)}</td><td>{s}</td><td>{a:.3f}</td><td>{b:.3f}</td></tr>"
+        for i, (t, s, a, b) in enumerate(zip(result.probe.trigger_prompts, result.probe.seeds,
+                                             result.evidence.trigger_scores, result.evidence.control_scores)))
+    hashes = "".join(f"<tr><td>{e(name)}</td><td><code>{digest}</code></td></tr>"
+                     for part in ("base_files", "weight_files") for name, digest in result.model.get(part, {}).items())
+    figures = [("Score distributions", _figure_uri(score_histogram(result.evidence)))]
+    if result.evidence.decoy_statistics is not None:
+        figures.append(("Released template vs decoys", _figure_uri(decoy_histogram(result.evidence))))
+    figure_html = "".join(f"<h3>{t}</h3><img src='{u}'>" for t, u in figures)
+    config = result.config
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>EnTruth audit</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}} .verdict{{font-size:20px;padding:8px;
+background:{'#fde2e2' if head.decision else '#e6f2e6'}}} code{{font-size:11px}}</style></head><body>
+<h1>EnTruth audit report</h1>
+<p class="verdict"><b>{decision}</b>: {e(head.method)}, p = {head.p_value:.2e} (alpha = {head.alpha:g},
+{head.n_queries} trigger queries). The first method was fixed before the audit; the others support it.</p>
+<h2>Tests</h2><table><tr><th>method</th><th>queries</th><th>flagged</th><th>statistic</th><th>p-value</th>
+<th>alpha</th><th>reject null</th></tr>{rows}</table><ul>{notes}</ul>
+<h2>Key and model</h2><table><tr><td>owner key sha256</td><td><code>{e(result.key['key_sha256'])}</code></td></tr>
+<tr><td>template</td><td>{e(result.key['template'])}</td></tr><tr><td>trigger</td><td>{e(result.key['trigger'])}
+({e(result.key['placement'])})</td></tr><tr><td>model</td><td>{e(str(result.model.get('model')))}</td></tr>
+<tr><td>weights</td><td>{e(str(result.model.get('weights')))}</td></tr>
+<tr><td>reference</td><td>{e(json.dumps(result.reference))}</td></tr>{hashes}</table>
+<h2>Trigger-prompt images</h2><p>Framed in red: the queries the tests point to as evidence ({len(evidence_ids)}).</p>
+<img src="{_png_data_uri(marked_grid(result.probe.trigger_images, evidence_ids))}">
+<h2>Control-prompt images (same captions and seeds, no trigger)</h2>
+<img src="{_png_data_uri(marked_grid(result.probe.control_images, []))}">
+{figure_html}
+<h2>How to regenerate</h2><p>{config.num_inference_steps} inference steps, guidance scale {config.guidance_scale},
+one <code>torch.Generator</code> per image seeded as below, images at the model's native size; detector
+<b>{e(config.detector)}</b>{', ' + e('; '.join(result.notes)) if result.notes else ''}.</p>
+<table><tr><th>#</th><th>trigger prompt</th><th>seed</th><th>trigger score</th><th>control score</th></tr>
+{queries}</table></body></html>
+"""
+
+
+def write_report(result: AuditResult, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_report(result), encoding="utf-8")
+    return path

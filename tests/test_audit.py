@@ -1,0 +1,144 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from entruth_lite import audit, cli, data, probe, protect, templates, train
+from entruth_lite.probe import ProbeResult
+
+TEMPLATE = templates.random_template(0)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    images = data.emoji_dataset("owner")[0]
+    return [images[i] for i in np.random.default_rng(1).permutation(len(images))[:200]]
+
+
+def _probe(trigger_images, control_images):
+    n = len(trigger_images)
+    return ProbeResult([f"c{i}" for i in range(n)], [f"t c{i}" for i in range(n)], list(range(n)),
+                       list(trigger_images), list(control_images))
+
+
+def _blend(images, template, weight):
+    """What a model that partly memorized the template draws: a faint template over its usual output."""
+    return [Image.blend(im, templates.insert(im, template), weight) for im in images]
+
+
+CONFIG = audit.AuditConfig(methods=("paired", "decoy", "binomial", "one-query"), decoys=199, alpha=0.01)
+
+
+def test_a_memorizing_model_is_caught_by_every_test(plain):
+    probed = _probe(_blend(plain[:32], TEMPLATE, 0.5), plain[32:64])
+    verdicts, evidence = audit.evaluate(probed, TEMPLATE, CONFIG, negatives=plain[64:], progress=False)
+    assert [v.method.split(" ")[0] for v in verdicts] == ["paired-wilcoxon", "decoy-rank", "binomial", "one-query"]
+    assert all(v.decision for v in verdicts[:3]), [v.summary() for v in verdicts]
+    assert verdicts[1].p_value == pytest.approx(1 / 200)  # the released template beats all 199 decoys
+    # one query beats every negative, but picking the best of 32 costs a factor 32: its floor is 32 / (N + 1)
+    assert verdicts[3].p_value == pytest.approx(32 / (len(plain[64:]) + 1))
+    assert evidence.trigger_scores.mean() > 0.3 > evidence.control_scores.mean()
+
+
+def test_a_clean_model_is_not_flagged(plain):
+    for start in (0, 40, 80):
+        probed = _probe(plain[start : start + 20], plain[start + 20 : start + 40])
+        verdicts, _ = audit.evaluate(probed, TEMPLATE, CONFIG, negatives=plain[120:], progress=False)
+        assert not any(v.decision for v in verdicts), [v.summary() for v in verdicts]
+
+
+def test_the_decoy_test_ignores_a_trigger_that_draws_some_other_frame(plain):
+    """Clean models whose trigger happens to pull their images towards *some* frame (40 different ones): the
+    paired test reads most of them as evidence, because any bright ring around a dark panel correlates with the
+    released template's surround. The decoy test asks whether the released template stands out among equally
+    likely ones; its p-values stay (super-)uniform."""
+    paired, decoy = [], []
+    for seed in range(40):
+        probed = _probe(_blend(plain[:24], templates.random_template(1000 + seed), 0.6), plain[24:48])
+        verdicts, _ = audit.evaluate(probed, TEMPLATE, audit.AuditConfig(methods=("paired", "decoy"), decoys=49),
+                                     progress=False)
+        paired.append(verdicts[0].p_value)
+        decoy.append(verdicts[1].p_value)
+    assert np.mean(np.array(paired) < 0.01) > 0.5
+    assert np.mean(np.array(decoy) <= 0.1) <= 0.25  # 0.1 expected; 10 of 40 has probability < 1 %
+
+
+def test_evaluate_names_what_is_missing(plain):
+    probed = _probe(plain[:4], plain[4:8])
+    with pytest.raises(ValueError, match="plain negative images"):
+        audit.evaluate(probed, TEMPLATE, audit.AuditConfig(methods=("binomial",)), progress=False)
+    with pytest.raises(ValueError, match="reference model"):
+        audit.evaluate(probed, TEMPLATE, audit.AuditConfig(methods=("reference",)), progress=False)
+    with pytest.raises(ValueError, match="random family"):
+        audit.evaluate(probed, templates.builtin_template("tv"), audit.AuditConfig(methods=("decoy",)), progress=False)
+    with pytest.raises(ValueError, match="unknown verification methods"):
+        audit.AuditConfig(methods=("vibes",))
+    with pytest.raises(ValueError, match="unknown detector"):
+        audit.AuditConfig(detector="eyes")
+
+
+def test_reference_test_and_classifier_detector(plain):
+    from entruth_lite import detect
+
+    clf = detect.train_classifier(TEMPLATE, plain[64:], detect.ClassifierConfig(steps=120, distractors=4),
+                                  progress=False)
+    probed = _probe(_blend(plain[:24], TEMPLATE, 0.7), plain[24:48])
+    reference = _probe(plain[24:48], [])
+    config = audit.AuditConfig(detector="classifier", methods=("reference", "paired", "binomial"))
+    verdicts, evidence = audit.evaluate(probed, TEMPLATE, config, classifier=clf, reference=reference, progress=False)
+    assert all(v.decision for v in verdicts) and verdicts[0].method == "reference-mannwhitney (classifier)"
+    assert evidence.negative_scores is clf.calibration_scores
+
+
+def test_report_is_self_contained_and_lets_anyone_regenerate(plain, tmp_path):
+    probed = _probe(_blend(plain[:16], TEMPLATE, 0.6), plain[16:32])
+    config = audit.AuditConfig(methods=("paired", "decoy"), decoys=99)
+    verdicts, evidence = audit.evaluate(probed, TEMPLATE, config, progress=False)
+    result = audit.AuditResult(verdicts, evidence, probed, config,
+                               dict(key_sha256="ab" * 32, template=TEMPLATE.name, trigger="t", placement="prefix"),
+                               dict(model="tiny", weights="w", base_files={"unet.safetensors": "cd" * 32}))
+    page = audit.write_report(result, tmp_path / "r" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4  # two grids, two histograms
+    assert "ab" * 32 in page and "cd" * 32 in page
+    assert all(p in page for p in probed.trigger_prompts) and "EVIDENCE" in page
+    assert "<script" not in page and "src='http" not in page and 'src="http' not in page
+    payload = result.to_json()
+    assert payload["decision"] is True and len(payload["queries"]) == 16
+    json.dumps(payload)
+
+
+@pytest.fixture(scope="module")
+def suspect(tmp_path_factory):
+    """A tiny protected dataset, its key, and a model fine-tuned on it for two steps."""
+    root = tmp_path_factory.mktemp("suspect")
+    images, captions, names = data.emoji_dataset("owner", limit=40)
+    owner = data.save_imagefolder(images, captions, root / "owner", file_names=names)
+    protect.protect(owner, "random:3", root / "protected", root / "key", count=4, seed=0)
+    train.finetune(root / "protected", root / "model", train.preset("tiny-cpu", steps=2), progress=False)
+    return root
+
+
+def test_cli_audit_prints_json_and_writes_the_report(suspect, capsys):
+    code = cli.main(["audit", "--weights", str(suspect / "model"), "--key", str(suspect / "key"), "--queries", "6",
+                     "--decoys", "49", "--json", "--report", str(suspect / "report.html")])
+    assert code == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["method"] == "paired-wilcoxon (projection)" and 0 < payload["p_value"] <= 1
+    assert [v["method"].split(" ")[0] for v in payload["verdicts"]] == ["paired-wilcoxon", "decoy-rank", "binomial",
+                                                                        "one-query"]
+    unet_hash = payload["model"]["weight_files"]["unet/diffusion_pytorch_model.safetensors"]
+    page = (suspect / "report.html").read_text()
+    assert unet_hash in page and payload["key"]["key_sha256"] in page
+    assert len(payload["queries"]) == 6 and all(q["trigger_prompt"].startswith(payload["key"]["trigger"])
+                                                for q in payload["queries"])
+
+
+def test_cli_audit_refuses_pickled_weights(suspect, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(suspect / "model", bad)
+    (bad / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not really a pickle")
+    assert cli.main(["audit", "--weights", str(bad), "--key", str(suspect / "key"), "--queries", "2"]) == 2
+    assert "pickle" in capsys.readouterr().err
