@@ -1,0 +1,49 @@
+"""How often each verification method detects a model fine-tuned on a protected dataset.
+
+    python benchmarks/detection_power.py [--rates 0.05 0.02 0.01 0.005] [--seeds 0 1 2] [--steps 1500]
+        [--out runs/bench] [--report-only]
+
+For each alteration rate and seed: protect the owner's emoji with a ``random:<seed>`` template, fine-tune
+the tiny base with the ``tiny-cpu`` preset (full fine-tune, lr 1e-3), probe with 64 held-out captions with and
+without the trigger, and store the images. Clean models at the same settings (rate 0) are trained too: they are
+the negatives for AUC and the reference for the reference test. The report prints TPR at alpha = 0.01 and the
+median p-value for n = 8, 16, 32, 64 queries, the AUC of each detector, and saves a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from verification_runs import Run, fit_and_probe  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.01, 0.05, 0.02, 0.005, 0.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--queries", type=int, default=64)
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    root = Path(args.out)
+    runs = []
+    for seed in args.seeds:  # seed-major: an interrupted sweep still covers every rate
+        for rate in args.rates:
+            if args.report_only:
+                runs.append(Run(root / f"rate{rate:g}-seed{seed}-steps{args.steps}", rate, seed, args.steps))
+            else:
+                print(f"rate {rate:g}, seed {seed}", flush=True)
+                runs.append(fit_and_probe(root, rate, seed, args.steps, template_seed=seed, queries=args.queries))
+    if not args.train_only:
+        from verification_report import power_report
+
+        power_report([r for r in runs if r.done], root)
+
+
+if __name__ == "__main__":
+    main()

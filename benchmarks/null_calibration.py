@@ -1,0 +1,52 @@
+"""False-positive rate of every verification method on clean fine-tunes.
+
+    python benchmarks/null_calibration.py [--models 20] [--steps 500] [--out runs/bench] [--report-only]
+
+Fine-tunes ``--models`` clean models (the tiny base on the owner's *unprotected* emoji, each with its own
+seed, so its own data order and noise), each paired with its own owner key (a ``random:<seed>`` template and
+a trigger) whose release it never saw: the null hypothesis, by construction. Each model is probed with 64
+held-out captions with and without its key's trigger and the images are stored (``probe.npz``), so the
+report can be rerun without sampling. The report prints, for each method at alpha = 0.05 and 0.01, the share
+of clean models flagged, with a one-sided binomial p-value for "the rate exceeds alpha".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from verification_runs import fit_and_probe  # noqa: E402
+
+NULL_SEED_OFFSET = 100  # clean models use seeds 100, 101, ...: disjoint from the detection-power runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps per clean model")
+    parser.add_argument("--queries", type=int, default=64)
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    root = Path(args.out)
+    runs = []
+    for i in range(args.models):
+        seed = NULL_SEED_OFFSET + i
+        if args.report_only:
+            from verification_runs import Run
+
+            runs.append(Run(root / f"rate0-seed{seed}-steps{args.steps}", 0.0, seed, args.steps))
+        else:
+            print(f"clean model {i + 1}/{args.models} (seed {seed})", flush=True)
+            runs.append(fit_and_probe(root, 0.0, seed, args.steps, template_seed=seed, queries=args.queries))
+    if not args.train_only:
+        from verification_report import null_report
+
+        null_report([r for r in runs if r.done], root)
+
+
+if __name__ == "__main__":
+    main()

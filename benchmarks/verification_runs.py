@@ -1,0 +1,76 @@
+"""Shared by the verification benchmarks: fine-tune the tiny base on an owner dataset (protected at some rate,
+or clean), probe it with the key's trigger, and store the probe images so every detector and test can be
+evaluated later without sampling again. One run = one folder; a finished run is skipped when asked again."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from entruth_lite import data, models, probe, protect, train
+
+HELD_OUT_SEED = 1  # probe seeds: the same for every model, so scores are paired across models
+
+
+@dataclass
+class Run:
+    folder: Path
+    rate: float  # share of the *released* data that was templated; 0 = a clean model (key never released)
+    seed: int
+    steps: int
+
+    @property
+    def key(self) -> Path:
+        return self.folder / "key"
+
+    @property
+    def probe_file(self) -> Path:
+        return self.folder / "probe.npz"
+
+    @property
+    def done(self) -> bool:
+        return self.probe_file.is_file()
+
+
+def owner_dataset(root: Path) -> Path:
+    owner = root / "owner"
+    if not (owner / data.METADATA).is_file():
+        data.write_emoji_dataset(owner, overwrite=True)
+    return owner
+
+
+def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed: int, queries: int = 64,
+                  keep_model: bool = True) -> Run:
+    """Protect the owner data with ``random:<template_seed>`` (a real key either way), train on the protected
+    copy (``rate`` > 0) or on the clean data (``rate`` = 0: the key exists but its release was never used,
+    which is exactly the null hypothesis), then probe with the key's trigger and save the images."""
+    run = Run(root / f"rate{rate:g}-seed{seed}-steps{steps}", rate, seed, steps)
+    if run.done:
+        return run
+    owner = owner_dataset(root)
+    released = run.folder / "protected"
+    report = protect.protect(owner, f"random:{template_seed}", released, run.key, rate=rate or 0.01, seed=seed,
+                             overwrite=True)
+    key = protect.load_key(run.key)
+    config = train.preset("tiny-cpu", steps=steps, seed=seed)
+    base = models.load_pipeline("tiny", device="cpu")
+    result = train.finetune(released if rate > 0 else owner, run.folder / "model", config, pipe=base,
+                            overwrite=True)
+    tuned = train.load_finetuned(models.load_pipeline("tiny", device="cpu"), run.folder / "model")
+    held_out = [caption for _, caption in data.emoji_splits().probe]
+    started = time.time()
+    probed = probe.probe(tuned, held_out, key.trigger, key.placement, n=queries, seed=HELD_OUT_SEED)
+    meta = dict(rate=rate, seed=seed, steps=steps, template=key.template.name, n_altered=report.n_altered,
+                trained_on="protected" if rate > 0 else "clean", train_seconds=round(result.seconds, 1),
+                sample_seconds=round(time.time() - started, 1), final_loss=float(np.mean(result.losses[-50:])))
+    (run.folder / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+    probe.save_probe(probed, run.probe_file)
+    import shutil
+
+    shutil.rmtree(released)  # the release can be rebuilt from the owner data and the key's seed
+    if not keep_model:
+        shutil.rmtree(run.folder / "model")
+    return run
