@@ -14,7 +14,7 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).parent))
 from verification_runs import Run, owner_dataset  # noqa: E402
 
-from entruth_lite import audit, data, detect, models, probe, protect, templates, train, verify  # noqa: E402
+from entruth_lite import audit, data, detect, models, probe, protect, templates, train  # noqa: E402
 
 DECOYS = 999
 FPR = 0.05  # binomial tests: detector threshold at this false-positive rate on plain images
@@ -63,46 +63,34 @@ def run_scores(run: Run, negatives: tuple[list[str], list], reference: Run | Non
     names, images = negatives
     altered = set(key.files)
     plain = [image for name, image in zip(names, images) if name not in altered]
-    template = key.template
-    out = dict(
-        projection_trigger=detect.template_scores(probed.trigger_images, template),
-        projection_control=detect.template_scores(probed.control_images, template),
-        projection_negatives=detect.template_scores(plain, template),
-    )
-    out["decoy_released"], out["decoy_matrix"] = audit.decoy_differences(probed, template, DECOYS, key.key_sha256,
-                                                                         progress=False)
     clf_dir = run.folder / "classifier"
     if (clf_dir / "classifier.json").is_file():
         classifier = detect.load_classifier(clf_dir)
-    else:  # plain images are already VAE round trips, so no vae= here
-        classifier = detect.train_classifier(template, plain, detect.ClassifierConfig(seed=run.seed), progress=False)
+    else:  # the plain images are already VAE round trips, so no vae= here
+        classifier = detect.train_classifier(key.template, plain, detect.ClassifierConfig(seed=run.seed), progress=False)
         detect.save_classifier(classifier, clf_dir)
-    out["classifier_trigger"] = classifier.scores(probed.trigger_images)
-    out["classifier_control"] = classifier.scores(probed.control_images)
-    out["classifier_negatives"] = classifier.calibration_scores
+    reference_images = None
     if reference is not None and reference.done:
-        ref_images = _reference_probe(run, reference, probed.trigger_prompts, probed.seeds)
-        out["projection_reference"] = detect.template_scores(ref_images, template)
-        out["classifier_reference"] = classifier.scores(ref_images)
-    np.savez_compressed(cache, **out)
-    return out
+        reference_images = _reference_probe(run, reference, probed.trigger_prompts, probed.seeds)
+    scores = audit.score_probe(probed, key.template, DETECTORS, plain, classifier, reference_images, DECOYS,
+                               key.key_sha256, progress=False)
+    np.savez_compressed(cache, **scores)
+    return scores
 
 
 def p_values(scores: dict[str, np.ndarray], n: int) -> dict[str, float]:
     """p-value of every (method, detector) on the first ``n`` queries."""
     out = {}
     for detector in DETECTORS:
-        trig, ctrl = scores[f"{detector}_trigger"][:n], scores[f"{detector}_control"][:n]
-        negatives = scores[f"{detector}_negatives"]
-        out[f"paired ({detector})"] = verify.paired_test(trig, ctrl).p_value
-        threshold = verify.calibrate_threshold(negatives, FPR)
-        out[f"binomial ({detector})"] = verify.binomial_test(trig, threshold, negatives).p_value
-        out[f"one-query ({detector})"] = verify.one_query_test(trig, negatives).p_value
-        if f"{detector}_reference" in scores:
-            out[f"reference ({detector})"] = verify.reference_test(trig, scores[f"{detector}_reference"][:n]).p_value
-    released, decoys = scores["decoy_released"][:n].mean(), scores["decoy_matrix"][:, :n].mean(axis=1)
-    out["decoy (projection)"] = verify.decoy_test(released, decoys, n).p_value
+        methods = [m for m in METHODS if (m != "decoy" or detector == "projection")
+                   and (m != "reference" or f"{detector}_reference" in scores)]
+        for verdict in audit.verdicts_from_scores(scores, detector, methods, fpr=FPR, n=n):
+            name, det = verdict.method.split(" ", 1)
+            out[f"{_SHORT.get(name, name)} {det}"] = verdict.p_value
     return out
+
+
+_SHORT = {"paired-wilcoxon": "paired", "decoy-rank": "decoy", "reference-mannwhitney": "reference"}
 
 
 def _method_order(names) -> list[str]:

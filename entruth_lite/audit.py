@@ -87,21 +87,31 @@ def paired_projection_statistic(probed: ProbeResult, template: Template) -> floa
                          - detect.template_scores(probed.control_images, template)))
 
 
-def decoy_statistics(probed: ProbeResult, template: Template, k: int = 999, salt: str = "",
-                     work_size: int = 64, progress: bool = True) -> tuple[float, np.ndarray]:
-    """(released template's statistic, K decoys' statistics), all templates drawn at one working size (at
-    most ``work_size`` px) so that every template is scored the same way."""
+def decoy_differences(probed: ProbeResult, template: Template, k: int = 999, salt: str = "", work_size: int = 64,
+                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query (trigger - control) projection scores for the released template, shape (n,), and for K decoys
+    from its family, shape (K, n); all templates drawn at one working size (at most ``work_size`` px) so every
+    template is scored the same way. The decoy test ranks the means of the rows."""
     from tqdm.auto import tqdm
 
     size = min(template.size[0], work_size)
     released = random_template(random_seed_of(template), size)
     shrink = lambda images: [im if im.size == (size, size) else im.resize((size, size), Image.Resampling.BILINEAR)
                              for im in images]
-    small = ProbeResult(probed.captions, probed.trigger_prompts, probed.seeds, shrink(probed.trigger_images),
-                        shrink(probed.control_images))
+    trig, ctrl = shrink(probed.trigger_images), shrink(probed.control_images)
+
+    def differences(t: Template) -> np.ndarray:
+        return detect.template_scores(trig, t) - detect.template_scores(ctrl, t)
+
     decoys = decoy_templates(released, k, salt)
-    stats = [paired_projection_statistic(small, d) for d in tqdm(decoys, desc="decoys", disable=not progress)]
-    return paired_projection_statistic(small, released), np.asarray(stats)
+    return differences(released), np.stack([differences(d) for d in tqdm(decoys, desc="decoys", disable=not progress)])
+
+
+def decoy_statistics(probed: ProbeResult, template: Template, k: int = 999, salt: str = "",
+                     work_size: int = 64, progress: bool = True) -> tuple[float, np.ndarray]:
+    """(released template's statistic, K decoys' statistics): mean trigger-minus-control projection score."""
+    released, decoys = decoy_differences(probed, template, k, salt, work_size, progress)
+    return float(released.mean()), decoys.mean(axis=1)
 
 
 def detector_scores(images: Sequence[Image.Image], template: Template, detector: str,
@@ -113,6 +123,61 @@ def detector_scores(images: Sequence[Image.Image], template: Template, detector:
     return classifier.scores(images)
 
 
+def score_probe(probed: ProbeResult, template: Template, detectors: Sequence[str] = ("projection",),
+                negatives: Sequence[Image.Image] | None = None, classifier: detect.TemplateClassifier | None = None,
+                reference_images: Sequence[Image.Image] | None = None, decoys: int = 0, salt: str = "",
+                progress: bool = True) -> dict[str, np.ndarray]:
+    """Every per-image score the tests need, computed once: ``{detector}_trigger``, ``_control``,
+    ``_negatives`` (plain images: the projection scores of ``negatives``, or the classifier's calibration
+    scores), ``_reference`` (a clean model's trigger images), and ``decoy_released`` (n,) / ``decoy_matrix``
+    (K, n) when ``decoys`` > 0. Tests on any number of queries are then cheap (``verdicts_from_scores``)."""
+    out: dict[str, np.ndarray] = {}
+    for detector in detectors:
+        out[f"{detector}_trigger"] = detector_scores(probed.trigger_images, template, detector, classifier)
+        out[f"{detector}_control"] = detector_scores(probed.control_images, template, detector, classifier)
+        if detector == "classifier":
+            out["classifier_negatives"] = classifier.calibration_scores
+        elif negatives is not None and len(negatives):
+            out[f"{detector}_negatives"] = detect.template_scores(negatives, template)
+        if reference_images is not None:
+            out[f"{detector}_reference"] = detector_scores(reference_images, template, detector, classifier)
+    if decoys:
+        out["decoy_released"], out["decoy_matrix"] = decoy_differences(probed, template, decoys, salt, progress=progress)
+    return out
+
+
+def verdicts_from_scores(scores: dict[str, np.ndarray], detector: str = "projection",
+                         methods: Sequence[str] = ("paired", "decoy", "binomial", "one-query"), alpha: float = 0.01,
+                         fpr: float = 0.05, n: int | None = None) -> list[verify.Verdict]:
+    """The tests in ``methods`` on the first ``n`` queries (all by default) of precomputed scores."""
+    trig, ctrl = scores[f"{detector}_trigger"][:n], scores[f"{detector}_control"][:n]
+    negatives = scores.get(f"{detector}_negatives")
+    verdicts = []
+    for method in methods:
+        if method in ("binomial", "one-query") and negatives is None:
+            raise ValueError(f"the {method} test needs plain negative images (the owner's unaltered images)")
+        if method == "paired":
+            verdict = verify.paired_test(trig, ctrl, alpha)
+        elif method == "binomial":
+            verdict = verify.binomial_test(trig, verify.calibrate_threshold(negatives, fpr), negatives, alpha)
+        elif method == "one-query":
+            verdict = verify.one_query_test(trig, negatives, alpha)
+        elif method == "decoy":
+            if "decoy_matrix" not in scores:
+                raise ValueError("the decoy test needs decoy scores (score_probe with decoys > 0)")
+            released, matrix = scores["decoy_released"][:n], scores["decoy_matrix"][:, :n]
+            verdict = verify.decoy_test(float(released.mean()), matrix.mean(axis=1), len(trig), alpha)
+        elif method == "reference":
+            if f"{detector}_reference" not in scores:
+                raise ValueError("the reference test needs a probe of a clean reference model (--reference)")
+            verdict = verify.reference_test(trig, scores[f"{detector}_reference"][:n], alpha)
+        else:
+            raise ValueError(f"unknown verification method {method!r}: choose from {', '.join(METHODS)}")
+        verdict.method = f"{verdict.method} ({detector})"
+        verdicts.append(verdict)
+    return verdicts
+
+
 def evaluate(probed: ProbeResult, template: Template, config: AuditConfig | None = None,
              negatives: Sequence[Image.Image] | None = None, classifier: detect.TemplateClassifier | None = None,
              reference: ProbeResult | None = None, salt: str = "", progress: bool = True
@@ -121,38 +186,31 @@ def evaluate(probed: ProbeResult, template: Template, config: AuditConfig | None
     (VAE round trips of the owner's unaltered images) for the projection detector's threshold; the classifier
     brings its own calibration scores. ``reference``: the same probe on a clean reference model."""
     config = config or AuditConfig()
-    trig = detector_scores(probed.trigger_images, template, config.detector, classifier)
-    ctrl = detector_scores(probed.control_images, template, config.detector, classifier)
-    evidence = Evidence(config.detector, trig, ctrl)
-    needs_negatives = {"binomial", "one-query"} & set(config.methods)
-    if needs_negatives:
-        if config.detector == "classifier":
-            evidence.negative_scores = classifier.calibration_scores
-        elif negatives is None or len(negatives) == 0:
-            raise ValueError(f"{sorted(needs_negatives)} need plain negative images (the owner's unaltered images)")
-        else:
-            evidence.negative_scores = detect.template_scores(negatives, template)
-    verdicts = []
-    for method in config.methods:
-        if method == "paired":
-            verdicts.append(verify.paired_test(trig, ctrl, config.alpha))
-        elif method == "binomial":
-            evidence.threshold = verify.calibrate_threshold(evidence.negative_scores, config.fpr)
-            verdicts.append(verify.binomial_test(trig, evidence.threshold, evidence.negative_scores, config.alpha))
-        elif method == "one-query":
-            verdicts.append(verify.one_query_test(trig, evidence.negative_scores, config.alpha))
-        elif method == "decoy":
-            released, decoys = decoy_statistics(probed, template, config.decoys, salt, progress=progress)
-            evidence.released_statistic, evidence.decoy_statistics = released, decoys
-            verdicts.append(verify.decoy_test(released, decoys, len(trig), config.alpha))
-        elif method == "reference":
-            if reference is None:
-                raise ValueError("the reference test needs a probe of a clean reference model (--reference)")
-            evidence.reference_scores = detector_scores(reference.trigger_images, template, config.detector, classifier)
-            verdicts.append(verify.reference_test(trig, evidence.reference_scores, config.alpha))
-    for verdict in verdicts:
-        verdict.method = f"{verdict.method} ({config.detector})"
+    if "decoy" in config.methods:
+        random_seed_of(template)  # fail before any work when the template has no family
+    scores = score_probe(probed, template, (config.detector,), negatives, classifier,
+                         reference.trigger_images if reference is not None else None,
+                         config.decoys if "decoy" in config.methods else 0, salt, progress)
+    verdicts = verdicts_from_scores(scores, config.detector, config.methods, config.alpha, config.fpr)
+    d = config.detector
+    threshold = None
+    if "binomial" in config.methods:
+        threshold = verify.calibrate_threshold(scores[f"{d}_negatives"], config.fpr)
+    evidence = Evidence(d, scores[f"{d}_trigger"], scores[f"{d}_control"], scores.get(f"{d}_negatives"), threshold,
+                        scores.get(f"{d}_reference"),
+                        float(scores["decoy_released"].mean()) if "decoy_released" in scores else None,
+                        scores["decoy_matrix"].mean(axis=1) if "decoy_matrix" in scores else None)
     return verdicts, evidence
+
+
+def p_value_curve(scores: dict[str, np.ndarray], ns: Sequence[int], detector: str = "projection",
+                  methods: Sequence[str] = ("paired", "decoy", "binomial", "one-query"), fpr: float = 0.05) -> dict[str, list[float]]:
+    """p-value of each test on the first n queries, for each n in ``ns``: how many queries the evidence needs."""
+    curve: dict[str, list[float]] = {}
+    for n in ns:
+        for verdict in verdicts_from_scores(scores, detector, methods, fpr=fpr, n=n):
+            curve.setdefault(verdict.method, []).append(verdict.p_value)
+    return curve
 
 
 # ----------------------------------------------------------------------------- the full audit
