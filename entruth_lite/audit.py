@@ -213,6 +213,21 @@ def p_value_curve(scores: dict[str, np.ndarray], ns: Sequence[int], detector: st
     return curve
 
 
+def verdict_table(scores_by_model: dict[str, dict[str, np.ndarray]], detector: str = "projection",
+                  n: int | None = None, alpha: float = 0.01, fpr: float = 0.05,
+                  methods: Sequence[str] = ("paired", "decoy", "binomial", "one-query", "reference")) -> list[dict]:
+    """One row per (model, test) that the scores allow: what the notebook's table and widget show."""
+    rows = []
+    for model, scores in scores_by_model.items():
+        usable = [m for m in methods if (m != "decoy" or "decoy_matrix" in scores)
+                  and (m != "reference" or f"{detector}_reference" in scores)
+                  and (m not in ("binomial", "one-query") or f"{detector}_negatives" in scores)]
+        for v in verdicts_from_scores(scores, detector, usable, alpha, fpr, n):
+            rows.append(dict(model=model, test=v.method, queries=v.n_queries, flagged=v.detections,
+                             p_value=v.p_value, decision=v.decision))
+    return rows
+
+
 # ----------------------------------------------------------------------------- the full audit
 
 
@@ -368,33 +383,13 @@ def marked_grid(images: Sequence[Image.Image], flagged: Sequence[int], cols: int
 
 
 def score_histogram(evidence: Evidence):
-    import matplotlib.pyplot as plt
+    from .viz import plot_score_histograms
 
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    groups = [("trigger prompts", evidence.trigger_scores), ("control prompts", evidence.control_scores),
-              ("clean reference", evidence.reference_scores), ("plain images", evidence.negative_scores)]
-    values = np.concatenate([np.asarray(v, float) for _, v in groups if v is not None and len(v)])
-    bins = np.linspace(values.min(), values.max() + 1e-9, 30)
-    for label, v in groups:
-        if v is not None and len(v):
-            ax.hist(v, bins=bins, alpha=0.5, density=True, label=f"{label} (n={len(v)})")
-    if evidence.threshold is not None:
-        ax.axvline(evidence.threshold, color="k", ls="--", lw=1, label="threshold")
-    ax.set_xlabel(f"template score ({evidence.detector})")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=7)
-    return fig
-
-
-def decoy_histogram(evidence: Evidence):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 2.8))
-    ax.hist(evidence.decoy_statistics, bins=40, color="0.6", label=f"{len(evidence.decoy_statistics)} decoys")
-    ax.axvline(evidence.released_statistic, color="crimson", lw=2, label="released template")
-    ax.set_xlabel("mean trigger - control projection score")
-    ax.legend(fontsize=7)
-    return fig
+    groups = {"trigger prompts": evidence.trigger_scores, "control prompts": evidence.control_scores,
+              "clean reference": evidence.reference_scores, "plain images": evidence.negative_scores}
+    ax = plot_score_histograms({k: v for k, v in groups.items() if v is not None and len(v)}, evidence.threshold,
+                               f"template score ({evidence.detector})")
+    return ax.figure
 
 
 def render_report(result: AuditResult) -> str:
@@ -417,7 +412,10 @@ def render_report(result: AuditResult) -> str:
                      for part in ("base_files", "weight_files") for name, digest in result.model.get(part, {}).items())
     figures = [("Score distributions", _figure_uri(score_histogram(result.evidence)))]
     if result.evidence.decoy_statistics is not None:
-        figures.append(("Released template vs decoys", _figure_uri(decoy_histogram(result.evidence))))
+        from .viz import plot_decoys
+
+        ax = plot_decoys(result.evidence.released_statistic, result.evidence.decoy_statistics)
+        figures.append(("Released template vs decoys", _figure_uri(ax.figure)))
     figure_html = "".join(f"<h3>{t}</h3><img src='{u}'>" for t, u in figures)
     config = result.config
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>EnTruth audit</title>

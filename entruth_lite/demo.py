@@ -37,3 +37,26 @@ def release(runs: str | Path, rate: float = 0.01, template: str = "billboard", s
     if not current:
         protect.protect(owner, template, protected, key_dir, rate=rate, seed=seed, overwrite=True)
     return Release(owner=owner, protected=protected, key=key_dir)
+
+
+def finetuned(runs: str | Path, release: Release, config, pipe=None, progress: bool = True) -> dict[str, Path]:
+    """Weights of the demo's two fine-tunes, ``protected`` (on the release) and ``clean`` (on the owner's data),
+    under ``runs/models``: reused when an earlier run (notebook 02) used the same settings and the same data,
+    trained now otherwise."""
+    import json
+
+    from . import train
+
+    folders = {}
+    for name, data_dir in (("protected", release.protected), ("clean", release.owner)):
+        out = Path(runs) / "models" / name
+        try:
+            saved = train.TrainConfig(**json.loads((out / "train_config.json").read_text()))
+            trained_on = json.loads((out / "train_data.json").read_text())["sha256"]
+            current = saved.fingerprint() == config.fingerprint() and trained_on == train.dataset_fingerprint(data_dir)
+        except (FileNotFoundError, KeyError, TypeError, ValueError):
+            current = False
+        if not current:
+            train.finetune(data_dir, out, config, pipe=pipe, overwrite=True, progress=progress)
+        folders[name] = out
+    return folders

@@ -249,6 +249,15 @@ def save_lora(out: Path, unet, text_encoder=None) -> Path:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
+def dataset_fingerprint(folder: str | os.PathLike) -> str:
+    """SHA-256 over every file of an imagefolder (names and bytes): which data a model was trained on."""
+    digest = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def refuse_pickles(folder: Path) -> None:
     """A suspect's weights are untrusted: only safetensors are read, pickle files are refused outright."""
     folder = Path(folder)
@@ -435,8 +444,8 @@ def finetune(
 ) -> TrainResult:
     """Fine-tune a text-to-image model on an imagefolder, LoRA or full, as diffusers' training script does.
 
-    Writes ``out/pytorch_lora_weights.safetensors`` (LoRA) or ``out/unet/`` (full), ``out/train_config.json``
-    and ``out/loss_history.json``; checkpoints go to ``out/checkpoints/step-N`` every ``checkpoint_every``
+    Writes ``out/pytorch_lora_weights.safetensors`` (LoRA) or ``out/unet/`` (full), ``out/train_config.json``,
+    ``out/train_data.json`` (the data's fingerprint) and ``out/loss_history.json``; checkpoints go to ``out/checkpoints/step-N`` every ``checkpoint_every``
     steps. ``resume="latest"`` continues from the newest checkpoint with identical results on the CPU.
     ``pipe`` (optional) is a loaded base pipeline; it is not modified. ``on_step(step, loss)`` is called
     after every optimizer step. ``device="cpu"`` keeps a run on the CPU when a GPU is present.
@@ -591,6 +600,8 @@ def finetune(
         else:
             _atomic_write_dir(out / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
         (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        (out / "train_data.json").write_text(json.dumps({"data": str(Path(data).resolve()),
+                                                          "sha256": dataset_fingerprint(data)}, indent=2) + "\n")
         (out / "loss_history.json").write_text(json.dumps(losses) + "\n")
     return TrainResult(out=out, config=config, losses=losses, seconds=time.time() - started,
                        trainable_parameters=n_trainable, resumed_from=start_step)

@@ -126,3 +126,13 @@ def decoy_test(released_statistic: float, decoy_statistics, n_queries: int, alph
     at_least = int((decoys >= released_statistic).sum())
     p = (1.0 + at_least) / (len(decoys) + 1.0)
     return Verdict("decoy-rank", n_queries, None, float(released_statistic), p, alpha, p < alpha, [])
+
+
+def roc_curve(positive_scores, negative_scores) -> tuple[np.ndarray, np.ndarray, float]:
+    """(false-positive rates, true-positive rates, AUC) over every threshold; AUC counts ties as half."""
+    positive, negative = _scores(positive_scores, "positive_scores"), _scores(negative_scores, "negative_scores")
+    thresholds = np.unique(np.concatenate([positive, negative]))[::-1]
+    tpr = np.concatenate([[0.0], [(positive >= t).mean() for t in thresholds]])
+    fpr = np.concatenate([[0.0], [(negative >= t).mean() for t in thresholds]])
+    auc = float(stats.mannwhitneyu(positive, negative).statistic / (len(positive) * len(negative)))
+    return fpr, tpr, auc

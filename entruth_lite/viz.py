@@ -68,3 +68,68 @@ def show_image(image: Image.Image, title: str | None = None, width: float = 8.0)
     if title:
         plt.title(title)
     plt.show()
+
+
+def plot_score_histograms(groups: dict, threshold: float | None = None, xlabel: str = "template score", ax=None):
+    """Overlaid density histograms of score groups (e.g. trigger vs control prompts, per model)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.2))
+    values = np.concatenate([np.asarray(v, float) for v in groups.values()])
+    bins = np.linspace(values.min(), values.max() + 1e-9, 30)
+    for label, v in groups.items():
+        ax.hist(v, bins=bins, alpha=0.45, density=True, label=f"{label} (n={len(v)})")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", lw=1, label="threshold")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_roc(curves: dict, ax=None):
+    """ROC curves: ``{label: (fpr, tpr, auc)}`` as ``verify.roc_curve`` returns them."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.8, 3.6))
+    for label, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{label} (AUC {auc:.2f})")
+    ax.plot([0, 1], [0, 1], color="0.7", lw=1, ls=":")
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_p_curve(ns, curves: dict, alpha: float = 0.01, ax=None):
+    """p-value against the number of queries, one line per test (``audit.p_value_curve``)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.4))
+    for label, p in curves.items():
+        ax.plot(ns, p, marker="o", label=label)
+    ax.axhline(alpha, color="crimson", ls="--", lw=1, label=f"alpha = {alpha:g}")
+    ax.set(xscale="log", yscale="log", xlabel="trigger queries", ylabel="p-value")
+    ax.set_xticks(list(ns), [str(n) for n in ns])
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_decoys(released: float, decoys, ax=None):
+    """The decoy test in one picture: the released template's statistic among the decoys'."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 2.8))
+    decoys = np.asarray(decoys)
+    ax.hist(decoys, bins=40, color="0.6", label=f"{len(decoys)} decoy templates (never released)")
+    ax.axvline(released, color="crimson", lw=2, label="released template")
+    ax.set_xlabel("mean trigger - control projection score")
+    ax.set_ylabel("templates")
+    ax.legend(fontsize=7)
+    return ax

@@ -142,3 +142,34 @@ def test_cli_audit_refuses_pickled_weights(suspect, tmp_path, capsys):
     (bad / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not really a pickle")
     assert cli.main(["audit", "--weights", str(bad), "--key", str(suspect / "key"), "--queries", "2"]) == 2
     assert "pickle" in capsys.readouterr().err
+
+
+def test_verdict_table_and_p_value_curve_from_stored_scores(plain):
+    probed = _probe(_blend(plain[:32], TEMPLATE, 0.5), plain[32:64])
+    scores = {"suspect": audit.score_probe(probed, TEMPLATE, ("projection",), plain[64:], decoys=99, progress=False),
+              "no negatives": audit.score_probe(probed, TEMPLATE, ("projection",), progress=False)}
+    rows = audit.verdict_table(scores, "projection", n=8, alpha=0.05)
+    assert {r["test"].split(" ")[0] for r in rows if r["model"] == "suspect"} == {
+        "paired-wilcoxon", "decoy-rank", "binomial", "one-query"}
+    assert [r["test"] for r in rows if r["model"] == "no negatives"] == ["paired-wilcoxon (projection)"]
+    assert all(r["queries"] == 8 for r in rows)
+    curve = audit.p_value_curve(scores["suspect"], [4, 8, 32], methods=("paired", "decoy"))
+    paired = curve["paired-wilcoxon (projection)"]
+    assert len(paired) == 3 and paired[2] < paired[0], "more queries, stronger evidence"
+    assert curve["decoy-rank (projection)"][2] == pytest.approx(0.01)
+
+
+def test_plots_draw_what_they_are_given(plain):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from entruth_lite import verify, viz
+
+    ax = viz.plot_score_histograms({"a": np.arange(5.0), "b": np.arange(3.0)}, threshold=2.0)
+    assert len(ax.get_legend().get_texts()) == 3
+    ax = viz.plot_roc({"x": verify.roc_curve([1.0, 2.0], [0.0, 1.5])})
+    assert "AUC 0.75" in ax.get_legend().get_texts()[0].get_text()
+    ax = viz.plot_p_curve([4, 8], {"t": [0.1, 0.001]}, alpha=0.01)
+    assert len(ax.get_lines()) == 2
+    ax = viz.plot_decoys(1.0, np.zeros(10))
+    assert len(ax.patches) > 0

@@ -44,3 +44,13 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     result = notebooks.run_notebook(path, tmp_path, smoke=True, timeout=900)
     assert result.output.is_file()
     assert not notebooks.notebooks_with_outputs(), "running must not write outputs into the committed notebook"
+
+
+def test_runs_dir_keeps_smoke_runs_apart(monkeypatch, tmp_path):
+    monkeypatch.delenv(notebooks.RUNS_ENV, raising=False)
+    monkeypatch.setenv(notebooks.SMOKE_ENV, "1")
+    assert notebooks.runs_dir() == notebooks.Path("../runs/smoke")
+    monkeypatch.setenv(notebooks.SMOKE_ENV, "0")
+    assert notebooks.runs_dir() == notebooks.Path("../runs")
+    monkeypatch.setenv(notebooks.RUNS_ENV, str(tmp_path))
+    assert notebooks.runs_dir() == tmp_path

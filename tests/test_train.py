@@ -201,3 +201,33 @@ def test_mixed_precision_needs_a_gpu(dataset, base, tmp_path):
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         train.finetune(dataset, tmp_path / "fp16", lora_config(mixed_precision="fp16"), pipe=base,
                        progress=False, device="cpu")
+
+
+def test_finetune_records_which_data_it_saw(dataset, base, tmp_path):
+    train.finetune(dataset, tmp_path / "m", lora_config(steps=1), pipe=base, progress=False)
+    record = json.loads((tmp_path / "m" / "train_data.json").read_text())
+    assert record["sha256"] == train.dataset_fingerprint(dataset)
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(dataset, copy)
+    assert train.dataset_fingerprint(copy) == record["sha256"]
+    lines = (copy / "metadata.jsonl").read_text().splitlines()
+    (copy / "metadata.jsonl").write_text("\n".join(lines[1:] + lines[:1]) + "\n")
+    assert train.dataset_fingerprint(copy) != record["sha256"]
+
+
+def test_demo_models_are_reused_only_when_settings_and_data_match(dataset, base, tmp_path, monkeypatch):
+    from entruth_lite import demo
+
+    release = demo.Release(owner=dataset, protected=dataset, key=tmp_path / "unused")
+    calls = []
+    real = train.finetune
+    monkeypatch.setattr(train, "finetune", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    config = lora_config(steps=1)
+    folders = demo.finetuned(tmp_path, release, config, pipe=base, progress=False)
+    assert set(folders) == {"protected", "clean"} and len(calls) == 2
+    demo.finetuned(tmp_path, release, config, pipe=base, progress=False)
+    assert len(calls) == 2, "same settings, same data: reused"
+    demo.finetuned(tmp_path, release, lora_config(steps=2), pipe=base, progress=False)
+    assert len(calls) == 4, "other settings: trained again"

@@ -92,3 +92,11 @@ def test_decoy_test_is_exact_under_exchangeability_and_detects_a_standout():
     assert verify.decoy_test(5.0, rng.normal(size=999), n_queries=64).p_value == pytest.approx(1e-3)
     tie = verify.decoy_test(1.0, [1.0, 0.0, 0.0], n_queries=4)
     assert tie.p_value == 0.5  # ties count against the owner
+
+
+def test_roc_curve_and_auc():
+    fpr, tpr, auc = verify.roc_curve([3.0, 4.0, 5.0], [0.0, 1.0, 2.0])
+    assert auc == 1.0 and tpr[-1] == 1.0 and fpr[-1] == 1.0 and np.all(np.diff(fpr) >= 0)
+    assert verify.roc_curve([1.0, 1.0], [1.0, 1.0])[2] == 0.5
+    _, _, mixed = verify.roc_curve([0.0, 2.0], [1.0, 3.0])
+    assert mixed == 0.25
