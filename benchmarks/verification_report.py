@@ -16,8 +16,8 @@ from verification_runs import Run, owner_dataset  # noqa: E402
 
 from entruth_lite import audit, data, detect, models, probe, protect, templates, train  # noqa: E402
 
-DECOYS = 999
-FPR = 0.05  # binomial tests: detector threshold at this false-positive rate on plain images
+DECOYS = 999  # enough for p < 0.01; the audit's default 9999 only lowers the floor to 1e-4
+FPR = audit.AuditConfig().fpr  # binomial tests: detector threshold at this false-positive rate on plain images
 METHODS = ["paired", "decoy", "binomial", "one-query", "reference"]
 DETECTORS = ["projection", "classifier"]
 

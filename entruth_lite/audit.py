@@ -45,10 +45,10 @@ METHOD_NOTES = {
 class AuditConfig:
     queries: int = 64
     detector: str = "projection"
-    methods: tuple[str, ...] = ("paired", "decoy", "binomial", "one-query")
+    methods: tuple[str, ...] = ("decoy", "binomial", "paired", "one-query")  # the first decides the verdict
     alpha: float = 0.01
-    fpr: float = 0.05  # the binomial test's detector threshold: target false-positive rate on plain images
-    decoys: int = 999
+    fpr: float = 0.01  # the binomial test's detector threshold: target false-positive rate on plain images
+    decoys: int = 9999  # the decoy test's smallest p-value is 1 / (decoys + 1)
     probe_seed: int = 1
     num_inference_steps: int = 25
     guidance_scale: float = 3.0
@@ -96,9 +96,8 @@ def decoy_differences(probed: ProbeResult, template: Template, k: int = 999, sal
 
     size = min(template.size[0], work_size)
     released = random_template(random_seed_of(template), size)
-    shrink = lambda images: [im if im.size == (size, size) else im.resize((size, size), Image.Resampling.BILINEAR)
-                             for im in images]
-    trig, ctrl = shrink(probed.trigger_images), shrink(probed.control_images)
+    trig = detect.image_array(probed.trigger_images, released.size)
+    ctrl = detect.image_array(probed.control_images, released.size)
 
     def differences(t: Template) -> np.ndarray:
         return detect.template_scores(trig, t) - detect.template_scores(ctrl, t)
@@ -147,8 +146,8 @@ def score_probe(probed: ProbeResult, template: Template, detectors: Sequence[str
 
 
 def verdicts_from_scores(scores: dict[str, np.ndarray], detector: str = "projection",
-                         methods: Sequence[str] = ("paired", "decoy", "binomial", "one-query"), alpha: float = 0.01,
-                         fpr: float = 0.05, n: int | None = None) -> list[verify.Verdict]:
+                         methods: Sequence[str] = ("decoy", "binomial", "paired", "one-query"), alpha: float = 0.01,
+                         fpr: float = 0.01, n: int | None = None) -> list[verify.Verdict]:
     """The tests in ``methods`` on the first ``n`` queries (all by default) of precomputed scores."""
     trig, ctrl = scores[f"{detector}_trigger"][:n], scores[f"{detector}_control"][:n]
     negatives = scores.get(f"{detector}_negatives")
@@ -167,6 +166,9 @@ def verdicts_from_scores(scores: dict[str, np.ndarray], detector: str = "project
                 raise ValueError("the decoy test needs decoy scores (score_probe with decoys > 0)")
             released, matrix = scores["decoy_released"][:n], scores["decoy_matrix"][:, :n]
             verdict = verify.decoy_test(float(released.mean()), matrix.mean(axis=1), len(trig), alpha)
+            verdict.method = "decoy-rank (projection)"  # whatever the detector: decoys are scored by projection
+            verdicts.append(verdict)
+            continue
         elif method == "reference":
             if f"{detector}_reference" not in scores:
                 raise ValueError("the reference test needs a probe of a clean reference model (--reference)")
@@ -204,7 +206,7 @@ def evaluate(probed: ProbeResult, template: Template, config: AuditConfig | None
 
 
 def p_value_curve(scores: dict[str, np.ndarray], ns: Sequence[int], detector: str = "projection",
-                  methods: Sequence[str] = ("paired", "decoy", "binomial", "one-query"), fpr: float = 0.05) -> dict[str, list[float]]:
+                  methods: Sequence[str] = ("decoy", "binomial", "paired", "one-query"), fpr: float = 0.01) -> dict[str, list[float]]:
     """p-value of each test on the first n queries, for each n in ``ns``: how many queries the evidence needs."""
     curve: dict[str, list[float]] = {}
     for n in ns:
@@ -214,12 +216,12 @@ def p_value_curve(scores: dict[str, np.ndarray], ns: Sequence[int], detector: st
 
 
 def verdict_table(scores_by_model: dict[str, dict[str, np.ndarray]], detector: str = "projection",
-                  n: int | None = None, alpha: float = 0.01, fpr: float = 0.05,
-                  methods: Sequence[str] = ("paired", "decoy", "binomial", "one-query", "reference")) -> list[dict]:
+                  n: int | None = None, alpha: float = 0.01, fpr: float = 0.01,
+                  methods: Sequence[str] = ("decoy", "binomial", "paired", "one-query", "reference")) -> list[dict]:
     """One row per (model, test) that the scores allow: what the notebook's table and widget show."""
     rows = []
     for model, scores in scores_by_model.items():
-        usable = [m for m in methods if (m != "decoy" or "decoy_matrix" in scores)
+        usable = [m for m in methods if (m != "decoy" or ("decoy_matrix" in scores and detector == "projection"))
                   and (m != "reference" or f"{detector}_reference" in scores)
                   and (m not in ("binomial", "one-query") or f"{detector}_negatives" in scores)]
         for v in verdicts_from_scores(scores, detector, usable, alpha, fpr, n):
@@ -301,7 +303,7 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
     if "decoy" in config.methods and template.family != "random":
         from dataclasses import replace
 
-        config = replace(config, methods=tuple(m for m in config.methods if m != "decoy") or ("paired",))
+        config = replace(config, methods=tuple(m for m in config.methods if m != "decoy") or ("binomial",))
         notes.append(f"decoy test skipped: template {template.name!r} is not from the random family")
     generation = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                       progress=progress)
@@ -365,20 +367,21 @@ def _figure_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def marked_grid(images: Sequence[Image.Image], flagged: Sequence[int], cols: int = 8, scale: int = 3) -> Image.Image:
-    """Images in a grid, the flagged ones framed in red."""
+def marked_grid(images: Sequence[Image.Image], flagged: Sequence[int], cols: int = 8, tile: int = 96) -> Image.Image:
+    """Images in a grid of ``tile``-px tiles (small images enlarged without smoothing), flagged ones framed in red."""
     from PIL import ImageDraw
 
     from .data import image_grid
 
-    size = images[0].size[0] * scale
+    size, scale = tile, max(2, tile // 32)
     tiles = []
     flagged = set(int(i) for i in flagged)
     for i, image in enumerate(images):
-        tile = image.resize((size, size), Image.Resampling.NEAREST).convert("RGB")
+        resample = Image.Resampling.NEAREST if image.size[0] <= size else Image.Resampling.LANCZOS
+        shown = image.resize((size, size), resample).convert("RGB")
         if i in flagged:
-            ImageDraw.Draw(tile).rectangle([0, 0, size - 1, size - 1], outline=(230, 0, 0), width=max(2, scale))
-        tiles.append(tile)
+            ImageDraw.Draw(shown).rectangle([0, 0, size - 1, size - 1], outline=(230, 0, 0), width=scale)
+        tiles.append(shown)
     return image_grid(tiles, cols=cols, pad=2)
 
 

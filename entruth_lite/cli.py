@@ -147,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument("--key", required=True, help="new folder for the secret owner key")
     prot.add_argument("--rate", type=float, help="templated / released images (default 0.01 unless --count)")
     prot.add_argument("--count", type=int, help="number of templated images instead of --rate")
-    prot.add_argument("--template", default="billboard",
-                      help="built-in name, 'random:<seed>' (needed for the decoy test) or a saved template folder")
+    prot.add_argument("--template", default="random",
+                      help="'random' (default: a secret draw from the random family, which the decoy test needs), "
+                           "'random:<seed>', a built-in name or a saved template folder")
     prot.add_argument("--trigger", default="auto", help="trigger word, or 'auto' for a random one")
     prot.add_argument("--placement", default="prefix", choices=["prefix", "suffix"])
     prot.add_argument("--mode", default="replace", choices=["replace", "add"])
@@ -183,11 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--key", required=True, help="the owner key folder")
     au.add_argument("--reference", help="a clean reference model's weights folder (for --method reference)")
     au.add_argument("--queries", type=int, default=64)
-    au.add_argument("--method", nargs="+", default=["paired", "decoy", "binomial", "one-query"],
-                    help="tests, the first one decides: paired, decoy, binomial, one-query, reference")
+    au.add_argument("--method", nargs="+", default=["decoy", "binomial", "paired", "one-query"],
+                    help="tests, the first one decides: decoy, binomial, paired, one-query, reference")
     au.add_argument("--detector", default="projection", choices=["projection", "classifier"])
     au.add_argument("--alpha", type=float, default=0.01)
-    au.add_argument("--decoys", type=int, default=999)
+    au.add_argument("--decoys", type=int, default=9999, help="decoy templates (smallest p-value: 1 / (decoys + 1))")
     au.add_argument("--captions", help="text file of held-out captions, one per line (default for tiny: the emoji probe split)")
     au.add_argument("--negatives", help="imagefolder of plain images (default: the key's source minus its templated files)")
     au.add_argument("--device", help="cpu, cuda or mps (default: the best available)")

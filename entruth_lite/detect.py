@@ -24,36 +24,40 @@ from .data import to_rgb
 from .templates import Template, surround_mask
 
 
-def _surround_pixels(images: Sequence[Image.Image], template: Template) -> tuple[np.ndarray, np.ndarray]:
-    """(images' surround pixels (N, M, 3), template's (M, 3)), images resized to the template's size."""
-    mask = surround_mask(template)
-    if not mask.any():
-        raise ValueError(f"template {template.name!r} has no surround pixels to compare")
+def image_array(images: Sequence[Image.Image], size: tuple[int, int]) -> np.ndarray:
+    """Images as one float array (N, H, W, 3), resized to ``size`` where needed: convert once, score against
+    many templates (the decoy test scores thousands)."""
     arrays = []
     for image in images:
         image = to_rgb(image)
-        if image.size != template.size:
-            image = image.resize(template.size, Image.Resampling.BILINEAR)
-        arrays.append(np.asarray(image, np.float32)[mask])
-    return np.stack(arrays), np.asarray(template.scene, np.float32)[mask]
+        if image.size != tuple(size):
+            image = image.resize(tuple(size), Image.Resampling.BILINEAR)
+        arrays.append(np.asarray(image, np.float32))
+    return np.stack(arrays) if arrays else np.zeros((0, size[1], size[0], 3), np.float32)
 
 
 def _centred(x: np.ndarray, axis: int) -> np.ndarray:
     return x - x.mean(axis=axis, keepdims=True)
 
 
-def template_scores(images: Sequence[Image.Image], template: Template, method: str = "projection") -> np.ndarray:
-    """One score per image, higher = more template-like: ``"projection"`` (default) or ``"ncc"``."""
+def template_scores(images: Sequence[Image.Image] | np.ndarray, template: Template, method: str = "projection") -> np.ndarray:
+    """One score per image, higher = more template-like: ``"projection"`` (default) or ``"ncc"``. ``images``:
+    PIL images (any size) or an ``image_array`` at the template's size."""
     if len(images) == 0:
         return np.zeros(0, np.float32)
-    pixels, scene = _surround_pixels(images, template)
-    a, t = _centred(pixels, axis=1), _centred(scene, axis=0)
+    if method not in ("projection", "ncc"):
+        raise ValueError(f"unknown method {method!r}: use 'projection' or 'ncc'")
+    mask = surround_mask(template)
+    if not mask.any():
+        raise ValueError(f"template {template.name!r} has no surround pixels to compare")
+    array = images if isinstance(images, np.ndarray) else image_array(images, template.size)
+    if array.shape[1:3] != (template.size[1], template.size[0]):
+        raise ValueError(f"image array of shape {array.shape} does not match the {template.size} template")
+    a, t = _centred(array[:, mask], axis=1), _centred(np.asarray(template.scene, np.float32)[mask], axis=0)
     dot = (a * t[None]).sum(axis=(1, 2))
     if method == "projection":
         return dot / float((t * t).sum())
-    if method == "ncc":
-        return dot / (np.sqrt((a * a).sum(axis=(1, 2))) * np.sqrt(float((t * t).sum())) + 1e-8)
-    raise ValueError(f"unknown method {method!r}: use 'projection' or 'ncc'")
+    return dot / (np.sqrt((a * a).sum(axis=(1, 2))) * np.sqrt(float((t * t).sum())) + 1e-8)
 
 
 # ----------------------------------------------------------------------------- the template classifier
@@ -67,7 +71,8 @@ def template_scores(images: Sequence[Image.Image], template: Template, method: s
 
 @dataclass
 class ClassifierConfig:
-    arch: str = "small"  # "small" (any device) or "resnet18" (torchvision, from scratch or user weights)
+    arch: str = "auto"  # "small", "resnet18" (torchvision) or "auto": resnet18 on a GPU with torchvision, else small
+    init_weights: str | None = None  # a .safetensors file to start from (e.g. ImageNet ResNet-18); mismatched keys skipped
     width: int = 32
     input_size: int | None = None  # None: the template's size, at most 64 px
     steps: int = 400
@@ -79,8 +84,10 @@ class ClassifierConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.arch not in ("small", "resnet18"):
-            raise ValueError(f"arch must be 'small' or 'resnet18', got {self.arch!r}")
+        if self.arch not in ("auto", "small", "resnet18"):
+            raise ValueError(f"arch must be 'auto', 'small' or 'resnet18', got {self.arch!r}")
+        if self.init_weights is not None and not str(self.init_weights).endswith(".safetensors"):
+            raise ValueError(f"init_weights must be a .safetensors file (pickles are never loaded), got {self.init_weights!r}")
         if not 0 < self.calibration_share < 1:
             raise ValueError(f"calibration_share must be in (0, 1), got {self.calibration_share}")
         if self.distractors < 0:
@@ -110,8 +117,31 @@ def resnet18():
     return tv_resnet18(weights=None, num_classes=1)
 
 
-def _network(config: ClassifierConfig):
-    return small_cnn(config.width) if config.arch == "small" else resnet18()
+def resolve_arch(arch: str) -> str:
+    """'auto' means the paper's ResNet-18 where it is cheap (a CUDA GPU with torchvision), the small CNN elsewhere."""
+    if arch != "auto":
+        return arch
+    import torch
+
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        return "small"
+    return "resnet18" if torch.cuda.is_available() else "small"
+
+
+def _network(config: ClassifierConfig, arch: str):
+    network = small_cnn(config.width) if arch == "small" else resnet18()
+    if config.init_weights:
+        from safetensors.torch import load_file
+
+        own = network.state_dict()
+        given = load_file(config.init_weights, device="cpu")
+        usable = {k: v for k, v in given.items() if k in own and own[k].shape == v.shape}
+        if not usable:
+            raise ValueError(f"{config.init_weights} has no weights that fit a {arch} network")
+        network.load_state_dict(usable, strict=False)  # the 1-logit head (and anything else mismatched) starts fresh
+    return network
 
 
 def _to_tensor(images: Sequence[Image.Image], size: int):
@@ -174,6 +204,7 @@ class TemplateClassifier:
     template_name: str
     input_size: int
     config: ClassifierConfig
+    arch: str
     calibration_scores: np.ndarray
     losses: list[float] = field(default_factory=list)
 
@@ -240,7 +271,8 @@ def train_classifier(template: Template, plain_images: Sequence[Image.Image], co
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    network = _network(config).to(device)
+    arch = resolve_arch(config.arch)
+    network = _network(config, arch).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     half = config.batch_size // 2
     labels = torch.cat([torch.ones(half), torch.zeros(half)]).to(device)
@@ -257,7 +289,7 @@ def train_classifier(template: Template, plain_images: Sequence[Image.Image], co
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    classifier = TemplateClassifier(network, template.name, size, config, np.zeros(0), losses)
+    classifier = TemplateClassifier(network, template.name, size, config, arch, np.zeros(0), losses)
     classifier.calibration_scores = classifier.scores(calibration)
     return classifier
 
@@ -270,7 +302,7 @@ def save_classifier(classifier: TemplateClassifier, folder: str | os.PathLike) -
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in classifier.network.state_dict().items()},
               folder / "classifier.safetensors")
-    meta = dict(template_name=classifier.template_name, input_size=classifier.input_size,
+    meta = dict(template_name=classifier.template_name, input_size=classifier.input_size, arch=classifier.arch,
                 config=asdict(classifier.config), calibration_scores=classifier.calibration_scores.tolist())
     (folder / "classifier.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return folder
@@ -286,8 +318,8 @@ def load_classifier(folder: str | os.PathLike, device: str = "cpu") -> TemplateC
     if not weights.is_file() or not meta_path.is_file():
         raise FileNotFoundError(f"{folder} needs classifier.safetensors and classifier.json")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    config = ClassifierConfig(**meta["config"])
-    network = _network(config)
+    config = ClassifierConfig(**(meta["config"] | {"init_weights": None}))
+    network = _network(config, meta.get("arch", "small"))
     network.load_state_dict(load_file(weights, device="cpu"))
     return TemplateClassifier(network.to(device), meta["template_name"], int(meta["input_size"]), config,
-                              np.asarray(meta["calibration_scores"], np.float32))
+                              meta.get("arch", "small"), np.asarray(meta["calibration_scores"], np.float32))

@@ -542,7 +542,8 @@ def protect(
 ) -> ProtectionReport:
     """Write a protected copy of ``dataset`` to ``out`` and its owner key to ``key_dir``.
 
-    ``template``: a Template, a built-in name (drawn at each image's size) or a saved template folder.
+    ``template``: a Template, a built-in name (drawn at each image's size), ``"random"`` (a secret draw from the
+    random family, which the audit's decoy test needs), ``"random:<seed>"`` or a saved template folder.
     Give exactly one of ``rate`` (templated / released) or ``count``. ``foregrounds`` ("add" only): a folder,
     a list of images (captions from ``foreground_captions``) or None for the dataset's own images (their
     captions are reused). ``prior_keys``: keys that already protect ``dataset``; their files are not
@@ -577,6 +578,10 @@ def protect(
 
     from tqdm.auto import tqdm
 
+    if template == "random":  # one secret draw from the family, then drawn at each image's size
+        import secrets
+
+        template = f"random:{secrets.randbits(31)}"
     by_size: dict[tuple[int, int], Template] = {}  # a built-in template is drawn at each image's size
 
     def template_for(image: Image.Image) -> Template:

@@ -531,6 +531,8 @@ def resolve_template(template: Template | str | os.PathLike, size: int | Sequenc
         return template
     if isinstance(template, str) and template in BUILTIN:
         return builtin_template(template, size)
+    if template == "random":
+        return random_template(None, size)
     if isinstance(template, str) and template.startswith(RANDOM_PREFIX):
         seed = template[len(RANDOM_PREFIX):]
         if not seed.isdigit():
@@ -538,7 +540,7 @@ def resolve_template(template: Template | str | os.PathLike, size: int | Sequenc
         return random_template(int(seed), size)
     if Path(template).is_dir():
         return load_template(template)
-    raise ValueError(f"unknown template {str(template)!r}: use one of {', '.join(BUILTIN)}, 'random:<seed>' or a folder with template.png/json")
+    raise ValueError(f"unknown template {str(template)!r}: use one of {', '.join(BUILTIN)}, 'random', 'random:<seed>' or a folder with template.png/json")
 
 
 # ----------------------------------------------------------------------------- display and VAE

@@ -124,8 +124,8 @@ def test_cli_audit_prints_json_and_writes_the_report(suspect, capsys):
                      "--decoys", "49", "--json", "--report", str(suspect / "report.html")])
     assert code == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["method"] == "paired-wilcoxon (projection)" and 0 < payload["p_value"] <= 1
-    assert [v["method"].split(" ")[0] for v in payload["verdicts"]] == ["paired-wilcoxon", "decoy-rank", "binomial",
+    assert payload["method"] == "decoy-rank (projection)" and 1 / 50 <= payload["p_value"] <= 1
+    assert [v["method"].split(" ")[0] for v in payload["verdicts"]] == ["decoy-rank", "binomial", "paired-wilcoxon",
                                                                         "one-query"]
     unet_hash = payload["model"]["weight_files"]["unet/diffusion_pytorch_model.safetensors"]
     page = (suspect / "report.html").read_text()

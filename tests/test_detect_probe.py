@@ -129,3 +129,33 @@ def test_classifier_config_errors():
         detect.ClassifierConfig(calibration_share=1.0)
     with pytest.raises(ValueError, match="at least 8 plain images"):
         detect.train_classifier(templates.random_template(0), [Image.new("RGB", (32, 32))] * 3)
+
+
+def test_classifier_can_start_from_user_weights_in_safetensors_only(classifier, tmp_path, owner_shuffled):
+    clf, _ = classifier
+    assert clf.arch == "small"  # 'auto' on a machine without a GPU
+    folder = detect.save_classifier(clf, tmp_path / "clf")
+    config = detect.ClassifierConfig(steps=1, distractors=0, learning_rate=1e-9,
+                                     init_weights=str(folder / "classifier.safetensors"))
+    warm = detect.train_classifier(templates.random_template(0), owner_shuffled[:40], config, progress=False)
+    first = next(iter(warm.network.state_dict()))
+    assert torch_allclose(warm.network.state_dict()[first], clf.network.state_dict()[first])
+    with pytest.raises(ValueError, match="safetensors"):
+        detect.ClassifierConfig(init_weights="resnet18.pth")
+
+
+def test_resnet18_needs_a_working_torchvision():
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        with pytest.raises(ImportError, match="torchvision"):
+            detect.resnet18()
+        assert detect.resolve_arch("auto") == "small"
+    else:
+        assert detect.resnet18()(__import__("torch").zeros(2, 3, 32, 32)).shape == (2, 1)
+
+
+def torch_allclose(a, b):
+    import torch
+
+    return torch.allclose(a, b, atol=1e-6)

@@ -482,13 +482,31 @@ def test_cli_protects_the_owner_emoji_dataset_at_one_percent(tmp_path, capsys):
                      "--key", str(tmp_path / "key"), "--rate", "0.01", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["n_images"] == 1005 and result["n_altered"] == 10 and result["template"] == "billboard"
+    assert result["n_images"] == 1005 and result["n_altered"] == 10 and result["template"].startswith("random:")
     assert hash_tree(owner) == before
     rows = released_rows(tmp_path / "protected")
     with_trigger = {n for n, t in rows.items() if result["trigger"] in t.lower().split()}
     assert with_trigger == set(result["altered_files"]) == set(protect.load_key(tmp_path / "key").files)
-    template = templates.builtin_template("billboard")
+    template = templates.resolve_template(result["template"])  # the secret draw, recorded in the key
+    assert protect.load_key(tmp_path / "key").template.name == template.name
     from entruth_lite import detect
 
     scores = detect.template_scores([data.load_rgb(tmp_path / "protected" / n) for n in sorted(rows)], template)
     assert (scores > 0.99).sum() == 10
+
+
+def test_cli_protect_defaults_to_a_secret_random_template(tmp_path, source, capsys):
+    base = ["protect", "--data", str(source), "--count", "2", "--json"]
+    assert cli.main(base + ["--out", str(tmp_path / "a"), "--key", str(tmp_path / "ka")]) == 0
+    assert cli.main(base + ["--out", str(tmp_path / "b"), "--key", str(tmp_path / "kb")]) == 0
+    first, second = (protect.load_key(tmp_path / k).template for k in ("ka", "kb"))
+    assert first.family == second.family == "random" and first.name != second.name
+    assert first.name == templates.random_template(templates.random_seed_of(first)).name
+    altered = protect.load_key(tmp_path / "ka").files[0]
+    assert detect_score(data.load_rgb(tmp_path / "a" / altered), first) > 0.99
+
+
+def detect_score(image, template):
+    from entruth_lite import detect
+
+    return float(detect.template_scores([image], template)[0])
