@@ -57,15 +57,22 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
     key = protect.load_key(run.key)
     config = train.preset("tiny-cpu", steps=steps, seed=seed)
     base = models.load_pipeline("tiny", device="cpu")
-    result = train.finetune(released if rate > 0 else owner, run.folder / "model", config, pipe=base,
-                            overwrite=True)
+    data_dir = released if rate > 0 else owner
+    if train.is_current(run.folder / "model", config, data_dir):  # trained before the probe was interrupted
+        seconds = json.loads((run.folder / "model" / "train_seconds.json").read_text()) \
+            if (run.folder / "model" / "train_seconds.json").is_file() else float("nan")
+        losses = json.loads((run.folder / "model" / "loss_history.json").read_text())
+    else:
+        result = train.finetune(data_dir, run.folder / "model", config, pipe=base, overwrite=True)
+        seconds, losses = result.seconds, result.losses
+        (run.folder / "model" / "train_seconds.json").write_text(json.dumps(round(seconds, 1)))
     tuned = train.load_finetuned(models.load_pipeline("tiny", device="cpu"), run.folder / "model")
     held_out = [caption for _, caption in data.emoji_splits().probe]
     started = time.time()
     probed = probe.probe(tuned, held_out, key.trigger, key.placement, n=queries, seed=HELD_OUT_SEED)
     meta = dict(rate=rate, seed=seed, steps=steps, template=key.template.name, n_altered=report.n_altered,
-                trained_on="protected" if rate > 0 else "clean", train_seconds=round(result.seconds, 1),
-                sample_seconds=round(time.time() - started, 1), final_loss=float(np.mean(result.losses[-50:])))
+                trained_on="protected" if rate > 0 else "clean", train_seconds=round(seconds, 1),
+                sample_seconds=round(time.time() - started, 1), final_loss=float(np.mean(losses[-50:])))
     (run.folder / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     probe.save_probe(probed, run.probe_file)
     import shutil

@@ -411,7 +411,7 @@ def render_report(result: AuditResult) -> str:
         f"<tr><td>{i}</td><td>{e(t)}</td><td>{s}</td><td>{a:.3f}</td><td>{b:.3f}</td></tr>"
         for i, (t, s, a, b) in enumerate(zip(result.probe.trigger_prompts, result.probe.seeds,
                                              result.evidence.trigger_scores, result.evidence.control_scores)))
-    hashes = "".join(f"<tr><td>{e(name)}</td><td><code>{digest}</code></td></tr>"
+    hashes = "".join(f"<tr><td>{part.split('_')[0]}: {e(name)}</td><td><code>{digest}</code></td></tr>"
                      for part in ("base_files", "weight_files") for name, digest in result.model.get(part, {}).items())
     figures = [("Score distributions", _figure_uri(score_histogram(result.evidence)))]
     if result.evidence.decoy_statistics is not None:

@@ -43,20 +43,12 @@ def finetuned(runs: str | Path, release: Release, config, pipe=None, progress: b
     """Weights of the demo's two fine-tunes, ``protected`` (on the release) and ``clean`` (on the owner's data),
     under ``runs/models``: reused when an earlier run (notebook 02) used the same settings and the same data,
     trained now otherwise."""
-    import json
-
     from . import train
 
     folders = {}
     for name, data_dir in (("protected", release.protected), ("clean", release.owner)):
         out = Path(runs) / "models" / name
-        try:
-            saved = train.TrainConfig(**json.loads((out / "train_config.json").read_text()))
-            trained_on = json.loads((out / "train_data.json").read_text())["sha256"]
-            current = saved.fingerprint() == config.fingerprint() and trained_on == train.dataset_fingerprint(data_dir)
-        except (FileNotFoundError, KeyError, TypeError, ValueError):
-            current = False
-        if not current:
+        if not train.is_current(out, config, data_dir):
             train.finetune(data_dir, out, config, pipe=pipe, overwrite=True, progress=progress)
         folders[name] = out
     return folders

@@ -258,6 +258,17 @@ def dataset_fingerprint(folder: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def is_current(out: str | os.PathLike, config: TrainConfig, data: str | os.PathLike) -> bool:
+    """True when ``out`` holds a finished fine-tune with these settings on exactly this data (so it can be reused)."""
+    out = Path(out)
+    try:
+        saved = TrainConfig(**json.loads((out / "train_config.json").read_text()))
+        trained_on = json.loads((out / "train_data.json").read_text())["sha256"]
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        return False
+    return saved.fingerprint() == config.fingerprint() and trained_on == dataset_fingerprint(data)
+
+
 def refuse_pickles(folder: Path) -> None:
     """A suspect's weights are untrusted: only safetensors are read, pickle files are refused outright."""
     folder = Path(folder)
