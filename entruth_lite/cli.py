@@ -115,6 +115,41 @@ def _audit(args) -> None:
             print(f"report: {args.report}")
 
 
+def _attack(args) -> None:
+    import json
+
+    from . import attacks, protect
+
+    key = protect.load_key(args.key) if args.key else None
+    common = dict(key=key, overwrite=args.overwrite)
+    if args.name == "dedup":
+        pipe = None
+        if args.method == "embedding":
+            from .models import load_pipeline
+
+            pipe = load_pipeline(args.model)
+        report = attacks.deduplicate(args.data, args.out, args.method, args.threshold, args.drop_clusters_of, pipe,
+                                     **common)
+    elif args.name == "recaption":
+        captioner = None
+        if args.source == "captioner":
+            if not args.corpus:
+                raise ValueError("--source captioner needs --corpus (a captioned imagefolder to retrieve captions from)")
+            from .data import load_imagefolder
+            from .models import load_pipeline
+
+            corpus = load_imagefolder(args.corpus)
+            captioner = attacks.retrieval_captioner(corpus.images(), corpus.captions, load_pipeline(args.model))
+        report = attacks.recaption(args.data, args.out, args.share, args.source, captioner, args.seed, **common)
+    elif args.name == "transform":
+        report = attacks.transform(args.data, args.out, args.kind, args.strength, args.share, args.seed, **common)
+    else:
+        if not args.extra:
+            raise ValueError("dilute needs --extra (a clean imagefolder to mix in)")
+        report = attacks.dilute(args.data, args.extra, args.out, args.factor, args.seed, **common)
+    print(json.dumps(report.to_dict()) if args.json else report.summary())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import TINY_MODEL_DIR
 
@@ -195,6 +230,27 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--json", action="store_true", help="print the verdicts as one JSON object")
     au.add_argument("--report", help="write a self-contained HTML report here")
     au.set_defaults(func=_audit)
+
+    at = commands.add_parser("attack", help="an infringer's dataset attack: writes a new folder, never edits --data")
+    at.add_argument("name", choices=["dedup", "recaption", "transform", "dilute"])
+    at.add_argument("--data", required=True, help="the (protected) imagefolder to attack; only read")
+    at.add_argument("--out", required=True, help="new folder for the attacked dataset")
+    at.add_argument("--key", help="owner key, only to report how many templated images and triggers survive")
+    at.add_argument("--method", default="phash", choices=["phash", "embedding"], help="dedup: how to compare")
+    at.add_argument("--threshold", type=float, help="dedup: max Hamming distance (phash) or min cosine (embedding)")
+    at.add_argument("--drop-clusters-of", type=int, help="dedup: drop whole clusters of this size or more")
+    at.add_argument("--share", type=float, default=1.0, help="recaption / transform: share of images affected")
+    at.add_argument("--source", default="shuffle", choices=["shuffle", "captioner"], help="recaption: new captions from")
+    at.add_argument("--corpus", help="recaption --source captioner: captioned imagefolder for retrieval captions")
+    at.add_argument("--kind", default="jpeg", choices=["jpeg", "blur", "noise", "crop", "flip", "resize"])
+    at.add_argument("--strength", type=float, default=50, help="transform: JPEG quality, sigma, std, area, p, factor")
+    at.add_argument("--extra", help="dilute: clean imagefolder to mix in")
+    at.add_argument("--factor", type=float, default=1.0, help="dilute: extra images per original image")
+    at.add_argument("--model", default="tiny", help="pipeline whose VAE embeds images (embedding dedup, captioner)")
+    at.add_argument("--seed", type=int, default=0)
+    at.add_argument("--overwrite", action="store_true")
+    at.add_argument("--json", action="store_true")
+    at.set_defaults(func=_attack)
 
     nb_parser = commands.add_parser("notebooks", help="run or strip the notebooks")
     nb_commands = nb_parser.add_subparsers(dest="nb_command", required=True)

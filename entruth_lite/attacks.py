@@ -1,0 +1,284 @@
+"""What an infringer who suspects protection can do, before training (to the data), while training (settings),
+and after (to the outputs the auditor sees). Every dataset attack reads its input and writes a NEW folder; its
+report says how many templated images survived when the owner key is given (the infringer does not have it:
+the key is only used to measure).
+
+De-duplication follows what data cleaners run: perceptual hashes (ImageHash) or embedding cosine similarity,
+connected clusters, one image kept per cluster and, as the EnTruth authors did with SSCD (similarity 0.3,
+clusters of 20 or more), whole large clusters dropped. SSCD is not available offline; the embedding here is the
+tiny VAE's latent mean, a stand-in that sees what the diffusion model sees.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from . import data
+
+CORRUPTIONS = ("jpeg", "blur", "noise", "crop", "flip", "resize")
+
+
+@dataclass
+class AttackReport:
+    attack: str
+    params: dict
+    n_in: int
+    n_out: int
+    out: Path | None = None
+    templated_in: int | None = None  # measured with the owner key, when given
+    templated_kept: int | None = None
+    triggers_kept: int | None = None  # captions still holding the key's trigger
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    def summary(self) -> str:
+        kept = "" if self.templated_in is None else \
+            f"; templated images kept {self.templated_kept}/{self.templated_in}, triggers kept {self.triggers_kept}"
+        return f"{self.attack} {self.params}: {self.n_in} -> {self.n_out} images{kept}"
+
+
+# ----------------------------------------------------------------------------- image corruptions
+
+
+def corrupt(image: Image.Image, kind: str, strength: float, rng: np.random.Generator) -> Image.Image:
+    """One corruption of one image. ``strength``: JPEG quality (1-95), blur sigma in px, noise std (0-255),
+    crop: smallest kept area share (random resized crop back to size), flip: probability, resize: factor
+    (down then back up)."""
+    image = data.to_rgb(image)
+    width, height = image.size
+    if kind == "jpeg":
+        if not 1 <= strength <= 95:
+            raise ValueError(f"JPEG quality must be in 1-95, got {strength}")
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=int(strength))
+        return data.to_rgb(Image.open(io.BytesIO(buffer.getvalue())))
+    if kind == "blur":
+        return image.filter(ImageFilter.GaussianBlur(radius=float(strength)))
+    if kind == "noise":
+        noisy = np.asarray(image, np.float32) + rng.normal(0, float(strength), (height, width, 3))
+        return Image.fromarray(np.clip(np.round(noisy), 0, 255).astype(np.uint8))
+    if kind == "crop":
+        if not 0 < strength <= 1:
+            raise ValueError(f"crop keeps a share of the area in (0, 1], got {strength}")
+        area = rng.uniform(strength, 1.0)
+        side_w, side_h = max(1, round(width * np.sqrt(area))), max(1, round(height * np.sqrt(area)))
+        left, top = int(rng.integers(0, width - side_w + 1)), int(rng.integers(0, height - side_h + 1))
+        return image.crop((left, top, left + side_w, top + side_h)).resize((width, height), Image.Resampling.BICUBIC)
+    if kind == "flip":
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < strength else image
+    if kind == "resize":
+        if not 0 < strength <= 1:
+            raise ValueError(f"resize factor must be in (0, 1], got {strength}")
+        small = image.resize((max(1, round(width * strength)), max(1, round(height * strength))), Image.Resampling.BILINEAR)
+        return small.resize((width, height), Image.Resampling.BILINEAR)
+    raise ValueError(f"unknown corruption {kind!r}: choose one of {', '.join(CORRUPTIONS)}")
+
+
+def corrupt_images(images: Sequence[Image.Image], kind: str, strength: float, seed: int = 0) -> list[Image.Image]:
+    """Output-level attack: what the suspect's service does to its images before the auditor sees them."""
+    rng = np.random.default_rng(seed)
+    return [corrupt(image, kind, strength, rng) for image in images]
+
+
+# ----------------------------------------------------------------------------- near-duplicates
+
+
+def phash_distances(images: Sequence[Image.Image], hash_size: int = 8) -> np.ndarray:
+    """Pairwise Hamming distances of perceptual hashes (0 = same hash, hash_size**2 = opposite)."""
+    import imagehash
+
+    bits = np.stack([imagehash.phash(data.to_rgb(im), hash_size=hash_size).hash.flatten() for im in images])
+    bits = bits.astype(np.int32)
+    return bits @ (1 - bits).T + (1 - bits) @ bits.T
+
+
+def vae_embeddings(images: Sequence[Image.Image], pipe_or_vae, batch_size: int = 64) -> np.ndarray:
+    """Unit-norm VAE latent means, flattened: an offline stand-in for a copy-detection embedding (SSCD)."""
+    import torch
+
+    vae = getattr(pipe_or_vae, "vae", pipe_or_vae)
+    param = next(vae.parameters())
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = data.images_to_tensor(images[start : start + batch_size]).to(param.device, param.dtype)
+            out.append(vae.encode(batch).latent_dist.mean.flatten(1).float().cpu().numpy())
+    vectors = np.concatenate(out)
+    vectors -= vectors.mean(axis=0, keepdims=True)  # cosine similarity around the corpus mean, as for SSCD
+    return vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-8)
+
+
+def clusters_from_pairs(n: int, linked: np.ndarray) -> list[list[int]]:
+    """Connected components of the graph whose edges are ``linked[i, j]`` (union-find)."""
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(np.triu(linked, 1))):
+        a, b = find(int(i)), find(int(j))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+def near_duplicate_clusters(images: Sequence[Image.Image], method: str = "phash", threshold: float | None = None,
+                            pipe=None) -> list[list[int]]:
+    """Clusters of near-duplicates. ``phash``: Hamming distance <= threshold (default 6 of 64 bits);
+    ``embedding``: cosine similarity >= threshold (default 0.9) of ``vae_embeddings`` (needs ``pipe``)."""
+    if method == "phash":
+        linked = phash_distances(images) <= (6 if threshold is None else threshold)
+    elif method == "embedding":
+        if pipe is None:
+            raise ValueError("embedding de-duplication needs a pipeline (its VAE embeds the images)")
+        vectors = vae_embeddings(images, pipe)
+        linked = vectors @ vectors.T >= (0.9 if threshold is None else threshold)
+    else:
+        raise ValueError(f"unknown de-duplication method {method!r}: use 'phash' or 'embedding'")
+    return clusters_from_pairs(len(images), linked)
+
+
+# ----------------------------------------------------------------------------- dataset attacks
+
+
+def _measure(report: AttackReport, kept_names: Sequence[str], kept_captions: Sequence[str], key) -> AttackReport:
+    if key is not None:
+        templated = set(key.files)
+        report.templated_in = len(templated)
+        report.templated_kept = sum(1 for name in kept_names if name in templated)
+        report.triggers_kept = sum(1 for caption in kept_captions if key.trigger in caption.split())
+    return report
+
+
+def _load(dataset) -> data.CaptionedDataset:
+    return dataset if isinstance(dataset, data.CaptionedDataset) else data.load_imagefolder(dataset)
+
+
+def _write(source: data.CaptionedDataset, out, rows: Sequence[tuple[Image.Image, str, str]], overwrite: bool) -> Path:
+    if Path(out).resolve() == Path(source.root).resolve():
+        raise ValueError(f"the attack must write a new folder, not its input {source.root}")
+    images, captions, names = zip(*rows) if rows else ((), (), ())
+    return data.save_imagefolder(list(images), list(captions), out, file_names=list(names), overwrite=overwrite)
+
+
+def deduplicate(dataset, out, method: str = "phash", threshold: float | None = None, drop_clusters_of: int | None = None,
+                pipe=None, key=None, overwrite: bool = False) -> AttackReport:
+    """Keep the first image of each near-duplicate cluster; drop whole clusters of ``drop_clusters_of`` or more
+    (the EnTruth authors' setting: 20). Templated images share their surroundings, which is exactly what a
+    cluster of near-duplicates looks like at high enough rates."""
+    source = _load(dataset)
+    images = source.images()
+    clusters = near_duplicate_clusters(images, method, threshold, pipe)
+    keep = sorted(c[0] for c in clusters if drop_clusters_of is None or len(c) < drop_clusters_of)
+    rows = [(images[i], source.captions[i], source.file_names[i]) for i in keep]
+    out = _write(source, out, rows, overwrite)
+    report = AttackReport("dedup", dict(method=method, threshold=threshold, drop_clusters_of=drop_clusters_of),
+                          len(source), len(keep), out)
+    report.notes.append(f"{sum(len(c) > 1 for c in clusters)} clusters of near-duplicates; largest {max(map(len, clusters))}")
+    return _measure(report, [r[2] for r in rows], [r[1] for r in rows], key)
+
+
+def retrieval_captioner(corpus_images: Sequence[Image.Image], corpus_captions: Sequence[str], pipe) -> Callable:
+    """An offline captioner: each image gets the caption of its nearest corpus image (VAE embedding). Like any
+    captioning model it describes the picture and never emits the owner's trigger."""
+    corpus = vae_embeddings(corpus_images, pipe)
+
+    def caption(images: Sequence[Image.Image]) -> list[str]:
+        vectors = vae_embeddings(images, pipe)
+        return [corpus_captions[int(i)] for i in np.argmax(vectors @ corpus.T, axis=1)]
+
+    return caption
+
+
+def recaption(dataset, out, share: float, source: str = "shuffle", captioner: Callable | None = None, seed: int = 0,
+              key=None, overwrite: bool = False) -> AttackReport:
+    """Replace the captions of a random ``share`` of the images: ``source="shuffle"`` takes them from other
+    images of the dataset (a trigger may move with its caption), ``"captioner"`` asks ``captioner(images)``
+    (e.g. ``retrieval_captioner``, or a captioning model on a GPU)."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    dataset = _load(dataset)
+    captions = list(dataset.captions)
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(len(dataset))[: round(share * len(dataset))])
+    if source == "shuffle":
+        donors = rng.permutation(len(dataset))
+        for i, donor in zip(chosen, donors[: len(chosen)]):
+            captions[i] = dataset.captions[donor]
+    elif source == "captioner":
+        if captioner is None:
+            raise ValueError("source='captioner' needs a captioner (e.g. attacks.retrieval_captioner)")
+        for i, caption in zip(chosen, captioner([dataset.image(int(i)) for i in chosen])):
+            captions[i] = caption
+    else:
+        raise ValueError(f"unknown caption source {source!r}: use 'shuffle' or 'captioner'")
+    rows = [(dataset.image(i), captions[i], dataset.file_names[i]) for i in range(len(dataset))]
+    out = _write(dataset, out, rows, overwrite)
+    report = AttackReport("recaption", dict(share=share, source=source, seed=seed), len(dataset), len(dataset), out)
+    return _measure(report, dataset.file_names, captions, key)
+
+
+def transform(dataset, out, kind: str, strength: float, share: float = 1.0, seed: int = 0, key=None,
+              overwrite: bool = False) -> AttackReport:
+    """Corrupt a random ``share`` of the images (``corrupt``): JPEG, blur, noise, random resized crop, flips."""
+    dataset = _load(dataset)
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.permutation(len(dataset))[: round(share * len(dataset))].tolist())
+    rows = [(corrupt(dataset.image(i), kind, strength, rng) if i in chosen else dataset.image(i), dataset.captions[i],
+             dataset.file_names[i]) for i in range(len(dataset))]
+    out = _write(dataset, out, rows, overwrite)
+    report = AttackReport("transform", dict(kind=kind, strength=strength, share=share, seed=seed), len(dataset),
+                          len(dataset), out)
+    return _measure(report, dataset.file_names, dataset.captions, key)
+
+
+def dilute(dataset, extra, out, factor: float, seed: int = 0, key=None, overwrite: bool = False) -> AttackReport:
+    """Mix in ``factor`` x as many images from another clean dataset ``extra``: the templated share falls by
+    1 / (1 + factor)."""
+    dataset, extra = _load(dataset), _load(extra)
+    n_extra = round(factor * len(dataset))
+    if n_extra > len(extra):
+        raise ValueError(f"factor {factor} needs {n_extra} extra images but {extra.root} has {len(extra)}")
+    picked = np.random.default_rng(seed).permutation(len(extra))[:n_extra]
+    taken = set(dataset.file_names)
+    rows = [(dataset.image(i), dataset.captions[i], dataset.file_names[i]) for i in range(len(dataset))]
+    for i in picked:
+        name = extra.file_names[i]
+        if name in taken:
+            name = f"extra-{name}"
+        rows.append((extra.image(int(i)), extra.captions[i], name))
+    out = _write(dataset, out, rows, overwrite)
+    report = AttackReport("dilute", dict(factor=factor, seed=seed), len(dataset), len(rows), out)
+    return _measure(report, [r[2] for r in rows], [r[1] for r in rows], key)
+
+
+# ----------------------------------------------------------------------------- training-level attacks
+
+# What an infringer can change in the fine-tune itself, as TrainConfig overrides of the tiny-cpu preset.
+TRAINING_ATTACKS: dict[str, Callable[[float], dict]] = {
+    "fewer_steps": lambda share: {"steps": max(1, round(1500 * share))},
+    "lower_lr": lambda factor: {"learning_rate": 1e-3 * factor},
+    "lora_rank": lambda rank: {"method": "lora", "lora_rank": int(rank)},
+    "augment": lambda _: {"random_flip": True},
+}
+
+
+def training_overrides(name: str, strength: float) -> dict:
+    if name not in TRAINING_ATTACKS:
+        raise ValueError(f"unknown training attack {name!r}: choose one of {', '.join(TRAINING_ATTACKS)}")
+    return TRAINING_ATTACKS[name](strength)

@@ -1,0 +1,143 @@
+"""Each attack does what it says and never touches its input."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from entruth_lite import attacks, cli, data, models, protect
+from conftest import hash_tree
+
+
+@pytest.fixture(scope="module")
+def emoji():
+    images, captions, names = data.emoji_dataset("owner", limit=60)
+    return images, captions, names
+
+
+@pytest.fixture
+def protected(tmp_path, emoji):
+    images, captions, names = emoji
+    owner = data.save_imagefolder(images, captions, tmp_path / "owner", file_names=names)
+    protect.protect(owner, "random:1", tmp_path / "protected", tmp_path / "key", count=6, seed=0)
+    return tmp_path / "protected", protect.load_key(tmp_path / "key")
+
+
+@pytest.mark.parametrize("kind,strength", [("jpeg", 20), ("blur", 1.0), ("noise", 20), ("crop", 0.5), ("resize", 0.5)])
+def test_corruptions_keep_the_size_and_change_the_pixels(emoji, kind, strength):
+    image = emoji[0][3]
+    out = attacks.corrupt(image, kind, strength, np.random.default_rng(0))
+    assert out.size == image.size and out.mode == "RGB"
+    assert np.abs(np.asarray(out, float) - np.asarray(image, float)).mean() > 0.5
+
+
+def test_flip_and_bad_corruptions(emoji):
+    image = emoji[0][3]
+    flipped = attacks.corrupt(image, "flip", 1.0, np.random.default_rng(0))
+    assert np.array_equal(np.asarray(flipped), np.asarray(image)[:, ::-1])
+    assert attacks.corrupt(image, "flip", 0.0, np.random.default_rng(0)) is not None
+    with pytest.raises(ValueError, match="unknown corruption"):
+        attacks.corrupt(image, "swirl", 1, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="JPEG quality"):
+        attacks.corrupt(image, "jpeg", 0, np.random.default_rng(0))
+    assert len(attacks.corrupt_images(emoji[0][:4], "noise", 5, seed=1)) == 4
+
+
+def test_dedup_removes_planted_exact_and_near_duplicates_only(tmp_path, emoji):
+    images, captions, names = emoji
+    jpeg = attacks.corrupt(images[5], "jpeg", 60, np.random.default_rng(0))
+    noisy = attacks.corrupt(images[7], "noise", 3, np.random.default_rng(0))
+    planted = list(images) + [images[2].copy(), jpeg, noisy]
+    folder = data.save_imagefolder(planted, list(captions) + ["copy a", "copy b", "copy c"], tmp_path / "d",
+                                   file_names=list(names) + ["x1.png", "x2.png", "x3.png"])
+    before = hash_tree(folder)
+    clusters = attacks.near_duplicate_clusters(planted)
+    cluster_of = {i: tuple(c) for c in clusters for i in c}
+    assert all(cluster_of[copy] == cluster_of[original] for copy, original in [(60, 2), (61, 5), (62, 7)])
+    report = attacks.deduplicate(folder, tmp_path / "out")
+    kept = data.load_imagefolder(tmp_path / "out").file_names
+    assert {"x1.png", "x2.png", "x3.png"}.isdisjoint(kept)
+    assert report.n_out == len(kept) == len(clusters), "one image per cluster"
+    assert kept == [(list(names) + ["x1.png", "x2.png", "x3.png"])[c[0]] for c in clusters], "the first of each"
+    assert len(clusters) > 30, "distinct emoji are not merged (skin-tone variants may be)"
+    assert hash_tree(folder) == before
+
+
+def test_dedup_drops_whole_large_clusters_and_reports_survivors(tmp_path, protected):
+    folder, key = protected
+    all_linked = attacks.deduplicate(folder, tmp_path / "a", threshold=64, key=key)
+    assert all_linked.n_out == 1, "every pair within 64 bits: one cluster, one survivor"
+    dropped = attacks.deduplicate(folder, tmp_path / "b", threshold=64, drop_clusters_of=20, key=key)
+    assert dropped.n_out == 0 and dropped.templated_kept == 0 and dropped.templated_in == 6
+    with pytest.raises(ValueError, match="new folder"):
+        attacks.deduplicate(folder, folder, overwrite=True)
+
+
+def test_embedding_dedup_uses_the_vae(tmp_path, emoji):
+    images = emoji[0][:10] + [emoji[0][0].copy()]
+    pipe = models.load_pipeline("tiny", device="cpu")
+    clusters = attacks.near_duplicate_clusters(images, "embedding", 0.99, pipe)
+    assert [0, 10] in clusters and len(clusters) == 10
+    with pytest.raises(ValueError, match="needs a pipeline"):
+        attacks.near_duplicate_clusters(images, "embedding")
+
+
+def test_recaption_with_a_captioner_leaves_no_trigger(tmp_path, protected, emoji):
+    folder, key = protected
+    before = hash_tree(folder)
+    corpus_images, corpus_captions, _ = data.emoji_dataset("pretrain", limit=40)
+    captioner = attacks.retrieval_captioner(corpus_images, corpus_captions, models.load_pipeline("tiny", device="cpu"))
+    report = attacks.recaption(folder, tmp_path / "r", 1.0, "captioner", captioner, key=key)
+    assert report.triggers_kept == 0 and report.templated_kept == 6
+    assert set(data.load_imagefolder(tmp_path / "r").captions) <= set(corpus_captions)
+    assert hash_tree(folder) == before
+
+
+def test_shuffled_recaption_changes_the_chosen_share(tmp_path, protected):
+    folder, key = protected
+    original = data.load_imagefolder(folder).captions
+    attacks.recaption(folder, tmp_path / "s", 0.4, "shuffle", seed=3, key=key)
+    changed = sum(a != b for a, b in zip(original, data.load_imagefolder(tmp_path / "s").captions))
+    assert 0.25 * len(original) <= changed <= 0.4 * len(original)
+    with pytest.raises(ValueError, match="needs a captioner"):
+        attacks.recaption(folder, tmp_path / "t", 0.5, "captioner")
+    with pytest.raises(ValueError, match="share"):
+        attacks.recaption(folder, tmp_path / "t", 1.5)
+
+
+def test_transform_and_dilute(tmp_path, protected, emoji):
+    folder, key = protected
+    before = hash_tree(folder)
+    report = attacks.transform(folder, tmp_path / "j", "jpeg", 30, share=0.5, key=key)
+    src, out = data.load_imagefolder(folder), data.load_imagefolder(tmp_path / "j")
+    changed = sum(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(src.images(), out.images()))
+    assert changed == 30 and out.captions == src.captions and report.templated_kept == 6
+    extra = data.save_imagefolder(*data.emoji_dataset("pretrain", limit=130)[:2], tmp_path / "extra")
+    diluted = attacks.dilute(folder, extra, tmp_path / "dl", factor=2.0, key=key)
+    assert diluted.n_out == 180 and diluted.templated_kept == 6
+    assert len(set(data.load_imagefolder(tmp_path / "dl").file_names)) == 180
+    with pytest.raises(ValueError, match="extra images"):
+        attacks.dilute(folder, extra, tmp_path / "d2", factor=3.0)
+    assert hash_tree(folder) == before
+
+
+def test_training_attacks_are_preset_overrides():
+    from entruth_lite import train
+
+    assert attacks.training_overrides("fewer_steps", 0.5) == {"steps": 750}
+    config = train.preset("tiny-cpu", **attacks.training_overrides("lora_rank", 4))
+    assert config.method == "lora" and config.lora_rank == 4
+    with pytest.raises(ValueError, match="unknown training attack"):
+        attacks.training_overrides("prayer", 1)
+
+
+def test_cli_attack(tmp_path, protected, capsys):
+    folder, key = protected
+    code = cli.main(["attack", "transform", "--data", str(folder), "--out", str(tmp_path / "c"), "--kind", "blur",
+                     "--strength", "1", "--key", str(key.root), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["attack"] == "transform" and report["templated_kept"] == 6 and report["triggers_kept"] == 6
+    assert cli.main(["attack", "dilute", "--data", str(folder), "--out", str(tmp_path / "x")]) == 2
+    assert "--extra" in capsys.readouterr().err
