@@ -43,11 +43,14 @@ def owner_dataset(root: Path) -> Path:
 
 
 def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed: int, queries: int = 64,
-                  keep_model: bool = True) -> Run:
+                  keep_model: bool = True, attack=None, overrides: dict | None = None, name: str | None = None) -> Run:
     """Protect the owner data with ``random:<template_seed>`` (a real key either way), train on the protected
     copy (``rate`` > 0) or on the clean data (``rate`` = 0: the key exists but its release was never used,
-    which is exactly the null hypothesis), then probe with the key's trigger and save the images."""
-    run = Run(root / f"rate{rate:g}-seed{seed}-steps{steps}", rate, seed, steps)
+    which is exactly the null hypothesis), then probe with the key's trigger and save the images.
+
+    Robustness runs: ``attack(released, out, key) -> AttackReport`` rewrites the release before training, and
+    ``overrides`` change the preset's settings; ``name`` labels the run folder."""
+    run = Run(root / (f"{name}-seed{seed}" if name else f"rate{rate:g}-seed{seed}-steps{steps}"), rate, seed, steps)
     if run.done:
         return run
     owner = owner_dataset(root)
@@ -55,9 +58,13 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
     report = protect.protect(owner, f"random:{template_seed}", released, run.key, rate=rate or 0.01, seed=seed,
                              overwrite=True)
     key = protect.load_key(run.key)
-    config = train.preset("tiny-cpu", steps=steps, seed=seed)
+    config = train.preset("tiny-cpu", **({"steps": steps, "seed": seed} | (overrides or {})))
     base = models.load_pipeline("tiny", device="cpu")
     data_dir = released if rate > 0 else owner
+    attack_report = None
+    if attack is not None:
+        attack_report = attack(data_dir, run.folder / "attacked", key)
+        data_dir = run.folder / "attacked"
     if train.is_current(run.folder / "model", config, data_dir):  # trained before the probe was interrupted
         seconds = json.loads((run.folder / "model" / "train_seconds.json").read_text()) \
             if (run.folder / "model" / "train_seconds.json").is_file() else float("nan")
@@ -70,14 +77,20 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
     held_out = [caption for _, caption in data.emoji_splits().probe]
     started = time.time()
     probed = probe.probe(tuned, held_out, key.trigger, key.placement, n=queries, seed=HELD_OUT_SEED)
+    split = data.emoji_splits().probe
+    held_out_loss = train.denoising_losses(tuned, [data.render_emoji(p) for p, _ in split], [c for _, c in split])
     meta = dict(rate=rate, seed=seed, steps=steps, template=key.template.name, n_altered=report.n_altered,
                 trained_on="protected" if rate > 0 else "clean", train_seconds=round(seconds, 1),
-                sample_seconds=round(time.time() - started, 1), final_loss=float(np.mean(losses[-50:])))
+                sample_seconds=round(time.time() - started, 1), final_loss=float(np.mean(losses[-50:])),
+                held_out_loss=float(held_out_loss.mean()), overrides=overrides or {},
+                attack=attack_report.to_dict() if attack_report is not None else None)
     (run.folder / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     probe.save_probe(probed, run.probe_file)
     import shutil
 
     shutil.rmtree(released)  # the release can be rebuilt from the owner data and the key's seed
+    if (run.folder / "attacked").is_dir():
+        shutil.rmtree(run.folder / "attacked")
     if not keep_model:
         shutil.rmtree(run.folder / "model")
     return run

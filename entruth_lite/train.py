@@ -442,6 +442,34 @@ def encode_captions(text_encoder, ids: torch.Tensor, batch_size: int = 256) -> t
                       for i in range(0, len(ids), batch_size)])
 
 
+@torch.no_grad()
+def denoising_losses(pipe, images, captions: list[str], repeats: int = 4, seed: int = 0, batch_size: int = 64):
+    """Per-image denoising loss of ``pipe`` on (image, caption) pairs, averaged over ``repeats`` draws of noise
+    and timestep that are the same for every model (seeded): held-out loss as a cheap quality measure, and the
+    membership signal of loss-based inference (lower on images the model was trained on)."""
+    import numpy as np
+    from diffusers import DDPMScheduler
+
+    from .data import images_to_tensor
+    from .models import default_resolution
+
+    if len(images) != len(captions) or not len(images):
+        raise ValueError(f"need as many captions as images (got {len(images)} images, {len(captions)} captions)")
+    size = default_resolution(pipe)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
+    latents = encode_images(pipe.vae, images_to_tensor(images, size=size))
+    hidden = encode_captions(pipe.text_encoder, tokenize(pipe.tokenizer, list(captions)))
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    total = torch.zeros(len(images))
+    for r in range(repeats):
+        for start in range(0, len(images), batch_size):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + r * 10_007 + start)
+            losses = diffusion_loss(pipe.unet, scheduler, latents[start : start + batch_size].to(device, dtype),
+                                    hidden[start : start + batch_size].to(device, dtype), generator, reduction="none")
+            total[start : start + batch_size] += losses.float().cpu()
+    return (total / repeats).numpy().astype(np.float64)
+
+
 def finetune(
     data: str | os.PathLike,
     out: str | os.PathLike,

@@ -3,6 +3,7 @@
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -231,3 +232,18 @@ def test_demo_models_are_reused_only_when_settings_and_data_match(dataset, base,
     assert len(calls) == 2, "same settings, same data: reused"
     demo.finetuned(tmp_path, release, lora_config(steps=2), pipe=base, progress=False)
     assert len(calls) == 4, "other settings: trained again"
+
+
+def test_denoising_losses_are_replayable_and_lower_on_training_images(dataset, base, tmp_path):
+    images, captions, _ = data.emoji_dataset("owner", limit=12)
+    held_images, held_captions, _ = data.emoji_dataset("probe", limit=12)
+    before = train.denoising_losses(base, images, captions, repeats=2)
+    assert before.shape == (12,) and np.array_equal(before, train.denoising_losses(base, images, captions, repeats=2))
+    train.finetune(dataset, tmp_path / "m", train.TrainConfig(method="full", steps=60, batch_size=12,
+                                                              learning_rate=1e-3), pipe=base, progress=False)
+    tuned = train.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / "m")
+    seen = train.denoising_losses(tuned, images, captions, repeats=2)
+    unseen = train.denoising_losses(tuned, held_images, held_captions, repeats=2)
+    assert seen.mean() < before.mean() and seen.mean() < unseen.mean()
+    with pytest.raises(ValueError, match="as many captions"):
+        train.denoising_losses(base, images, captions[:3])
