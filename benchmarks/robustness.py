@@ -134,11 +134,7 @@ def report(root: Path, seeds, rate: float, only=None) -> None:
         return
     table = pd.DataFrame(rows)
     table.to_csv(root / "robustness.csv", index=False)
-    summary = table.groupby(["kind", "attack", "strength"], sort=False).agg(
-        seeds=("seed", "count"), templated_kept=("templated_kept", "mean"), triggers_kept=("triggers_kept", "mean"),
-        decoy_tpr=("decoy_p", lambda p: (p < 0.01).mean()), decoy_median_p=("decoy_p", "median"),
-        binomial_tpr=("binomial_p", lambda p: (p < 0.01).mean()), binomial_median_p=("binomial_p", "median"),
-        held_out_loss=("held_out_loss", "mean")).reset_index()
+    summary = attacks.summarize_robustness(table)
     print(f"\nRobustness at rate {rate:g} (64 queries, alpha = 0.01); templated/trigger counts are means over seeds\n")
     print("| kind | attack | strength | seeds | templated kept | triggers kept | TPR decoy | median p decoy | "
           "TPR binomial | median p binomial | held-out loss |")

@@ -176,6 +176,15 @@ def _write(source: data.CaptionedDataset, out, rows: Sequence[tuple[Image.Image,
     return data.save_imagefolder(list(images), list(captions), out, file_names=list(names), overwrite=overwrite)
 
 
+def dedup_keep(images: Sequence[Image.Image], method: str = "phash", threshold: float | None = None,
+               drop_clusters_of: int | None = None, pipe=None) -> tuple[list[int], list[list[int]]]:
+    """(indices kept, clusters): the first image of each near-duplicate cluster, none of clusters of
+    ``drop_clusters_of`` or more."""
+    clusters = near_duplicate_clusters(images, method, threshold, pipe)
+    keep = sorted(c[0] for c in clusters if drop_clusters_of is None or len(c) < drop_clusters_of)
+    return keep, clusters
+
+
 def deduplicate(dataset, out, method: str = "phash", threshold: float | None = None, drop_clusters_of: int | None = None,
                 pipe=None, key=None, overwrite: bool = False) -> AttackReport:
     """Keep the first image of each near-duplicate cluster; drop whole clusters of ``drop_clusters_of`` or more
@@ -183,8 +192,7 @@ def deduplicate(dataset, out, method: str = "phash", threshold: float | None = N
     cluster of near-duplicates looks like at high enough rates."""
     source = _load(dataset)
     images = source.images()
-    clusters = near_duplicate_clusters(images, method, threshold, pipe)
-    keep = sorted(c[0] for c in clusters if drop_clusters_of is None or len(c) < drop_clusters_of)
+    keep, clusters = dedup_keep(images, method, threshold, drop_clusters_of, pipe)
     rows = [(images[i], source.captions[i], source.file_names[i]) for i in keep]
     out = _write(source, out, rows, overwrite)
     report = AttackReport("dedup", dict(method=method, threshold=threshold, drop_clusters_of=drop_clusters_of),
@@ -205,42 +213,55 @@ def retrieval_captioner(corpus_images: Sequence[Image.Image], corpus_captions: S
     return caption
 
 
-def recaption(dataset, out, share: float, source: str = "shuffle", captioner: Callable | None = None, seed: int = 0,
-              key=None, overwrite: bool = False) -> AttackReport:
-    """Replace the captions of a random ``share`` of the images: ``source="shuffle"`` takes them from other
-    images of the dataset (a trigger may move with its caption), ``"captioner"`` asks ``captioner(images)``
-    (e.g. ``retrieval_captioner``, or a captioning model on a GPU)."""
+def new_captions(captions: Sequence[str], share: float, source: str = "shuffle", captioner: Callable | None = None,
+                 images: Sequence[Image.Image] | None = None, seed: int = 0) -> list[str]:
+    """Captions with a random ``share`` replaced: ``"shuffle"`` takes them from other images of the dataset (a
+    trigger may move with its caption), ``"captioner"`` asks ``captioner(images)`` for the chosen images."""
     if not 0 <= share <= 1:
         raise ValueError(f"share must be in [0, 1], got {share}")
-    dataset = _load(dataset)
-    captions = list(dataset.captions)
+    captions = list(captions)
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.permutation(len(dataset))[: round(share * len(dataset))])
+    chosen = np.sort(rng.permutation(len(captions))[: round(share * len(captions))])
     if source == "shuffle":
-        donors = rng.permutation(len(dataset))
-        for i, donor in zip(chosen, donors[: len(chosen)]):
-            captions[i] = dataset.captions[donor]
+        donors = rng.permutation(len(captions))[: len(chosen)]
+        replaced = [captions[d] for d in donors]
     elif source == "captioner":
-        if captioner is None:
-            raise ValueError("source='captioner' needs a captioner (e.g. attacks.retrieval_captioner)")
-        for i, caption in zip(chosen, captioner([dataset.image(int(i)) for i in chosen])):
-            captions[i] = caption
+        if captioner is None or images is None:
+            raise ValueError("source='captioner' needs a captioner (e.g. attacks.retrieval_captioner) and the images")
+        replaced = captioner([images[int(i)] for i in chosen]) if len(chosen) else []
     else:
         raise ValueError(f"unknown caption source {source!r}: use 'shuffle' or 'captioner'")
+    for i, caption in zip(chosen, replaced):
+        captions[i] = caption
+    return captions
+
+
+def recaption(dataset, out, share: float, source: str = "shuffle", captioner: Callable | None = None, seed: int = 0,
+              key=None, overwrite: bool = False) -> AttackReport:
+    """Replace the captions of a random ``share`` of the images (``new_captions``); images unchanged."""
+    dataset = _load(dataset)
+    images = dataset.images() if source == "captioner" else None
+    captions = new_captions(dataset.captions, share, source, captioner, images, seed)
     rows = [(dataset.image(i), captions[i], dataset.file_names[i]) for i in range(len(dataset))]
     out = _write(dataset, out, rows, overwrite)
     report = AttackReport("recaption", dict(share=share, source=source, seed=seed), len(dataset), len(dataset), out)
     return _measure(report, dataset.file_names, captions, key)
 
 
+def transform_images(images: Sequence[Image.Image], kind: str, strength: float, share: float = 1.0,
+                     seed: int = 0) -> list[Image.Image]:
+    """A random ``share`` of the images corrupted (``corrupt``), the rest unchanged."""
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.permutation(len(images))[: round(share * len(images))].tolist())
+    return [corrupt(image, kind, strength, rng) if i in chosen else image for i, image in enumerate(images)]
+
+
 def transform(dataset, out, kind: str, strength: float, share: float = 1.0, seed: int = 0, key=None,
               overwrite: bool = False) -> AttackReport:
     """Corrupt a random ``share`` of the images (``corrupt``): JPEG, blur, noise, random resized crop, flips."""
     dataset = _load(dataset)
-    rng = np.random.default_rng(seed)
-    chosen = set(rng.permutation(len(dataset))[: round(share * len(dataset))].tolist())
-    rows = [(corrupt(dataset.image(i), kind, strength, rng) if i in chosen else dataset.image(i), dataset.captions[i],
-             dataset.file_names[i]) for i in range(len(dataset))]
+    images = transform_images(dataset.images(), kind, strength, share, seed)
+    rows = [(images[i], dataset.captions[i], dataset.file_names[i]) for i in range(len(dataset))]
     out = _write(dataset, out, rows, overwrite)
     report = AttackReport("transform", dict(kind=kind, strength=strength, share=share, seed=seed), len(dataset),
                           len(dataset), out)
@@ -282,3 +303,73 @@ def training_overrides(name: str, strength: float) -> dict:
     if name not in TRAINING_ATTACKS:
         raise ValueError(f"unknown training attack {name!r}: choose one of {', '.join(TRAINING_ATTACKS)}")
     return TRAINING_ATTACKS[name](strength)
+
+
+# ----------------------------------------------------------------------------- preview (the notebook's widget)
+
+PREVIEW_ATTACKS = ("dedup-phash", "dedup-embedding", "recaption-shuffle", "jpeg", "blur", "noise", "crop", "flip")
+
+
+def preview(name: str, strength: float, images: Sequence[Image.Image], captions: Sequence[str], templated: Sequence[int],
+            trigger: str, pipe=None, seed: int = 0) -> tuple[Image.Image, dict]:
+    """Run one dataset attack in memory and show what it did to the templated images: a grid (templated images
+    above, what the attacked dataset holds for them below; grey = removed) and counts. Writes nothing."""
+    templated = list(templated)
+    kept, out_images, out_captions = list(range(len(images))), list(images), list(captions)
+    if name.startswith("dedup-"):
+        kept, _ = dedup_keep(images, name.split("-", 1)[1], strength, 20, pipe)
+    elif name == "recaption-shuffle":
+        out_captions = new_captions(captions, strength, "shuffle", seed=seed)
+    elif name in CORRUPTIONS:
+        out_images = transform_images(images, name, strength, 1.0, seed)
+    else:
+        raise ValueError(f"unknown attack {name!r} for the preview: choose one of {', '.join(PREVIEW_ATTACKS)}")
+    kept_set = set(kept)
+    removed = Image.new("RGB", images[0].size, (128, 128, 128))
+    after = [out_images[i] if i in kept_set else removed for i in templated]
+    grid = data.image_grid([images[i] for i in templated] + after, cols=max(1, len(templated)))
+    stats = dict(attack=name, strength=strength, n_in=len(images), n_out=len(kept), templated_in=len(templated),
+                 templated_kept=sum(i in kept_set for i in templated),
+                 triggers_kept=sum(trigger in out_captions[i].split() for i in kept))
+    return grid, stats
+
+
+# ----------------------------------------------------------------------------- output attacks against an audit
+
+OUTPUT_SETTINGS = {"jpeg": (75, 50, 20), "blur": (0.5, 1.0, 2.0), "resize": (0.75, 0.5), "noise": (8, 20)}
+
+
+def output_attack_table(probed, template, negatives=None, settings: dict | None = None, decoys: int = 999,
+                        salt: str = "", methods=("decoy", "binomial"), seed: int = 0) -> list[dict]:
+    """The audit's p-values when the suspect's service corrupts every image before the auditor sees it (trigger
+    and control images alike), one row per (corruption, strength); the first row is the unattacked probe."""
+    from . import audit
+    from .probe import ProbeResult
+
+    settings = OUTPUT_SETTINGS if settings is None else settings
+    cases = [("none", 0)] + [(kind, s) for kind, strengths in settings.items() for s in strengths]
+    rows = []
+    for kind, strength in cases:
+        attacked = probed if kind == "none" else ProbeResult(
+            probed.captions, probed.trigger_prompts, probed.seeds,
+            corrupt_images(probed.trigger_images, kind, strength, seed),
+            corrupt_images(probed.control_images, kind, strength, seed + 1))
+        scores = audit.score_probe(attacked, template, ("projection",), negatives, decoys=decoys, salt=salt,
+                                   progress=False)
+        usable = [m for m in methods if m not in ("binomial", "one-query") or negatives is not None]
+        row = dict(corruption=kind, strength=strength)
+        for verdict in audit.verdicts_from_scores(scores, "projection", usable):
+            row[f"{verdict.method.split(' ')[0]} p"] = verdict.p_value
+        rows.append(row)
+    return rows
+
+
+def summarize_robustness(results, alpha: float = 0.01):
+    """Per (kind, attack, strength): seeds, mean templated images and triggers kept, TPR at ``alpha`` and
+    median p-value of the decoy and binomial tests, mean held-out loss (``benchmarks/robustness.py``'s table)."""
+    tpr = lambda p: (p < alpha).mean()
+    return results.groupby(["kind", "attack", "strength"], sort=False).agg(
+        seeds=("seed", "count"), templated_kept=("templated_kept", "mean"), triggers_kept=("triggers_kept", "mean"),
+        decoy_tpr=("decoy_p", tpr), decoy_median_p=("decoy_p", "median"),
+        binomial_tpr=("binomial_p", tpr), binomial_median_p=("binomial_p", "median"),
+        held_out_loss=("held_out_loss", "mean")).reset_index()

@@ -141,3 +141,42 @@ def test_cli_attack(tmp_path, protected, capsys):
     assert report["attack"] == "transform" and report["templated_kept"] == 6 and report["triggers_kept"] == 6
     assert cli.main(["attack", "dilute", "--data", str(folder), "--out", str(tmp_path / "x")]) == 2
     assert "--extra" in capsys.readouterr().err
+
+
+def test_preview_runs_an_attack_in_memory(protected):
+    folder, key = protected
+    dataset = data.load_imagefolder(folder)
+    templated = [dataset.file_names.index(f) for f in key.files]
+    grid, stats = attacks.preview("jpeg", 30, dataset.images(), dataset.captions, templated, key.trigger)
+    assert stats["templated_kept"] == 6 and stats["triggers_kept"] == 6 and grid.size[1] > 2 * 32
+    _, stats = attacks.preview("recaption-shuffle", 1.0, dataset.images(), dataset.captions, templated, key.trigger)
+    assert stats["n_out"] == 60
+    _, stats = attacks.preview("dedup-phash", 64, dataset.images(), dataset.captions, templated, key.trigger)
+    assert stats["n_out"] == 0 and stats["templated_kept"] == 0, "one cluster of 60 >= 20: dropped"
+    with pytest.raises(ValueError, match="unknown attack"):
+        attacks.preview("dilute", 1, dataset.images(), dataset.captions, templated, key.trigger)
+
+
+def test_output_attacks_are_scored_on_the_same_probe(emoji):
+    from entruth_lite import templates
+    from entruth_lite.probe import ProbeResult
+
+    images = emoji[0][:40]
+    template = templates.random_template(4)
+    trig = [Image.blend(im, templates.insert(im, template), 0.6) for im in images[:20]]
+    probed = ProbeResult(["c"] * 20, ["t c"] * 20, list(range(20)), trig, images[20:])
+    rows = attacks.output_attack_table(probed, template, settings={"blur": (0.5, 6.0)}, decoys=49)
+    assert [(r["corruption"], r["strength"]) for r in rows] == [("none", 0), ("blur", 0.5), ("blur", 6.0)]
+    assert rows[0]["decoy-rank p"] == pytest.approx(1 / 50) and rows[1]["decoy-rank p"] <= 0.04
+    assert set(rows[0]) == {"corruption", "strength", "decoy-rank p"}, "no negatives: no binomial test"
+
+
+def test_robustness_summary():
+    import pandas as pd
+
+    results = pd.DataFrame(dict(kind=["dataset"] * 3, attack=["jpeg"] * 3, strength=[20] * 3, seed=[0, 1, 2],
+                                templated_kept=[10, 10, 10], triggers_kept=[10, 10, 10], decoy_p=[0.001, 0.5, 0.002],
+                                binomial_p=[0.2, 0.3, 0.005], held_out_loss=[0.1, 0.2, 0.3]))
+    row = attacks.summarize_robustness(results).iloc[0]
+    assert row.seeds == 3 and row.decoy_tpr == pytest.approx(2 / 3) and row.binomial_tpr == pytest.approx(1 / 3)
+    assert row.decoy_median_p == 0.002 and row.held_out_loss == pytest.approx(0.2)
