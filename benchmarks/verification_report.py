@@ -183,6 +183,10 @@ def _plot_power(summary, path: Path, alpha: float) -> None:
                        col_order=sorted(summary.rate.unique(), reverse=True), height=3, aspect=0.9)
     grid.set(xscale="log", xticks=[8, 16, 32, 64], xticklabels=["8", "16", "32", "64"], ylim=(-0.05, 1.05))
     grid.set_axis_labels("trigger queries", f"TPR at alpha = {alpha}")
+    from matplotlib.ticker import NullLocator
+
+    for ax in grid.axes.flat:
+        ax.xaxis.set_minor_locator(NullLocator())
     grid.savefig(path, dpi=110)
     plt.close("all")
     print(f"\nplot: {path}")

@@ -113,7 +113,10 @@ def plot_p_curve(ns, curves: dict, alpha: float = 0.01, ax=None):
     for label, p in curves.items():
         ax.plot(ns, p, marker="o", label=label)
     ax.axhline(alpha, color="crimson", ls="--", lw=1, label=f"alpha = {alpha:g}")
+    from matplotlib.ticker import NullLocator
+
     ax.set(xscale="log", yscale="log", xlabel="trigger queries", ylabel="p-value")
+    ax.xaxis.set_minor_locator(NullLocator())  # only the query counts as ticks
     ax.set_xticks(list(ns), [str(n) for n in ns])
     ax.legend(fontsize=7)
     return ax
