@@ -245,10 +245,6 @@ def train_classifier(template: Template, plain_images: Sequence[Image.Image], co
     """Train the template classifier on ``plain_images`` (the owner's unaltered images) and calibrate it on a
     held-out share of them. ``vae``: pass the suspect pipeline's VAE (or the pipeline) to train and calibrate
     on VAE round trips, which look more like generated images than the originals do."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
     from .templates import insert, random_template, vae_round_trip
 
     config = config or ClassifierConfig()
@@ -266,8 +262,20 @@ def train_classifier(template: Template, plain_images: Sequence[Image.Image], co
     if vae is not None:
         calibration, training, positives, distracted = (
             vae_round_trip(vae, x) if x else x for x in (calibration, training, positives, distracted))
-    negatives_t, positives_t = _to_tensor(training + distracted, size), _to_tensor(positives, size)
 
+    return fit_classifier(positives, training + distracted, calibration, config, template.name, size, device, progress)
+
+
+def fit_classifier(positives: Sequence[Image.Image], negatives: Sequence[Image.Image],
+                   calibration: Sequence[Image.Image], config: ClassifierConfig, label: str, input_size: int,
+                   device: str | None = None, progress: bool = True) -> TemplateClassifier:
+    """The training loop shared by the template classifier and DIAGNOSIS's coating classifier: balanced
+    batches, optional augmentation, AdamW; then the scores of ``calibration`` (negatives never trained on)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    positives_t, negatives_t = _to_tensor(positives, input_size), _to_tensor(negatives, input_size)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -278,7 +286,7 @@ def train_classifier(template: Template, plain_images: Sequence[Image.Image], co
     labels = torch.cat([torch.ones(half), torch.zeros(half)]).to(device)
     losses = []
     network.train()
-    for _ in tqdm(range(config.steps), desc="training the template classifier", disable=not progress):
+    for _ in tqdm(range(config.steps), desc=f"training the {label} classifier", disable=not progress):
         pick_pos = torch.randint(len(positives_t), (half,), generator=generator)
         pick_neg = torch.randint(len(negatives_t), (half,), generator=generator)
         batch = torch.cat([positives_t[pick_pos], negatives_t[pick_neg]])
@@ -289,7 +297,7 @@ def train_classifier(template: Template, plain_images: Sequence[Image.Image], co
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    classifier = TemplateClassifier(network, template.name, size, config, arch, np.zeros(0), losses)
+    classifier = TemplateClassifier(network, label, input_size, config, arch, np.zeros(0), losses)
     classifier.calibration_scores = classifier.scores(calibration)
     return classifier
 
