@@ -26,6 +26,13 @@ def _zoo_build_tiny(args) -> None:
     zoo.build_tiny(Path(args.out), config, reuse_tokenizer=not args.new_tokenizer, device=args.device)
 
 
+def _zoo_build_features(args) -> None:
+    from . import quality
+
+    out = quality.build_feature_net(steps=args.steps, seed=args.seed)
+    print(f"feature network written to {out}")
+
+
 def _train(args) -> None:
     import json
     from dataclasses import asdict
@@ -175,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--new-tokenizer", action="store_true", help="retrain the tokenizer (changes token ids)")
     build.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
     build.set_defaults(func=_zoo_build_tiny)
+    features = zoo_commands.add_parser("build-features", help="rebuild the offline quality-metric feature network")
+    features.add_argument("--steps", type=int, default=1500)
+    features.add_argument("--seed", type=int, default=0)
+    features.set_defaults(func=_zoo_build_features)
 
     prot = commands.add_parser("protect", help="template a share of a dataset and write the owner key")
     prot.add_argument("--data", required=True, help="source imagefolder (only read)")

