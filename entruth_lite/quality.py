@@ -125,9 +125,13 @@ def fid_kid(real: Sequence[Image.Image], fake: Sequence[Image.Image], net: Featu
 
     if min(len(real), len(fake)) < 2:
         raise ValueError("FID and KID need at least 2 images on each side")
+    import warnings
+
     net = net or load_feature_net()
     fid = FrechetInceptionDistance(feature=net, normalize=True)
-    kid = KernelInceptionDistance(feature=net, normalize=True, subset_size=min(kid_subset, len(real), len(fake)))
+    with warnings.catch_warnings():  # "KID keeps all features in memory": a few thousand 64-d vectors here
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=net, normalize=True, subset_size=min(kid_subset, len(real), len(fake)))
     with torch.no_grad():
         for is_real, images in ((True, real), (False, fake)):
             for batch in _batches(images):
