@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from verification_runs import Run, fit_and_probe  # noqa: E402
+from verification_runs import Run, add_run_arguments, fit_and_probe  # noqa: E402
 
 
 def main() -> None:
@@ -25,10 +25,7 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.01, 0.05, 0.02, 0.005, 0.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--queries", type=int, default=64)
-    parser.add_argument("--out", default="runs/bench")
-    parser.add_argument("--train-only", action="store_true")
-    parser.add_argument("--report-only", action="store_true")
+    add_run_arguments(parser)
     args = parser.parse_args()
     root = Path(args.out)
     runs = []

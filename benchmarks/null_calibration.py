@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from verification_runs import fit_and_probe  # noqa: E402
+from verification_runs import Run, add_run_arguments, fit_and_probe  # noqa: E402
 
 NULL_SEED_OFFSET = 100  # clean models use seeds 100, 101, ...: disjoint from the detection-power runs
 
@@ -26,18 +26,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=20)
     parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps per clean model")
-    parser.add_argument("--queries", type=int, default=64)
-    parser.add_argument("--out", default="runs/bench")
-    parser.add_argument("--train-only", action="store_true")
-    parser.add_argument("--report-only", action="store_true")
+    add_run_arguments(parser)
     args = parser.parse_args()
     root = Path(args.out)
     runs = []
     for i in range(args.models):
         seed = NULL_SEED_OFFSET + i
         if args.report_only:
-            from verification_runs import Run
-
             runs.append(Run(root / f"rate0-seed{seed}-steps{args.steps}", 0.0, seed, args.steps))
         else:
             print(f"clean model {i + 1}/{args.models} (seed {seed})", flush=True)

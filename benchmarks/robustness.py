@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from verification_runs import Run, fit_and_probe, owner_dataset  # noqa: E402
+from verification_runs import Run, add_run_arguments, fit_and_probe, owner_dataset  # noqa: E402
 
 from entruth_lite import attacks, audit, data, models, probe  # noqa: E402
 
@@ -72,15 +72,15 @@ def settings(only=None):
     return [g for g in grid if not only or g[1] in only]
 
 
-def run_setting(root: Path, kind: str, name: str, strength: float, seed: int, rate: float) -> Run | None:
+def run_setting(root: Path, kind: str, name: str, strength: float, seed: int, rate: float, queries: int = 64) -> Run | None:
     tag = f"attack-{kind}-{name}-{strength:g}-rate{rate:g}"
     if kind == "dataset":
-        return fit_and_probe(root, rate, seed, STEPS, template_seed=seed, name=tag,
+        return fit_and_probe(root, rate, seed, STEPS, template_seed=seed, name=tag, queries=queries,
                              attack=_dataset_attack(DATASET[name][1], strength))
     if kind == "training":
         overrides = attacks.training_overrides(name, strength)
         return fit_and_probe(root, rate, seed, overrides.get("steps", STEPS), template_seed=seed, name=tag,
-                             overrides=overrides)
+                             queries=queries, overrides=overrides)
     return None  # output attacks: evaluated on the stored probes, nothing to train
 
 
@@ -169,9 +169,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.01)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", help="only these attacks (names as in the table)")
-    parser.add_argument("--out", default="runs/bench")
-    parser.add_argument("--train-only", action="store_true")
-    parser.add_argument("--report-only", action="store_true")
+    add_run_arguments(parser)
     args = parser.parse_args()
     root = Path(args.out)
     owner_dataset(root)
@@ -180,7 +178,7 @@ def main() -> None:
             for kind, name, strength in settings(args.only):
                 if kind != "output":
                     print(f"{kind} attack {name} {strength:g}, seed {seed}", flush=True)
-                    run_setting(root, kind, name, strength, seed, args.rate)
+                    run_setting(root, kind, name, strength, seed, args.rate, args.queries)
     if not args.train_only:
         report(root, args.seeds, args.rate, args.only)
 

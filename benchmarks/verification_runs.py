@@ -35,6 +35,14 @@ class Run:
         return self.probe_file.is_file()
 
 
+def add_run_arguments(parser) -> None:
+    """The flags every verification benchmark shares."""
+    parser.add_argument("--queries", type=int, default=64)
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--train-only", action="store_true", help="fine-tune and probe, no report")
+    parser.add_argument("--report-only", action="store_true", help="report on the finished runs only")
+
+
 def owner_dataset(root: Path) -> Path:
     owner = root / "owner"
     if not (owner / data.METADATA).is_file():
