@@ -28,7 +28,8 @@ DETECTORS = ("projection", "classifier")
 METHODS = ("paired", "decoy", "binomial", "one-query", "reference")
 METHOD_NOTES = {
     "paired": "Wilcoxon signed-rank, trigger vs the same prompt and seed without the trigger, on the suspect only. "
-              "Null: the trigger does not make the suspect's images more template-like.",
+              "Null: the trigger does not make the suspect's images more template-like. Supporting only: a trigger "
+              "moves even a clean model's images, and on 20 clean fine-tunes it flagged 4 at alpha 0.05.",
     "decoy": "Rank of the released template among decoy templates from the same random family that were never "
              "released (statistic: mean trigger-minus-control projection score). Null: the suspect never saw the "
              "release, so the released template is exchangeable with the decoys.",
@@ -37,7 +38,9 @@ METHOD_NOTES = {
     "one-query": "The single most template-like trigger image, conformal p-value against plain images, "
                  "Bonferroni-corrected for picking the best of n, so it can only reach alpha with at least "
                  "n / alpha plain images.",
-    "reference": "Mann-Whitney U, suspect vs a clean reference model on the same trigger prompts and seeds.",
+    "reference": "Mann-Whitney U, suspect vs a clean reference model on the same trigger prompts and seeds. "
+                 "Supporting only: one reference model is not the population of clean models (3 of 20 clean "
+                 "fine-tunes flagged at alpha 0.01).",
 }
 
 
