@@ -179,6 +179,8 @@ def _plot_power(summary, path: Path, alpha: float) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    shown = ["decoy (projection)", "binomial (projection)", "binomial (classifier)", "paired (projection)"]
+    summary = summary[summary.method.isin(shown)]  # the table has every test; the plot the main ones
     grid = sns.relplot(data=summary, x="n", y="tpr", hue="method", col="rate", kind="line", marker="o",
                        col_order=sorted(summary.rate.unique(), reverse=True), height=3, aspect=0.9)
     grid.set(xscale="log", xticks=[8, 16, 32, 64], xticklabels=["8", "16", "32", "64"], ylim=(-0.05, 1.05))
