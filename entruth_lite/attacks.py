@@ -12,7 +12,6 @@ tiny VAE's latent mean, a stand-in that sees what the diffusion model sees.
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence

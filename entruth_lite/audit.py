@@ -84,12 +84,6 @@ class Evidence:
     decoy_statistics: np.ndarray | None = None
 
 
-def paired_projection_statistic(probed: ProbeResult, template: Template) -> float:
-    """Mean over queries of (trigger score - control score): what the decoy test ranks."""
-    return float(np.mean(detect.template_scores(probed.trigger_images, template)
-                         - detect.template_scores(probed.control_images, template)))
-
-
 def decoy_differences(probed: ProbeResult, template: Template, k: int = 999, salt: str = "", work_size: int = 64,
                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per-query (trigger - control) projection scores for the released template, shape (n,), and for K decoys
@@ -107,13 +101,6 @@ def decoy_differences(probed: ProbeResult, template: Template, k: int = 999, sal
 
     decoys = decoy_templates(released, k, salt)
     return differences(released), np.stack([differences(d) for d in tqdm(decoys, desc="decoys", disable=not progress)])
-
-
-def decoy_statistics(probed: ProbeResult, template: Template, k: int = 999, salt: str = "",
-                     work_size: int = 64, progress: bool = True) -> tuple[float, np.ndarray]:
-    """(released template's statistic, K decoys' statistics): mean trigger-minus-control projection score."""
-    released, decoys = decoy_differences(probed, template, k, salt, work_size, progress)
-    return float(released.mean()), decoys.mean(axis=1)
 
 
 def detector_scores(images: Sequence[Image.Image], template: Template, detector: str,

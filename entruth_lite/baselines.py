@@ -14,7 +14,6 @@ inference?" gets an answer in numbers.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
