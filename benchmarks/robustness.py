@@ -1,6 +1,6 @@
 """What survives an infringer's attacks: dataset (before training), training settings, outputs (before the audit).
 
-    python benchmarks/robustness.py [--rate 0.01] [--seeds 0 1 2] [--only dedup-phash jpeg ...]
+    python benchmarks/robustness.py [--rate 0.02] [--seeds 0 1 2] [--only dedup-phash jpeg ...]
         [--out runs/bench] [--train-only | --report-only]
 
 Every dataset and training attack is run at 2-3 strengths and each seed with ``verification_runs.fit_and_probe``
@@ -8,7 +8,12 @@ Every dataset and training attack is run at 2-3 strengths and each seed with ``v
 overrides, probe 64 held-out captions with and without the trigger). Output attacks need no training: they corrupt
 the stored probe images of ``detection_power.py``'s runs at the same rate. The report prints one table (attack,
 strength, templated images and triggers kept, TPR at alpha = 0.01 with 64 queries and median p-value of the
-decoy and binomial tests, held-out denoising loss as the quality cost) and saves it as CSV and a heatmap.
+decoy and binomial tests; as the quality cost, the held-out denoising loss and the KID of the 64 control images
+against the owner data on the offline feature network, ``quality.fid_kid``) and saves it as CSV and a heatmap.
+
+The default rate is 2 %, not the demo's 1 %: ``detection_power.py`` finds the unattacked protection detected in
+every 2 % run but only in some 1 % runs, and an attack can only be judged where the unattacked protection works
+(at 1 % a miss would not say whether the attack or the low rate caused it). ``--rate 0.01`` runs the same grid there.
 One fine-tune takes about 6-7 min on 2 cores: the full grid (26 settings x 3 seeds) is a long background job,
 resumable at any point.
 """
@@ -107,6 +112,23 @@ def _scores(run: Run, root: Path, corruption: tuple[str, float] | None = None, s
     return scores
 
 
+def _kid(run: Run, root: Path, corruption: tuple[str, float] | None = None, seed: int = 0) -> float:
+    """KID of the run's control images (corrupted, for output attacks) against the owner data after the base VAE
+    (the best a model of this VAE can draw): the quality cost."""
+    from verification_report import owner_negatives
+
+    from entruth_lite import quality
+
+    name = "kid.json" if corruption is None else f"kid-output-{corruption[0]}-{corruption[1]:g}.json"
+    cache = run.folder / name
+    if not cache.is_file():
+        controls = probe.load_probe(run.probe_file).control_images
+        if corruption is not None:
+            controls = attacks.corrupt_images(controls, *corruption, seed=seed + 1)
+        cache.write_text(json.dumps(quality.fid_kid(owner_negatives(root)[1], controls)))
+    return json.loads(cache.read_text())["kid"]
+
+
 def report(root: Path, seeds, rate: float, only=None) -> None:
     import pandas as pd
 
@@ -128,7 +150,8 @@ def report(root: Path, seeds, rate: float, only=None) -> None:
             rows.append(dict(kind=kind, attack=name, strength=strength, seed=seed,
                              templated_kept=attack.get("templated_kept"), templated_in=attack.get("templated_in"),
                              triggers_kept=attack.get("triggers_kept"), decoy_p=verdicts[0].p_value,
-                             binomial_p=verdicts[1].p_value, held_out_loss=meta.get("held_out_loss")))
+                             binomial_p=verdicts[1].p_value, held_out_loss=meta.get("held_out_loss"),
+                             kid=_kid(run, root, (name, strength) if kind == "output" else None, seed)))
     if not rows:
         print("no finished runs yet")
         return
@@ -137,13 +160,13 @@ def report(root: Path, seeds, rate: float, only=None) -> None:
     summary = attacks.summarize_robustness(table)
     print(f"\nRobustness at rate {rate:g} (64 queries, alpha = 0.01); templated/trigger counts are means over seeds\n")
     print("| kind | attack | strength | seeds | templated kept | triggers kept | TPR decoy | median p decoy | "
-          "TPR binomial | median p binomial | held-out loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "TPR binomial | median p binomial | held-out loss | KID (mean ± sd) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda x, f: "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, f)
     for r in summary.itertuples():
         print(f"| {r.kind} | {r.attack} | {r.strength:g} | {r.seeds} | {fmt(r.templated_kept, '.1f')} | "
               f"{fmt(r.triggers_kept, '.1f')} | {r.decoy_tpr:.2f} | {r.decoy_median_p:.1e} | {r.binomial_tpr:.2f} | "
-              f"{r.binomial_median_p:.1e} | {fmt(r.held_out_loss, '.4f')} |")
+              f"{r.binomial_median_p:.1e} | {fmt(r.held_out_loss, '.4f')} | {r.kid:.4f} ± {fmt(r.kid_sd, '.4f')} |")
     _heatmap(summary, root / "robustness.png")
 
 
@@ -166,7 +189,7 @@ def _heatmap(summary, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rate", type=float, default=0.01)
+    parser.add_argument("--rate", type=float, default=0.02)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", help="only these attacks (names as in the table)")
     add_run_arguments(parser)

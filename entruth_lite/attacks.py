@@ -365,10 +365,14 @@ def output_attack_table(probed, template, negatives=None, settings: dict | None 
 
 def summarize_robustness(results, alpha: float = 0.01):
     """Per (kind, attack, strength): seeds, mean templated images and triggers kept, TPR at ``alpha`` and
-    median p-value of the decoy and binomial tests, mean held-out loss (``benchmarks/robustness.py``'s table)."""
+    median p-value of the decoy and binomial tests, mean held-out loss, and mean and seed-to-seed sd of KID when
+    ``results`` has a ``kid`` column (``benchmarks/robustness.py``'s table)."""
     tpr = lambda p: (p < alpha).mean()
+    quality = {}
+    if "kid" in results:  # KID of the control images on the offline feature network (quality.fid_kid)
+        quality = dict(kid=("kid", "mean"), kid_sd=("kid", "std"))
     return results.groupby(["kind", "attack", "strength"], sort=False).agg(
         seeds=("seed", "count"), templated_kept=("templated_kept", "mean"), triggers_kept=("triggers_kept", "mean"),
         decoy_tpr=("decoy_p", tpr), decoy_median_p=("decoy_p", "median"),
         binomial_tpr=("binomial_p", tpr), binomial_median_p=("binomial_p", "median"),
-        held_out_loss=("held_out_loss", "mean")).reset_index()
+        held_out_loss=("held_out_loss", "mean"), **quality).reset_index()

@@ -180,3 +180,7 @@ def test_robustness_summary():
     row = attacks.summarize_robustness(results).iloc[0]
     assert row.seeds == 3 and row.decoy_tpr == pytest.approx(2 / 3) and row.binomial_tpr == pytest.approx(1 / 3)
     assert row.decoy_median_p == 0.002 and row.held_out_loss == pytest.approx(0.2)
+    assert "kid" not in row, "no quality column given: none reported"
+    results["kid"] = [0.01, 0.02, 0.03]
+    row = attacks.summarize_robustness(results).iloc[0]
+    assert row.kid == pytest.approx(0.02) and row.kid_sd == pytest.approx(0.01)
