@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from . import data
+from .train import LORA_UNET_TARGETS, LORA_UNET_WIDE_TARGETS
 
 CORRUPTIONS = ("jpeg", "blur", "noise", "crop", "flip", "resize")
 
@@ -293,8 +294,12 @@ def dilute(dataset, extra, out, factor: float, seed: int = 0, key=None, overwrit
 TRAINING_ATTACKS: dict[str, Callable[[float], dict]] = {
     "fewer_steps": lambda share: {"steps": max(1, round(1500 * share))},
     "lower_lr": lambda factor: {"learning_rate": 1e-3 * factor},
-    "lora_rank": lambda rank: {"method": "lora", "lora_rank": int(rank)},
-    "augment": lambda _: {"random_flip": True},
+    # LoRA instead of the full UNet: at a given rank on attention, convolutions and feed-forward layers, or at a
+    # given rank on the attention projections only (different targets)
+    "lora_rank": lambda rank: {"method": "lora", "lora_rank": int(rank), "lora_targets": LORA_UNET_WIDE_TARGETS},
+    "lora_attention_only": lambda rank: {"method": "lora", "lora_rank": int(rank), "lora_targets": LORA_UNET_TARGETS},
+    "flip": lambda _: {"random_flip": True},
+    "augment": lambda views: {"augment_views": int(views)},  # strong augmentation, this many views per image
 }
 
 

@@ -114,6 +114,10 @@ class TrainConfig:
     resolution: int | None = None  # None: the model's native size
     center_crop: bool = True
     random_flip: bool = False
+    # strong augmentation (``detect.augment``: crop, flip, elastic, colour, grayscale, blur, noise), an infringer's
+    # way to blunt memorization: with cached latents, this many augmented views of each image are encoded once and
+    # every sample of every step draws one of them; without the cache, every batch is augmented afresh. 0 = off.
+    augment_views: int = 0
     mixed_precision: str = "no"  # "no", "fp16", "bf16" (CUDA)
     gradient_checkpointing: bool = False
     cache_latents: bool = True
@@ -126,6 +130,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "lora_rank"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.augment_views < 0:
+            raise ValueError(f"augment_views must be 0 (off) or positive, got {self.augment_views}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.caption_dropout < 1:
@@ -135,9 +141,14 @@ class TrainConfig:
         self.lora_targets = tuple(self.lora_targets)
 
     def fingerprint(self) -> str:
-        """Hash of the settings that shape the trajectory (``checkpoint_every`` may change on resume)."""
-        settings = {k: v for k, v in asdict(self).items() if k != "checkpoint_every"}
+        """Hash of the settings that shape the trajectory (``checkpoint_every`` may change on resume). Fields added
+        later count only when set, so runs saved before they existed keep their fingerprint."""
+        settings = {k: v for k, v in asdict(self).items()
+                    if k != "checkpoint_every" and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ADDED_LATER = {"augment_views": 0}  # field: its default (see TrainConfig.fingerprint)
 
 
 # Presets: the tiny CPU default, and what fits real Stable Diffusion 1.5 on common GPUs.
@@ -207,6 +218,20 @@ def check_resolution(resolution: int, pipe) -> None:
 def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
     """All randomness of one micro-batch comes from (seed, step, micro, process): resuming replays it exactly."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 97 + micro) * 31 + process)
+
+
+def augment_pixels(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Strong augmentation of a batch in [-1, 1]: ``detect.augment``'s random draw for each image."""
+    from .detect import augment
+
+    return augment((pixels + 1) / 2, generator) * 2 - 1
+
+
+def augmented_latents(vae, pixels: torch.Tensor, views: int, seed: int) -> torch.Tensor:
+    """(views, N, C, h, w): ``views`` augmented copies of every image, encoded once (seeded, so resumable)."""
+    generator = torch.Generator().manual_seed(seed * 104729 + 17)
+    return torch.stack([encode_images(vae, augment_pixels(pixels, generator))
+                        for _ in tqdm(range(views), desc="augmented views", disable=views < 4)])
 
 
 def batch_indices(n: int, batch_size: int, global_batch: int, seed: int) -> torch.Tensor:
@@ -527,10 +552,11 @@ def finetune(
     ids = tokenize(tokenizer, dataset.captions)
     empty_ids = tokenize(tokenizer, [""])
     _place(vae.requires_grad_(False), device, weight_dtype)
-    latents = flipped = None
+    latents = flipped = views = None
     if config.cache_latents:
         latents = encode_images(vae, pixels)
         flipped = encode_images(vae, pixels.flip(-1)) if config.random_flip else None
+        views = augmented_latents(vae, pixels, config.augment_views, config.seed) if config.augment_views else None
 
     # -- what trains
     unet.requires_grad_(config.method == "full")
@@ -590,10 +616,14 @@ def finetune(
                 batch_latents = latents[index].clone()
                 if flip is not None:
                     batch_latents[flip] = flipped[index][flip]
+                if views is not None:
+                    batch_latents = views[torch.randint(len(views), (len(index),), generator=generator), index]
             else:
                 batch_pixels = pixels[index].clone()
                 if flip is not None:
                     batch_pixels[flip] = batch_pixels[flip].flip(-1)
+                if config.augment_views:
+                    batch_pixels = augment_pixels(batch_pixels, generator)
                 batch_latents = encode_images(vae, batch_pixels)
             batch_latents = batch_latents.to(device, weight_dtype)
             with accelerator.accumulate(*trainables.values()):

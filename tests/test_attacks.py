@@ -127,7 +127,10 @@ def test_training_attacks_are_preset_overrides():
 
     assert attacks.training_overrides("fewer_steps", 0.5) == {"steps": 750}
     config = train.preset("tiny-cpu", **attacks.training_overrides("lora_rank", 4))
-    assert config.method == "lora" and config.lora_rank == 4
+    assert config.method == "lora" and config.lora_rank == 4 and "ff.net.2" in config.lora_targets
+    narrow = train.preset("tiny-cpu", **attacks.training_overrides("lora_attention_only", 4))
+    assert narrow.lora_targets == train.LORA_UNET_TARGETS and narrow.fingerprint() != config.fingerprint()
+    assert train.preset("tiny-cpu", **attacks.training_overrides("augment", 4)).augment_views == 4
     with pytest.raises(ValueError, match="unknown training attack"):
         attacks.training_overrides("prayer", 1)
 

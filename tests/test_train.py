@@ -1,7 +1,9 @@
 """Fine-tuning: formats, resume, determinism and bad input. Runs on a slice of the owner data, a few steps."""
 
+import hashlib
 import json
 import logging
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -247,3 +249,28 @@ def test_denoising_losses_are_replayable_and_lower_on_training_images(dataset, b
     assert seen.mean() < before.mean() and seen.mean() < unseen.mean()
     with pytest.raises(ValueError, match="as many captions"):
         train.denoising_losses(base, images, captions[:3])
+
+
+def test_strong_augmentation_changes_training_and_keeps_old_fingerprints(dataset, base, tmp_path):
+    plain = lora_config(steps=2)
+    # the hash as it was computed before augment_views existed: models saved then are still reused
+    before = {k: v for k, v in asdict(plain).items() if k not in ("checkpoint_every", "augment_views")}
+    assert plain.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    augmented = lora_config(steps=2, augment_views=3)
+    assert augmented.fingerprint() != plain.fingerprint(), "a run with augmentation must not be reused as plain"
+    with pytest.raises(ValueError, match="augment_views"):
+        lora_config(augment_views=-1)
+    a = train.finetune(dataset, tmp_path / "plain", plain, pipe=base, progress=False).losses
+    b = train.finetune(dataset, tmp_path / "aug", augmented, pipe=base, progress=False).losses
+    c = train.finetune(dataset, tmp_path / "aug-uncached", lora_config(steps=2, augment_views=3, cache_latents=False),
+                       pipe=base, progress=False).losses
+    assert a != b and all(torch.isfinite(torch.tensor(b + c)))
+
+
+def test_augmented_views_differ_from_the_images_and_from_each_other(base):
+    pixels = torch.rand(4, 3, 32, 32) * 2 - 1
+    views = train.augmented_latents(base.vae, pixels, 3, seed=0)
+    plain = train.encode_images(base.vae, pixels)
+    assert views.shape == (3, *plain.shape)
+    assert (views[0] - plain).abs().mean() > 1e-3 and (views[0] - views[1]).abs().mean() > 1e-3
+    assert torch.equal(views, train.augmented_latents(base.vae, pixels, 3, seed=0)), "seeded: a resume redraws them"
