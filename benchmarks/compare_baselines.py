@@ -168,7 +168,23 @@ def report(root: Path, seeds) -> None:
         print(f"| {method} | {g.rate.iloc[0]:g} | {psnr} | {len(g)} | {own} | {fp} | "
               f"{(g.membership_p < 0.01).mean():.2f} | {g.fid.mean():.2f} ± {g.fid.std():.2f} | "
               f"{g.kid.mean():.4f} ± {g.kid.std():.4f} |")
+    print("\nQuality cost against the clean model of the same seed (same held-out split and training seed):\n")
+    print("| method | seeds | ΔFID (mean ± sd) | ΔKID (mean ± sd) | clean FID seed-to-seed sd |")
+    print("|---|---|---|---|---|")
+    for method, delta in quality_cost(table).groupby("method", sort=False):
+        print(f"| {method} | {len(delta)} | {delta.fid.mean():+.2f} ± {delta.fid.std():.2f} | "
+              f"{delta.kid.mean():+.4f} ± {delta.kid.std():.4f} | {clean.fid.std():.2f} |")
     _plot(table, root / "compare_baselines.png")
+
+
+def quality_cost(table):
+    """Per method and seed, FID and KID minus the clean model's of the same seed (paired: same split, same seed)."""
+    clean = table[table.method == "clean"].set_index("seed")[["fid", "kid"]]
+    altered = table[(table.method != "clean") & table.seed.isin(clean.index)]
+    delta = altered[["method", "seed"]].copy()
+    for column in ("fid", "kid"):
+        delta[column] = altered[column].to_numpy() - clean.loc[altered.seed, column].to_numpy()
+    return delta
 
 
 def _plot(table, path: Path) -> None:
