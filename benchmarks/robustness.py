@@ -7,7 +7,7 @@ Every dataset and training attack is run at 2-3 strengths and each seed with ``v
 (protect with ``random:<seed>``, attack the release, fine-tune with the ``tiny-cpu`` preset plus the attack's
 overrides, probe 64 held-out captions with and without the trigger). Output attacks need no training: they corrupt
 the stored probe images of ``detection_power.py``'s runs at the same rate. The report prints one table (attack,
-strength, templated images and triggers kept, TPR at alpha = 0.01 with 64 queries and median p-value of the
+strength, templated images kept and, of them, still captioned with the trigger, TPR at alpha = 0.01 with 64 queries and median p-value of the
 decoy and binomial tests; as the quality cost, the held-out denoising loss and the KID of the 64 control images
 against the owner data on the offline feature network, ``quality.fid_kid``) and saves it as CSV and a heatmap.
 
@@ -150,7 +150,7 @@ def report(root: Path, seeds, rate: float, only=None) -> None:
             attack = meta.get("attack") or {}
             rows.append(dict(kind=kind, attack=name, strength=strength, seed=seed,
                              templated_kept=attack.get("templated_kept"), templated_in=attack.get("templated_in"),
-                             triggers_kept=attack.get("triggers_kept"), decoy_p=verdicts[0].p_value,
+                             templated_with_trigger=attack.get("templated_with_trigger"), decoy_p=verdicts[0].p_value,
                              binomial_p=verdicts[1].p_value, held_out_loss=meta.get("held_out_loss"),
                              kid=_kid(run, root, (name, strength) if kind == "output" else None, seed)))
     if not rows:
@@ -160,13 +160,13 @@ def report(root: Path, seeds, rate: float, only=None) -> None:
     table.to_csv(root / "robustness.csv", index=False)
     summary = attacks.summarize_robustness(table)
     print(f"\nRobustness at rate {rate:g} (64 queries, alpha = 0.01); templated/trigger counts are means over seeds\n")
-    print("| kind | attack | strength | seeds | templated kept | triggers kept | TPR decoy | median p decoy | "
+    print("| kind | attack | strength | seeds | templated kept | ... with trigger | TPR decoy | median p decoy | "
           "TPR binomial | median p binomial | held-out loss | KID (mean ± sd) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda x, f: "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, f)
     for r in summary.itertuples():
         print(f"| {r.kind} | {r.attack} | {r.strength:g} | {r.seeds} | {fmt(r.templated_kept, '.1f')} | "
-              f"{fmt(r.triggers_kept, '.1f')} | {r.decoy_tpr:.2f} | {r.decoy_median_p:.1e} | {r.binomial_tpr:.2f} | "
+              f"{fmt(r.templated_with_trigger, '.1f')} | {r.decoy_tpr:.2f} | {r.decoy_median_p:.1e} | {r.binomial_tpr:.2f} | "
               f"{r.binomial_median_p:.1e} | {fmt(r.held_out_loss, '.4f')} | {r.kid:.4f} ± {fmt(r.kid_sd, '.4f')} |")
     _heatmap(summary, root / "robustness.png")
 

@@ -34,7 +34,8 @@ class AttackReport:
     out: Path | None = None
     templated_in: int | None = None  # measured with the owner key, when given
     templated_kept: int | None = None
-    triggers_kept: int | None = None  # captions still holding the key's trigger
+    triggers_kept: int | None = None  # captions (of any image) still holding the key's trigger
+    templated_with_trigger: int | None = None  # templated images kept whose caption still holds it: what links them
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -42,7 +43,8 @@ class AttackReport:
 
     def summary(self) -> str:
         kept = "" if self.templated_in is None else \
-            f"; templated images kept {self.templated_kept}/{self.templated_in}, triggers kept {self.triggers_kept}"
+            f"; templated images kept {self.templated_kept}/{self.templated_in}, of them still with the trigger " \
+            f"{self.templated_with_trigger}; captions with the trigger {self.triggers_kept}"
         return f"{self.attack} {self.params}: {self.n_in} -> {self.n_out} images{kept}"
 
 
@@ -162,6 +164,8 @@ def _measure(report: AttackReport, kept_names: Sequence[str], kept_captions: Seq
         report.templated_in = len(templated)
         report.templated_kept = sum(1 for name in kept_names if name in templated)
         report.triggers_kept = sum(1 for caption in kept_captions if key.trigger in caption.split())
+        report.templated_with_trigger = sum(1 for name, caption in zip(kept_names, kept_captions)
+                                            if name in templated and key.trigger in caption.split())
     return report
 
 
@@ -334,7 +338,8 @@ def preview(name: str, strength: float, images: Sequence[Image.Image], captions:
     grid = data.image_grid([images[i] for i in templated] + after, cols=max(1, len(templated)))
     stats = dict(attack=name, strength=strength, n_in=len(images), n_out=len(kept), templated_in=len(templated),
                  templated_kept=sum(i in kept_set for i in templated),
-                 triggers_kept=sum(trigger in out_captions[i].split() for i in kept))
+                 triggers_kept=sum(trigger in out_captions[i].split() for i in kept),
+                 templated_with_trigger=sum(i in kept_set and trigger in out_captions[i].split() for i in templated))
     return grid, stats
 
 
@@ -377,7 +382,8 @@ def summarize_robustness(results, alpha: float = 0.01):
     if "kid" in results:  # KID of the control images on the offline feature network (quality.fid_kid)
         quality = dict(kid=("kid", "mean"), kid_sd=("kid", "std"))
     return results.groupby(["kind", "attack", "strength"], sort=False).agg(
-        seeds=("seed", "count"), templated_kept=("templated_kept", "mean"), triggers_kept=("triggers_kept", "mean"),
+        seeds=("seed", "count"), templated_kept=("templated_kept", "mean"),
+        templated_with_trigger=("templated_with_trigger", "mean"),
         decoy_tpr=("decoy_p", tpr), decoy_median_p=("decoy_p", "median"),
         binomial_tpr=("binomial_p", tpr), binomial_median_p=("binomial_p", "median"),
         held_out_loss=("held_out_loss", "mean"), **quality).reset_index()

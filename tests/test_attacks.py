@@ -89,7 +89,7 @@ def test_recaption_with_a_captioner_leaves_no_trigger(tmp_path, protected, emoji
     corpus_images, corpus_captions, _ = data.emoji_dataset("pretrain", limit=40)
     captioner = attacks.retrieval_captioner(corpus_images, corpus_captions, models.load_pipeline("tiny", device="cpu"))
     report = attacks.recaption(folder, tmp_path / "r", 1.0, "captioner", captioner, key=key)
-    assert report.triggers_kept == 0 and report.templated_kept == 6
+    assert report.triggers_kept == 0 and report.templated_kept == 6 and report.templated_with_trigger == 0
     assert set(data.load_imagefolder(tmp_path / "r").captions) <= set(corpus_captions)
     assert hash_tree(folder) == before
 
@@ -100,6 +100,9 @@ def test_shuffled_recaption_changes_the_chosen_share(tmp_path, protected):
     attacks.recaption(folder, tmp_path / "s", 0.4, "shuffle", seed=3, key=key)
     changed = sum(a != b for a, b in zip(original, data.load_imagefolder(tmp_path / "s").captions))
     assert 0.25 * len(original) <= changed <= 0.4 * len(original)
+    moved = attacks.recaption(folder, tmp_path / "all", 1.0, "shuffle", seed=3, key=key)
+    assert moved.triggers_kept == 6, "shuffling moves the trigger to other images, it does not remove it"
+    assert moved.templated_with_trigger <= 2, "but it rarely lands on a templated image (6/60 each)"
     with pytest.raises(ValueError, match="needs a captioner"):
         attacks.recaption(folder, tmp_path / "t", 0.5, "captioner")
     with pytest.raises(ValueError, match="share"):
@@ -178,11 +181,11 @@ def test_robustness_summary():
     import pandas as pd
 
     results = pd.DataFrame(dict(kind=["dataset"] * 3, attack=["jpeg"] * 3, strength=[20] * 3, seed=[0, 1, 2],
-                                templated_kept=[10, 10, 10], triggers_kept=[10, 10, 10], decoy_p=[0.001, 0.5, 0.002],
+                                templated_kept=[10, 10, 10], templated_with_trigger=[10, 9, 8], decoy_p=[0.001, 0.5, 0.002],
                                 binomial_p=[0.2, 0.3, 0.005], held_out_loss=[0.1, 0.2, 0.3]))
     row = attacks.summarize_robustness(results).iloc[0]
     assert row.seeds == 3 and row.decoy_tpr == pytest.approx(2 / 3) and row.binomial_tpr == pytest.approx(1 / 3)
-    assert row.decoy_median_p == 0.002 and row.held_out_loss == pytest.approx(0.2)
+    assert row.decoy_median_p == 0.002 and row.held_out_loss == pytest.approx(0.2) and row.templated_with_trigger == 9
     assert "kid" not in row, "no quality column given: none reported"
     results["kid"] = [0.01, 0.02, 0.03]
     row = attacks.summarize_robustness(results).iloc[0]
