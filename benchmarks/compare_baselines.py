@@ -156,35 +156,22 @@ def report(root: Path, seeds) -> None:
         row.update(quality.fid_kid(reference, row.pop("samples"), net))
     table = pd.DataFrame(rows)
     table.to_csv(root / "compare_baselines.csv", index=False)
+    fmt = lambda x, f: "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, f)
     print("\n| method | rate | PSNR of altered images (dB) | seeds | TPR own test | median p | clean models flagged "
           "by this test | TPR membership | FID (mean ± sd) | KID (mean ± sd) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    clean = table[table.method == "clean"]
-    for method, g in table.groupby("method", sort=False):
-        p = g.get(f"p_{method}")
-        own = "- | -" if p is None else f"{(p < 0.01).mean():.2f} | {p.median():.1e}"
-        fp = "-" if method == "clean" or clean.empty else f"{(clean[f'p_{method}'] < 0.01).sum()}/{len(clean)}"
-        psnr = "-" if g.psnr.isna().all() else f"{g.psnr.mean():.1f}"
-        print(f"| {method} | {g.rate.iloc[0]:g} | {psnr} | {len(g)} | {own} | {fp} | "
-              f"{(g.membership_p < 0.01).mean():.2f} | {g.fid.mean():.2f} ± {g.fid.std():.2f} | "
-              f"{g.kid.mean():.4f} ± {g.kid.std():.4f} |")
+    for r in baselines.summarize_comparison(table).itertuples():
+        flagged = r.clean_flagged if isinstance(r.clean_flagged, str) else "-"
+        print(f"| {r.method} | {r.rate:g} | {fmt(r.psnr_db, '.1f')} | {r.seeds} | {fmt(r.tpr, '.2f')} | "
+              f"{fmt(r.median_p, '.1e')} | {flagged} | {r.membership_tpr:.2f} | {r.fid:.2f} ± {r.fid_sd:.2f} | "
+              f"{r.kid:.4f} ± {r.kid_sd:.4f} |")
     print("\nQuality cost against the clean model of the same seed (same held-out split and training seed):\n")
-    print("| method | seeds | ΔFID (mean ± sd) | ΔKID (mean ± sd) | clean FID seed-to-seed sd |")
-    print("|---|---|---|---|---|")
-    for method, delta in quality_cost(table).groupby("method", sort=False):
+    print("| method | seeds | ΔFID (mean ± sd) | ΔKID (mean ± sd) |")
+    print("|---|---|---|---|")
+    for method, delta in quality.cost_against_clean(table).groupby("method", sort=False):
         print(f"| {method} | {len(delta)} | {delta.fid.mean():+.2f} ± {delta.fid.std():.2f} | "
-              f"{delta.kid.mean():+.4f} ± {delta.kid.std():.4f} | {clean.fid.std():.2f} |")
+              f"{delta.kid.mean():+.4f} ± {delta.kid.std():.4f} |")
     _plot(table, root / "compare_baselines.png")
-
-
-def quality_cost(table):
-    """Per method and seed, FID and KID minus the clean model's of the same seed (paired: same split, same seed)."""
-    clean = table[table.method == "clean"].set_index("seed")[["fid", "kid"]]
-    altered = table[(table.method != "clean") & table.seed.isin(clean.index)]
-    delta = altered[["method", "seed"]].copy()
-    for column in ("fid", "kid"):
-        delta[column] = altered[column].to_numpy() - clean.loc[altered.seed, column].to_numpy()
-    return delta
 
 
 def _plot(table, path: Path) -> None:

@@ -152,3 +152,25 @@ def split_holdout(dataset, out_released, holdout_share: float = 0.1, seed: int =
     out = data.save_imagefolder([source.image(i) for i in kept], [source.captions[i] for i in kept], out_released,
                                 file_names=[source.file_names[i] for i in kept], overwrite=overwrite)
     return out, held
+
+
+def summarize_comparison(results, alpha: float = 0.01):
+    """One row per method from per-model results (``benchmarks/compare_baselines.py``: columns method, seed, rate,
+    psnr, ``p_<method>`` = that method's own test on the model, membership_p, fid, kid; the ``clean`` rows hold
+    every other method's test on a model that never saw its coating or template): TPR at ``alpha`` and median p of
+    the method's own test, clean models it flags, membership-inference TPR, FID/KID mean and seed-to-seed sd."""
+    import pandas as pd
+
+    clean = results[results.method == "clean"]
+    rows = []
+    for method, group in results.groupby("method", sort=False):
+        own = group.get(f"p_{method}")
+        flagged = clean.get(f"p_{method}") if method != "clean" else None
+        rows.append(dict(
+            method=method, rate=group.rate.iloc[0], psnr_db=group.psnr.mean(), seeds=len(group),
+            tpr=np.nan if own is None else float((own < alpha).mean()),
+            median_p=np.nan if own is None else float(own.median()),
+            clean_flagged=None if flagged is None else f"{int((flagged < alpha).sum())}/{int(flagged.notna().sum())}",
+            membership_tpr=float((group.membership_p < alpha).mean()),
+            fid=group.fid.mean(), fid_sd=group.fid.std(), kid=group.kid.mean(), kid_sd=group.kid.std()))
+    return pd.DataFrame(rows)

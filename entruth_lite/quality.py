@@ -153,3 +153,14 @@ def inception_fid(real: Sequence[Image.Image], fake: Sequence[Image.Image]) -> f
         for batch in _batches(images):
             metric.update(torch.nn.functional.interpolate(batch, size=(299, 299), mode="bilinear"), real=is_real)
     return float(metric.compute())
+
+
+def cost_against_clean(results):
+    """FID and KID of each altered model minus those of the clean model of the same seed (same data split, same
+    training seed), one row per method and seed: the quality cost, to be read against its spread over seeds."""
+    clean = results[results.method == "clean"].set_index("seed")[["fid", "kid"]]
+    altered = results[(results.method != "clean") & results.seed.isin(clean.index)]
+    delta = altered[["method", "seed"]].copy()
+    for column in ("fid", "kid"):
+        delta[column] = altered[column].to_numpy() - clean.loc[altered.seed, column].to_numpy()
+    return delta.reset_index(drop=True)

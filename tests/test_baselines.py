@@ -75,3 +75,19 @@ def test_split_holdout_keeps_a_random_share_back(tmp_path, owner):
     names = data.load_imagefolder(owner).file_names
     kept = data.load_imagefolder(released).file_names
     assert len(held) == 10 and len(kept) == 30 and set(kept).isdisjoint(names[i] for i in held)
+
+
+def test_comparison_summary_counts_own_tests_and_false_positives_on_clean_models():
+    import pandas as pd
+
+    results = pd.DataFrame(dict(
+        method=["entruth"] * 3 + ["clean"] * 3, seed=[0, 1, 2] * 2, rate=[0.01] * 3 + [0.0] * 3,
+        psnr=[12.0, 14.0, 13.0] + [np.nan] * 3,
+        p_entruth=[0.001, 0.002, 0.5, 0.3, 0.004, 0.9], membership_p=[0.001, 0.2, 0.3, 0.5, 0.6, 0.7],
+        fid=[2.0, 3.0, 4.0, 1.0, 2.0, 3.0], kid=[0.02, 0.03, 0.04, 0.01, 0.02, 0.03]))
+    summary = baselines.summarize_comparison(results).set_index("method")
+    entruth = summary.loc["entruth"]
+    assert entruth.tpr == pytest.approx(2 / 3) and entruth.median_p == 0.002 and entruth.clean_flagged == "1/3"
+    assert entruth.membership_tpr == pytest.approx(1 / 3) and entruth.psnr_db == 13.0
+    assert entruth.fid == 3.0 and entruth.fid_sd == pytest.approx(1.0)
+    assert pd.isna(summary.loc["clean"].clean_flagged) and np.isnan(summary.loc["clean"].tpr), "no test of its own"

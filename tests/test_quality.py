@@ -53,3 +53,13 @@ def test_inception_fid_fails_clearly_offline():
     images = data.emoji_dataset("owner", limit=4)[0]
     with pytest.raises(RuntimeError, match="offline features"):
         quality.inception_fid(images, images)
+
+
+def test_quality_cost_is_paired_by_seed():
+    import pandas as pd
+
+    results = pd.DataFrame(dict(method=["clean", "entruth", "clean", "entruth", "entruth"], seed=[0, 0, 1, 1, 2],
+                                fid=[1.0, 3.0, 5.0, 6.0, 9.0], kid=[0.1, 0.15, 0.2, 0.2, 0.9]))
+    cost = quality.cost_against_clean(results)
+    assert cost.seed.tolist() == [0, 1], "a seed without its clean model has no cost"
+    assert cost.fid.tolist() == [2.0, 1.0] and cost.kid.tolist() == pytest.approx([0.05, 0.0])
