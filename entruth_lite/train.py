@@ -227,11 +227,13 @@ def augment_pixels(pixels: torch.Tensor, generator: torch.Generator) -> torch.Te
     return augment((pixels + 1) / 2, generator) * 2 - 1
 
 
-def augmented_latents(vae, pixels: torch.Tensor, views: int, seed: int) -> torch.Tensor:
+def augmented_latents(vae, pixels: torch.Tensor, views: int, seed: int, batch_size: int = 64) -> torch.Tensor:
     """(views, N, C, h, w): ``views`` augmented copies of every image, encoded once (seeded, so resumable)."""
     generator = torch.Generator().manual_seed(seed * 104729 + 17)
-    return torch.stack([encode_images(vae, augment_pixels(pixels, generator))
-                        for _ in tqdm(range(views), desc="augmented views", disable=views < 4)])
+    return torch.stack([
+        torch.cat([encode_images(vae, augment_pixels(pixels[start : start + batch_size], generator))
+                   for start in range(0, len(pixels), batch_size)])
+        for _ in tqdm(range(views), desc="augmented views", disable=views < 4)])
 
 
 def batch_indices(n: int, batch_size: int, global_batch: int, seed: int) -> torch.Tensor:
