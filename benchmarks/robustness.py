@@ -8,8 +8,9 @@ Every dataset and training attack is run at 2-3 strengths and each seed with ``v
 overrides, probe 64 held-out captions with and without the trigger). Output attacks need no training: they corrupt
 the stored probe images of ``detection_power.py``'s runs at the same rate. The report prints one table (attack,
 strength, templated images kept and how many of them are still captioned with the trigger, TPR at alpha = 0.01
-with 64 queries and median p-value of the decoy and binomial tests; as the quality cost, the held-out denoising loss and the KID of the 64 control images
-against the owner data on the offline feature network, ``quality.fid_kid``) and saves it as CSV and a heatmap.
+with 64 queries and median p-value of the decoy and binomial tests; as the quality cost, the held-out denoising
+loss and the KID of the 64 control images against the owner data on the offline feature network,
+``quality.fid_kid``) and saves it as CSV and a heatmap.
 
 The default rate is 2 %, not the demo's 1 %: ``detection_power.py`` finds the unattacked protection detected in
 every 2 % run but only in some 1 % runs, and an attack can only be judged where the unattacked protection works
