@@ -1,7 +1,8 @@
 """Generation quality that works offline: FID and KID (torchmetrics) on the features of a small network trained
 on the pretraining emoji to tell their Unicode categories apart. This is **not** Inception FID: the numbers are
 only comparable with each other (same network, same reference images), which is all the protected-vs-clean
-comparison needs. Inception FID runs only where its weights are present locally (``inception_fid``).
+comparison needs. Inception FID and CLIP score run only where their weights are present locally (``inception_fid``,
+``clip_score``: the GPU / Colab path).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -153,6 +155,52 @@ def inception_fid(real: Sequence[Image.Image], fake: Sequence[Image.Image]) -> f
         for batch in _batches(images):
             metric.update(torch.nn.functional.interpolate(batch, size=(299, 299), mode="bilinear"), real=is_real)
     return float(metric.compute())
+
+
+class _TensorFeatures(torch.nn.Module):
+    """A CLIP model whose ``get_*_features`` return tensors: transformers >= 5 returns output objects, which
+    torchmetrics 1.9.0's CLIPScore cannot use (Lightning-AI/torchmetrics#3408, merged after that release)."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip, self.config = clip, clip.config
+
+    @staticmethod
+    def _tensor(features):
+        return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+    def get_image_features(self, *args, **kwargs):
+        return self._tensor(self.clip.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs):
+        return self._tensor(self.clip.get_text_features(*args, **kwargs))
+
+
+def clip_score(images: Sequence[Image.Image], prompts: Sequence[str], model: str = "openai/clip-vit-base-patch16",
+               allow_download: bool = False) -> float:
+    """CLIP score (torchmetrics: 100 x cosine of CLIP image and text embeddings, mean over pairs) of generations
+    against their prompts. ``model`` is a hub name or a local folder; without ``allow_download`` (Colab: pass True)
+    it loads only what is already on disk and raises a clear error instead of downloading."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    if len(images) != len(prompts) or not images:
+        raise ValueError(f"clip_score needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
+
+    def load():
+        try:
+            return (_TensorFeatures(CLIPModel.from_pretrained(model, local_files_only=not allow_download)),
+                    CLIPProcessor.from_pretrained(model, local_files_only=not allow_download))
+        except OSError as error:
+            raise RuntimeError(f"CLIP weights {model!r} are not available here ({error}); CLIP score needs them "
+                               "locally (or allow_download=True with a connection)") from error
+
+    metric = CLIPScore(model_name_or_path=load)
+    with torch.no_grad():
+        for start in range(0, len(images), 64):
+            batch = [torch.from_numpy(np.array(data.to_rgb(im))).permute(2, 0, 1) for im in images[start:start + 64]]
+            metric.update(batch, list(prompts[start:start + 64]))
+        return float(metric.compute())
 
 
 def cost_against_clean(results):

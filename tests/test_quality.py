@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from entruth_lite import data, quality
 
@@ -63,3 +64,35 @@ def test_quality_cost_is_paired_by_seed():
     cost = quality.cost_against_clean(results)
     assert cost.seed.tolist() == [0, 1], "a seed without its clean model has no cost"
     assert cost.fid.tolist() == [2.0, 1.0] and cost.kid.tolist() == pytest.approx([0.05, 0.0])
+
+
+def test_clip_score_runs_on_local_weights_and_refuses_to_download(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from entruth_lite import models
+
+    # a tiny random CLIP saved to disk: the same code path as real weights in a local cache
+    tokenizer = CLIPTokenizer.from_pretrained(models.TINY_MODEL_DIR / "tokenizer")
+    text = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # pooled at the EOS token
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(1)  # a random CLIP whose mean cosine on these pairs is positive (torchmetrics clips at 0)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    clip.save_pretrained(tmp_path / "clip")
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(tmp_path / "clip")
+    images, captions, _ = data.emoji_dataset("owner", limit=8)
+    score = quality.clip_score(images, captions, model=str(tmp_path / "clip"))
+    with torch.no_grad():  # the definition: 100 x the mean cosine of each image with its own prompt
+        out = clip(**processor(text=captions, images=images, return_tensors="pt", padding=True))
+        cosine = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).mean()
+    assert 0 < score == pytest.approx(100 * cosine.item(), rel=1e-4)
+    assert quality.clip_score(images, captions[::-1], model=str(tmp_path / "clip")) != pytest.approx(score)
+    with pytest.raises(RuntimeError, match="not available here"):
+        quality.clip_score(images, captions, model=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="one prompt per image"):
+        quality.clip_score(images, captions[:2], model=str(tmp_path / "clip"))
