@@ -162,7 +162,7 @@ def report(root: Path, seeds) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in baselines.summarize_comparison(table).itertuples():
         flagged = r.clean_flagged if isinstance(r.clean_flagged, str) else "-"
-        print(f"| {r.method} | {r.rate:g} | {fmt(r.psnr_db, '.1f')} | {r.seeds} | {fmt(r.tpr, '.2f')} | "
+        print(f"| {r.method} | {r.rate:.2g} | {fmt(r.psnr_db, '.1f')} | {r.seeds} | {fmt(r.tpr, '.2f')} | "
               f"{fmt(r.median_p, '.1e')} | {flagged} | {r.membership_tpr:.2f} | {r.fid:.2f} ± {r.fid_sd:.2f} | "
               f"{r.kid:.4f} ± {r.kid_sd:.4f} |")
     print("\nQuality cost against the clean model of the same seed (same held-out split and training seed):\n")
