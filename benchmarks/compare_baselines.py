@@ -189,6 +189,8 @@ def _plot(table, path: Path) -> None:
     sns.stripplot(data=long, x="test", y="p", hue="method", ax=axes[1], dodge=True)
     axes[1].set(yscale="log", xlabel="")
     axes[1].axhline(0.01, color="crimson", ls="--", lw=1)
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
