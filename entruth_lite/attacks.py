@@ -217,6 +217,38 @@ def retrieval_captioner(corpus_images: Sequence[Image.Image], corpus_captions: S
     return caption
 
 
+def model_captioner(model: str = "Salesforce/blip-image-captioning-base", device: str | None = None,
+                    allow_download: bool = False, max_new_tokens: int = 30, batch_size: int = 16) -> Callable:
+    """A captioning model (BLIP through transformers), the infringer's tool on a GPU: ``model`` is a hub name or a
+    local folder, loaded from safetensors, and only from disk unless ``allow_download`` (Colab: pass True)."""
+    import torch
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    from .models import pick_device
+
+    try:
+        processor = BlipProcessor.from_pretrained(model, local_files_only=not allow_download)
+        net = BlipForConditionalGeneration.from_pretrained(model, local_files_only=not allow_download,
+                                                           use_safetensors=True)
+    except (OSError, ValueError) as error:  # missing files; a path that is not there reads as a bad hub id
+        raise RuntimeError(f"captioning model {model!r} is not available here ({error}); use "
+                           "attacks.retrieval_captioner offline, or allow_download=True with a connection") from error
+    device = device or pick_device()
+    net = net.to(device).eval()
+
+    def caption(images: Sequence[Image.Image]) -> list[str]:
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = [data.to_rgb(image) for image in images[start : start + batch_size]]
+            inputs = processor(images=batch, return_tensors="pt").to(device)
+            with torch.no_grad():
+                ids = net.generate(**inputs, max_new_tokens=max_new_tokens)
+            out += [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
+        return out
+
+    return caption
+
+
 def new_captions(captions: Sequence[str], share: float, source: str = "shuffle", captioner: Callable | None = None,
                  images: Sequence[Image.Image] | None = None, seed: int = 0) -> list[str]:
     """Captions with a random ``share`` replaced: ``"shuffle"`` takes them from other images of the dataset (a

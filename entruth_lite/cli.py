@@ -139,9 +139,12 @@ def _attack(args) -> None:
                                      **common)
     elif args.name == "recaption":
         captioner = None
-        if args.source == "captioner":
+        if args.source == "captioner" and args.captioner_model:
+            captioner = attacks.model_captioner(args.captioner_model)
+        elif args.source == "captioner":
             if not args.corpus:
-                raise ValueError("--source captioner needs --corpus (a captioned imagefolder to retrieve captions from)")
+                raise ValueError("--source captioner needs --corpus (a captioned imagefolder to retrieve captions from) "
+                                 "or --captioner-model (a local BLIP folder)")
             from .data import load_imagefolder
             from .models import load_pipeline
 
@@ -253,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--share", type=float, default=1.0, help="recaption / transform: share of images affected")
     at.add_argument("--source", default="shuffle", choices=["shuffle", "captioner"], help="recaption: new captions from")
     at.add_argument("--corpus", help="recaption --source captioner: captioned imagefolder for retrieval captions")
+    at.add_argument("--captioner-model", help="recaption --source captioner: a BLIP captioning model (local folder or "
+                    "cached hub id) instead of retrieval")
     at.add_argument("--kind", default="jpeg", choices=["jpeg", "blur", "noise", "crop", "flip", "resize"])
     at.add_argument("--strength", type=float, default=50, help="transform: JPEG quality, sigma, std, area, p, factor")
     at.add_argument("--extra", help="dilute: clean imagefolder to mix in")

@@ -191,7 +191,7 @@ def clip_score(images: Sequence[Image.Image], prompts: Sequence[str], model: str
         try:
             return (_TensorFeatures(CLIPModel.from_pretrained(model, local_files_only=not allow_download)),
                     CLIPProcessor.from_pretrained(model, local_files_only=not allow_download))
-        except OSError as error:
+        except (OSError, ValueError) as error:  # missing files; a path that is not there reads as a bad hub id
             raise RuntimeError(f"CLIP weights {model!r} are not available here ({error}); CLIP score needs them "
                                "locally (or allow_download=True with a connection)") from error
 

@@ -190,3 +190,39 @@ def test_robustness_summary():
     results["kid"] = [0.01, 0.02, 0.03]
     row = attacks.summarize_robustness(results).iloc[0]
     assert row.kid == pytest.approx(0.02) and row.kid_sd == pytest.approx(0.01)
+
+
+def test_model_captioner_runs_a_local_blip_and_refuses_to_download(tmp_path, protected):
+    import torch
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    # a tiny random BLIP saved to disk: the same code path as real weights in a local cache
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "an", "emoji", "of", "a", "red", "cat", "face", "[DEC]"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    text = dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, encoder_hidden_size=32, bos_token_id=words.index("[DEC]"),
+                sep_token_id=words.index("[SEP]"), eos_token_id=words.index("[SEP]"), pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision)).save_pretrained(tmp_path / "blip")
+    BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer).save_pretrained(tmp_path / "blip")
+    folder, key = protected
+    before = hash_tree(folder)
+    captioner = attacks.model_captioner(str(tmp_path / "blip"), device="cpu", max_new_tokens=5)
+    report = attacks.recaption(folder, tmp_path / "r", 1.0, "captioner", captioner, key=key)
+    captions = data.load_imagefolder(tmp_path / "r").captions
+    assert len(captions) == 60 and all(isinstance(c, str) for c in captions)
+    assert any(captions) and all(set(c.split()) <= set(words) for c in captions), "the model's words"
+    assert report.triggers_kept == 0 and hash_tree(folder) == before
+    with pytest.raises(RuntimeError, match="not available here"):
+        attacks.model_captioner(str(tmp_path / "missing"))
+    from entruth_lite import cli
+
+    assert cli.main(["attack", "recaption", "--data", str(folder), "--out", str(tmp_path / "cli"), "--share", "1",
+                     "--source", "captioner", "--captioner-model", str(tmp_path / "blip")]) == 0
+    longer = data.load_imagefolder(tmp_path / "cli").captions  # greedy: 30 new tokens extend the 5-token captions
+    assert all(long.startswith(short) for long, short in zip(longer, captions))
