@@ -178,9 +178,9 @@ class _TensorFeatures(torch.nn.Module):
 
 def clip_score(images: Sequence[Image.Image], prompts: Sequence[str], model: str = "openai/clip-vit-base-patch16",
                allow_download: bool = False) -> float:
-    """CLIP score (torchmetrics: 100 x cosine of CLIP image and text embeddings, mean over pairs) of generations
-    against their prompts. ``model`` is a hub name or a local folder; without ``allow_download`` (Colab: pass True)
-    it loads only what is already on disk and raises a clear error instead of downloading."""
+    """CLIP score of generations against their prompts (torchmetrics: 100 x the cosine of CLIP image and text
+    embeddings, mean over pairs, floored at 0). ``model`` is a hub name or a local folder; without
+    ``allow_download`` (Colab: pass True) it loads only what is on disk and raises a clear error instead."""
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
 
