@@ -189,7 +189,8 @@ def clip_score(images: Sequence[Image.Image], prompts: Sequence[str], model: str
 
     def load():
         try:
-            return (_TensorFeatures(CLIPModel.from_pretrained(model, local_files_only=not allow_download)),
+            return (_TensorFeatures(CLIPModel.from_pretrained(model, local_files_only=not allow_download,
+                                                              use_safetensors=True)),
                     CLIPProcessor.from_pretrained(model, local_files_only=not allow_download))
         except (OSError, ValueError) as error:  # missing files; a path that is not there reads as a bad hub id
             raise RuntimeError(f"CLIP weights {model!r} are not available here ({error}); CLIP score needs them "
