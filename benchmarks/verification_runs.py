@@ -13,6 +13,7 @@ import numpy as np
 from entruth_lite import data, models, probe, protect, train
 
 HELD_OUT_SEED = 1  # probe seeds: the same for every model, so scores are paired across models
+CHECKPOINT_EVERY = 500  # a run killed mid-training (sessions end abruptly) loses at most this many steps
 
 
 @dataclass
@@ -66,21 +67,26 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
     report = protect.protect(owner, f"random:{template_seed}", released, run.key, rate=rate or 0.01, seed=seed,
                              overwrite=True)
     key = protect.load_key(run.key)
-    config = train.preset("tiny-cpu", **({"steps": steps, "seed": seed} | (overrides or {})))
+    # checkpoints make a killed run resumable; ``checkpoint_every`` is not part of the settings' fingerprint
+    config = train.preset("tiny-cpu", **({"steps": steps, "seed": seed, "checkpoint_every": CHECKPOINT_EVERY}
+                                         | (overrides or {})))
     base = models.load_pipeline("tiny", device="cpu")
     data_dir = released if rate > 0 else owner
     attack_report = None
     if attack is not None:
         attack_report = attack(data_dir, run.folder / "attacked", key)
         data_dir = run.folder / "attacked"
-    if train.is_current(run.folder / "model", config, data_dir):  # trained before the probe was interrupted
-        seconds = json.loads((run.folder / "model" / "train_seconds.json").read_text()) \
-            if (run.folder / "model" / "train_seconds.json").is_file() else float("nan")
-        losses = json.loads((run.folder / "model" / "loss_history.json").read_text())
+    model_dir = run.folder / "model"
+    resumed_from = None
+    if train.is_current(model_dir, config, data_dir):  # trained before the probe was interrupted
+        seconds = json.loads((model_dir / "train_seconds.json").read_text()) \
+            if (model_dir / "train_seconds.json").is_file() else float("nan")
+        losses = json.loads((model_dir / "loss_history.json").read_text())
     else:
-        result = train.finetune(data_dir, run.folder / "model", config, pipe=base, overwrite=True)
-        seconds, losses = result.seconds, result.losses
-        (run.folder / "model" / "train_seconds.json").write_text(json.dumps(round(seconds, 1)))
+        resume = "latest" if train.latest_checkpoint(model_dir / "checkpoints") is not None else None
+        result = train.finetune(data_dir, model_dir, config, pipe=base, overwrite=True, resume=resume)
+        seconds, losses, resumed_from = result.seconds, result.losses, result.resumed_from
+        (model_dir / "train_seconds.json").write_text(json.dumps(round(seconds, 1)))
     tuned = train.load_finetuned(models.load_pipeline("tiny", device="cpu"), run.folder / "model")
     held_out = [caption for _, caption in data.emoji_splits().probe]
     started = time.time()
@@ -91,6 +97,7 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
                 trained_on="protected" if rate > 0 else "clean", train_seconds=round(seconds, 1),
                 sample_seconds=round(time.time() - started, 1), final_loss=float(np.mean(losses[-50:])),
                 held_out_loss=float(held_out_loss.mean()), overrides=overrides or {},
+                resumed_from_step=resumed_from,  # train_seconds then counts only the steps after it
                 attack=attack_report.to_dict() if attack_report is not None else None)
     (run.folder / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     probe.save_probe(probed, run.probe_file)
@@ -99,6 +106,7 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
     shutil.rmtree(released)  # the release can be rebuilt from the owner data and the key's seed
     if (run.folder / "attacked").is_dir():
         shutil.rmtree(run.folder / "attacked")
+    shutil.rmtree(model_dir / "checkpoints", ignore_errors=True)  # the finished model is kept; its checkpoints are not
     if not keep_model:
-        shutil.rmtree(run.folder / "model")
+        shutil.rmtree(model_dir)
     return run
