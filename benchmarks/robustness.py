@@ -162,12 +162,12 @@ def report(root: Path, seeds, rate: float, only=None) -> None:
     summary = attacks.summarize_robustness(table)
     print(f"\nRobustness at rate {rate:g} (64 queries, alpha = 0.01); templated/trigger counts are means over seeds\n")
     print("| kind | attack | strength | seeds | templated kept | ... with trigger | TPR decoy | median p decoy | "
-          "TPR binomial | median p binomial | held-out loss | KID (mean ± sd) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "verdict | TPR binomial | median p binomial | held-out loss | KID (mean ± sd) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda x, f: "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, f)
     for r in summary.itertuples():
         print(f"| {r.kind} | {r.attack} | {r.strength:g} | {r.seeds} | {fmt(r.templated_kept, '.1f')} | "
-              f"{fmt(r.templated_with_trigger, '.1f')} | {r.decoy_tpr:.2f} | {r.decoy_median_p:.1e} | {r.binomial_tpr:.2f} | "
+              f"{fmt(r.templated_with_trigger, '.1f')} | {r.decoy_tpr:.2f} | {r.decoy_median_p:.1e} | {r.verdict} | {r.binomial_tpr:.2f} | "
               f"{r.binomial_median_p:.1e} | {fmt(r.held_out_loss, '.4f')} | {r.kid:.4f} ± {fmt(r.kid_sd, '.4f')} |")
     _heatmap(summary, root / "robustness.png")
 

@@ -405,17 +405,31 @@ def output_attack_table(probed, template, negatives=None, settings: dict | None 
     return rows
 
 
+def robustness_verdict(detected_share: float) -> str:
+    """One word for an attack setting, from the share of its seeds' models still detected: ``survives`` (all),
+    ``weakens`` (more than half) or ``defeats`` (half or fewer: the owner can no longer count on a verdict)."""
+    if not 0 <= detected_share <= 1:
+        raise ValueError(f"detected_share must be in [0, 1], got {detected_share}")
+    if np.isclose(detected_share, 1):
+        return "survives"
+    return "weakens" if detected_share > 0.5 else "defeats"
+
+
 def summarize_robustness(results, alpha: float = 0.01):
     """Per (kind, attack, strength): seeds, mean templated images and triggers kept, TPR at ``alpha`` and
-    median p-value of the decoy and binomial tests, mean held-out loss, and mean and seed-to-seed sd of KID when
-    ``results`` has a ``kid`` column (``benchmarks/robustness.py``'s table)."""
+    median p-value of the decoy and binomial tests, the verdict on the decoy test's TPR (``robustness_verdict``),
+    mean held-out loss, and mean and seed-to-seed sd of KID when ``results`` has a ``kid`` column
+    (``benchmarks/robustness.py``'s table)."""
     tpr = lambda p: (p < alpha).mean()
     quality = {}
     if "kid" in results:  # KID of the control images on the offline feature network (quality.fid_kid)
         quality = dict(kid=("kid", "mean"), kid_sd=("kid", "std"))
-    return results.groupby(["kind", "attack", "strength"], sort=False).agg(
+    summary = results.groupby(["kind", "attack", "strength"], sort=False).agg(
         seeds=("seed", "count"), templated_kept=("templated_kept", "mean"),
         templated_with_trigger=("templated_with_trigger", "mean"),
         decoy_tpr=("decoy_p", tpr), decoy_median_p=("decoy_p", "median"),
         binomial_tpr=("binomial_p", tpr), binomial_median_p=("binomial_p", "median"),
         held_out_loss=("held_out_loss", "mean"), **quality).reset_index()
+    summary.insert(summary.columns.get_loc("decoy_median_p") + 1, "verdict",
+                   summary["decoy_tpr"].map(robustness_verdict))
+    return summary

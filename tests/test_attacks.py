@@ -186,10 +186,18 @@ def test_robustness_summary():
     row = attacks.summarize_robustness(results).iloc[0]
     assert row.seeds == 3 and row.decoy_tpr == pytest.approx(2 / 3) and row.binomial_tpr == pytest.approx(1 / 3)
     assert row.decoy_median_p == 0.002 and row.held_out_loss == pytest.approx(0.2) and row.templated_with_trigger == 9
+    assert row.verdict == "weakens", "2 of 3 seeds detected"
     assert "kid" not in row, "no quality column given: none reported"
     results["kid"] = [0.01, 0.02, 0.03]
     row = attacks.summarize_robustness(results).iloc[0]
     assert row.kid == pytest.approx(0.02) and row.kid_sd == pytest.approx(0.01)
+
+
+def test_robustness_verdict_reads_the_share_of_seeds_detected():
+    assert [attacks.robustness_verdict(s) for s in (1.0, 2 / 3, 0.5, 1 / 3, 0.0)] == \
+        ["survives", "weakens", "defeats", "defeats", "defeats"]
+    with pytest.raises(ValueError, match="detected_share"):
+        attacks.robustness_verdict(1.5)
 
 
 def test_model_captioner_runs_a_local_blip_and_refuses_to_download(tmp_path, protected):
