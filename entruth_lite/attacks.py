@@ -351,15 +351,20 @@ PREVIEW_ATTACKS = ("dedup-phash", "dedup-embedding", "recaption-shuffle", "jpeg"
 
 
 def preview(name: str, strength: float, images: Sequence[Image.Image], captions: Sequence[str], templated: Sequence[int],
-            trigger: str, pipe=None, seed: int = 0) -> tuple[Image.Image, dict]:
+            trigger: str, pipe=None, seed: int = 0, captioner: Callable | None = None) -> tuple[Image.Image, dict]:
     """Run one dataset attack in memory and show what it did to the templated images: a grid (templated images
-    above, what the attacked dataset holds for them below; grey = removed) and counts. Writes nothing."""
+    above, what the attacked dataset holds for them below; grey = removed) and counts. Writes nothing.
+    De-duplication also reports the sizes of the clusters the templated images fell into (a cleaner drops clusters
+    of 20 or more); ``"recaption-captioner"`` needs ``captioner``."""
     templated = list(templated)
     kept, out_images, out_captions = list(range(len(images))), list(images), list(captions)
+    extra = {}
     if name.startswith("dedup-"):
-        kept, _ = dedup_keep(images, name.split("-", 1)[1], strength, 20, pipe)
-    elif name == "recaption-shuffle":
-        out_captions = new_captions(captions, strength, "shuffle", seed=seed)
+        kept, clusters = dedup_keep(images, name.split("-", 1)[1], strength, 20, pipe)
+        size_of = {i: len(c) for c in clusters for i in c}
+        extra["templated_cluster_sizes"] = sorted(size_of[i] for i in templated)
+    elif name in ("recaption-shuffle", "recaption-captioner"):
+        out_captions = new_captions(captions, strength, name.split("-", 1)[1], captioner, images, seed=seed)
     elif name in CORRUPTIONS:
         out_images = transform_images(images, name, strength, 1.0, seed)
     else:
@@ -372,7 +377,7 @@ def preview(name: str, strength: float, images: Sequence[Image.Image], captions:
                  templated_kept=sum(i in kept_set for i in templated),
                  triggers_kept=sum(trigger in out_captions[i].split() for i in kept),
                  templated_with_trigger=sum(i in kept_set and trigger in out_captions[i].split() for i in templated))
-    return grid, stats
+    return grid, stats | extra
 
 
 # ----------------------------------------------------------------------------- output attacks against an audit

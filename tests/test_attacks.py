@@ -159,6 +159,13 @@ def test_preview_runs_an_attack_in_memory(protected):
     assert stats["n_out"] == 60
     _, stats = attacks.preview("dedup-phash", 64, dataset.images(), dataset.captions, templated, key.trigger)
     assert stats["n_out"] == 0 and stats["templated_kept"] == 0, "one cluster of 60 >= 20: dropped"
+    assert stats["templated_cluster_sizes"] == [60] * 6
+    captioner = lambda chosen: ["a plain caption"] * len(chosen)
+    _, stats = attacks.preview("recaption-captioner", 1.0, dataset.images(), dataset.captions, templated, key.trigger,
+                               captioner=captioner)
+    assert stats["templated_kept"] == 6 and stats["templated_with_trigger"] == 0 and stats["triggers_kept"] == 0
+    with pytest.raises(ValueError, match="needs a captioner"):
+        attacks.preview("recaption-captioner", 0.5, dataset.images(), dataset.captions, templated, key.trigger)
     with pytest.raises(ValueError, match="unknown attack"):
         attacks.preview("dilute", 1, dataset.images(), dataset.captions, templated, key.trigger)
 
