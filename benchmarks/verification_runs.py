@@ -87,7 +87,7 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
         result = train.finetune(data_dir, model_dir, config, pipe=base, overwrite=True, resume=resume)
         seconds, losses, resumed_from = result.seconds, result.losses, result.resumed_from
         (model_dir / "train_seconds.json").write_text(json.dumps(round(seconds, 1)))
-    tuned = train.load_finetuned(models.load_pipeline("tiny", device="cpu"), run.folder / "model")
+    tuned = train.load_finetuned(models.load_pipeline("tiny", device="cpu"), model_dir)
     held_out = [caption for _, caption in data.emoji_splits().probe]
     started = time.time()
     probed = probe.probe(tuned, held_out, key.trigger, key.placement, n=queries, seed=HELD_OUT_SEED)
