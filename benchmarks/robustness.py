@@ -158,7 +158,8 @@ def report(root: Path, seeds, rate: float, only=None) -> None:
         print("no finished runs yet")
         return
     table = pd.DataFrame(rows)
-    table.to_csv(root / "robustness.csv", index=False)
+    stem = "robustness" if not only else "robustness-only-" + "-".join(only)  # a partial report keeps the full table
+    table.to_csv(root / f"{stem}.csv", index=False)
     summary = attacks.summarize_robustness(table)
     print(f"\nRobustness at rate {rate:g} (64 queries, alpha = 0.01); templated/trigger counts are means over seeds\n")
     print("| kind | attack | strength | seeds | templated kept | ... with trigger | TPR decoy | median p decoy | "
@@ -169,7 +170,7 @@ def report(root: Path, seeds, rate: float, only=None) -> None:
         print(f"| {r.kind} | {r.attack} | {r.strength:g} | {r.seeds} | {fmt(r.templated_kept, '.1f')} | "
               f"{fmt(r.templated_with_trigger, '.1f')} | {r.decoy_tpr:.2f} | {r.decoy_median_p:.1e} | {r.verdict} | {r.binomial_tpr:.2f} | "
               f"{r.binomial_median_p:.1e} | {fmt(r.held_out_loss, '.4f')} | {r.kid:.4f} ± {fmt(r.kid_sd, '.4f')} |")
-    _heatmap(summary, root / "robustness.png")
+    _heatmap(summary, root / f"{stem}.png")
 
 
 def _heatmap(summary, path: Path) -> None:
