@@ -83,8 +83,8 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
             if (model_dir / "train_seconds.json").is_file() else float("nan")
         losses = json.loads((model_dir / "loss_history.json").read_text())
     else:
-        resume = "latest" if train.latest_checkpoint(model_dir / "checkpoints") is not None else None
-        result = train.finetune(data_dir, model_dir, config, pipe=base, overwrite=True, resume=resume)
+        # "latest": continue from a checkpoint of a killed run, or start afresh when there is none
+        result = train.finetune(data_dir, model_dir, config, pipe=base, overwrite=True, resume="latest")
         seconds, losses, resumed_from = result.seconds, result.losses, result.resumed_from
         (model_dir / "train_seconds.json").write_text(json.dumps(round(seconds, 1)))
     tuned = train.load_finetuned(models.load_pipeline("tiny", device="cpu"), model_dir)
