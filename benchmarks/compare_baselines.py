@@ -179,21 +179,12 @@ def _plot(table, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    sns.stripplot(data=table, x="method", y="fid", ax=axes[0])
-    axes[0].set(ylabel="FID (offline emoji features)", xlabel="")
-    long = table.melt(id_vars=["method", "seed"], value_vars=[c for c in table if c.startswith("p_")],
-                      var_name="test", value_name="p").dropna()
-    sns.stripplot(data=long, x="test", y="p", hue="method", ax=axes[1], dodge=True)
-    axes[1].set(yscale="log", xlabel="")
-    axes[1].axhline(0.01, color="crimson", ls="--", lw=1)
-    for ax in axes:
-        ax.tick_params(axis="x", labelrotation=20)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from entruth_lite import viz
+
+    axes = viz.plot_baseline_comparison(table)
+    axes[0].figure.savefig(path, dpi=110)
+    plt.close(axes[0].figure)
     print(f"\nplot: {path}")
 
 

@@ -178,15 +178,12 @@ def _heatmap(summary, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
-    labels = [f"{r.kind}: {r.attack} {r.strength:g}" if r.kind != "none" else "no attack" for r in summary.itertuples()]
-    matrix = summary[["decoy_tpr", "binomial_tpr"]].set_axis(labels)
-    fig, ax = plt.subplots(figsize=(4.5, 0.32 * len(labels) + 1))
-    sns.heatmap(matrix.rename(columns={"decoy_tpr": "decoy", "binomial_tpr": "binomial"}), annot=True, fmt=".2f",
-                vmin=0, vmax=1, cmap="rocket_r", cbar_kws={"label": "TPR at alpha = 0.01"}, ax=ax)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    from entruth_lite import viz
+
+    ax = viz.plot_robustness_heatmap(summary)
+    ax.figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(ax.figure)
     print(f"\nheatmap: {path}")
 
 

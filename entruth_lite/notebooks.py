@@ -28,6 +28,20 @@ def runs_dir(default: str = "../runs") -> Path:
     return Path(default) / "smoke" if smoke_mode() else Path(default)
 
 
+SHIPPED_RESULTS = REPO_ROOT / "benchmarks" / "results"
+
+
+def benchmark_results(name: str, bench: Path = REPO_ROOT / "runs" / "bench") -> Path:
+    """A benchmark's table: the reader's own run under ``bench`` when there is one, else the copy the repository
+    ships in ``benchmarks/results`` (so a fresh clone or Colab shows the measured numbers without hours of
+    training). ``name`` is the path under ``bench``, e.g. ``"robustness.csv"``."""
+    for path in (Path(bench) / name, SHIPPED_RESULTS / Path(name).name):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no benchmark results {name!r}: neither {Path(bench) / name} nor "
+                            f"{SHIPPED_RESULTS / Path(name).name} exists")
+
+
 def list_notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
     """The collection's notebooks, in their numbered order."""
     return sorted(p for p in Path(folder).glob("*.ipynb") if not p.name.startswith("."))

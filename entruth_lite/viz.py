@@ -136,3 +136,39 @@ def plot_decoys(released: float, decoys, ax=None):
     ax.set_ylabel("templates")
     ax.legend(fontsize=7)
     return ax
+
+
+def plot_robustness_heatmap(summary, ax=None):
+    """TPR at alpha of the decoy and binomial tests, one row per attack and strength
+    (``attacks.summarize_robustness``'s table)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    labels = [f"{r.kind}: {r.attack} {r.strength:g}" if r.kind != "none" else "no attack" for r in summary.itertuples()]
+    matrix = summary[["decoy_tpr", "binomial_tpr"]].set_axis(labels).rename(
+        columns={"decoy_tpr": "decoy", "binomial_tpr": "binomial"})
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 0.32 * len(labels) + 1))
+    sns.heatmap(matrix, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="rocket_r",
+                cbar_kws={"label": "TPR at alpha = 0.01"}, ax=ax)
+    return ax
+
+
+def plot_baseline_comparison(table, axes=None):
+    """FID per method and every test's p-value per method (``benchmarks/compare_baselines.py``'s table)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    sns.stripplot(data=table, x="method", y="fid", ax=axes[0])
+    axes[0].set(ylabel="FID (offline emoji features)", xlabel="")
+    long = table.melt(id_vars=["method", "seed"], value_vars=[c for c in table if c.startswith("p_")],
+                      var_name="test", value_name="p").dropna()
+    sns.stripplot(data=long, x="test", y="p", hue="method", ax=axes[1], dodge=True)
+    axes[1].set(yscale="log", xlabel="")
+    axes[1].axhline(0.01, color="crimson", ls="--", lw=1)
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=20)
+    axes[0].figure.tight_layout()
+    return axes

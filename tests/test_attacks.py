@@ -200,6 +200,22 @@ def test_robustness_summary():
     assert row.kid == pytest.approx(0.02) and row.kid_sd == pytest.approx(0.01)
 
 
+def test_robustness_heatmap_shows_each_setting_and_test():
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from entruth_lite import viz
+
+    results = pd.DataFrame(dict(kind=["none", "dataset", "dataset"], attack=["no attack", "jpeg", "jpeg"],
+                                strength=[0, 20, 20], seed=[0, 0, 1], templated_kept=[None, 20, 20],
+                                templated_with_trigger=[None, 20, 20], decoy_p=[0.001, 0.001, 0.3],
+                                binomial_p=[0.001, 0.2, 0.3], held_out_loss=[0.1, 0.2, 0.2]))
+    ax = viz.plot_robustness_heatmap(attacks.summarize_robustness(results))
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["no attack", "dataset: jpeg 20"]
+    assert [t.get_text() for t in ax.texts] == ["1.00", "1.00", "0.50", "0.00"], "decoy and binomial TPR per row"
+    plt.close(ax.figure)
+
+
 def test_robustness_verdict_reads_the_share_of_seeds_detected():
     assert [attacks.robustness_verdict(s) for s in (1.0, 2 / 3, 0.5, 1 / 3, 0.0)] == \
         ["survives", "weakens", "defeats", "defeats", "defeats"]

@@ -91,3 +91,19 @@ def test_comparison_summary_counts_own_tests_and_false_positives_on_clean_models
     assert entruth.membership_tpr == pytest.approx(1 / 3) and entruth.psnr_db == 13.0
     assert entruth.fid == 3.0 and entruth.fid_sd == pytest.approx(1.0)
     assert pd.isna(summary.loc["clean"].clean_flagged) and np.isnan(summary.loc["clean"].tpr), "no test of its own"
+
+
+def test_baseline_comparison_plot_shows_fid_and_every_tests_p_values():
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from entruth_lite import viz
+
+    results = pd.DataFrame(dict(method=["entruth", "entruth", "clean", "clean"], seed=[0, 1, 0, 1],
+                                p_entruth=[0.001, 0.002, 0.3, 0.5], membership_p=[0.1, 0.2, 0.3, 0.4],
+                                fid=[2.0, 3.0, 1.0, 2.0]))
+    axes = viz.plot_baseline_comparison(results)
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["entruth", "clean"]
+    assert [t.get_text() for t in axes[1].get_xticklabels()] == ["p_entruth"], "one column per test's p-value"
+    assert axes[1].get_yscale() == "log"
+    plt.close(axes[0].figure)

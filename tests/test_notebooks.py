@@ -54,3 +54,23 @@ def test_runs_dir_keeps_smoke_runs_apart(monkeypatch, tmp_path):
     assert notebooks.runs_dir() == notebooks.Path("../runs")
     monkeypatch.setenv(notebooks.RUNS_ENV, str(tmp_path))
     assert notebooks.runs_dir() == tmp_path
+
+
+def test_benchmark_results_prefer_the_readers_own_run(tmp_path):
+    assert notebooks.benchmark_results("robustness.csv", bench=tmp_path) == notebooks.SHIPPED_RESULTS / "robustness.csv"
+    own = tmp_path / "baselines" / "compare_baselines.csv"
+    own.parent.mkdir()
+    own.write_text("method,seed\n")
+    assert notebooks.benchmark_results("baselines/compare_baselines.csv", bench=tmp_path) == own
+    with pytest.raises(FileNotFoundError, match="nothing.csv"):
+        notebooks.benchmark_results("nothing.csv", bench=tmp_path)
+
+
+def test_shipped_baseline_results_have_every_method_and_seed():
+    import pandas as pd
+
+    from entruth_lite import baselines
+
+    summary = baselines.summarize_comparison(pd.read_csv(notebooks.SHIPPED_RESULTS / "compare_baselines.csv"))
+    assert set(summary.method) == {"entruth", "diagnosis-trigger", "diagnosis-uncond", "clean"}
+    assert (summary.seeds == 3).all()
