@@ -51,7 +51,7 @@ DATASET = {  # name: (strengths, attack(strength) -> callable(released, out, key
 }
 TRAINING = {"fewer_steps": [0.5, 0.25], "lower_lr": [0.5, 0.25], "lora_rank": [32, 8], "lora_attention_only": [32],
             "augment": [4, 16]}  # flips: the dataset attack "flip"
-OUTPUT = {"jpeg": [50, 20], "blur": [0.7, 1.5], "resize": [0.75, 0.5], "noise": [8, 20]}
+OUTPUT = {"jpeg": [50, 20], "blur": [0.7, 1.5], "resize": [0.75, 0.5], "noise": [8, 20], "flip": [1.0]}
 
 
 def _captioner():
@@ -92,11 +92,11 @@ def run_setting(root: Path, kind: str, name: str, strength: float, seed: int, ra
 
 
 def _scores(run: Run, root: Path, corruption: tuple[str, float] | None = None, seed: int = 0) -> dict:
-    from verification_report import DECOYS, owner_negatives, run_scores
+    from verification_report import DECOYS, SCORES, owner_negatives, run_scores
 
     if corruption is None:
         return run_scores(run, owner_negatives(root), None)
-    cache = run.folder / f"scores-output-{corruption[0]}-{corruption[1]:g}.npz"
+    cache = run.folder / f"{SCORES}-output-{corruption[0]}-{corruption[1]:g}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
             return dict(stored)

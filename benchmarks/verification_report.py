@@ -20,6 +20,7 @@ DECOYS = 999  # enough for p < 0.01; the audit's default 9999 only lowers the fl
 FPR = audit.AuditConfig().fpr  # binomial tests: detector threshold at this false-positive rate on plain images
 METHODS = ["paired", "decoy", "binomial", "one-query", "reference"]
 DETECTORS = ["projection", "classifier"]
+SCORES = "scores-mirror"  # cache name: bump it when the scoring changes (mirror: detect.template_scores's default)
 
 
 def _base():
@@ -53,8 +54,8 @@ def _reference_probe(run: Run, reference: Run, prompts: list[str], seeds: list[i
 
 
 def run_scores(run: Run, negatives: tuple[list[str], list], reference: Run | None) -> dict[str, np.ndarray]:
-    """Every per-image score of one run (cached as ``scores.npz``)."""
-    cache = run.folder / "scores.npz"
+    """Every per-image score of one run (cached as ``SCORES``.npz)."""
+    cache = run.folder / f"{SCORES}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
             return dict(stored)

@@ -6,7 +6,9 @@ with the template's surround. The main score is a projection,
     score = <a - mean(a), t - mean(t)> / ||t - mean(t)||^2      (per colour channel, over the surround)
 
 which is 1 when the surround is the template's, 0 when it is unrelated or flat, and stays near 0 on flat
-regions where normalised cross-correlation (also given) can be large by chance.
+regions where normalised cross-correlation (also given) can be large by chance. By default an image is scored as
+it is and mirrored left-right, and the higher score counts: a horizontal flip of the training images or of the
+outputs costs an infringer nothing and would otherwise hide the template (``benchmarks/robustness.py``).
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ def _centred(x: np.ndarray, axis: int) -> np.ndarray:
     return x - x.mean(axis=axis, keepdims=True)
 
 
-def template_scores(images: Sequence[Image.Image] | np.ndarray, template: Template, method: str = "projection") -> np.ndarray:
+def template_scores(images: Sequence[Image.Image] | np.ndarray, template: Template, method: str = "projection",
+                    mirror: bool = True) -> np.ndarray:
     """One score per image, higher = more template-like: ``"projection"`` (default) or ``"ncc"``. ``images``:
-    PIL images (any size) or an ``image_array`` at the template's size."""
+    PIL images (any size) or an ``image_array`` at the template's size. ``mirror``: the higher of the image's
+    score and its left-right mirror image's, so that a flip does not hide the template."""
     if len(images) == 0:
         return np.zeros(0, np.float32)
     if method not in ("projection", "ncc"):
@@ -53,7 +57,15 @@ def template_scores(images: Sequence[Image.Image] | np.ndarray, template: Templa
     array = images if isinstance(images, np.ndarray) else image_array(images, template.size)
     if array.shape[1:3] != (template.size[1], template.size[0]):
         raise ValueError(f"image array of shape {array.shape} does not match the {template.size} template")
-    a, t = _centred(array[:, mask], axis=1), _centred(np.asarray(template.scene, np.float32)[mask], axis=0)
+    t = _centred(np.asarray(template.scene, np.float32)[mask], axis=0)
+    scores = _match(_centred(array[:, mask], axis=1), t, method)
+    if mirror:
+        scores = np.maximum(scores, _match(_centred(array[:, :, ::-1][:, mask], axis=1), t, method))
+    return scores
+
+
+def _match(a: np.ndarray, t: np.ndarray, method: str) -> np.ndarray:
+    """Projection or NCC of centred surrounds ``a`` (N, P, 3) on the centred template surround ``t`` (P, 3)."""
     dot = (a * t[None]).sum(axis=(1, 2))
     if method == "projection":
         return dot / float((t * t).sum())

@@ -29,6 +29,17 @@ def test_projection_is_zero_on_flat_images_where_ncc_is_not_defined_by_content()
     assert abs(detect.template_scores([noisy], template, "ncc")[0]) < 0.2
 
 
+def test_a_mirrored_template_scores_as_high_as_the_template(emoji):
+    images, _ = emoji
+    template = templates.random_template(3, 32)
+    flipped = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in templates.insert(images, template)]
+    assert np.allclose(detect.template_scores(flipped, template), 1.0, atol=1e-4), "a flip must not hide the template"
+    unmirrored = detect.template_scores(flipped, template, mirror=False)
+    assert unmirrored.max() < 0.5, "the random template is not symmetric: without mirroring the flip hides it"
+    plain = images[:8]
+    assert np.all(detect.template_scores(plain, template) >= detect.template_scores(plain, template, mirror=False))
+
+
 def test_scores_resize_other_sizes_and_reject_bad_method(emoji):
     images, _ = emoji
     template = templates.builtin_template("frame")
