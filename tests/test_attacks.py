@@ -178,9 +178,10 @@ def test_output_attacks_are_scored_on_the_same_probe(emoji):
     template = templates.random_template(4)
     trig = [Image.blend(im, templates.insert(im, template), 0.6) for im in images[:20]]
     probed = ProbeResult(["c"] * 20, ["t c"] * 20, list(range(20)), trig, images[20:])
-    rows = attacks.output_attack_table(probed, template, settings={"blur": (0.5, 6.0)}, decoys=49)
-    assert [(r["corruption"], r["strength"]) for r in rows] == [("none", 0), ("blur", 0.5), ("blur", 6.0)]
+    rows = attacks.output_attack_table(probed, template, settings={"blur": (0.5, 6.0), "flip": (1.0,)}, decoys=49)
+    assert [(r["corruption"], r["strength"]) for r in rows] == [("none", 0), ("blur", 0.5), ("blur", 6.0), ("flip", 1.0)]
     assert rows[0]["decoy-rank p"] == pytest.approx(1 / 50) and rows[1]["decoy-rank p"] <= 0.04
+    assert rows[3]["decoy-rank p"] == pytest.approx(1 / 50), "mirrored outputs still show the template"
     assert set(rows[0]) == {"corruption", "strength", "decoy-rank p"}, "no negatives: no binomial test"
 
 
