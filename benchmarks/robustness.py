@@ -121,7 +121,7 @@ def _kid(run: Run, root: Path, corruption: tuple[str, float] | None = None, seed
 
     from entruth_lite import quality
 
-    name = "kid.json" if corruption is None else f"kid-output-{corruption[0]}-{corruption[1]:g}.json"
+    name = "kid-seeded.json" if corruption is None else f"kid-seeded-output-{corruption[0]}-{corruption[1]:g}.json"
     cache = run.folder / name
     if not cache.is_file():
         controls = probe.load_probe(run.probe_file).control_images

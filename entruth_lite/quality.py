@@ -119,8 +119,9 @@ def _batches(images: Sequence[Image.Image], size: int = 128):
 
 
 def fid_kid(real: Sequence[Image.Image], fake: Sequence[Image.Image], net: FeatureNet | None = None,
-            kid_subset: int = 50) -> dict[str, float]:
-    """FID and KID (mean, std over subsets) between two image sets on the feature network's features."""
+            kid_subset: int = 50, seed: int = 0) -> dict[str, float]:
+    """FID and KID (mean, std over subsets) between two image sets on the feature network's features. KID's
+    random subsets are drawn with ``seed`` (without it, every report run would print a different KID)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -129,11 +130,13 @@ def fid_kid(real: Sequence[Image.Image], fake: Sequence[Image.Image], net: Featu
     import warnings
 
     net = net or load_feature_net()
-    fid = FrechetInceptionDistance(feature=net, normalize=True)
-    with warnings.catch_warnings():  # "KID keeps all features in memory": a few thousand 64-d vectors here
-        warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(feature=net, normalize=True, subset_size=min(kid_subset, len(real), len(fake)))
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # seeded; the caller's random state is left alone
+        torch.manual_seed(seed)  # the metrics draw a probe input to size the features, and KID's subsets
+        fid = FrechetInceptionDistance(feature=net, normalize=True)
+        with warnings.catch_warnings():  # "KID keeps all features in memory": a few thousand 64-d vectors here
+            warnings.simplefilter("ignore", UserWarning)
+            kid = KernelInceptionDistance(feature=net, normalize=True,
+                                          subset_size=min(kid_subset, len(real), len(fake)))
         for is_real, images in ((True, real), (False, fake)):
             for batch in _batches(images):
                 fid.update(batch, real=is_real)

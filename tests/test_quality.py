@@ -35,6 +35,11 @@ def test_fid_and_kid_are_small_for_the_same_distribution_and_large_for_another(n
     noise = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)) for i in range(150)]
     same, other = quality.fid_kid(a, b, net), quality.fid_kid(a, noise, net)
     assert same["fid"] < other["fid"] and same["kid"] < other["kid"]
+    torch.manual_seed(123)
+    expected_draw = torch.rand(1)
+    torch.manual_seed(123)
+    assert quality.fid_kid(a, b, net) == same, "KID's random subsets are seeded: a rerun reports the same numbers"
+    assert torch.rand(1) == expected_draw, "the caller's random state is left alone"
     with pytest.raises(ValueError, match="at least 2"):
         quality.fid_kid(a[:1], b, net)
 
