@@ -51,7 +51,7 @@ DATASET = {  # name: (strengths, attack(strength) -> callable(released, out, key
 }
 TRAINING = {"fewer_steps": [0.5, 0.25], "lower_lr": [0.5, 0.25], "lora_rank": [32, 8], "lora_attention_only": [32],
             "augment": [4, 16]}  # flips: the dataset attack "flip"
-OUTPUT = {"jpeg": [50, 20], "blur": [0.7, 1.5], "resize": [0.75, 0.5], "noise": [8, 20], "flip": [1.0]}
+OUTPUT = {"jpeg": [50, 20], "blur": [0.7, 1.5], "resize": [0.75, 0.5], "noise": [8, 20], "flip": [0.5, 1.0]}
 
 
 def _captioner():

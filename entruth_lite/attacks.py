@@ -382,7 +382,8 @@ def preview(name: str, strength: float, images: Sequence[Image.Image], captions:
 
 # ----------------------------------------------------------------------------- output attacks against an audit
 
-OUTPUT_SETTINGS = {"jpeg": (75, 50, 20), "blur": (0.5, 1.0, 2.0), "resize": (0.75, 0.5), "noise": (8, 20), "flip": (1.0,)}
+OUTPUT_SETTINGS = {"jpeg": (75, 50, 20), "blur": (0.5, 1.0, 2.0), "resize": (0.75, 0.5), "noise": (8, 20),
+                   "flip": (0.5, 1.0)}
 
 
 def output_attack_table(probed, template, negatives=None, settings: dict | None = None, decoys: int = 999,
