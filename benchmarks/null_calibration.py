@@ -1,6 +1,6 @@
 """False-positive rate of every verification method on clean fine-tunes.
 
-    python benchmarks/null_calibration.py [--models 20] [--steps 500] [--out runs/bench] [--report-only]
+    python benchmarks/null_calibration.py [--models 40] [--steps 500] [--out runs/bench] [--report-only]
 
 Fine-tunes ``--models`` clean models (the tiny base on the owner's *unprotected* emoji, each with its own
 seed, so its own data order and noise), each paired with its own owner key (a ``random:<seed>`` template and
@@ -24,7 +24,7 @@ NULL_SEED_OFFSET = 100  # clean models use seeds 100, 101, ...: disjoint from th
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=int, default=20)
+    parser.add_argument("--models", type=int, default=40)
     parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps per clean model")
     add_run_arguments(parser)
     args = parser.parse_args()
