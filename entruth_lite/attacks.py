@@ -438,4 +438,5 @@ def summarize_robustness(results, alpha: float = 0.01):
         held_out_loss=("held_out_loss", "mean"), **quality).reset_index()
     summary.insert(summary.columns.get_loc("decoy_median_p") + 1, "verdict",
                    summary["decoy_tpr"].map(robustness_verdict))
+    summary.attrs["alpha"] = alpha  # the level the TPR columns were read at, for plots and captions
     return summary

@@ -140,7 +140,7 @@ def plot_decoys(released: float, decoys, ax=None):
 
 def plot_robustness_heatmap(summary, ax=None):
     """TPR at alpha of the decoy and binomial tests, one row per attack and strength
-    (``attacks.summarize_robustness``'s table)."""
+    (``attacks.summarize_robustness``'s table; its ``attrs["alpha"]`` labels the colour bar)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -150,7 +150,8 @@ def plot_robustness_heatmap(summary, ax=None):
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 0.32 * len(labels) + 1))
     sns.heatmap(matrix, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="rocket_r",
-                cbar_kws={"label": "TPR at alpha = 0.01"}, ax=ax)
+                cbar_kws={"label": f"TPR at alpha = {summary.attrs['alpha']:g}" if "alpha" in summary.attrs else "TPR"},
+                ax=ax)
     return ax
 
 

@@ -214,6 +214,11 @@ def test_robustness_heatmap_shows_each_setting_and_test():
     ax = viz.plot_robustness_heatmap(attacks.summarize_robustness(results))
     assert [t.get_text() for t in ax.get_yticklabels()] == ["no attack", "dataset: jpeg 20"]
     assert [t.get_text() for t in ax.texts] == ["1.00", "1.00", "0.50", "0.00"], "decoy and binomial TPR per row"
+    assert ax.collections[0].colorbar.ax.get_ylabel() == "TPR at alpha = 0.01"
+    plt.close(ax.figure)
+    ax = viz.plot_robustness_heatmap(attacks.summarize_robustness(results, alpha=0.25))
+    assert [t.get_text() for t in ax.texts] == ["1.00", "1.00", "0.50", "0.50"], "binomial p = 0.2 counts at alpha 0.25"
+    assert ax.collections[0].colorbar.ax.get_ylabel() == "TPR at alpha = 0.25", "the label follows the summary's alpha"
     plt.close(ax.figure)
 
 
