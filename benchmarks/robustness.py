@@ -22,6 +22,7 @@ resumable at any point.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from functools import partial
@@ -66,9 +67,12 @@ def _extra() -> Path:
     return folder
 
 
-def _dataset_attack(make, strength):
+def _dataset_attack(make, strength, seed: int):
+    """The attack at ``strength``, drawing its random choices (which captions, images, extra data) from the run's
+    seed, so that seeds are independent replicates of the attack too (de-duplication draws nothing)."""
     attack = make(strength)
-    return lambda released, out, key: attack(released, out=out, key=key, overwrite=True)
+    seeded = {"seed": seed} if "seed" in inspect.signature(attack).parameters else {}
+    return lambda released, out, key: attack(released, out=out, key=key, overwrite=True, **seeded)
 
 
 def settings(only=None):
@@ -83,7 +87,7 @@ def run_setting(root: Path, kind: str, name: str, strength: float, seed: int, ra
     tag = f"attack-{kind}-{name}-{strength:g}-rate{rate:g}"
     if kind == "dataset":
         return fit_and_probe(root, rate, seed, STEPS, template_seed=seed, name=tag, queries=queries,
-                             attack=_dataset_attack(DATASET[name][1], strength))
+                             attack=_dataset_attack(DATASET[name][1], strength, seed))
     if kind == "training":
         overrides = attacks.training_overrides(name, strength)
         return fit_and_probe(root, rate, seed, overrides.get("steps", STEPS), template_seed=seed, name=tag,

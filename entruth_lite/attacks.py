@@ -103,8 +103,18 @@ def phash_distances(images: Sequence[Image.Image], hash_size: int = 8) -> np.nda
     return bits @ (1 - bits).T + (1 - bits) @ bits.T
 
 
-def vae_embeddings(images: Sequence[Image.Image], pipe_or_vae, batch_size: int = 64) -> np.ndarray:
-    """Unit-norm VAE latent means, flattened: an offline stand-in for a copy-detection embedding (SSCD)."""
+def vae_embeddings(images: Sequence[Image.Image], pipe_or_vae, batch_size: int = 64,
+                   center: np.ndarray | None = None) -> np.ndarray:
+    """Unit-norm VAE latent means, flattened: an offline stand-in for a copy-detection embedding (SSCD).
+    Cosine similarity is taken around ``center`` (default: these images' own mean, as SSCD centres on its
+    corpus); pass a corpus's ``vae_latents(...).mean(axis=0)`` to embed a few new images in that corpus's frame."""
+    vectors = vae_latents(images, pipe_or_vae, batch_size)
+    vectors -= vectors.mean(axis=0, keepdims=True) if center is None else center
+    return vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-8)
+
+
+def vae_latents(images: Sequence[Image.Image], pipe_or_vae, batch_size: int = 64) -> np.ndarray:
+    """VAE latent means, flattened, one row per image."""
     import torch
 
     vae = getattr(pipe_or_vae, "vae", pipe_or_vae)
@@ -114,9 +124,7 @@ def vae_embeddings(images: Sequence[Image.Image], pipe_or_vae, batch_size: int =
         for start in range(0, len(images), batch_size):
             batch = data.images_to_tensor(images[start : start + batch_size]).to(param.device, param.dtype)
             out.append(vae.encode(batch).latent_dist.mean.flatten(1).float().cpu().numpy())
-    vectors = np.concatenate(out)
-    vectors -= vectors.mean(axis=0, keepdims=True)  # cosine similarity around the corpus mean, as for SSCD
-    return vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-8)
+    return np.concatenate(out)
 
 
 def clusters_from_pairs(n: int, linked: np.ndarray) -> list[list[int]]:
@@ -208,10 +216,12 @@ def deduplicate(dataset, out, method: str = "phash", threshold: float | None = N
 def retrieval_captioner(corpus_images: Sequence[Image.Image], corpus_captions: Sequence[str], pipe) -> Callable:
     """An offline captioner: each image gets the caption of its nearest corpus image (VAE embedding). Like any
     captioning model it describes the picture and never emits the owner's trigger."""
-    corpus = vae_embeddings(corpus_images, pipe)
+    center = vae_latents(corpus_images, pipe).mean(axis=0)
+    corpus = vae_embeddings(corpus_images, pipe, center=center)
 
     def caption(images: Sequence[Image.Image]) -> list[str]:
-        vectors = vae_embeddings(images, pipe)
+        # the corpus's centre, not the query batch's own: one image centred on itself is all zeros
+        vectors = vae_embeddings(images, pipe, center=center)
         return [corpus_captions[int(i)] for i in np.argmax(vectors @ corpus.T, axis=1)]
 
     return caption

@@ -1,6 +1,7 @@
 """Each attack does what it says and never touches its input."""
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -92,6 +93,14 @@ def test_recaption_with_a_captioner_leaves_no_trigger(tmp_path, protected, emoji
     assert report.triggers_kept == 0 and report.templated_kept == 6 and report.templated_with_trigger == 0
     assert set(data.load_imagefolder(tmp_path / "r").captions) <= set(corpus_captions)
     assert hash_tree(folder) == before
+
+
+def test_retrieval_captioner_returns_the_nearest_corpus_caption_even_for_one_image():
+    corpus_images, corpus_captions, _ = data.emoji_dataset("pretrain", limit=40)
+    captioner = attacks.retrieval_captioner(corpus_images, corpus_captions, models.load_pipeline("tiny", device="cpu"))
+    for k in (3, 17, 31):  # one image at a time, as the notebook shows them
+        assert captioner([corpus_images[k]]) == [corpus_captions[k]]
+    assert captioner(corpus_images[5:9]) == corpus_captions[5:9]
 
 
 def test_shuffled_recaption_changes_the_chosen_share(tmp_path, protected):
@@ -263,3 +272,18 @@ def test_model_captioner_runs_a_local_blip_and_refuses_to_download(tmp_path, pro
                      "--source", "captioner", "--captioner-model", str(tmp_path / "blip")]) == 0
     longer = data.load_imagefolder(tmp_path / "cli").captions  # greedy: 30 new tokens extend the 5-token captions
     assert all(long.startswith(short) for long, short in zip(longer, captions))
+
+
+def test_robustness_benchmark_gives_each_seed_its_own_attack_draws(robustness_benchmark):
+    calls = []
+
+    def seeded(released, out, key, overwrite, seed=0):
+        calls.append(("seeded", seed))
+
+    def unseeded(released, out, key, overwrite):  # de-duplication draws nothing
+        calls.append(("unseeded", None))
+
+    robustness_benchmark._dataset_attack(lambda strength: seeded, 0.5, seed=2)("in", "out", None)
+    robustness_benchmark._dataset_attack(lambda strength: partial(seeded), 0.5, seed=1)("in", "out", None)
+    robustness_benchmark._dataset_attack(lambda strength: unseeded, 6, seed=2)("in", "out", None)
+    assert calls == [("seeded", 2), ("seeded", 1), ("unseeded", None)]

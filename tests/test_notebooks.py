@@ -66,25 +66,15 @@ def test_benchmark_results_prefer_the_readers_own_run(tmp_path):
         notebooks.benchmark_results("nothing.csv", bench=tmp_path)
 
 
-def test_shipped_robustness_results_cover_the_benchmarks_grid():
-    import importlib.util
-    import sys
-
+def test_shipped_robustness_results_cover_the_benchmarks_grid(robustness_benchmark):
     import pandas as pd
 
     from entruth_lite import attacks
 
-    sys.path.insert(0, str(notebooks.REPO_ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("robustness", notebooks.REPO_ROOT / "benchmarks" / "robustness.py")
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(notebooks.REPO_ROOT / "benchmarks"))
     summary = attacks.summarize_robustness(pd.read_csv(notebooks.SHIPPED_RESULTS / "robustness.csv"))
     shipped = {(kind, attack, float(strength)) for kind, attack, strength in
                summary[["kind", "attack", "strength"]].itertuples(index=False)}
-    grid = {(kind, name, float(strength)) for kind, name, strength in bench.settings()}
+    grid = {(kind, name, float(strength)) for kind, name, strength in robustness_benchmark.settings()}
     assert grid | {("none", "no attack", 0.0)} == shipped, "refresh benchmarks/results/robustness.csv"
     assert set(summary.verdict) <= {"survives", "weakens", "defeats"}
 
