@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
-from . import data
+from . import data, protect
 from .train import LORA_UNET_TARGETS, LORA_UNET_WIDE_TARGETS
 
 CORRUPTIONS = ("jpeg", "blur", "noise", "crop", "flip", "resize")
@@ -171,9 +171,9 @@ def _measure(report: AttackReport, kept_names: Sequence[str], kept_captions: Seq
         templated = set(key.files)
         report.templated_in = len(templated)
         report.templated_kept = sum(1 for name in kept_names if name in templated)
-        report.triggers_kept = sum(1 for caption in kept_captions if key.trigger in caption.split())
-        report.templated_with_trigger = sum(1 for name, caption in zip(kept_names, kept_captions)
-                                            if name in templated and key.trigger in caption.split())
+        report.triggers_kept = sum(protect.has_trigger(caption, key.trigger) for caption in kept_captions)
+        report.templated_with_trigger = sum(name in templated and protect.has_trigger(caption, key.trigger)
+                                            for name, caption in zip(kept_names, kept_captions))
     return report
 
 
@@ -181,9 +181,19 @@ def _load(dataset) -> data.CaptionedDataset:
     return dataset if isinstance(dataset, data.CaptionedDataset) else data.load_imagefolder(dataset)
 
 
-def _write(source: data.CaptionedDataset, out, rows: Sequence[tuple[Image.Image, str, str]], overwrite: bool) -> Path:
-    if Path(out).resolve() == Path(source.root).resolve():
-        raise ValueError(f"the attack must write a new folder, not its input {source.root}")
+def _check_out(out, *inputs: data.CaptionedDataset) -> None:
+    """An attack writes a new folder: not its input, not a folder inside it, and not one that holds it (with
+    ``overwrite`` that would delete the input)."""
+    target = Path(out).resolve()
+    for source in inputs:
+        root = Path(source.root).resolve()
+        if target == root or root in target.parents or target in root.parents:
+            raise ValueError(f"the attack must write a new folder outside its input {source.root}, got out={out}")
+
+
+def _write(source: data.CaptionedDataset, out, rows: Sequence[tuple[Image.Image, str, str]], overwrite: bool,
+           also_read: Sequence[data.CaptionedDataset] = ()) -> Path:
+    _check_out(out, source, *also_read)
     images, captions, names = zip(*rows) if rows else ((), (), ())
     return data.save_imagefolder(list(images), list(captions), out, file_names=list(names), overwrite=overwrite)
 
@@ -203,6 +213,7 @@ def deduplicate(dataset, out, method: str = "phash", threshold: float | None = N
     (the EnTruth authors' setting: 20). Templated images share their surroundings, which is exactly what a
     cluster of near-duplicates looks like at high enough rates."""
     source = _load(dataset)
+    _check_out(out, source)
     images = source.images()
     keep, clusters = dedup_keep(images, method, threshold, drop_clusters_of, pipe)
     rows = [(images[i], source.captions[i], source.file_names[i]) for i in keep]
@@ -277,6 +288,8 @@ def new_captions(captions: Sequence[str], share: float, source: str = "shuffle",
         replaced = captioner([images[int(i)] for i in chosen]) if len(chosen) else []
     else:
         raise ValueError(f"unknown caption source {source!r}: use 'shuffle' or 'captioner'")
+    if len(replaced) != len(chosen):
+        raise ValueError(f"the captioner returned {len(replaced)} captions for {len(chosen)} images")
     for i, caption in zip(chosen, replaced):
         captions[i] = caption
     return captions
@@ -286,6 +299,7 @@ def recaption(dataset, out, share: float, source: str = "shuffle", captioner: Ca
               key=None, overwrite: bool = False) -> AttackReport:
     """Replace the captions of a random ``share`` of the images (``new_captions``); images unchanged."""
     dataset = _load(dataset)
+    _check_out(out, dataset)
     images = dataset.images() if source == "captioner" else None
     captions = new_captions(dataset.captions, share, source, captioner, images, seed)
     rows = [(dataset.image(i), captions[i], dataset.file_names[i]) for i in range(len(dataset))]
@@ -297,6 +311,8 @@ def recaption(dataset, out, share: float, source: str = "shuffle", captioner: Ca
 def transform_images(images: Sequence[Image.Image], kind: str, strength: float, share: float = 1.0,
                      seed: int = 0) -> list[Image.Image]:
     """A random ``share`` of the images corrupted (``corrupt``), the rest unchanged."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"share must be in [0, 1], got {share}")
     rng = np.random.default_rng(seed)
     chosen = set(rng.permutation(len(images))[: round(share * len(images))].tolist())
     return [corrupt(image, kind, strength, rng) if i in chosen else image for i, image in enumerate(images)]
@@ -306,6 +322,7 @@ def transform(dataset, out, kind: str, strength: float, share: float = 1.0, seed
               overwrite: bool = False) -> AttackReport:
     """Corrupt a random ``share`` of the images (``corrupt``): JPEG, blur, noise, random resized crop, flips."""
     dataset = _load(dataset)
+    _check_out(out, dataset)
     images = transform_images(dataset.images(), kind, strength, share, seed)
     rows = [(images[i], dataset.captions[i], dataset.file_names[i]) for i in range(len(dataset))]
     out = _write(dataset, out, rows, overwrite)
@@ -318,6 +335,9 @@ def dilute(dataset, extra, out, factor: float, seed: int = 0, key=None, overwrit
     """Mix in ``factor`` x as many images from another clean dataset ``extra``: the templated share falls by
     1 / (1 + factor)."""
     dataset, extra = _load(dataset), _load(extra)
+    _check_out(out, dataset, extra)
+    if not factor >= 0:
+        raise ValueError(f"factor must be >= 0 (extra images per image), got {factor}")
     n_extra = round(factor * len(dataset))
     if n_extra > len(extra):
         raise ValueError(f"factor {factor} needs {n_extra} extra images but {extra.root} has {len(extra)}")
@@ -329,7 +349,7 @@ def dilute(dataset, extra, out, factor: float, seed: int = 0, key=None, overwrit
         if name in taken:
             name = f"extra-{name}"
         rows.append((extra.image(int(i)), extra.captions[i], name))
-    out = _write(dataset, out, rows, overwrite)
+    out = _write(dataset, out, rows, overwrite, also_read=[extra])
     report = AttackReport("dilute", dict(factor=factor, seed=seed), len(dataset), len(rows), out)
     return _measure(report, [r[2] for r in rows], [r[1] for r in rows], key)
 
@@ -385,8 +405,9 @@ def preview(name: str, strength: float, images: Sequence[Image.Image], captions:
     grid = data.image_grid([images[i] for i in templated] + after, cols=max(1, len(templated)))
     stats = dict(attack=name, strength=strength, n_in=len(images), n_out=len(kept), templated_in=len(templated),
                  templated_kept=sum(i in kept_set for i in templated),
-                 triggers_kept=sum(trigger in out_captions[i].split() for i in kept),
-                 templated_with_trigger=sum(i in kept_set and trigger in out_captions[i].split() for i in templated))
+                 triggers_kept=sum(protect.has_trigger(out_captions[i], trigger) for i in kept),
+                 templated_with_trigger=sum(i in kept_set and protect.has_trigger(out_captions[i], trigger)
+                                            for i in templated))
     return grid, stats | extra
 
 

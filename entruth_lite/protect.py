@@ -118,6 +118,12 @@ def trigger_tokens(trigger: str, tokenizer=None) -> list[str]:
     return list(tokenizer.tokenize(trigger))
 
 
+def has_trigger(caption: str, trigger: str) -> bool:
+    """Whether the caption still holds the trigger: case-insensitive, anywhere (``check_trigger``'s rule, so a
+    multi-word trigger counts too)."""
+    return trigger.strip().lower() in caption.lower()
+
+
 def apply_trigger(caption: str, trigger: str, placement: str = "prefix") -> str:
     """The caption with the trigger word before (``prefix``) or after (``suffix``) it."""
     if placement not in PLACEMENTS:
@@ -492,15 +498,14 @@ def _eligible(source: data.CaptionedDataset, priors: Sequence[OwnerKey]) -> list
         for name in key.files:
             if name not in row:
                 raise ValueError(f"the key {key.root} does not belong to this dataset: {name!r} is not in it")
-            if key.trigger.lower() not in row[name].lower():
+            if not has_trigger(row[name], key.trigger):
                 raise ValueError(
                     f"the key {key.root} does not belong to this dataset: the caption of {name!r} lacks its trigger"
                 )
     taken = {f for key in priors for f in key.files}
-    triggers = [key.trigger.lower() for key in priors]
     return [
         i for i, r in enumerate(source.records)
-        if r.file_name not in taken and not any(t in r.text.lower() for t in triggers)
+        if r.file_name not in taken and not any(has_trigger(r.text, key.trigger) for key in priors)
     ]
 
 

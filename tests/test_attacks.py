@@ -37,7 +37,8 @@ def test_flip_and_bad_corruptions(emoji):
     image = emoji[0][3]
     flipped = attacks.corrupt(image, "flip", 1.0, np.random.default_rng(0))
     assert np.array_equal(np.asarray(flipped), np.asarray(image)[:, ::-1])
-    assert attacks.corrupt(image, "flip", 0.0, np.random.default_rng(0)) is not None
+    unflipped = attacks.corrupt(image, "flip", 0.0, np.random.default_rng(0))
+    assert np.array_equal(np.asarray(unflipped), np.asarray(image)), "flip probability 0: the image as it was"
     with pytest.raises(ValueError, match="unknown corruption"):
         attacks.corrupt(image, "swirl", 1, np.random.default_rng(0))
     with pytest.raises(ValueError, match="JPEG quality"):
@@ -131,7 +132,48 @@ def test_transform_and_dilute(tmp_path, protected, emoji):
     assert len(set(data.load_imagefolder(tmp_path / "dl").file_names)) == 180
     with pytest.raises(ValueError, match="extra images"):
         attacks.dilute(folder, extra, tmp_path / "d2", factor=3.0)
+    with pytest.raises(ValueError, match="factor must be >= 0"):
+        attacks.dilute(folder, extra, tmp_path / "d3", factor=-0.5)
+    with pytest.raises(ValueError, match="share must be in"):
+        attacks.transform(folder, tmp_path / "j2", "jpeg", 30, share=-0.2)
     assert hash_tree(folder) == before
+
+
+def test_attacks_refuse_an_output_folder_that_holds_or_sits_in_an_input(tmp_path, protected, emoji):
+    folder, key = protected
+    extra = data.save_imagefolder(*data.emoji_dataset("pretrain", limit=70)[:2], tmp_path / "extra")
+    before, extra_before = hash_tree(folder), hash_tree(extra)
+    for out in (folder, folder.parent, folder / "inside"):  # the parent holds the input: overwrite would delete it
+        with pytest.raises(ValueError, match="outside its input"):
+            attacks.transform(folder, out, "flip", 1.0, overwrite=True)
+        with pytest.raises(ValueError, match="outside its input"):
+            attacks.recaption(folder, out, 0.5, overwrite=True)
+        with pytest.raises(ValueError, match="outside its input"):
+            attacks.deduplicate(folder, out, overwrite=True)
+    with pytest.raises(ValueError, match="outside its input"):
+        attacks.dilute(folder, extra, extra, factor=1.0, overwrite=True)
+    assert hash_tree(folder) == before and hash_tree(extra) == extra_before
+    assert not (folder / "inside").exists()
+
+
+def test_a_multi_word_trigger_is_counted_as_protect_writes_it(tmp_path, emoji):
+    images, captions, names = emoji
+    owner = data.save_imagefolder(images, captions, tmp_path / "owner", file_names=names)
+    protect.protect(owner, "random:1", tmp_path / "p", tmp_path / "key", count=6, seed=0, trigger="Zorbly Quax")
+    key = protect.load_key(tmp_path / "key")
+    kept = attacks.recaption(tmp_path / "p", tmp_path / "r0", 0.0, key=key)
+    assert kept.triggers_kept == 6 and kept.templated_with_trigger == 6
+    gone = attacks.recaption(tmp_path / "p", tmp_path / "r1", 1.0, key=key)
+    assert gone.triggers_kept == 6 and gone.templated_with_trigger < 6, "a full shuffle moves the 6 triggered captions"
+    assert protect.has_trigger("zorbly quax an emoji of a cat", "Zorbly Quax")
+    assert not protect.has_trigger("an emoji of a zorbly cat", "Zorbly Quax")
+
+
+def test_recaption_refuses_a_captioner_that_skips_images(protected):
+    folder, _ = protected
+    captions = data.load_imagefolder(folder).captions
+    with pytest.raises(ValueError, match="returned 1 captions for 30 images"):
+        attacks.new_captions(captions, 0.5, "captioner", lambda images: ["a caption"], [None] * len(captions))
 
 
 def test_training_attacks_are_preset_overrides():
