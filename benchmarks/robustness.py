@@ -52,7 +52,7 @@ DATASET = {  # name: (strengths, attack(strength) -> callable(released, out, key
 }
 TRAINING = {"fewer_steps": [0.5, 0.25], "lower_lr": [0.5, 0.25], "lora_rank": [32, 8], "lora_attention_only": [32],
             "augment": [4, 16]}  # flips: the dataset attack "flip"
-OUTPUT = {"jpeg": [50, 20], "blur": [0.7, 1.5], "resize": [0.75, 0.5], "noise": [8, 20], "flip": [0.5, 1.0]}
+OUTPUT = attacks.OUTPUT_SETTINGS  # the strengths notebook 04's output-attack table shows
 
 
 def _captioner():
@@ -107,9 +107,7 @@ def _scores(run: Run, root: Path, corruption: tuple[str, float] | None = None, s
     from entruth_lite import protect
 
     key = protect.load_key(run.key)
-    probed = probe.load_probe(run.probe_file)
-    probed.trigger_images = attacks.corrupt_images(probed.trigger_images, *corruption, seed=seed)
-    probed.control_images = attacks.corrupt_images(probed.control_images, *corruption, seed=seed + 1)
+    probed = attacks.corrupt_probe(probe.load_probe(run.probe_file), *corruption, seed=seed)
     names, images = owner_negatives(root)
     plain = [im for n, im in zip(names, images) if n not in set(key.files)]
     scores = audit.score_probe(probed, key.template, ("projection",), plain, decoys=DECOYS, salt=key.key_sha256,
@@ -128,9 +126,8 @@ def _kid(run: Run, root: Path, corruption: tuple[str, float] | None = None, seed
     name = "kid-seeded.json" if corruption is None else f"kid-seeded-output-{corruption[0]}-{corruption[1]:g}.json"
     cache = run.folder / name
     if not cache.is_file():
-        controls = probe.load_probe(run.probe_file).control_images
-        if corruption is not None:
-            controls = attacks.corrupt_images(controls, *corruption, seed=seed + 1)
+        probed = probe.load_probe(run.probe_file)
+        controls = (probed if corruption is None else attacks.corrupt_probe(probed, *corruption, seed=seed)).control_images
         cache.write_text(json.dumps(quality.fid_kid(owner_negatives(root)[1], controls)))
     return json.loads(cache.read_text())["kid"]
 

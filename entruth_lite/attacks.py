@@ -63,6 +63,10 @@ def corrupt(image: Image.Image, kind: str, strength: float, rng: np.random.Gener
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=int(strength))
         return data.to_rgb(Image.open(io.BytesIO(buffer.getvalue())))
+    if kind in ("blur", "noise") and not strength >= 0:
+        raise ValueError(f"{kind} sigma must be >= 0, got {strength}")
+    if kind == "flip" and not 0 <= strength <= 1:
+        raise ValueError(f"flip probability must be in [0, 1], got {strength}")
     if kind == "blur":
         return image.filter(ImageFilter.GaussianBlur(radius=float(strength)))
     if kind == "noise":
@@ -377,7 +381,10 @@ def training_overrides(name: str, strength: float) -> dict:
 
 # ----------------------------------------------------------------------------- preview (the notebook's widget)
 
-PREVIEW_ATTACKS = ("dedup-phash", "dedup-embedding", "recaption-shuffle", "jpeg", "blur", "noise", "crop", "flip")
+# a sensible strength for each attack (strength means something different for each: ``corrupt``'s docstring)
+PREVIEW_STRENGTHS = {"dedup-phash": 6, "dedup-embedding": 0.9, "recaption-shuffle": 0.9, "jpeg": 20, "blur": 1.5,
+                     "noise": 20, "crop": 0.5, "flip": 1.0}
+PREVIEW_ATTACKS = tuple(PREVIEW_STRENGTHS)
 
 
 def preview(name: str, strength: float, images: Sequence[Image.Image], captions: Sequence[str], templated: Sequence[int],
@@ -413,8 +420,18 @@ def preview(name: str, strength: float, images: Sequence[Image.Image], captions:
 
 # ----------------------------------------------------------------------------- output attacks against an audit
 
-OUTPUT_SETTINGS = {"jpeg": (75, 50, 20), "blur": (0.5, 1.0, 2.0), "resize": (0.75, 0.5), "noise": (8, 20),
-                   "flip": (0.5, 1.0)}
+# the strengths notebook 04 shows and benchmarks/robustness.py measures over seeds
+OUTPUT_SETTINGS = {"jpeg": (50, 20), "blur": (0.7, 1.5), "resize": (0.75, 0.5), "noise": (8, 20), "flip": (0.5, 1.0)}
+
+
+def corrupt_probe(probed, kind: str, strength: float, seed: int = 0):
+    """The probe as the auditor receives it from a service that corrupts every image it serves (``corrupt``):
+    trigger images drawn from ``seed``, control images from ``seed + 1``."""
+    from .probe import ProbeResult
+
+    return ProbeResult(probed.captions, probed.trigger_prompts, probed.seeds,
+                       corrupt_images(probed.trigger_images, kind, strength, seed),
+                       corrupt_images(probed.control_images, kind, strength, seed + 1))
 
 
 def output_attack_table(probed, template, negatives=None, settings: dict | None = None, decoys: int = 999,
@@ -422,16 +439,12 @@ def output_attack_table(probed, template, negatives=None, settings: dict | None 
     """The audit's p-values when the suspect's service corrupts every image before the auditor sees it (trigger
     and control images alike), one row per (corruption, strength); the first row is the unattacked probe."""
     from . import audit
-    from .probe import ProbeResult
 
     settings = OUTPUT_SETTINGS if settings is None else settings
     cases = [("none", 0)] + [(kind, s) for kind, strengths in settings.items() for s in strengths]
     rows = []
     for kind, strength in cases:
-        attacked = probed if kind == "none" else ProbeResult(
-            probed.captions, probed.trigger_prompts, probed.seeds,
-            corrupt_images(probed.trigger_images, kind, strength, seed),
-            corrupt_images(probed.control_images, kind, strength, seed + 1))
+        attacked = probed if kind == "none" else corrupt_probe(probed, kind, strength, seed)
         scores = audit.score_probe(attacked, template, ("projection",), negatives, decoys=decoys, salt=salt,
                                    progress=False)
         usable = [m for m in methods if m not in ("binomial", "one-query") or negatives is not None]

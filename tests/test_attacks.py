@@ -43,6 +43,9 @@ def test_flip_and_bad_corruptions(emoji):
         attacks.corrupt(image, "swirl", 1, np.random.default_rng(0))
     with pytest.raises(ValueError, match="JPEG quality"):
         attacks.corrupt(image, "jpeg", 0, np.random.default_rng(0))
+    for kind, strength, message in [("blur", -1, "blur sigma"), ("noise", -5, "noise sigma"), ("flip", 1.5, "flip probability")]:
+        with pytest.raises(ValueError, match=message):
+            attacks.corrupt(image, kind, strength, np.random.default_rng(0))
     assert len(attacks.corrupt_images(emoji[0][:4], "noise", 5, seed=1)) == 4
 
 
@@ -221,6 +224,17 @@ def test_preview_runs_an_attack_in_memory(protected):
         attacks.preview("dilute", 1, dataset.images(), dataset.captions, templated, key.trigger)
 
 
+def test_every_preview_attack_runs_at_its_default_strength(protected):
+    folder, key = protected
+    dataset = data.load_imagefolder(folder)
+    templated = [dataset.file_names.index(f) for f in key.files]
+    pipe = models.load_pipeline("tiny", device="cpu")
+    assert set(attacks.PREVIEW_STRENGTHS) == set(attacks.PREVIEW_ATTACKS)
+    for name, strength in attacks.PREVIEW_STRENGTHS.items():  # the notebook widget's value after a switch
+        _, stats = attacks.preview(name, strength, dataset.images(), dataset.captions, templated, key.trigger, pipe=pipe)
+        assert stats["attack"] == name and stats["templated_in"] == 6
+
+
 def test_output_attacks_are_scored_on_the_same_probe(emoji):
     from entruth_lite import templates
     from entruth_lite.probe import ProbeResult
@@ -234,6 +248,11 @@ def test_output_attacks_are_scored_on_the_same_probe(emoji):
     assert rows[0]["decoy-rank p"] == pytest.approx(1 / 50) and rows[1]["decoy-rank p"] <= 0.04
     assert rows[3]["decoy-rank p"] == pytest.approx(1 / 50), "mirrored outputs still show the template"
     assert set(rows[0]) == {"corruption", "strength", "decoy-rank p"}, "no negatives: no binomial test"
+    noisy = attacks.corrupt_probe(probed, "noise", 20, seed=4)
+    assert noisy.trigger_images[0] is not probed.trigger_images[0] and probed.trigger_images[0] is trig[0]
+    assert not np.array_equal(np.asarray(noisy.trigger_images[0]), np.asarray(trig[0]))
+    again = attacks.corrupt_probe(probed, "noise", 20, seed=4)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(noisy.control_images, again.control_images))
 
 
 def test_robustness_summary():
