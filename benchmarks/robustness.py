@@ -83,8 +83,13 @@ def settings(only=None):
     return [g for g in grid if not only or g[1] in only]
 
 
+def _tag(kind: str, name: str, strength: float, rate: float) -> str:
+    """The run's name; ``fit_and_probe`` adds ``-seed<seed>`` for its folder."""
+    return f"attack-{kind}-{name}-{strength:g}-rate{rate:g}"
+
+
 def run_setting(root: Path, kind: str, name: str, strength: float, seed: int, rate: float, queries: int = 64) -> Run | None:
-    tag = f"attack-{kind}-{name}-{strength:g}-rate{rate:g}"
+    tag = _tag(kind, name, strength, rate)
     if kind == "dataset":
         return fit_and_probe(root, rate, seed, STEPS, template_seed=seed, name=tag, queries=queries,
                              attack=_dataset_attack(DATASET[name][1], strength, seed))
@@ -132,7 +137,7 @@ def _kid(run: Run, root: Path, corruption: tuple[str, float] | None = None, seed
     return json.loads(cache.read_text())["kid"]
 
 
-def report(root: Path, seeds, rate: float, only=None) -> None:
+def report(root: Path, seeds, rate: float, only=None, queries: int = 64) -> None:
     import pandas as pd
 
     rows = []
@@ -143,7 +148,7 @@ def report(root: Path, seeds, rate: float, only=None) -> None:
             if kind in ("none", "output"):
                 run = baseline[seeds.index(seed)]
             else:
-                run = Run(root / f"attack-{kind}-{name}-{strength:g}-rate{rate:g}-seed{seed}", rate, seed, STEPS)
+                run = Run(root / f"{_tag(kind, name, strength, rate)}-seed{seed}", rate, seed, STEPS)
             if not run.done:
                 continue
             scores = _scores(run, root, (name, strength) if kind == "output" else None, seed)
@@ -152,7 +157,8 @@ def report(root: Path, seeds, rate: float, only=None) -> None:
             attack = meta.get("attack") or {}
             rows.append(dict(kind=kind, attack=name, strength=strength, seed=seed,
                              templated_kept=attack.get("templated_kept"), templated_in=attack.get("templated_in"),
-                             templated_with_trigger=attack.get("templated_with_trigger"), decoy_p=verdicts[0].p_value,
+                             templated_with_trigger=attack.get("templated_with_trigger"),
+                             images_kept=attack["n_out"] / attack["n_in"] if attack else None, decoy_p=verdicts[0].p_value,
                              binomial_p=verdicts[1].p_value, held_out_loss=meta.get("held_out_loss"),
                              kid=_kid(run, root, (name, strength) if kind == "output" else None, seed)))
     if not rows:
@@ -162,13 +168,13 @@ def report(root: Path, seeds, rate: float, only=None) -> None:
     stem = "robustness" if not only else "robustness-only-" + "-".join(only)  # a partial report keeps the full table
     table.to_csv(root / f"{stem}.csv", index=False)
     summary = attacks.summarize_robustness(table)
-    print(f"\nRobustness at rate {rate:g} (64 queries, alpha = 0.01); templated/trigger counts are means over seeds\n")
-    print("| kind | attack | strength | seeds | templated kept | ... with trigger | TPR decoy | median p decoy | "
+    print(f"\nRobustness at rate {rate:g} ({queries} queries, alpha = 0.01); templated/trigger counts are means over seeds\n")
+    print("| kind | attack | strength | seeds | images kept | templated kept | ... with trigger | TPR decoy | median p decoy | "
           "verdict | TPR binomial | median p binomial | held-out loss | KID (mean ± sd) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda x, f: "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, f)
     for r in summary.itertuples():
-        print(f"| {r.kind} | {r.attack} | {r.strength:g} | {r.seeds} | {fmt(r.templated_kept, '.1f')} | "
+        print(f"| {r.kind} | {r.attack} | {r.strength:g} | {r.seeds} | {fmt(r.images_kept, '.0%')} | {fmt(r.templated_kept, '.1f')} | "
               f"{fmt(r.templated_with_trigger, '.1f')} | {r.decoy_tpr:.2f} | {r.decoy_median_p:.1e} | {r.verdict} | {r.binomial_tpr:.2f} | "
               f"{r.binomial_median_p:.1e} | {fmt(r.held_out_loss, '.4f')} | {r.kid:.4f} ± {fmt(r.kid_sd, '.4f')} |")
     _heatmap(summary, root / f"{stem}.png")
@@ -204,7 +210,7 @@ def main() -> None:
                     print(f"{kind} attack {name} {strength:g}, seed {seed}", flush=True)
                     run_setting(root, kind, name, strength, seed, args.rate, args.queries)
     if not args.train_only:
-        report(root, args.seeds, args.rate, args.only)
+        report(root, args.seeds, args.rate, args.only, args.queries)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from . import data, protect
-from .train import LORA_UNET_TARGETS, LORA_UNET_WIDE_TARGETS
+from .train import LORA_UNET_TARGETS, LORA_UNET_WIDE_TARGETS, PRESETS
 
 CORRUPTIONS = ("jpeg", "blur", "noise", "crop", "flip", "resize")
 
@@ -362,8 +362,8 @@ def dilute(dataset, extra, out, factor: float, seed: int = 0, key=None, overwrit
 
 # What an infringer can change in the fine-tune itself, as TrainConfig overrides of the tiny-cpu preset.
 TRAINING_ATTACKS: dict[str, Callable[[float], dict]] = {
-    "fewer_steps": lambda share: {"steps": max(1, round(1500 * share))},
-    "lower_lr": lambda factor: {"learning_rate": 1e-3 * factor},
+    "fewer_steps": lambda share: {"steps": max(1, round(PRESETS["tiny-cpu"]["steps"] * share))},
+    "lower_lr": lambda factor: {"learning_rate": PRESETS["tiny-cpu"]["learning_rate"] * factor},
     # LoRA instead of the full UNet: at a given rank on attention, convolutions and feed-forward layers, or at a
     # given rank on the attention projections only (different targets)
     "lora_rank": lambda rank: {"method": "lora", "lora_rank": int(rank), "lora_targets": LORA_UNET_WIDE_TARGETS},
@@ -468,12 +468,14 @@ def robustness_verdict(detected_share: float) -> str:
 def summarize_robustness(results, alpha: float = 0.01):
     """Per (kind, attack, strength): seeds, mean templated images and triggers kept, TPR at ``alpha`` and
     median p-value of the decoy and binomial tests, the verdict on the decoy test's TPR (``robustness_verdict``),
-    mean held-out loss, and mean and seed-to-seed sd of KID when ``results`` has a ``kid`` column
-    (``benchmarks/robustness.py``'s table)."""
+    mean held-out loss, the mean share of images kept when ``results`` has ``images_kept``, and mean and
+    seed-to-seed sd of KID when it has ``kid`` (``benchmarks/robustness.py``'s table)."""
     tpr = lambda p: (p < alpha).mean()
     quality = {}
     if "kid" in results:  # KID of the control images on the offline feature network (quality.fid_kid)
         quality = dict(kid=("kid", "mean"), kid_sd=("kid", "std"))
+    if "images_kept" in results:  # dataset attacks: images left in the release (de-duplication drops many)
+        quality = dict(images_kept=("images_kept", "mean")) | quality
     summary = results.groupby(["kind", "attack", "strength"], sort=False).agg(
         seeds=("seed", "count"), templated_kept=("templated_kept", "mean"),
         templated_with_trigger=("templated_with_trigger", "mean"),

@@ -267,8 +267,9 @@ def test_robustness_summary():
     assert row.verdict == "weakens", "2 of 3 seeds detected"
     assert "kid" not in row, "no quality column given: none reported"
     results["kid"] = [0.01, 0.02, 0.03]
+    results["images_kept"] = [0.4, 0.5, 0.6]
     row = attacks.summarize_robustness(results).iloc[0]
-    assert row.kid == pytest.approx(0.02) and row.kid_sd == pytest.approx(0.01)
+    assert row.kid == pytest.approx(0.02) and row.kid_sd == pytest.approx(0.01) and row.images_kept == pytest.approx(0.5)
 
 
 def test_robustness_heatmap_shows_each_setting_and_test():
