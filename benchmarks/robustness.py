@@ -101,18 +101,26 @@ def run_setting(root: Path, kind: str, name: str, strength: float, seed: int, ra
 
 
 def _scores(run: Run, root: Path, corruption: tuple[str, float] | None = None, seed: int = 0) -> dict:
-    from verification_report import DECOYS, SCORES, owner_negatives, run_scores
+    """The projection detector's scores of the run's probe (corrupted, for output attacks), with DECOYS decoys
+    and the owner's plain images: all the report reads. A run the verification report scored already (every
+    detector, ``SCORES``.npz) is read from there; the rest skip that report's classifier (a minute a run)."""
+    from verification_report import DECOYS, SCORES, owner_negatives
 
-    if corruption is None:
-        return run_scores(run, owner_negatives(root), None)
-    cache = run.folder / f"{SCORES}-output-{corruption[0]}-{corruption[1]:g}.npz"
+    if corruption is None and (run.folder / f"{SCORES}.npz").is_file():
+        cache = run.folder / f"{SCORES}.npz"
+    elif corruption is None:
+        cache = run.folder / f"{SCORES}-projection.npz"
+    else:
+        cache = run.folder / f"{SCORES}-output-{corruption[0]}-{corruption[1]:g}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
             return dict(stored)
     from entruth_lite import protect
 
     key = protect.load_key(run.key)
-    probed = attacks.corrupt_probe(probe.load_probe(run.probe_file), *corruption, seed=seed)
+    probed = probe.load_probe(run.probe_file)
+    if corruption is not None:
+        probed = attacks.corrupt_probe(probed, *corruption, seed=seed)
     names, images = owner_negatives(root)
     plain = [im for n, im in zip(names, images) if n not in set(key.files)]
     scores = audit.score_probe(probed, key.template, ("projection",), plain, decoys=DECOYS, salt=key.key_sha256,
