@@ -12,7 +12,9 @@ import hashlib
 import html
 import io
 import json
+import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,18 +31,22 @@ METHODS = ("paired", "decoy", "binomial", "one-query", "reference")
 METHOD_NOTES = {
     "paired": "Wilcoxon signed-rank, trigger vs the same prompt and seed without the trigger, on the suspect only. "
               "Null: the trigger does not make the suspect's images more template-like. Supporting only: a trigger "
-              "moves even a clean model's images, and on 20 clean fine-tunes it flagged 4 at alpha 0.05.",
+              "moves even a clean model's images; on 40 clean fine-tunes it flagged 4 (projection) and 8 "
+              "(classifier) at alpha 0.05.",
     "decoy": "Rank of the released template among decoy templates from the same random family that were never "
              "released (statistic: mean trigger-minus-control projection score). Null: the suspect never saw the "
              "release, so the released template is exchangeable with the decoys.",
     "binomial": "Trigger images over the detector threshold set on plain images at the target false-positive "
-                "rate; binomial test against the rate's 95% upper confidence bound.",
+                "rate; binomial test against the rate's 95% upper confidence bound. Supporting only: conservative "
+                "on 40 clean fine-tunes (at most 1 flagged at alpha 0.05), but its null is 'trigger images score "
+                "like plain images', and a clean model whose trigger draws some other frame breaks it (tests: 40 % "
+                "of such models flagged at alpha 0.01; the decoy test, 0 %).",
     "one-query": "The single most template-like trigger image, conformal p-value against plain images, "
                  "Bonferroni-corrected for picking the best of n, so it can only reach alpha with at least "
                  "n / alpha plain images.",
     "reference": "Mann-Whitney U, suspect vs a clean reference model on the same trigger prompts and seeds. "
-                 "Supporting only: one reference model is not the population of clean models (3 of 20 clean "
-                 "fine-tunes flagged at alpha 0.01).",
+                 "Supporting only: one reference model is not the population of clean models (5 (projection) "
+                 "and 4 (classifier) of 40 clean fine-tunes flagged at alpha 0.01).",
 }
 
 
@@ -68,6 +74,22 @@ class AuditConfig:
             raise ValueError(f"queries must be positive, got {self.queries}")
         if not 0 < self.alpha < 1 or not 0 < self.fpr < 1:
             raise ValueError(f"alpha and fpr must be in (0, 1), got {self.alpha} and {self.fpr}")
+        if "decoy" in self.methods and 1 / (self.decoys + 1) >= self.alpha:
+            warnings.warn(f"the decoy test cannot reject at alpha = {self.alpha:g} with {self.decoys} decoys: its "
+                          f"smallest p-value is 1 / {self.decoys + 1}; use more than {math.ceil(1 / self.alpha) - 1}",
+                          stacklevel=3)
+
+
+def methods_for_template(methods: Sequence[str], template: Template) -> tuple[tuple[str, ...], list[str]]:
+    """The methods to run against ``template``, and a note when they changed. The decoy test needs a template
+    from the random family; without it no exact test is left, and the binomial test, never a test known to
+    flag clean models, takes the verdict."""
+    methods = tuple(methods)
+    if "decoy" not in methods or template.family == "random":
+        return methods, []
+    return ("binomial",) + tuple(m for m in methods if m not in ("decoy", "binomial")), [
+        f"decoy test skipped: template {template.name!r} is not from the random family, so no exact test is "
+        "available; the binomial test decides the verdict (a trigger that draws some other frame can fool it)"]
 
 
 @dataclass
@@ -289,12 +311,11 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
 
     config = config or AuditConfig()
     template = key.template
-    notes = []
-    if "decoy" in config.methods and template.family != "random":
+    methods, notes = methods_for_template(config.methods, template)
+    if methods != config.methods:
         from dataclasses import replace
 
-        config = replace(config, methods=tuple(m for m in config.methods if m != "decoy") or ("binomial",))
-        notes.append(f"decoy test skipped: template {template.name!r} is not from the random family")
+        config = replace(config, methods=methods)
     generation = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                       progress=progress)
     probed = probe.probe(pipe, captions, key.trigger, key.placement, n=config.queries, seed=config.probe_seed,

@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument("--mode", default="replace", choices=["replace", "add"])
     prot.add_argument("--foregrounds", help="'add' mode: folder of images to template (default: the dataset's)")
     prot.add_argument("--prior-key", action="append", default=[], help="an earlier key on this dataset (repeatable)")
-    prot.add_argument("--seed", type=int, default=0)
+    prot.add_argument("--seed", type=int, help="draws the templated files and an 'auto' trigger (default: a secret "
+                                               "draw; give one only to reproduce a release, since anyone can rerun it)")
     prot.add_argument("--overwrite", action="store_true")
     prot.add_argument("--json", action="store_true", help="print the report as one JSON object")
     prot.set_defaults(func=_protect)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 import string
 from dataclasses import asdict, dataclass, field
@@ -540,7 +541,7 @@ def protect(
     foreground_captions: Sequence[str] | None = None,
     trigger: str = "auto",
     placement: str = "prefix",
-    seed: int = 0,
+    seed: int | None = None,
     overwrite: bool = False,
     prior_keys: Sequence[OwnerKey | str | os.PathLike] = (),
     tokenizer=None,
@@ -552,7 +553,10 @@ def protect(
     Give exactly one of ``rate`` (templated / released) or ``count``. ``foregrounds`` ("add" only): a folder,
     a list of images (captions from ``foreground_captions``) or None for the dataset's own images (their
     captions are reused). ``prior_keys``: keys that already protect ``dataset``; their files are not
-    picked and the new trigger cannot overlap theirs. The source is never modified.
+    picked and the new trigger cannot overlap theirs. ``seed`` draws the templated files and an ``"auto"``
+    trigger; None (default) is a secret draw. Pass one only to reproduce a release: with a known seed anyone
+    holding the dataset can recompute the trigger and the templated files. The key records it either way.
+    The source is never modified.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use 'replace' or 'add'")
@@ -563,6 +567,8 @@ def protect(
     source = dataset if isinstance(dataset, data.CaptionedDataset) else data.load_imagefolder(dataset)
     out, key_dir = Path(out), Path(key_dir)
     _check_folders(Path(source.root), out, key_dir, overwrite)
+    if seed is None:
+        seed = secrets.randbits(31)
     priors = [k if isinstance(k, OwnerKey) else load_key(k) for k in prior_keys]
     eligible = _eligible(source, priors)
     prior_triggers = [key.trigger for key in priors]
@@ -584,8 +590,6 @@ def protect(
     from tqdm.auto import tqdm
 
     if template == "random":  # one secret draw from the family, then drawn at each image's size
-        import secrets
-
         template = f"random:{secrets.randbits(31)}"
     by_size: dict[tuple[int, int], Template] = {}  # a built-in template is drawn at each image's size
 

@@ -51,17 +51,19 @@ def test_a_clean_model_is_not_flagged(plain):
 def test_the_decoy_test_ignores_a_trigger_that_draws_some_other_frame(plain):
     """Clean models whose trigger happens to pull their images towards *some* frame (40 different ones): the
     paired test reads most of them as evidence, because any bright ring around a dark panel correlates with the
-    released template's surround. The decoy test asks whether the released template stands out among equally
-    likely ones; its p-values stay (super-)uniform."""
-    paired, decoy = [], []
+    released template's surround, and the binomial test many (its threshold was set on plain images, which draw
+    no frame). The decoy test asks whether the released template stands out among equally likely ones; its
+    p-values stay (super-)uniform. This is why the decoy test decides and the others only support it."""
+    config = audit.AuditConfig(methods=("paired", "decoy", "binomial"), decoys=49, alpha=0.05)
+    p_values = []
     for seed in range(40):
         probed = _probe(_blend(plain[:24], templates.random_template(1000 + seed), 0.6), plain[24:48])
-        verdicts, _ = audit.evaluate(probed, TEMPLATE, audit.AuditConfig(methods=("paired", "decoy"), decoys=49),
-                                     progress=False)
-        paired.append(verdicts[0].p_value)
-        decoy.append(verdicts[1].p_value)
-    assert np.mean(np.array(paired) < 0.01) > 0.5
-    assert np.mean(np.array(decoy) <= 0.1) <= 0.25  # 0.1 expected; 10 of 40 has probability < 1 %
+        verdicts, _ = audit.evaluate(probed, TEMPLATE, config, negatives=plain[48:], progress=False)
+        p_values.append([v.p_value for v in verdicts])
+    paired, decoy, binomial = np.array(p_values).T
+    assert np.mean(paired < 0.01) > 0.5
+    assert np.mean(binomial < 0.01) > 0.2, "measured 16 of 40"
+    assert np.mean(decoy <= 0.1) <= 0.25  # 0.1 expected; 10 of 40 has probability < 1 %
 
 
 def test_evaluate_names_what_is_missing(plain):
@@ -76,6 +78,17 @@ def test_evaluate_names_what_is_missing(plain):
         audit.AuditConfig(methods=("vibes",))
     with pytest.raises(ValueError, match="unknown detector"):
         audit.AuditConfig(detector="eyes")
+    with pytest.warns(UserWarning, match="cannot reject at alpha = 0.01 with 99 decoys"):
+        audit.AuditConfig(decoys=99)
+
+
+def test_without_a_random_template_the_binomial_test_decides():
+    tv = templates.builtin_template("tv")
+    methods, notes = audit.methods_for_template(("decoy", "paired", "binomial"), tv)
+    assert methods == ("binomial", "paired") and "no exact test" in notes[0]
+    methods, _ = audit.methods_for_template(("decoy", "paired"), tv)
+    assert methods == ("binomial", "paired"), "a supporting-only test never takes the verdict"
+    assert audit.methods_for_template(("decoy", "paired"), TEMPLATE) == (("decoy", "paired"), [])
 
 
 def test_reference_test_and_classifier_detector(plain):
@@ -93,7 +106,7 @@ def test_reference_test_and_classifier_detector(plain):
 
 def test_report_is_self_contained_and_lets_anyone_regenerate(plain, tmp_path):
     probed = _probe(_blend(plain[:16], TEMPLATE, 0.6), plain[16:32])
-    config = audit.AuditConfig(methods=("paired", "decoy"), decoys=99)
+    config = audit.AuditConfig(methods=("paired", "decoy"), decoys=199)
     verdicts, evidence = audit.evaluate(probed, TEMPLATE, config, progress=False)
     result = audit.AuditResult(verdicts, evidence, probed, config,
                                dict(key_sha256="ab" * 32, template=TEMPLATE.name, trigger="t", placement="prefix"),
@@ -121,10 +134,11 @@ def suspect(tmp_path_factory):
 
 def test_cli_audit_prints_json_and_writes_the_report(suspect, capsys):
     code = cli.main(["audit", "--weights", str(suspect / "model"), "--key", str(suspect / "key"), "--queries", "6",
-                     "--decoys", "49", "--json", "--report", str(suspect / "report.html")])
+                     "--decoys", "199", "--json", "--report", str(suspect / "report.html")])
     assert code == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["method"] == "decoy-rank (projection)" and 1 / 50 <= payload["p_value"] <= 1
+    assert payload["method"] == "decoy-rank (projection)"
+    assert 1 / 200 <= payload["p_value"] <= 1 and (payload["p_value"] * 200) == pytest.approx(round(payload["p_value"] * 200))
     assert [v["method"].split(" ")[0] for v in payload["verdicts"]] == ["decoy-rank", "binomial", "paired-wilcoxon",
                                                                         "one-query"]
     unet_hash = payload["model"]["weight_files"]["unet/diffusion_pytorch_model.safetensors"]

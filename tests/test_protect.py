@@ -187,6 +187,16 @@ def test_protect_is_seeded(tmp_path, source):
     assert (c.altered_files, c.trigger) != (a.altered_files, a.trigger)
 
 
+def test_protect_without_a_seed_draws_a_secret_one_the_key_records(tmp_path, source):
+    """With a fixed default seed anyone holding the dataset could rerun protect and read off the trigger."""
+    a = protect.protect(source, "tv", tmp_path / "a", tmp_path / "ka", count=5)
+    b = protect.protect(source, "tv", tmp_path / "b", tmp_path / "kb", count=5)
+    seed_a, seed_b = (protect.load_key(tmp_path / k).seed for k in ("ka", "kb"))
+    assert seed_a != seed_b and (a.trigger, a.altered_files) != (b.trigger, b.altered_files)
+    again = protect.protect(source, "tv", tmp_path / "c", tmp_path / "kc", count=5, seed=seed_a)
+    assert (again.trigger, again.altered_files) == (a.trigger, a.altered_files), "the recorded seed reproduces it"
+
+
 def test_protect_suffix_and_given_trigger(tmp_path, source):
     report = protect.protect(
         data.load_imagefolder(source), "frame", tmp_path / "out", tmp_path / "key", count=3,
