@@ -195,9 +195,8 @@ def _check_out(out, *inputs: data.CaptionedDataset) -> None:
             raise ValueError(f"the attack must write a new folder outside its input {source.root}, got out={out}")
 
 
-def _write(source: data.CaptionedDataset, out, rows: Sequence[tuple[Image.Image, str, str]], overwrite: bool,
-           also_read: Sequence[data.CaptionedDataset] = ()) -> Path:
-    _check_out(out, source, *also_read)
+def _write(out, rows: Sequence[tuple[Image.Image, str, str]], overwrite: bool) -> Path:
+    """The attacked dataset, in a folder ``_check_out`` allowed before the work began."""
     images, captions, names = zip(*rows) if rows else ((), (), ())
     return data.save_imagefolder(list(images), list(captions), out, file_names=list(names), overwrite=overwrite)
 
@@ -221,7 +220,7 @@ def deduplicate(dataset, out, method: str = "phash", threshold: float | None = N
     images = source.images()
     keep, clusters = dedup_keep(images, method, threshold, drop_clusters_of, pipe)
     rows = [(images[i], source.captions[i], source.file_names[i]) for i in keep]
-    out = _write(source, out, rows, overwrite)
+    out = _write(out, rows, overwrite)
     report = AttackReport("dedup", dict(method=method, threshold=threshold, drop_clusters_of=drop_clusters_of),
                           len(source), len(keep), out)
     report.notes.append(f"{sum(len(c) > 1 for c in clusters)} clusters of near-duplicates; largest {max(map(len, clusters))}")
@@ -307,7 +306,7 @@ def recaption(dataset, out, share: float, source: str = "shuffle", captioner: Ca
     images = dataset.images() if source == "captioner" else None
     captions = new_captions(dataset.captions, share, source, captioner, images, seed)
     rows = [(dataset.image(i), captions[i], dataset.file_names[i]) for i in range(len(dataset))]
-    out = _write(dataset, out, rows, overwrite)
+    out = _write(out, rows, overwrite)
     report = AttackReport("recaption", dict(share=share, source=source, seed=seed), len(dataset), len(dataset), out)
     return _measure(report, dataset.file_names, captions, key)
 
@@ -329,7 +328,7 @@ def transform(dataset, out, kind: str, strength: float, share: float = 1.0, seed
     _check_out(out, dataset)
     images = transform_images(dataset.images(), kind, strength, share, seed)
     rows = [(images[i], dataset.captions[i], dataset.file_names[i]) for i in range(len(dataset))]
-    out = _write(dataset, out, rows, overwrite)
+    out = _write(out, rows, overwrite)
     report = AttackReport("transform", dict(kind=kind, strength=strength, share=share, seed=seed), len(dataset),
                           len(dataset), out)
     return _measure(report, dataset.file_names, dataset.captions, key)
@@ -353,7 +352,7 @@ def dilute(dataset, extra, out, factor: float, seed: int = 0, key=None, overwrit
         if name in taken:
             name = f"extra-{name}"
         rows.append((extra.image(int(i)), extra.captions[i], name))
-    out = _write(dataset, out, rows, overwrite, also_read=[extra])
+    out = _write(out, rows, overwrite)
     report = AttackReport("dilute", dict(factor=factor, seed=seed), len(dataset), len(rows), out)
     return _measure(report, [r[2] for r in rows], [r[1] for r in rows], key)
 
