@@ -82,8 +82,9 @@ class AuditConfig:
 
 def methods_for_template(methods: Sequence[str], template: Template) -> tuple[tuple[str, ...], list[str]]:
     """The methods to run against ``template``, and a note when they changed. The decoy test needs a template
-    from the random family; without it no exact test is left, and the binomial test, never a test known to
-    flag clean models, takes the verdict."""
+    from the random family; without it no exact test is left, and the binomial test (conservative on clean
+    fine-tunes, unlike the paired and reference tests, though a trigger that draws some other frame can fool it)
+    takes the verdict."""
     methods = tuple(methods)
     if "decoy" not in methods or template.family == "random":
         return methods, []
