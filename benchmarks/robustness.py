@@ -15,7 +15,7 @@ loss and the KID of the 64 control images against the owner data on the offline 
 The default rate is 2 %, not the demo's 1 %: ``detection_power.py`` finds the unattacked protection detected in
 every 2 % run but only in some 1 % runs, and an attack can only be judged where the unattacked protection works
 (at 1 % a miss would not say whether the attack or the low rate caused it). ``--rate 0.01`` runs the same grid there.
-One fine-tune takes about 6-7 min on 2 cores: the full grid (29 settings x 3 seeds) is a long background job,
+One fine-tune takes about 6-7 min on 2 cores: the full grid (30 settings x 3 seeds) is a long background job,
 resumable at any point.
 """
 
@@ -51,7 +51,7 @@ DATASET = {  # name: (strengths, attack(strength) -> callable(released, out, key
     "dilute": ([1, 2], lambda s: partial(attacks.dilute, extra=_extra(), factor=s)),
 }
 TRAINING = {"fewer_steps": [0.5, 0.25], "lower_lr": [0.5, 0.25], "lora_rank": [32, 8], "lora_attention_only": [32],
-            "augment": [4, 16]}  # flips: the dataset attack "flip"
+            "lora_higher_lr": [3], "augment": [4, 16]}  # flips: the dataset attack "flip"
 OUTPUT = attacks.OUTPUT_SETTINGS  # the strengths notebook 04's output-attack table shows
 
 

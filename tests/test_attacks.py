@@ -187,6 +187,9 @@ def test_training_attacks_are_preset_overrides():
     assert config.method == "lora" and config.lora_rank == 4 and "ff.net.2" in config.lora_targets
     narrow = train.preset("tiny-cpu", **attacks.training_overrides("lora_attention_only", 4))
     assert narrow.lora_targets == train.LORA_UNET_TARGETS and narrow.fingerprint() != config.fingerprint()
+    faster = train.preset("tiny-cpu", **attacks.training_overrides("lora_higher_lr", 3))
+    assert faster.method == "lora" and faster.lora_targets == config.lora_targets
+    assert faster.learning_rate == pytest.approx(3 * train.PRESETS["tiny-cpu"]["learning_rate"])
     assert train.preset("tiny-cpu", **attacks.training_overrides("augment", 4)).augment_views == 4
     with pytest.raises(ValueError, match="unknown training attack"):
         attacks.training_overrides("prayer", 1)
