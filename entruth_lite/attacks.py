@@ -370,8 +370,8 @@ TRAINING_ATTACKS: dict[str, Callable[[float], dict]] = {
     # LoRA (rank 32, wide targets) at this many times the full fine-tune's learning rate: LoRAs are usually trained
     # at a higher rate than a full fine-tune (Stable Diffusion: 1e-4 against 1e-5). On the tiny model 3x is stable
     # and 10x diverges (its loss rose from 0.3 to 0.5-0.9 within 300 steps), so the benchmark runs 3x
-    "lora_higher_lr": lambda factor: {"method": "lora", "lora_rank": 32, "lora_targets": LORA_UNET_WIDE_TARGETS,
-                                      "learning_rate": PRESETS["tiny-cpu"]["learning_rate"] * factor},
+    "lora_higher_lr": lambda factor: TRAINING_ATTACKS["lora_rank"](32)
+    | {"learning_rate": PRESETS["tiny-cpu"]["learning_rate"] * factor},
     "flip": lambda _: {"random_flip": True},
     "augment": lambda views: {"augment_views": int(views)},  # strong augmentation, this many views per image
 }

@@ -77,6 +77,7 @@ def test_shipped_robustness_results_cover_the_benchmarks_grid(robustness_benchma
     grid = {(kind, name, float(strength)) for kind, name, strength in robustness_benchmark.settings()}
     assert grid | {("none", "no attack", 0.0)} == shipped, "refresh benchmarks/results/robustness.csv"
     assert set(summary.verdict) <= {"survives", "weakens", "defeats"}
+    assert (summary.seeds == 3).all(), "every setting of the shipped robustness table has 3 seeds"
 
 
 def test_shipped_baseline_results_have_every_method_and_seed():
