@@ -1,6 +1,6 @@
 """EnTruth against DIAGNOSIS-style coating and loss-based membership inference, at matched settings.
 
-    python benchmarks/compare_baselines.py [--seeds 0 1 2] [--out runs/bench/baselines] [--train-only | --report-only]
+    python -m benchmarks.compare_baselines [--seeds 0 1 2] [--out runs/bench/baselines] [--train-only | --report-only]
 
 Per seed, four fine-tunes of the tiny base with the ``tiny-cpu`` preset (full UNet, lr 1e-3, 1,500 steps), all
 on the owner's emoji minus a random 10 % the owner kept back (the non-members membership inference needs):
@@ -29,22 +29,17 @@ import numpy as np
 
 from entruth_lite import audit, baselines, data, detect, models, probe, protect, quality, templates, train
 
+from .common import DECOYS, base_pipeline, markdown_table, owner_dataset, run_folder
+
 METHODS = ("entruth", "diagnosis-trigger", "diagnosis-uncond", "clean")
 HOLDOUT = 0.1
 QUALITY_SAMPLES = 256
 
 
-def owner(root: Path) -> Path:
-    folder = root / "owner"
-    if not (folder / data.METADATA).is_file():
-        data.write_emoji_dataset(folder, overwrite=True)
-    return folder
-
-
 def prepare(root: Path, method: str, seed: int) -> dict:
     """The released data for one method and seed, and what the auditor needs to probe it."""
-    run = root / f"{method}-seed{seed}"
-    released, held = baselines.split_holdout(owner(root), run / "released", HOLDOUT, seed=seed, overwrite=True)
+    run = run_folder(root, method, seed)
+    released, held = baselines.split_holdout(owner_dataset(root), run / "released", HOLDOUT, seed=seed, overwrite=True)
     info = dict(held_out=held, trigger=None, psnr=None, rate=0.0)
     if method == "entruth":
         report = protect.protect(released, f"random:{seed}", run / "train-data", run / "key", rate=0.01, seed=seed,
@@ -63,20 +58,19 @@ def prepare(root: Path, method: str, seed: int) -> dict:
 
 
 def fit(root: Path, method: str, seed: int, steps: int = 1500, queries: int = 64, samples: int = QUALITY_SAMPLES) -> Path:
-    run = root / f"{method}-seed{seed}"
+    run = run_folder(root, method, seed)
     if (run / "result.npz").is_file():
         return run
     info = prepare(root, method, seed)
     config = train.preset("tiny-cpu", seed=seed, steps=steps)
-    if not train.is_current(run / "model", config, run / "train-data"):
-        train.finetune(run / "train-data", run / "model", config, overwrite=True)
-    pipe = train.load_finetuned(models.load_pipeline("tiny", device="cpu"), run / "model")
+    train.ensure_finetuned(run / "train-data", run / "model", config)
+    pipe = models.load_finetuned(base_pipeline(), run / "model")
     # probe with every method's key of this seed: a model's own key measures detection, the clean model's
     # probes with the others' keys measure false positives (METHODS puts the clean model last)
     for other in METHODS[:-1] if method == "clean" else (method,):
         trigger = None if other == "diagnosis-uncond" else _trigger(root, other, seed)
         probe.save_probe(_probe(pipe, trigger, queries), run / f"probe-{other}.npz")
-    source = data.load_imagefolder(owner(root))
+    source = data.load_imagefolder(owner_dataset(root))
     caps = source.captions
     quality_seeds = list(range(samples))
     quality_prompts = [caps[i] for i in np.random.default_rng(seed).permutation(len(caps))[:samples]]
@@ -94,7 +88,7 @@ def fit(root: Path, method: str, seed: int, steps: int = 1500, queries: int = 64
 
 
 def _trigger(root: Path, method: str, seed: int) -> str:
-    key_dir = root / f"{method}-seed{seed}" / "key"
+    key_dir = run_folder(root, method, seed) / "key"
     return protect.load_key(key_dir).trigger if method == "entruth" else baselines.load_coat_key(key_dir).trigger
 
 
@@ -111,19 +105,19 @@ def _probe(pipe, trigger: str | None, queries: int = 64) -> probe.ProbeResult:
 
 def own_test(root: Path, method: str, seed: int, probed: probe.ProbeResult) -> float:
     """p-value of ``method``'s own test (its seed's key) on a probe of any model."""
-    run = root / f"{method}-seed{seed}"
+    run = run_folder(root, method, seed)
     if method == "entruth":
         key = protect.load_key(run / "key")
-        scores = audit.score_probe(probed, key.template, decoys=999, salt=key.key_sha256, progress=False)
+        scores = audit.score_probe(probed, key.template, decoys=DECOYS, salt=key.key_sha256, progress=False)
         return audit.verdicts_from_scores(scores, methods=("decoy",))[0].p_value
     key = baselines.load_coat_key(run / "key")
     classifier_dir = run / "coat-classifier"
     if (classifier_dir / "classifier.json").is_file():
         clf = detect.load_classifier(classifier_dir)
     else:
-        source = data.load_imagefolder(owner(root))
+        source = data.load_imagefolder(owner_dataset(root))
         plain = [source.image(i) for i in range(len(source)) if source.file_names[i] not in set(key.files)][:600]
-        clf = baselines.train_coat_classifier(key, templates.vae_round_trip(models.load_pipeline("tiny"), plain),
+        clf = baselines.train_coat_classifier(key, templates.vae_round_trip(base_pipeline(), plain),
                                               progress=False)
         detect.save_classifier(clf, classifier_dir)
     return baselines.diagnosis_test(clf.scores(probed.trigger_images), clf).binomial.p_value
@@ -133,7 +127,7 @@ def evaluate(root: Path, method: str, seed: int) -> dict:
     """One model: its own test's p-value (methods), every key's test on it (the clean model), membership."""
     from PIL import Image
 
-    run = root / f"{method}-seed{seed}"
+    run = run_folder(root, method, seed)
     result = np.load(run / "result.npz")
     out = dict(method=method, seed=seed, **json.loads((run / "info.json").read_text()))
     out["membership_p"] = baselines.membership_test(result["member_losses"], result["nonmember_losses"]).p_value
@@ -146,31 +140,24 @@ def evaluate(root: Path, method: str, seed: int) -> dict:
 def report(root: Path, seeds) -> None:
     import pandas as pd
 
-    rows = [evaluate(root, m, s) for m in METHODS for s in seeds if (root / f"{m}-seed{s}" / "result.npz").is_file()]
+    rows = [evaluate(root, m, s) for m in METHODS for s in seeds if (run_folder(root, m, s) / "result.npz").is_file()]
     if not rows:
         print("no finished runs yet")
         return
     net = quality.load_feature_net()
-    reference = data.load_imagefolder(owner(root)).images()
+    reference = data.load_imagefolder(owner_dataset(root)).images()
     for row in rows:
         row.update(quality.fid_kid(reference, row.pop("samples"), net))
     table = pd.DataFrame(rows)
     table.to_csv(root / "compare_baselines.csv", index=False)
-    fmt = lambda x, f: "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, f)
-    print("\n| method | rate | PSNR of altered images (dB) | seeds | TPR own test | median p | clean models flagged "
-          "by this test | TPR membership | FID (mean ± sd) | KID (mean ± sd) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in baselines.summarize_comparison(table).itertuples():
-        flagged = r.clean_flagged if isinstance(r.clean_flagged, str) else "-"
-        print(f"| {r.method} | {r.rate:.2g} | {fmt(r.psnr_db, '.1f')} | {r.seeds} | {fmt(r.tpr, '.2f')} | "
-              f"{fmt(r.median_p, '.1e')} | {flagged} | {r.membership_tpr:.2f} | {r.fid:.2f} ± {r.fid_sd:.2f} | "
-              f"{r.kid:.4f} ± {r.kid_sd:.4f} |")
+    summary = baselines.summarize_comparison(table)
+    print(markdown_table(summary, dict(rate=".2g", psnr_db=".1f", tpr=".2f", median_p=".1e", membership_tpr=".2f",
+                                       fid=".2f", fid_sd=".2f", kid=".4f", kid_sd=".4f")))
     print("\nQuality cost against the clean model of the same seed (same held-out split and training seed):\n")
-    print("| method | seeds | ΔFID (mean ± sd) | ΔKID (mean ± sd) |")
-    print("|---|---|---|---|")
-    for method, delta in quality.cost_against_clean(table).groupby("method", sort=False):
-        print(f"| {method} | {len(delta)} | {delta.fid.mean():+.2f} ± {delta.fid.std():.2f} | "
-              f"{delta.kid.mean():+.4f} ± {delta.kid.std():.4f} |")
+    cost = quality.cost_against_clean(table).groupby("method", sort=False).agg(
+        seeds=("fid", "count"), delta_fid=("fid", "mean"), delta_fid_sd=("fid", "std"), delta_kid=("kid", "mean"),
+        delta_kid_sd=("kid", "std")).reset_index()
+    print(markdown_table(cost, dict(delta_fid="+.2f", delta_fid_sd=".2f", delta_kid="+.4f", delta_kid_sd=".4f")))
     _plot(table, root / "compare_baselines.png")
 
 

@@ -1,6 +1,6 @@
 """A short CUDA check of the one training code path (run it where a GPU is present; under 5 minutes).
 
-    python benchmarks/cuda_check.py [--steps 50]
+    python -m benchmarks.cuda_check [--steps 50]
 
 Fine-tunes a LoRA on the tiny pipeline with fp16 mixed precision (frozen weights in fp16, LoRA in fp32),
 saves it, loads it into a fresh pipeline with diffusers' ``load_lora_weights``, samples, and prints the step
@@ -42,7 +42,7 @@ def main() -> None:
         print(f"LoRA r8 fp16 mixed precision, batch {args.batch_size}: {per_step * 1000:.1f} ms/step, "
               f"peak GPU memory {peak:.0f} MB, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
         fresh = models.load_pipeline("tiny", device="cuda", dtype=torch.float16)
-        train.load_finetuned(fresh, Path(tmp) / "lora")
+        models.load_finetuned(fresh, Path(tmp) / "lora")
         lora_dtypes = {p.dtype for n, p in fresh.unet.named_parameters() if "lora" in n}
         samples = probe.generate(fresh, captions[:8], num_inference_steps=10, progress=False)
         print(f"loaded the LoRA into a fresh fp16 pipeline (LoRA dtypes {lora_dtypes}); sampled "

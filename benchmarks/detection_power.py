@@ -1,6 +1,6 @@
 """How often each verification method detects a model fine-tuned on a protected dataset.
 
-    python benchmarks/detection_power.py [--rates 0.05 0.02 0.01 0.005] [--seeds 0 1 2] [--steps 1500]
+    python -m benchmarks.detection_power [--rates 0.05 0.02 0.01 0.005] [--seeds 0 1 2] [--steps 1500]
         [--out runs/bench] [--report-only]
 
 For each alteration rate and seed: protect the owner's emoji with a ``random:<seed>`` template, fine-tune
@@ -13,11 +13,9 @@ median p-value for n = 8, 16, 32, 64 queries, the AUC of each detector, and save
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from verification_runs import Run, add_run_arguments, fit_and_probe  # noqa: E402
+from .common import Run, add_run_arguments, fit_and_probe, rate_name
 
 
 def main() -> None:
@@ -32,12 +30,12 @@ def main() -> None:
     for seed in args.seeds:  # seed-major: an interrupted sweep still covers every rate
         for rate in args.rates:
             if args.report_only:
-                runs.append(Run(root / f"rate{rate:g}-seed{seed}-steps{args.steps}", rate, seed, args.steps))
+                runs.append(Run.named(root, rate_name(rate, args.steps), rate, seed, args.steps))
             else:
                 print(f"rate {rate:g}, seed {seed}", flush=True)
                 runs.append(fit_and_probe(root, rate, seed, args.steps, template_seed=seed, queries=args.queries))
     if not args.train_only:
-        from verification_report import power_report
+        from .verification_report import power_report
 
         power_report([r for r in runs if r.done], root)
 

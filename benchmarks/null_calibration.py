@@ -1,6 +1,6 @@
 """False-positive rate of every verification method on clean fine-tunes.
 
-    python benchmarks/null_calibration.py [--models 40] [--steps 500] [--out runs/bench] [--report-only]
+    python -m benchmarks.null_calibration [--models 40] [--steps 500] [--out runs/bench] [--report-only]
 
 Fine-tunes ``--models`` clean models (the tiny base on the owner's *unprotected* emoji, each with its own
 seed, so its own data order and noise), each paired with its own owner key (a ``random:<seed>`` template and
@@ -13,11 +13,9 @@ of clean models flagged, with a one-sided binomial p-value for "the rate exceeds
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from verification_runs import Run, add_run_arguments, fit_and_probe  # noqa: E402
+from .common import Run, add_run_arguments, fit_and_probe, rate_name
 
 NULL_SEED_OFFSET = 100  # clean models use seeds 100, 101, ...: disjoint from the detection-power runs
 
@@ -33,12 +31,12 @@ def main() -> None:
     for i in range(args.models):
         seed = NULL_SEED_OFFSET + i
         if args.report_only:
-            runs.append(Run(root / f"rate0-seed{seed}-steps{args.steps}", 0.0, seed, args.steps))
+            runs.append(Run.named(root, rate_name(0.0, args.steps), 0.0, seed, args.steps))
         else:
             print(f"clean model {i + 1}/{args.models} (seed {seed})", flush=True)
             runs.append(fit_and_probe(root, 0.0, seed, args.steps, template_seed=seed, queries=args.queries))
     if not args.train_only:
-        from verification_report import null_report
+        from .verification_report import null_report
 
         null_report([r for r in runs if r.done], root)
 

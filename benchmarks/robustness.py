@@ -1,6 +1,6 @@
 """What survives an infringer's attacks: dataset (before training), training settings, outputs (before the audit).
 
-    python benchmarks/robustness.py [--rate 0.02] [--seeds 0 1 2] [--only dedup-phash jpeg ...]
+    python -m benchmarks.robustness [--rate 0.02] [--seeds 0 1 2] [--only dedup-phash jpeg ...]
         [--out runs/bench] [--train-only | --report-only]
 
 Every dataset and training attack is run at 2-3 strengths and each seed with ``verification_runs.fit_and_probe``
@@ -15,31 +15,27 @@ loss and the KID of the 64 control images against the owner data on the offline 
 The default rate is 2 %, not the demo's 1 %: ``detection_power.py`` finds the unattacked protection detected in
 every 2 % run but only in some 1 % runs, and an attack can only be judged where the unattacked protection works
 (at 1 % a miss would not say whether the attack or the low rate caused it). ``--rate 0.01`` runs the same grid there.
-One fine-tune takes about 6-7 min on 2 cores: the full grid (30 settings x 3 seeds) is a long background job,
+The full grid (30 settings x 3 seeds, one fine-tune each) is a long background job,
 resumable at any point.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import sys
 from functools import partial
 from pathlib import Path
 
-import numpy as np
+from entruth_lite import attacks, audit, data, probe
 
-sys.path.insert(0, str(Path(__file__).parent))
-from verification_runs import Run, add_run_arguments, fit_and_probe, owner_dataset  # noqa: E402
-
-from entruth_lite import attacks, audit, data, models, probe  # noqa: E402
+from .common import (Run, add_run_arguments, base_pipeline, fit_and_probe, markdown_table, owner_dataset,
+                     owner_negatives, projection_scores, rate_name, seeded_attack)
 
 STEPS = 1500
 DATASET = {  # name: (strengths, attack(strength) -> callable(released, out, key) -> AttackReport)
     "dedup-phash": ([6, 12], lambda s: partial(attacks.deduplicate, method="phash", threshold=s, drop_clusters_of=20)),
     "dedup-embedding": ([0.9, 0.7], lambda s: partial(attacks.deduplicate, method="embedding", threshold=s,
-                                                      drop_clusters_of=20, pipe=models.load_pipeline("tiny", device="cpu"))),
+                                                      drop_clusters_of=20, pipe=base_pipeline())),
     "recaption-shuffle": ([0.4, 0.9], lambda s: partial(attacks.recaption, share=s, source="shuffle")),
     "recaption-captioner": ([0.4, 0.9], lambda s: partial(attacks.recaption, share=s, source="captioner",
                                                           captioner=_captioner())),
@@ -55,9 +51,14 @@ TRAINING = {"fewer_steps": [0.5, 0.25], "lower_lr": [0.5, 0.25], "lora_rank": [3
 OUTPUT = attacks.OUTPUT_SETTINGS  # the strengths notebook 04's output-attack table shows
 
 
+ROBUSTNESS_FORMATS = dict(strength="g", images_kept=".0%", templated_kept=".1f", templated_with_trigger=".1f",
+                          decoy_tpr=".2f", decoy_median_p=".1e", binomial_tpr=".2f", binomial_median_p=".1e",
+                          held_out_loss=".4f", kid=".4f", kid_sd=".4f")
+
+
 def _captioner():
     images, captions, _ = data.emoji_dataset("pretrain", limit=1000)
-    return attacks.retrieval_captioner(images, captions, models.load_pipeline("tiny", device="cpu"))
+    return attacks.retrieval_captioner(images, captions, base_pipeline())
 
 
 def _extra() -> Path:
@@ -65,14 +66,6 @@ def _extra() -> Path:
     if not (folder / data.METADATA).is_file():
         data.write_emoji_dataset(folder, split="pretrain", overwrite=True)
     return folder
-
-
-def _dataset_attack(make, strength, seed: int):
-    """The attack at ``strength``, drawing its random choices (which captions, images, extra data) from the run's
-    seed, so that seeds are independent replicates of the attack too (de-duplication draws nothing)."""
-    attack = make(strength)
-    seeded = {"seed": seed} if "seed" in inspect.signature(attack).parameters else {}
-    return lambda released, out, key: attack(released, out=out, key=key, overwrite=True, **seeded)
 
 
 def settings(only=None):
@@ -92,7 +85,7 @@ def run_setting(root: Path, kind: str, name: str, strength: float, seed: int, ra
     tag = _tag(kind, name, strength, rate)
     if kind == "dataset":
         return fit_and_probe(root, rate, seed, STEPS, template_seed=seed, name=tag, queries=queries,
-                             attack=_dataset_attack(DATASET[name][1], strength, seed))
+                             attack=seeded_attack(DATASET[name][1](strength), seed))
     if kind == "training":
         overrides = attacks.training_overrides(name, strength)
         return fit_and_probe(root, rate, seed, overrides.get("steps", STEPS), template_seed=seed, name=tag,
@@ -100,40 +93,9 @@ def run_setting(root: Path, kind: str, name: str, strength: float, seed: int, ra
     return None  # output attacks: evaluated on the stored probes, nothing to train
 
 
-def _scores(run: Run, root: Path, corruption: tuple[str, float] | None = None, seed: int = 0) -> dict:
-    """The projection detector's scores of the run's probe (corrupted, for output attacks), with DECOYS decoys
-    and the owner's plain images: all the report reads. A run the verification report scored already (every
-    detector, ``SCORES``.npz) is read from there; the rest skip that report's classifier (a minute a run)."""
-    from verification_report import DECOYS, SCORES, owner_negatives
-
-    if corruption is None and (run.folder / f"{SCORES}.npz").is_file():
-        cache = run.folder / f"{SCORES}.npz"
-    elif corruption is None:
-        cache = run.folder / f"{SCORES}-projection.npz"
-    else:
-        cache = run.folder / f"{SCORES}-output-{corruption[0]}-{corruption[1]:g}.npz"
-    if cache.is_file():
-        with np.load(cache, allow_pickle=False) as stored:
-            return dict(stored)
-    from entruth_lite import protect
-
-    key = protect.load_key(run.key)
-    probed = probe.load_probe(run.probe_file)
-    if corruption is not None:
-        probed = attacks.corrupt_probe(probed, *corruption, seed=seed)
-    names, images = owner_negatives(root)
-    plain = [im for n, im in zip(names, images) if n not in set(key.files)]
-    scores = audit.score_probe(probed, key.template, ("projection",), plain, decoys=DECOYS, salt=key.key_sha256,
-                               progress=False)
-    np.savez_compressed(cache, **scores)
-    return scores
-
-
 def _kid(run: Run, root: Path, corruption: tuple[str, float] | None = None, seed: int = 0) -> float:
     """KID of the run's control images (corrupted, for output attacks) against the owner data after the base VAE
     (the best a model of this VAE can draw): the quality cost."""
-    from verification_report import owner_negatives
-
     from entruth_lite import quality
 
     name = "kid-seeded.json" if corruption is None else f"kid-seeded-output-{corruption[0]}-{corruption[1]:g}.json"
@@ -149,17 +111,17 @@ def report(root: Path, seeds, rate: float, only=None, queries: int = 64) -> None
     import pandas as pd
 
     rows = []
-    baseline = [Run(root / f"rate{rate:g}-seed{s}-steps{STEPS}", rate, s, STEPS) for s in seeds]
+    baseline = [Run.named(root, rate_name(rate, STEPS), rate, s, STEPS) for s in seeds]
     grid = [("none", "no attack", 0)] + settings(only)
     for kind, name, strength in grid:
         for seed in seeds:
             if kind in ("none", "output"):
                 run = baseline[seeds.index(seed)]
             else:
-                run = Run(root / f"{_tag(kind, name, strength, rate)}-seed{seed}", rate, seed, STEPS)
+                run = Run.named(root, _tag(kind, name, strength, rate), rate, seed, STEPS)
             if not run.done:
                 continue
-            scores = _scores(run, root, (name, strength) if kind == "output" else None, seed)
+            scores = projection_scores(root, run, (name, strength) if kind == "output" else None, seed)
             meta = json.loads((run.folder / "run.json").read_text())
             verdicts = audit.verdicts_from_scores(scores, "projection", ("decoy", "binomial"))
             attack = meta.get("attack") or {}
@@ -177,14 +139,7 @@ def report(root: Path, seeds, rate: float, only=None, queries: int = 64) -> None
     table.to_csv(root / f"{stem}.csv", index=False)
     summary = attacks.summarize_robustness(table)
     print(f"\nRobustness at rate {rate:g} ({queries} queries, alpha = 0.01); templated/trigger counts are means over seeds\n")
-    print("| kind | attack | strength | seeds | images kept | templated kept | ... with trigger | TPR decoy | median p decoy | "
-          "verdict | TPR binomial | median p binomial | held-out loss | KID (mean ± sd) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    fmt = lambda x, f: "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, f)
-    for r in summary.itertuples():
-        print(f"| {r.kind} | {r.attack} | {r.strength:g} | {r.seeds} | {fmt(r.images_kept, '.0%')} | {fmt(r.templated_kept, '.1f')} | "
-              f"{fmt(r.templated_with_trigger, '.1f')} | {r.decoy_tpr:.2f} | {r.decoy_median_p:.1e} | {r.verdict} | {r.binomial_tpr:.2f} | "
-              f"{r.binomial_median_p:.1e} | {fmt(r.held_out_loss, '.4f')} | {r.kid:.4f} ± {fmt(r.kid_sd, '.4f')} |")
+    print(markdown_table(summary, ROBUSTNESS_FORMATS))
     _heatmap(summary, root / f"{stem}.png")
 
 

@@ -1,6 +1,6 @@
 """Fine-tuning speed and peak memory of the tiny model (CPU; CUDA too when present).
 
-    python benchmarks/train_speed.py [--steps 30] [--batch-size 32]
+    python -m benchmarks.train_speed [--steps 30] [--batch-size 32]
 
 Prints one row per (device, method): steps/s, seconds/step and peak memory (CPU: peak RSS of a fresh process
 per configuration; CUDA: torch.cuda.max_memory_allocated), with the settings used.

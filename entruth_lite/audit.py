@@ -2,52 +2,123 @@
 turn the scores into verdicts that a third party can re-run (same prompts, seeds and settings) and check.
 
 ``evaluate`` is the pure part (stored probe in, verdicts out), which the benchmarks use on many models;
-``audit`` adds the sampling; ``render_report`` writes one self-contained HTML file.
+``audit`` adds the sampling; ``report.render_report`` turns its result into one self-contained HTML file.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
-import io
-import json
+import inspect
 import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from . import detect, probe, verify
+from . import data, detect, probe, verify
 from .probe import ProbeResult
 from .templates import Template, decoy_templates, random_seed_of, random_template
 
 DETECTORS = ("projection", "classifier")
-METHODS = ("paired", "decoy", "binomial", "one-query", "reference")
-METHOD_NOTES = {
-    "paired": "Wilcoxon signed-rank, trigger vs the same prompt and seed without the trigger, on the suspect only. "
-              "Null: the trigger does not make the suspect's images more template-like. Supporting only: a trigger "
-              "moves even a clean model's images; on 40 clean fine-tunes it flagged 4 (projection) and 8 "
-              "(classifier) at alpha 0.05.",
-    "decoy": "Rank of the released template among decoy templates from the same random family that were never "
-             "released (statistic: mean trigger-minus-control projection score). Null: the suspect never saw the "
-             "release, so the released template is exchangeable with the decoys.",
-    "binomial": "Trigger images over the detector threshold set on plain images at the target false-positive "
-                "rate; binomial test against the rate's 95% upper confidence bound. Supporting only: conservative "
-                "on 40 clean fine-tunes (at most 1 flagged at alpha 0.05), but its null is 'trigger images score "
-                "like plain images', and a clean model whose trigger draws some other frame breaks it (tests: 40 % "
-                "of such models flagged at alpha 0.01; the decoy test, 0 %).",
-    "one-query": "The single most template-like trigger image, conformal p-value against plain images, "
-                 "Bonferroni-corrected for picking the best of n, so it can only reach alpha with at least "
-                 "n / alpha plain images.",
-    "reference": "Mann-Whitney U, suspect vs a clean reference model on the same trigger prompts and seeds. "
-                 "Supporting only: one reference model is not the population of clean models (5 (projection) "
-                 "and 4 (classifier) of 40 clean fine-tunes flagged at alpha 0.01).",
+
+
+def _paired(scores, d, alpha, fpr, n):
+    """Wilcoxon signed-rank, trigger vs the same prompt and seed without the trigger, on the suspect only. Null:
+    the trigger does not make the suspect's images more template-like. Supporting only: a trigger moves even a
+    clean model's images."""
+    return verify.paired_test(scores[f"{d}_trigger"][:n], scores[f"{d}_control"][:n], alpha)
+
+
+def _binomial(scores, d, alpha, fpr, n):
+    """Trigger images over the detector threshold set on plain images at the target false-positive rate; binomial
+    test against the rate's 95% upper confidence bound. Supporting only: its null is 'trigger images score like
+    plain images', which a clean model whose trigger draws some other frame breaks (the benchmarks' null
+    calibration measures how often)."""
+    negatives = scores[f"{d}_negatives"]
+    return verify.binomial_test(scores[f"{d}_trigger"][:n], verify.calibrate_threshold(negatives, fpr), negatives,
+                                alpha)
+
+
+def _one_query(scores, d, alpha, fpr, n):
+    """The single most template-like trigger image, conformal p-value against plain images, Bonferroni-corrected
+    for picking the best of n, so it can only reach alpha with at least n / alpha plain images."""
+    return verify.one_query_test(scores[f"{d}_trigger"][:n], scores[f"{d}_negatives"], alpha)
+
+
+def _decoy(scores, d, alpha, fpr, n):
+    """Rank of the released template among decoy templates from the same random family that were never released
+    (statistic: mean trigger-minus-control projection score). Null: the suspect never saw the release, so the
+    released template is exchangeable with the decoys; the p-value is exact."""
+    released, matrix = scores["decoy_released"][:n], scores["decoy_matrix"][:, :n]
+    return verify.decoy_test(float(released.mean()), matrix.mean(axis=1), len(released), alpha)
+
+
+def _reference(scores, d, alpha, fpr, n):
+    """Mann-Whitney U, suspect vs a clean reference model on the same trigger prompts and seeds. Supporting only:
+    one reference model is not the population of clean models."""
+    return verify.reference_test(scores[f"{d}_trigger"][:n], scores[f"{d}_reference"][:n], alpha)
+
+
+SCORE_MEANINGS = {  # what each stored score array is, for error messages ({d}: the detector)
+    "{d}_trigger": "the trigger images' scores", "{d}_control": "the control images' scores",
+    "{d}_negatives": "plain negative images (the owner's unaltered images)",
+    "{d}_reference": "a probe of a clean reference model (--reference)",
+    "decoy_released": "decoy scores (score_probe with decoys > 0)", "decoy_matrix": "decoy scores (score_probe with decoys > 0)",
 }
+
+
+@dataclass(frozen=True)
+class Test:
+    """One statistical test on stored scores (``score_probe``): what it reads, how it runs, whether it may decide.
+
+    ``needs``: the score arrays it reads, ``{d}`` standing for the detector; ``exact``: its false-positive rate
+    holds whatever a clean model draws, so it may decide a verdict (the others support it); ``detectors``: the
+    detectors it reads (the decoy test always scores by projection)."""
+
+    name: str
+    needs: tuple[str, ...]
+    run: Callable[..., verify.Verdict]
+    exact: bool
+    detectors: tuple[str, ...] = DETECTORS
+
+    @property
+    def note(self) -> str:
+        """What the test is and assumes: its run function's docstring (shown in reports)."""
+        return " ".join(inspect.getdoc(self.run).split())
+
+    def needs_for(self, detector: str) -> list[str]:
+        return [need.format(d=detector) for need in self.needs]
+
+    def verdict(self, scores: dict[str, np.ndarray], detector: str, alpha: float = 0.01, fpr: float = 0.01,
+                n: int | None = None) -> verify.Verdict:
+        missing = [need for need in self.needs if need.format(d=detector) not in scores]
+        if missing:
+            raise ValueError(f"the {self.name} test needs {SCORE_MEANINGS[missing[0]]}")
+        detector = detector if detector in self.detectors else self.detectors[0]
+        verdict = self.run(scores, detector, alpha, fpr, n)
+        verdict.detector = detector
+        return verdict
+
+
+TESTS: dict[str, Test] = {t.name: t for t in (
+    Test("decoy", ("decoy_released", "decoy_matrix"), _decoy, exact=True, detectors=("projection",)),
+    Test("binomial", ("{d}_trigger", "{d}_negatives"), _binomial, exact=False),
+    Test("paired", ("{d}_trigger", "{d}_control"), _paired, exact=False),
+    Test("one-query", ("{d}_trigger", "{d}_negatives"), _one_query, exact=False),
+    Test("reference", ("{d}_trigger", "{d}_reference"), _reference, exact=False),
+)}
+METHODS = tuple(TESTS)  # every test's name, in the order tables show them
+
+
+def available_tests(scores: dict[str, np.ndarray], detector: str = "projection",
+                    tests: Sequence[str] = METHODS) -> list[str]:
+    """The tests of ``tests`` that ``scores`` can run for ``detector`` (the one rule for which tests apply)."""
+    return [name for name in tests if detector in TESTS[name].detectors
+            and all(need in scores for need in TESTS[name].needs_for(detector))]
 
 
 @dataclass
@@ -116,8 +187,8 @@ def decoy_differences(probed: ProbeResult, template: Template, k: int = 999, sal
 
     size = min(template.size[0], work_size)
     released = random_template(random_seed_of(template), size)
-    trig = detect.image_array(probed.trigger_images, released.size)
-    ctrl = detect.image_array(probed.control_images, released.size)
+    trig = data.image_array(probed.trigger_images, released.size)
+    ctrl = data.image_array(probed.control_images, released.size)
 
     def differences(t: Template) -> np.ndarray:
         return detect.template_scores(trig, t) - detect.template_scores(ctrl, t)
@@ -162,35 +233,10 @@ def verdicts_from_scores(scores: dict[str, np.ndarray], detector: str = "project
                          methods: Sequence[str] = ("decoy", "binomial", "paired", "one-query"), alpha: float = 0.01,
                          fpr: float = 0.01, n: int | None = None) -> list[verify.Verdict]:
     """The tests in ``methods`` on the first ``n`` queries (all by default) of precomputed scores."""
-    trig, ctrl = scores[f"{detector}_trigger"][:n], scores[f"{detector}_control"][:n]
-    negatives = scores.get(f"{detector}_negatives")
-    verdicts = []
-    for method in methods:
-        if method in ("binomial", "one-query") and negatives is None:
-            raise ValueError(f"the {method} test needs plain negative images (the owner's unaltered images)")
-        if method == "paired":
-            verdict = verify.paired_test(trig, ctrl, alpha)
-        elif method == "binomial":
-            verdict = verify.binomial_test(trig, verify.calibrate_threshold(negatives, fpr), negatives, alpha)
-        elif method == "one-query":
-            verdict = verify.one_query_test(trig, negatives, alpha)
-        elif method == "decoy":
-            if "decoy_matrix" not in scores:
-                raise ValueError("the decoy test needs decoy scores (score_probe with decoys > 0)")
-            released, matrix = scores["decoy_released"][:n], scores["decoy_matrix"][:, :n]
-            verdict = verify.decoy_test(float(released.mean()), matrix.mean(axis=1), len(trig), alpha)
-            verdict.method = "decoy-rank (projection)"  # whatever the detector: decoys are scored by projection
-            verdicts.append(verdict)
-            continue
-        elif method == "reference":
-            if f"{detector}_reference" not in scores:
-                raise ValueError("the reference test needs a probe of a clean reference model (--reference)")
-            verdict = verify.reference_test(trig, scores[f"{detector}_reference"][:n], alpha)
-        else:
-            raise ValueError(f"unknown verification method {method!r}: choose from {', '.join(METHODS)}")
-        verdict.method = f"{verdict.method} ({detector})"
-        verdicts.append(verdict)
-    return verdicts
+    unknown = [m for m in methods if m not in TESTS]
+    if unknown:
+        raise ValueError(f"unknown verification methods {unknown}: choose from {', '.join(METHODS)}")
+    return [TESTS[m].verdict(scores, detector, alpha, fpr, n) for m in methods]
 
 
 def evaluate(probed: ProbeResult, template: Template, config: AuditConfig | None = None,
@@ -224,7 +270,7 @@ def p_value_curve(scores: dict[str, np.ndarray], ns: Sequence[int], detector: st
     curve: dict[str, list[float]] = {}
     for n in ns:
         for verdict in verdicts_from_scores(scores, detector, methods, fpr=fpr, n=n):
-            curve.setdefault(verdict.method, []).append(verdict.p_value)
+            curve.setdefault(verdict.label, []).append(verdict.p_value)
     return curve
 
 
@@ -234,11 +280,8 @@ def verdict_table(scores_by_model: dict[str, dict[str, np.ndarray]], detector: s
     """One row per (model, test) that the scores allow: what the notebook's table and widget show."""
     rows = []
     for model, scores in scores_by_model.items():
-        usable = [m for m in methods if (m != "decoy" or ("decoy_matrix" in scores and detector == "projection"))
-                  and (m != "reference" or f"{detector}_reference" in scores)
-                  and (m not in ("binomial", "one-query") or f"{detector}_negatives" in scores)]
-        for v in verdicts_from_scores(scores, detector, usable, alpha, fpr, n):
-            rows.append(dict(model=model, test=v.method, queries=v.n_queries, flagged=v.detections,
+        for v in verdicts_from_scores(scores, detector, available_tests(scores, detector, methods), alpha, fpr, n):
+            rows.append(dict(model=model, test=v.label, queries=v.n_queries, flagged=v.detections,
                              p_value=v.p_value, decision=v.decision))
     return rows
 
@@ -273,8 +316,8 @@ class AuditResult:
 
     def to_json(self) -> dict:
         return dict(
-            decision=self.headline.decision, p_value=self.headline.p_value, method=self.headline.method,
-            verdicts=[asdict(v) for v in self.verdicts], config=asdict(self.config), key=self.key,
+            decision=self.headline.decision, p_value=self.headline.p_value, test=self.headline.label,
+            verdicts=[asdict(v) | {"label": v.label} for v in self.verdicts], config=asdict(self.config), key=self.key,
             model=self.model, reference=self.reference, notes=self.notes,
             queries=[dict(caption=c, trigger_prompt=t, seed=s, trigger_score=float(a), control_score=float(b))
                      for c, t, s, a, b in zip(self.probe.captions, self.probe.trigger_prompts, self.probe.seeds,
@@ -346,8 +389,7 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
 
 def load_suspect(model: str = "tiny", weights: str | os.PathLike | None = None, device: str | None = None):
     """A base pipeline plus the suspect's weights (LoRA or full fine-tune folder; safetensors only)."""
-    from .models import load_pipeline
-    from .train import load_finetuned
+    from .models import load_finetuned, load_pipeline
 
     pipe = load_pipeline(model, device=device)
     return load_finetuned(pipe, weights) if weights is not None else pipe
@@ -359,109 +401,3 @@ def model_info(model: str, weights: str | os.PathLike | None) -> dict:
     base_dir = TINY_MODEL_DIR if model == "tiny" else (model if Path(model).is_dir() else None)
     return dict(model=model, weights=str(weights) if weights else None, base_files=file_hashes(base_dir),
                 weight_files=file_hashes(weights))
-
-
-# ----------------------------------------------------------------------------- the report
-
-
-def _png_data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _figure_uri(fig) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def marked_grid(images: Sequence[Image.Image], flagged: Sequence[int], cols: int = 8, tile: int = 96) -> Image.Image:
-    """Images in a grid of ``tile``-px tiles (small images enlarged without smoothing), flagged ones framed in red."""
-    from PIL import ImageDraw
-
-    from .data import image_grid
-
-    size, scale = tile, max(2, tile // 32)
-    tiles = []
-    flagged = set(int(i) for i in flagged)
-    for i, image in enumerate(images):
-        resample = Image.Resampling.NEAREST if image.size[0] <= size else Image.Resampling.LANCZOS
-        shown = image.resize((size, size), resample).convert("RGB")
-        if i in flagged:
-            ImageDraw.Draw(shown).rectangle([0, 0, size - 1, size - 1], outline=(230, 0, 0), width=scale)
-        tiles.append(shown)
-    return image_grid(tiles, cols=cols, pad=2)
-
-
-def score_histogram(evidence: Evidence):
-    from .viz import plot_score_histograms
-
-    groups = {"trigger prompts": evidence.trigger_scores, "control prompts": evidence.control_scores,
-              "clean reference": evidence.reference_scores, "plain images": evidence.negative_scores}
-    ax = plot_score_histograms({k: v for k, v in groups.items() if v is not None and len(v)}, evidence.threshold,
-                               f"template score ({evidence.detector})")
-    return ax.figure
-
-
-def render_report(result: AuditResult) -> str:
-    """One self-contained HTML page (images inline): what was asked, what came back, and what it means."""
-    e = html.escape
-    head = result.headline
-    evidence_ids = sorted({i for v in result.verdicts for i in v.evidence})
-    decision = ("EVIDENCE that the model was trained on the protected data" if head.decision
-                else "NO EVIDENCE at this level")
-    rows = "".join(
-        f"<tr><td>{e(v.method)}</td><td>{v.n_queries}</td><td>{'' if v.detections is None else v.detections}</td>"
-        f"<td>{v.statistic:.4g}</td><td><b>{v.p_value:.2e}</b></td><td>{v.alpha:g}</td>"
-        f"<td>{'yes' if v.decision else 'no'}</td></tr>" for v in result.verdicts)
-    notes = "".join(f"<li><b>{e(m)}</b>: {e(METHOD_NOTES[m])}</li>" for m in result.config.methods)
-    queries = "".join(
-        f"<tr><td>{i}</td><td>{e(t)}</td><td>{s}</td><td>{a:.3f}</td><td>{b:.3f}</td></tr>"
-        for i, (t, s, a, b) in enumerate(zip(result.probe.trigger_prompts, result.probe.seeds,
-                                             result.evidence.trigger_scores, result.evidence.control_scores)))
-    hashes = "".join(f"<tr><td>{part.split('_')[0]}: {e(name)}</td><td><code>{digest}</code></td></tr>"
-                     for part in ("base_files", "weight_files") for name, digest in result.model.get(part, {}).items())
-    figures = [("Score distributions", _figure_uri(score_histogram(result.evidence)))]
-    if result.evidence.decoy_statistics is not None:
-        from .viz import plot_decoys
-
-        ax = plot_decoys(result.evidence.released_statistic, result.evidence.decoy_statistics)
-        figures.append(("Released template vs decoys", _figure_uri(ax.figure)))
-    figure_html = "".join(f"<h3>{t}</h3><img src='{u}'>" for t, u in figures)
-    config = result.config
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>EnTruth audit</title>
-<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}} .verdict{{font-size:20px;padding:8px;
-background:{'#fde2e2' if head.decision else '#e6f2e6'}}} code{{font-size:11px}}</style></head><body>
-<h1>EnTruth audit report</h1>
-<p class="verdict"><b>{decision}</b>: {e(head.method)}, p = {head.p_value:.2e} (alpha = {head.alpha:g},
-{head.n_queries} trigger queries). The first method was fixed before the audit; the others support it.</p>
-<h2>Tests</h2><table><tr><th>method</th><th>queries</th><th>flagged</th><th>statistic</th><th>p-value</th>
-<th>alpha</th><th>reject null</th></tr>{rows}</table><ul>{notes}</ul>
-<h2>Key and model</h2><table><tr><td>owner key sha256</td><td><code>{e(result.key['key_sha256'])}</code></td></tr>
-<tr><td>template</td><td>{e(result.key['template'])}</td></tr><tr><td>trigger</td><td>{e(result.key['trigger'])}
-({e(result.key['placement'])})</td></tr><tr><td>model</td><td>{e(str(result.model.get('model')))}</td></tr>
-<tr><td>weights</td><td>{e(str(result.model.get('weights')))}</td></tr>
-<tr><td>reference</td><td>{e(json.dumps(result.reference))}</td></tr>{hashes}</table>
-<h2>Trigger-prompt images</h2><p>Framed in red: the queries the tests point to as evidence ({len(evidence_ids)}).</p>
-<img src="{_png_data_uri(marked_grid(result.probe.trigger_images, evidence_ids))}">
-<h2>Control-prompt images (same captions and seeds, no trigger)</h2>
-<img src="{_png_data_uri(marked_grid(result.probe.control_images, []))}">
-{figure_html}
-<h2>How to regenerate</h2><p>{config.num_inference_steps} inference steps, guidance scale {config.guidance_scale},
-one <code>torch.Generator</code> per image seeded as below, images at the model's native size; detector
-<b>{e(config.detector)}</b>{', ' + e('; '.join(result.notes)) if result.notes else ''}.</p>
-<table><tr><th>#</th><th>trigger prompt</th><th>seed</th><th>trigger score</th><th>control score</th></tr>
-{queries}</table></body></html>
-"""
-
-
-def write_report(result: AuditResult, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(result), encoding="utf-8")
-    return path

@@ -2,7 +2,7 @@
 inference?" gets an answer in numbers.
 
 - **DIAGNOSIS-style coating** (Wang et al., ICLR 2024; public code ``ZhentingWang/DIAGNOSIS``): a WaNet-style
-  smooth warp (one secret random k x k flow field, strength s; ``protect.warp_coat``) applied to a coating rate of
+  smooth warp (one secret random k x k flow field, strength s; ``warp_coat``) applied to a coating rate of
   the dataset, either with a trigger word (their default 20 %) or unconditionally (100 %). A binary classifier
   learns coated vs clean images; a model is called infringing when more than a threshold share of its
   generations (their default 0.75) are classified as coated. We also give a binomial p-value against the
@@ -22,10 +22,67 @@ import numpy as np
 from PIL import Image
 from scipy import stats
 
-from . import data, detect, protect, verify
+from . import data, detect, protect, templates, verify
 
 COAT_KEY_FILE = "coat-key.json"
 COAT_MODES = ("trigger", "unconditional")
+
+
+def warp_coat(image: Image.Image, strength: float = 0.5, grid: int = 4, seed: int = 0) -> Image.Image:
+    """A WaNet-style "coat" (as DIAGNOSIS uses): a smooth, nearly invisible warp of the whole image.
+
+    A random ``grid`` x ``grid`` flow field, normalised to mean |flow| = 1, is upsampled bicubically to the
+    image size and added, scaled by ``strength`` / side, to the identity sampling grid (normalised
+    coordinates); ``torch.nn.functional.grid_sample`` then resamples (bilinear, border clamped). At the
+    defaults a 32 px image moves by about a quarter pixel: the contrast to a template, which alters half
+    the image by a lot.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if grid < 2:
+        raise ValueError(f"grid must be at least 2, got {grid}")
+    image = data.to_rgb(image)
+    width, height = image.size
+    generator = torch.Generator().manual_seed(int(seed))
+    flow = torch.rand(1, 2, grid, grid, generator=generator, dtype=torch.float64) * 2 - 1
+    flow = flow / flow.abs().mean()
+    flow = F.interpolate(flow, size=(height, width), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, height, dtype=torch.float64), torch.linspace(-1, 1, width, dtype=torch.float64), indexing="ij"
+    )
+    identity = torch.stack((xs, ys), dim=-1)[None]  # grid_sample wants (x, y)
+    offset = flow * strength / torch.tensor([width, height], dtype=torch.float64)
+    sample_grid = (identity + offset).clamp(-1, 1)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float64) / 255.0).permute(2, 0, 1)[None]
+    warped = F.grid_sample(pixels, sample_grid, mode="bilinear", padding_mode="border", align_corners=True)
+    array = (warped[0].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def coat_contrast(
+    images: Sequence[Image.Image], template: templates.Template | str = "billboard", strength: float = 0.5, grid: int = 4,
+    seed: int = 0, amplify: float = 10.0,
+) -> tuple[Image.Image, dict[str, dict[str, float]]]:
+    """DIAGNOSIS's coat versus an EnTruth template on the same images: a grid with rows original, coated,
+    templated, |coat change| x ``amplify`` and |template change| (not amplified), and their mean stats."""
+    images = [data.to_rgb(image) for image in images]
+    if not images:
+        raise ValueError("no images to compare")
+    template = templates.resolve_template(template, images[0].size)
+    coated = [warp_coat(image, strength=strength, grid=grid, seed=seed + i) for i, image in enumerate(images)]
+    templated = templates.insert(images, template)
+
+    def difference(a: Image.Image, b: Image.Image, gain: float) -> Image.Image:
+        b = b.resize(a.size) if b.size != a.size else b
+        delta = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)) * gain
+        return Image.fromarray(np.clip(delta, 0, 255).astype(np.uint8))
+
+    rows = images + coated + [t.resize(images[0].size) for t in templated]
+    rows += [difference(i, c, amplify) for i, c in zip(images, coated)]
+    rows += [difference(i, t, 1.0) for i, t in zip(images, templated)]
+    stats = {"coat": protect.mean_stats(list(zip(images, coated))), "template": protect.mean_stats(list(zip(images, templated)))}
+    return data.image_grid(rows, cols=len(images)), stats
 
 
 @dataclass
@@ -42,7 +99,7 @@ class CoatKey:
     source: str
 
     def coat(self, image: Image.Image) -> Image.Image:
-        return protect.warp_coat(image, self.strength, self.grid, self.seed)
+        return warp_coat(image, self.strength, self.grid, self.seed)
 
 
 def coat_dataset(dataset, out, key_dir, rate: float = 0.2, mode: str = "trigger", strength: float = 1.0,
@@ -123,7 +180,7 @@ def diagnosis_test(scores, classifier: detect.TemplateClassifier, threshold_shar
     scores = np.asarray(scores, float)
     share = float((scores > 0).mean())
     binomial = verify.binomial_test(scores, 0.0, classifier.calibration_scores, alpha)
-    binomial.method = "diagnosis-binomial"
+    binomial.test = "diagnosis-binomial"
     return DiagnosisResult(share, threshold_share, share > threshold_share, binomial)
 
 

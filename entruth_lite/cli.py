@@ -91,7 +91,7 @@ def _protect(args) -> None:
 def _audit(args) -> None:
     import json
 
-    from . import audit, data, protect
+    from . import audit, data, protect, report
 
     key = protect.load_key(args.key)
     config = audit.AuditConfig(queries=args.queries, detector=args.detector, methods=tuple(args.method),
@@ -112,7 +112,7 @@ def _audit(args) -> None:
                          reference=audit.model_info(args.model, args.reference) if args.reference else None,
                          progress=not args.json)
     if args.report:
-        audit.write_report(result, args.report)
+        report.write_report(result, args.report)
     if args.json:
         print(json.dumps(result.to_json()))
     else:

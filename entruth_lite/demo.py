@@ -48,7 +48,6 @@ def finetuned(runs: str | Path, release: Release, config, pipe=None, progress: b
     folders = {}
     for name, data_dir in (("protected", release.protected), ("clean", release.owner)):
         out = Path(runs) / "models" / name
-        if not train.is_current(out, config, data_dir):
-            train.finetune(data_dir, out, config, pipe=pipe, overwrite=True, progress=progress)
+        train.ensure_finetuned(data_dir, out, config, pipe=pipe, progress=progress)
         folders[name] = out
     return folders

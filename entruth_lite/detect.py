@@ -22,20 +22,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .data import to_rgb
+from .augmentation import augment
+from .data import UNIT_RANGE, image_array, images_to_tensor
+
+BILINEAR = Image.Resampling.BILINEAR  # the classifier resizes as it was trained
 from .templates import Template, surround_mask
-
-
-def image_array(images: Sequence[Image.Image], size: tuple[int, int]) -> np.ndarray:
-    """Images as one float array (N, H, W, 3), resized to ``size`` where needed: convert once, score against
-    many templates (the decoy test scores thousands)."""
-    arrays = []
-    for image in images:
-        image = to_rgb(image)
-        if image.size != tuple(size):
-            image = image.resize(tuple(size), Image.Resampling.BILINEAR)
-        arrays.append(np.asarray(image, np.float32))
-    return np.stack(arrays) if arrays else np.zeros((0, size[1], size[0], 3), np.float32)
 
 
 def _centred(x: np.ndarray, axis: int) -> np.ndarray:
@@ -156,58 +147,6 @@ def _network(config: ClassifierConfig, arch: str):
     return network
 
 
-def _to_tensor(images: Sequence[Image.Image], size: int):
-    import torch
-
-    arrays = []
-    for image in images:
-        image = to_rgb(image)
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-        arrays.append(np.asarray(image, np.float32) / 255.0)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def augment(batch, generator):
-    """The paper's augmentations on a batch in [0, 1] (B, 3, H, W), all in one place so that tests can
-    call it: random resized crop + flip + elastic jitter (one ``grid_sample``), colour jitter, grayscale,
-    Gaussian blur and noise. Each image gets its own random draw from ``generator``."""
-    import torch
-    import torch.nn.functional as F
-
-    b, _, h, w = batch.shape
-
-    def uniform(lo, hi, *shape):
-        return lo + (hi - lo) * torch.rand(*(shape or (b,)), generator=generator)
-
-    scale = uniform(0.75, 1.0)
-    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1] = scale * flip, scale
-    theta[:, 0, 2], theta[:, 1, 2] = uniform(-1, 1) * (1 - scale), uniform(-1, 1) * (1 - scale)
-    grid = F.affine_grid(theta, (b, 3, h, w), align_corners=False)
-    flow = F.interpolate(uniform(-1, 1, b, 2, 4, 4), size=(h, w), mode="bicubic", align_corners=True)
-    grid = grid + flow.permute(0, 2, 3, 1) * (uniform(0, 1.5)[:, None, None, None] / max(h, w))
-    out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-    out = out * uniform(0.75, 1.25)[:, None, None, None]  # brightness
-    mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    out = mean + (out - mean) * uniform(0.75, 1.25)[:, None, None, None]  # contrast
-    gray = (0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3]).expand_as(out)
-    out = gray + (out - gray) * uniform(0.7, 1.3)[:, None, None, None]  # saturation
-    out = torch.where((torch.rand(b, generator=generator) < 0.05)[:, None, None, None], gray, out)
-
-    sigma = uniform(0.05, 1.2)  # Gaussian blur, one sigma per image, as a grouped convolution
-    taps = torch.arange(-2, 3, dtype=torch.float32)
-    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None] ** 2))
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    kernel2d = (kernel[:, :, None] * kernel[:, None, :]).repeat_interleave(3, dim=0)[:, None]
-    out = F.conv2d(F.pad(out.reshape(1, b * 3, h, w), (2, 2, 2, 2), mode="reflect"), kernel2d, groups=b * 3)
-    out = out.reshape(b, 3, h, w)
-    out = out + torch.randn(out.shape, generator=generator) * uniform(0, 0.04)[:, None, None, None]
-    return out.clamp(0, 1)
-
-
 @dataclass
 class TemplateClassifier:
     """A trained detector for one template, with the scores of the plain images it was calibrated on."""
@@ -231,14 +170,9 @@ class TemplateClassifier:
         out = []
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
-                batch = _to_tensor(images[start : start + batch_size], self.input_size).to(device)
+                batch = images_to_tensor(images[start : start + batch_size], self.input_size, UNIT_RANGE, BILINEAR).to(device)
                 out.append(self.network(batch).float().squeeze(1).cpu().numpy())
         return np.concatenate(out)
-
-    def threshold(self, fpr: float = 0.01) -> float:
-        from .verify import calibrate_threshold
-
-        return calibrate_threshold(self.calibration_scores, fpr)
 
 
 def _distractor_seeds(template: Template, config: ClassifierConfig) -> list[int]:
@@ -287,7 +221,8 @@ def fit_classifier(positives: Sequence[Image.Image], negatives: Sequence[Image.I
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    positives_t, negatives_t = _to_tensor(positives, input_size), _to_tensor(negatives, input_size)
+    positives_t = images_to_tensor(positives, input_size, UNIT_RANGE, BILINEAR)
+    negatives_t = images_to_tensor(negatives, input_size, UNIT_RANGE, BILINEAR)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -18,6 +18,7 @@ TINY_MODEL_DIR = REPO_ROOT / "data" / "models" / "tiny-sd"
 TINY_ALIASES = {"tiny", "tiny-sd"}
 TINY_RESOLUTION = 32
 TINY_MAX_TOKENS = 32
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
 
 # SD-2-style noise schedule: in a trial here DDPM defaults (linear betas, epsilon) gave colour noise.
 TINY_SCHEDULER_CONFIG = dict(
@@ -173,3 +174,82 @@ def vae_reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Te
         batch = images[start : start + batch_size].to(param.device, param.dtype)
         out.append(vae.decode(vae.encode(batch).latent_dist.mean).sample.float().cpu())
     return torch.cat(out)
+
+
+def place(module, device, dtype):
+    """Move a module; change its dtype only when needed (diffusers warns on needless casts)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module
+
+
+# ----------------------------------------------------------------------------- a suspect's weights (untrusted)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickles(folder: Path) -> None:
+    """A suspect's weights are untrusted: only safetensors are read, pickle files are refused outright."""
+    folder = Path(folder)
+    pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{folder} holds pickle weight files ({', '.join(pickles)}); pickles can run code when loaded, "
+            "so entruth-lite reads safetensors only: convert them to .safetensors first"
+        )
+
+
+def load_finetuned(pipe, weights: str | os.PathLike):
+    """Apply fine-tuned weights to a base pipeline, in place: a LoRA folder, or a full fine-tune's ``unet/``.
+
+    Raises if the LoRA does not fit the base architecture (missing or unexpected keys)."""
+    weights = Path(weights)
+    if not weights.is_dir():
+        raise FileNotFoundError(f"weights folder not found: {weights}")
+    refuse_pickles(weights)
+    if (weights / LORA_WEIGHTS_NAME).is_file():
+        _load_lora_strict(pipe, weights)
+    elif (weights / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(weights / "unet", use_safetensors=True)
+        if _architecture(unet.config) != _architecture(pipe.unet.config):
+            raise ValueError(f"{weights / 'unet'} is a UNet of another architecture than the base model's")
+        pipe.unet = place(unet, pipe.device, pipe.unet.dtype)
+    else:
+        raise FileNotFoundError(
+            f"{weights} holds neither {LORA_WEIGHTS_NAME} (LoRA) nor unet/diffusion_pytorch_model.safetensors (full)"
+        )
+    return pipe
+
+
+def _architecture(config) -> dict:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def _load_lora_strict(pipe, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(folder / LORA_WEIGHTS_NAME)
+    unet_keys = {k for k in state if k.startswith("unet.")}
+    base_modules = {name for name, _ in pipe.unet.named_modules()}
+    missing = sorted({_module_of(k) for k in unet_keys} - base_modules)
+    if missing:
+        raise ValueError(
+            f"{folder / LORA_WEIGHTS_NAME} does not fit this model: {len(missing)} LoRA target modules are not in "
+            f"its UNet (e.g. {missing[0]!r}); it was trained for another architecture"
+        )
+    try:
+        pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_NAME)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ValueError(f"{folder / LORA_WEIGHTS_NAME} does not fit this model: {error}") from error
+
+
+def _module_of(key: str) -> str:
+    """'unet.down_blocks.1.attentions.0...to_q.lora.down.weight' -> the UNet module path of the base layer."""
+    key = key[len("unet."):]
+    for marker in (".lora_A", ".lora_B", ".lora.down", ".lora.up", ".lora_magnitude_vector"):
+        if marker in key:
+            return key.split(marker)[0]
+    return key.rsplit(".", 1)[0]

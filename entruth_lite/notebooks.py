@@ -20,6 +20,18 @@ def smoke_mode() -> bool:
     return os.environ.get(SMOKE_ENV, "0") not in ("", "0", "false", "False")
 
 
+def quiet_libraries() -> None:
+    """Silence library chatter that is not the lesson, for every notebook in one place: diffusers' and
+    transformers' loading bars and their info and warning logs (such as the image-processor fallback when
+    torchvision is absent). Errors still show; the package's own progress bars (tqdm) are untouched."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+
+
 def runs_dir(default: str = "../runs") -> Path:
     """Where a notebook writes its artefacts: ``$ENTRUTH_RUNS`` if set, else ``default`` (``default/smoke`` in
     smoke mode, so a quick test run never overwrites the full demo's models)."""

@@ -202,63 +202,6 @@ def mean_stats(pairs: Sequence[tuple[Image.Image, Image.Image]]) -> dict[str, fl
     }
 
 
-def warp_coat(image: Image.Image, strength: float = 0.5, grid: int = 4, seed: int = 0) -> Image.Image:
-    """A WaNet-style "coat" (as DIAGNOSIS uses): a smooth, nearly invisible warp of the whole image.
-
-    A random ``grid`` x ``grid`` flow field, normalised to mean |flow| = 1, is upsampled bicubically to the
-    image size and added, scaled by ``strength`` / side, to the identity sampling grid (normalised
-    coordinates); ``torch.nn.functional.grid_sample`` then resamples (bilinear, border clamped). At the
-    defaults a 32 px image moves by about a quarter pixel: the contrast to a template, which alters half
-    the image by a lot.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if grid < 2:
-        raise ValueError(f"grid must be at least 2, got {grid}")
-    image = data.to_rgb(image)
-    width, height = image.size
-    generator = torch.Generator().manual_seed(int(seed))
-    flow = torch.rand(1, 2, grid, grid, generator=generator, dtype=torch.float64) * 2 - 1
-    flow = flow / flow.abs().mean()
-    flow = F.interpolate(flow, size=(height, width), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
-    ys, xs = torch.meshgrid(
-        torch.linspace(-1, 1, height, dtype=torch.float64), torch.linspace(-1, 1, width, dtype=torch.float64), indexing="ij"
-    )
-    identity = torch.stack((xs, ys), dim=-1)[None]  # grid_sample wants (x, y)
-    offset = flow * strength / torch.tensor([width, height], dtype=torch.float64)
-    sample_grid = (identity + offset).clamp(-1, 1)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float64) / 255.0).permute(2, 0, 1)[None]
-    warped = F.grid_sample(pixels, sample_grid, mode="bilinear", padding_mode="border", align_corners=True)
-    array = (warped[0].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
-    return Image.fromarray(array)
-
-
-def coat_contrast(
-    images: Sequence[Image.Image], template: Template | str = "billboard", strength: float = 0.5, grid: int = 4,
-    seed: int = 0, amplify: float = 10.0,
-) -> tuple[Image.Image, dict[str, dict[str, float]]]:
-    """DIAGNOSIS's coat versus an EnTruth template on the same images: a grid with rows original, coated,
-    templated, |coat change| x ``amplify`` and |template change| (not amplified), and their mean stats."""
-    images = [data.to_rgb(image) for image in images]
-    if not images:
-        raise ValueError("no images to compare")
-    template = resolve_template(template, images[0].size)
-    coated = [warp_coat(image, strength=strength, grid=grid, seed=seed + i) for i, image in enumerate(images)]
-    templated = insert(images, template)
-
-    def difference(a: Image.Image, b: Image.Image, gain: float) -> Image.Image:
-        b = b.resize(a.size) if b.size != a.size else b
-        delta = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)) * gain
-        return Image.fromarray(np.clip(delta, 0, 255).astype(np.uint8))
-
-    rows = images + coated + [t.resize(images[0].size) for t in templated]
-    rows += [difference(i, c, amplify) for i, c in zip(images, coated)]
-    rows += [difference(i, t, 1.0) for i, t in zip(images, templated)]
-    stats = {"coat": mean_stats(list(zip(images, coated))), "template": mean_stats(list(zip(images, templated)))}
-    return data.image_grid(rows, cols=len(images)), stats
-
-
 # ----------------------------------------------------------------------------- preview (for the widget)
 
 

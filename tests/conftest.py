@@ -48,22 +48,3 @@ def small_dataset(tmp_path):
     images = [Image.new("RGB", (32, 32), (20 * i, 255 - 20 * i, 100)) for i in range(12)]
     captions = [f"an emoji of a colour number {i}" for i in range(12)]
     return data.save_imagefolder(images, captions, tmp_path / "small")
-
-
-@pytest.fixture(scope="session")
-def robustness_benchmark():
-    """``benchmarks/robustness.py`` as a module (it is a script, not part of the package)."""
-    import importlib.util
-    import sys
-
-    from entruth_lite import notebooks
-
-    folder = notebooks.REPO_ROOT / "benchmarks"
-    sys.path.insert(0, str(folder))
-    try:
-        spec = importlib.util.spec_from_file_location("robustness", folder / "robustness.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(folder))
-    return module

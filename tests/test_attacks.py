@@ -1,7 +1,6 @@
 """Each attack does what it says and never touches its input."""
 
 import json
-from functools import partial
 
 import numpy as np
 import pytest
@@ -248,9 +247,9 @@ def test_output_attacks_are_scored_on_the_same_probe(emoji):
     probed = ProbeResult(["c"] * 20, ["t c"] * 20, list(range(20)), trig, images[20:])
     rows = attacks.output_attack_table(probed, template, settings={"blur": (0.5, 6.0), "flip": (1.0,)}, decoys=49)
     assert [(r["corruption"], r["strength"]) for r in rows] == [("none", 0), ("blur", 0.5), ("blur", 6.0), ("flip", 1.0)]
-    assert rows[0]["decoy-rank p"] == pytest.approx(1 / 50) and rows[1]["decoy-rank p"] <= 0.04
-    assert rows[3]["decoy-rank p"] == pytest.approx(1 / 50), "mirrored outputs still show the template"
-    assert set(rows[0]) == {"corruption", "strength", "decoy-rank p"}, "no negatives: no binomial test"
+    assert rows[0]["decoy p"] == pytest.approx(1 / 50) and rows[1]["decoy p"] <= 0.04
+    assert rows[3]["decoy p"] == pytest.approx(1 / 50), "mirrored outputs still show the template"
+    assert set(rows[0]) == {"corruption", "strength", "decoy p"}, "no negatives: no binomial test"
     noisy = attacks.corrupt_probe(probed, "noise", 20, seed=4)
     assert noisy.trigger_images[0] is not probed.trigger_images[0] and probed.trigger_images[0] is trig[0]
     assert not np.array_equal(np.asarray(noisy.trigger_images[0]), np.asarray(trig[0]))
@@ -337,18 +336,3 @@ def test_model_captioner_runs_a_local_blip_and_refuses_to_download(tmp_path, pro
                      "--source", "captioner", "--captioner-model", str(tmp_path / "blip")]) == 0
     longer = data.load_imagefolder(tmp_path / "cli").captions  # greedy: 30 new tokens extend the 5-token captions
     assert all(long.startswith(short) for long, short in zip(longer, captions))
-
-
-def test_robustness_benchmark_gives_each_seed_its_own_attack_draws(robustness_benchmark):
-    calls = []
-
-    def seeded(released, out, key, overwrite, seed=0):
-        calls.append(("seeded", seed))
-
-    def unseeded(released, out, key, overwrite):  # de-duplication draws nothing
-        calls.append(("unseeded", None))
-
-    robustness_benchmark._dataset_attack(lambda strength: seeded, 0.5, seed=2)("in", "out", None)
-    robustness_benchmark._dataset_attack(lambda strength: partial(seeded), 0.5, seed=1)("in", "out", None)
-    robustness_benchmark._dataset_attack(lambda strength: unseeded, 6, seed=2)("in", "out", None)
-    assert calls == [("seeded", 2), ("seeded", 1), ("unseeded", None)]

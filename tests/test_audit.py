@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from entruth_lite import audit, cli, data, probe, protect, templates, train
+from entruth_lite import audit, cli, data, protect, report, templates, train
 from entruth_lite.probe import ProbeResult
 
 TEMPLATE = templates.random_template(0)
@@ -33,7 +33,7 @@ CONFIG = audit.AuditConfig(methods=("paired", "decoy", "binomial", "one-query"),
 def test_a_memorizing_model_is_caught_by_every_test(plain):
     probed = _probe(_blend(plain[:32], TEMPLATE, 0.5), plain[32:64])
     verdicts, evidence = audit.evaluate(probed, TEMPLATE, CONFIG, negatives=plain[64:], progress=False)
-    assert [v.method.split(" ")[0] for v in verdicts] == ["paired-wilcoxon", "decoy-rank", "binomial", "one-query"]
+    assert [v.test for v in verdicts] == ["paired", "decoy", "binomial", "one-query"]
     assert all(v.decision for v in verdicts[:3]), [v.summary() for v in verdicts]
     assert verdicts[1].p_value == pytest.approx(1 / 200)  # the released template beats all 199 decoys
     # one query beats every negative, but picking the best of 32 costs a factor 32: its floor is 32 / (N + 1)
@@ -100,7 +100,7 @@ def test_reference_test_and_classifier_detector(plain):
     reference = _probe(plain[24:48], [])
     config = audit.AuditConfig(detector="classifier", methods=("reference", "paired", "binomial"))
     verdicts, evidence = audit.evaluate(probed, TEMPLATE, config, classifier=clf, reference=reference, progress=False)
-    assert all(v.decision for v in verdicts) and verdicts[0].method == "reference-mannwhitney (classifier)"
+    assert all(v.decision for v in verdicts) and verdicts[0].label == "reference (classifier)"
     assert evidence.negative_scores is clf.calibration_scores
 
 
@@ -111,7 +111,7 @@ def test_report_is_self_contained_and_lets_anyone_regenerate(plain, tmp_path):
     result = audit.AuditResult(verdicts, evidence, probed, config,
                                dict(key_sha256="ab" * 32, template=TEMPLATE.name, trigger="t", placement="prefix"),
                                dict(model="tiny", weights="w", base_files={"unet.safetensors": "cd" * 32}))
-    page = audit.write_report(result, tmp_path / "r" / "report.html").read_text()
+    page = report.write_report(result, tmp_path / "r" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4  # two grids, two histograms
     assert "ab" * 32 in page and "cd" * 32 in page
     assert all(p in page for p in probed.trigger_prompts) and "EVIDENCE" in page
@@ -137,10 +137,9 @@ def test_cli_audit_prints_json_and_writes_the_report(suspect, capsys):
                      "--decoys", "199", "--json", "--report", str(suspect / "report.html")])
     assert code == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["method"] == "decoy-rank (projection)"
+    assert payload["test"] == "decoy (projection)"
     assert 1 / 200 <= payload["p_value"] <= 1 and (payload["p_value"] * 200) == pytest.approx(round(payload["p_value"] * 200))
-    assert [v["method"].split(" ")[0] for v in payload["verdicts"]] == ["decoy-rank", "binomial", "paired-wilcoxon",
-                                                                        "one-query"]
+    assert [v["test"] for v in payload["verdicts"]] == ["decoy", "binomial", "paired", "one-query"]
     unet_hash = payload["model"]["weight_files"]["unet/diffusion_pytorch_model.safetensors"]
     page = (suspect / "report.html").read_text()
     assert unet_hash in page and payload["key"]["key_sha256"] in page
@@ -163,14 +162,28 @@ def test_verdict_table_and_p_value_curve_from_stored_scores(plain):
     scores = {"suspect": audit.score_probe(probed, TEMPLATE, ("projection",), plain[64:], decoys=99, progress=False),
               "no negatives": audit.score_probe(probed, TEMPLATE, ("projection",), progress=False)}
     rows = audit.verdict_table(scores, "projection", n=8, alpha=0.05)
-    assert {r["test"].split(" ")[0] for r in rows if r["model"] == "suspect"} == {
-        "paired-wilcoxon", "decoy-rank", "binomial", "one-query"}
-    assert [r["test"] for r in rows if r["model"] == "no negatives"] == ["paired-wilcoxon (projection)"]
+    assert [r["test"] for r in rows if r["model"] == "suspect"] == [
+        "decoy (projection)", "binomial (projection)", "paired (projection)", "one-query (projection)"]
+    assert [r["test"] for r in rows if r["model"] == "no negatives"] == ["paired (projection)"]
     assert all(r["queries"] == 8 for r in rows)
     curve = audit.p_value_curve(scores["suspect"], [4, 8, 32], methods=("paired", "decoy"))
-    paired = curve["paired-wilcoxon (projection)"]
+    paired = curve["paired (projection)"]
     assert len(paired) == 3 and paired[2] < paired[0], "more queries, stronger evidence"
-    assert curve["decoy-rank (projection)"][2] == pytest.approx(0.01)
+    assert curve["decoy (projection)"][2] == pytest.approx(0.01)
+
+
+def test_available_tests_is_the_one_rule_for_what_scores_allow(plain):
+    probed = _probe(_blend(plain[:8], TEMPLATE, 0.5), plain[8:16])
+    bare = audit.score_probe(probed, TEMPLATE, ("projection",), progress=False)
+    assert audit.available_tests(bare, "projection") == ["paired"]
+    full = audit.score_probe(probed, TEMPLATE, ("projection",), plain[16:40], decoys=9, progress=False)
+    assert audit.available_tests(full, "projection") == ["decoy", "binomial", "paired", "one-query"]
+    assert audit.available_tests(full, "classifier") == [], "no classifier scores, and decoys read projection only"
+    verdict = audit.TESTS["decoy"].verdict(full, "classifier")
+    assert (verdict.test, verdict.detector, verdict.label) == ("decoy", "projection", "decoy (projection)")
+    assert [name for name, t in audit.TESTS.items() if t.exact] == ["decoy"]
+    with pytest.raises(ValueError, match="decoy test needs decoy scores"):
+        audit.verdicts_from_scores(bare, methods=("decoy",))
 
 
 def test_plots_draw_what_they_are_given(plain):

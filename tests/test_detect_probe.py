@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from entruth_lite import data, demo, detect, probe, protect, templates
+from entruth_lite import augmentation, data, demo, detect, probe, protect, templates, verify
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +90,10 @@ def test_augment_keeps_shape_and_range_and_differs_per_image():
 
     batch = torch.rand(6, 3, 32, 32)
     batch[3:] = batch[:3]
-    out = detect.augment(batch, torch.Generator().manual_seed(0))
+    out = augmentation.augment(batch, torch.Generator().manual_seed(0))
     assert out.shape == batch.shape and out.min() >= 0 and out.max() <= 1
     assert not torch.allclose(out[:3], out[3:]), "identical inputs get different random augmentations"
-    again = detect.augment(batch, torch.Generator().manual_seed(0))
+    again = augmentation.augment(batch, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
 
 
@@ -116,7 +116,7 @@ def test_classifier_separates_its_template_from_plain_images_it_never_saw(classi
     assert len(clf.calibration_scores) == 40  # a quarter held out, never trained on
     unseen = owner_shuffled[160:]  # not in training or calibration
     positives = clf.scores(templates.insert(unseen, templates.random_template(0)))
-    threshold = clf.threshold(0.05)
+    threshold = verify.calibrate_threshold(clf.calibration_scores, 0.05)
     assert (positives > threshold).mean() > 0.9
     assert (clf.scores(unseen) > threshold).mean() < 0.2
     assert np.mean(clf.losses[-20:]) < np.mean(clf.losses[:20])

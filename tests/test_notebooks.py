@@ -66,15 +66,16 @@ def test_benchmark_results_prefer_the_readers_own_run(tmp_path):
         notebooks.benchmark_results("nothing.csv", bench=tmp_path)
 
 
-def test_shipped_robustness_results_cover_the_benchmarks_grid(robustness_benchmark):
+def test_shipped_robustness_results_cover_the_benchmarks_grid():
     import pandas as pd
 
+    from benchmarks import robustness
     from entruth_lite import attacks
 
     summary = attacks.summarize_robustness(pd.read_csv(notebooks.SHIPPED_RESULTS / "robustness.csv"))
     shipped = {(kind, attack, float(strength)) for kind, attack, strength in
                summary[["kind", "attack", "strength"]].itertuples(index=False)}
-    grid = {(kind, name, float(strength)) for kind, name, strength in robustness_benchmark.settings()}
+    grid = {(kind, name, float(strength)) for kind, name, strength in robustness.settings()}
     assert grid | {("none", "no attack", 0.0)} == shipped, "refresh benchmarks/results/robustness.csv"
     assert set(summary.verdict) <= {"survives", "weakens", "defeats"}
     assert (summary.seeds == 3).all(), "every setting of the shipped robustness table has 3 seeds"
@@ -88,3 +89,18 @@ def test_shipped_baseline_results_have_every_method_and_seed():
     summary = baselines.summarize_comparison(pd.read_csv(notebooks.SHIPPED_RESULTS / "compare_baselines.csv"))
     assert set(summary.method) == {"entruth", "diagnosis-trigger", "diagnosis-uncond", "clean"}
     assert (summary.seeds == 3).all()
+
+
+def test_quiet_libraries_silences_loading_chatter_in_one_place(capfd):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from entruth_lite import models
+
+    notebooks.quiet_libraries()
+    assert diffusers_logging.get_verbosity() == diffusers_logging.ERROR
+    assert transformers_logging.get_verbosity() == transformers_logging.ERROR
+    assert not diffusers_logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    models.load_pipeline("tiny", device="cpu")
+    assert "Loading pipeline components" not in capfd.readouterr().err

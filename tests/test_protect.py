@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import fail_on_nth_save, hash_tree
-from entruth_lite import cli, data, models, protect, templates
+from entruth_lite import baselines, cli, data, models, protect, templates
 from entruth_lite.protect import apply_trigger, check_trigger, generate_trigger
 
 N = 40
@@ -415,16 +415,16 @@ def test_warp_coat_is_small_smooth_and_seeded():
     image = make_images(1, size=32)[0]
     rng = np.random.default_rng(1)
     texture = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).resize((32, 32))
-    coat = protect.warp_coat(texture, strength=0.5, grid=4, seed=0)
+    coat = baselines.warp_coat(texture, strength=0.5, grid=4, seed=0)
     assert coat.size == texture.size
-    assert np.array_equal(np.asarray(coat), np.asarray(protect.warp_coat(texture, seed=0)))
-    assert not np.array_equal(np.asarray(coat), np.asarray(protect.warp_coat(texture, seed=1)))
+    assert np.array_equal(np.asarray(coat), np.asarray(baselines.warp_coat(texture, seed=0)))
+    assert not np.array_equal(np.asarray(coat), np.asarray(baselines.warp_coat(texture, seed=1)))
     flat = Image.new("RGB", (32, 32), (40, 80, 120))
-    assert np.array_equal(np.asarray(protect.warp_coat(flat)), np.asarray(flat))  # a warp moves, never recolours
-    coat_change = protect.change_stats(image, protect.warp_coat(image))["mean_abs_change"]
+    assert np.array_equal(np.asarray(baselines.warp_coat(flat)), np.asarray(flat))  # a warp moves, never recolours
+    coat_change = protect.change_stats(image, baselines.warp_coat(image))["mean_abs_change"]
     template_change = protect.change_stats(image, templates.insert(image, templates.builtin_template("billboard")))
     assert coat_change < template_change["mean_abs_change"] / 5
-    stronger = protect.change_stats(texture, protect.warp_coat(texture, strength=4))["mean_abs_change"]
+    stronger = protect.change_stats(texture, baselines.warp_coat(texture, strength=4))["mean_abs_change"]
     assert stronger > protect.change_stats(texture, coat)["mean_abs_change"]
 
 
@@ -476,12 +476,12 @@ def test_cli_protect_errors_exit_2(tmp_path, source, capsys):
 
 def test_coat_contrast():
     images = make_images(3)
-    grid, stats = protect.coat_contrast(images, "frame", seed=0)
+    grid, stats = baselines.coat_contrast(images, "frame", seed=0)
     assert grid.size == (3 * 33 + 1, 5 * 33 + 1)  # 5 rows: original, coat, template, two differences
     assert stats["coat"]["mean_abs_change"] < stats["template"]["mean_abs_change"]
     assert stats["coat"]["psnr_db"] > stats["template"]["psnr_db"]
     with pytest.raises(ValueError, match="no images"):
-        protect.coat_contrast([])
+        baselines.coat_contrast([])
 
 
 def test_cli_protects_the_owner_emoji_dataset_at_one_percent(tmp_path, capsys):

@@ -35,13 +35,13 @@ def lora_config(**extra):
 
 def test_lora_file_loads_into_a_fresh_pipeline_with_no_stray_keys(dataset, base, tmp_path, caplog):
     result = train.finetune(dataset, tmp_path / "lora", lora_config(), pipe=base, progress=False)
-    weights = load_file(tmp_path / "lora" / train.LORA_WEIGHTS_NAME)
+    weights = load_file(tmp_path / "lora" / models.LORA_WEIGHTS_NAME)
     assert weights and all(k.startswith("unet.") for k in weights)
     assert result.trainable_parameters == sum(v.numel() for v in weights.values())
     before = base.unet.state_dict()["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"].clone()
     fresh = models.load_pipeline("tiny", device="cpu")
     with caplog.at_level(logging.WARNING):
-        train.load_finetuned(fresh, tmp_path / "lora")
+        models.load_finetuned(fresh, tmp_path / "lora")
     messages = [r.getMessage().lower() for r in caplog.records]
     assert not [m for m in messages if "unexpected keys" in m or "missing keys" in m], messages
     # every saved LoRA tensor is in the pipeline, with the trained values
@@ -58,7 +58,7 @@ def test_lora_changes_the_output_and_full_finetune_round_trips(dataset, base, tm
     train.finetune(dataset, tmp_path / "full", config, pipe=base, progress=False)
     assert (tmp_path / "full" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list((tmp_path / "full").rglob("*.bin"))
-    tuned = train.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / "full")
+    tuned = models.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / "full")
     prompt = dict(prompt=["an emoji of a cat"], num_inference_steps=4, height=32, width=32, output_type="np")
     a = base(**prompt, generator=torch.Generator().manual_seed(0)).images
     b = tuned(**prompt, generator=torch.Generator().manual_seed(0)).images
@@ -82,8 +82,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(dataset, base, t
     resumed = train.finetune(dataset, tmp_path / "cut", config, pipe=base, progress=False, resume="latest")
     assert resumed.resumed_from == 4
     assert resumed.losses == whole.losses
-    a = load_file(tmp_path / "whole" / train.LORA_WEIGHTS_NAME)
-    b = load_file(tmp_path / "cut" / train.LORA_WEIGHTS_NAME)
+    a = load_file(tmp_path / "whole" / models.LORA_WEIGHTS_NAME)
+    b = load_file(tmp_path / "cut" / models.LORA_WEIGHTS_NAME)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -132,9 +132,9 @@ def test_lora_for_another_architecture_is_refused(base, tmp_path):
     folder = tmp_path / "alien"
     folder.mkdir()
     save_file({"unet.mid_block.attentions.7.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.zeros(4, 96)},
-              folder / train.LORA_WEIGHTS_NAME)
+              folder / models.LORA_WEIGHTS_NAME)
     with pytest.raises(ValueError, match="another architecture"):
-        train.load_finetuned(models.load_pipeline("tiny", device="cpu"), folder)
+        models.load_finetuned(models.load_pipeline("tiny", device="cpu"), folder)
 
 
 def test_pickle_weights_are_refused(tmp_path):
@@ -142,7 +142,7 @@ def test_pickle_weights_are_refused(tmp_path):
     folder.mkdir()
     torch.save({"x": torch.zeros(1)}, folder / "pytorch_lora_weights.bin")
     with pytest.raises(ValueError, match="pickle"):
-        train.load_finetuned(None, folder)
+        models.load_finetuned(None, folder)
 
 
 def test_batches_cover_each_epoch_once():
@@ -165,7 +165,7 @@ def test_cli_train(dataset, tmp_path, capsys):
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["method"] == "lora" and len(summary["losses"]) == 2
-    assert (tmp_path / "cli" / train.LORA_WEIGHTS_NAME).is_file()
+    assert (tmp_path / "cli" / models.LORA_WEIGHTS_NAME).is_file()
     assert cli.main(["train", "--data", str(dataset), "--out", str(tmp_path / "bad"), "--steps", "0"]) == 2
 
 
@@ -174,9 +174,9 @@ def test_text_encoder_lora_and_loss_options(dataset, base, tmp_path):
                          random_flip=True, cache_latents=False, lr_scheduler="cosine", lr_warmup_steps=1)
     result = train.finetune(dataset, tmp_path / "te", config, pipe=base, progress=False)
     assert all(torch.isfinite(torch.tensor(result.losses)))
-    weights = load_file(tmp_path / "te" / train.LORA_WEIGHTS_NAME)
+    weights = load_file(tmp_path / "te" / models.LORA_WEIGHTS_NAME)
     assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
-    fresh = train.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / "te")
+    fresh = models.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / "te")
     assert any("lora" in name for name, _ in fresh.text_encoder.named_parameters())
 
 
@@ -243,7 +243,7 @@ def test_denoising_losses_are_replayable_and_lower_on_training_images(dataset, b
     assert before.shape == (12,) and np.array_equal(before, train.denoising_losses(base, images, captions, repeats=2))
     train.finetune(dataset, tmp_path / "m", train.TrainConfig(method="full", steps=60, batch_size=12,
                                                               learning_rate=1e-3), pipe=base, progress=False)
-    tuned = train.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / "m")
+    tuned = models.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / "m")
     seen = train.denoising_losses(tuned, images, captions, repeats=2)
     unseen = train.denoising_losses(tuned, held_images, held_captions, repeats=2)
     assert seen.mean() < before.mean() and seen.mean() < unseen.mean()

@@ -1,0 +1,113 @@
+"""The audit's evidence as one self-contained HTML page (images and figures inline): what was asked, what came
+back, and what it means, with everything needed to regenerate the queries."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, ImageDraw
+
+from .audit import TESTS, AuditResult, Evidence
+from .data import image_grid
+from .viz import plot_decoys, plot_score_histograms
+
+
+def _png_data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _figure_uri(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def marked_grid(images: Sequence[Image.Image], flagged: Sequence[int], cols: int = 8, tile: int = 96) -> Image.Image:
+    """Images in a grid of ``tile``-px tiles (small images enlarged without smoothing), flagged ones framed in red."""
+    size, scale = tile, max(2, tile // 32)
+    tiles = []
+    flagged = set(int(i) for i in flagged)
+    for i, image in enumerate(images):
+        resample = Image.Resampling.NEAREST if image.size[0] <= size else Image.Resampling.LANCZOS
+        shown = image.resize((size, size), resample).convert("RGB")
+        if i in flagged:
+            ImageDraw.Draw(shown).rectangle([0, 0, size - 1, size - 1], outline=(230, 0, 0), width=scale)
+        tiles.append(shown)
+    return image_grid(tiles, cols=cols, pad=2)
+
+
+def score_histogram(evidence: Evidence):
+    groups = {"trigger prompts": evidence.trigger_scores, "control prompts": evidence.control_scores,
+              "clean reference": evidence.reference_scores, "plain images": evidence.negative_scores}
+    ax = plot_score_histograms({k: v for k, v in groups.items() if v is not None and len(v)}, evidence.threshold,
+                               f"template score ({evidence.detector})")
+    return ax.figure
+
+
+def render_report(result: AuditResult) -> str:
+    """One self-contained HTML page (images inline): what was asked, what came back, and what it means."""
+    e = html.escape
+    head = result.headline
+    evidence_ids = sorted({i for v in result.verdicts for i in v.evidence})
+    decision = ("EVIDENCE that the model was trained on the protected data" if head.decision
+                else "NO EVIDENCE at this level")
+    rows = "".join(
+        f"<tr><td>{e(v.label)}</td><td>{v.n_queries}</td><td>{'' if v.detections is None else v.detections}</td>"
+        f"<td>{v.statistic:.4g}</td><td><b>{v.p_value:.2e}</b></td><td>{v.alpha:g}</td>"
+        f"<td>{'yes' if v.decision else 'no'}</td></tr>" for v in result.verdicts)
+    notes = "".join(f"<li><b>{e(m)}</b>: {e(TESTS[m].note)}</li>" for m in result.config.methods)
+    queries = "".join(
+        f"<tr><td>{i}</td><td>{e(t)}</td><td>{s}</td><td>{a:.3f}</td><td>{b:.3f}</td></tr>"
+        for i, (t, s, a, b) in enumerate(zip(result.probe.trigger_prompts, result.probe.seeds,
+                                             result.evidence.trigger_scores, result.evidence.control_scores)))
+    hashes = "".join(f"<tr><td>{part.split('_')[0]}: {e(name)}</td><td><code>{digest}</code></td></tr>"
+                     for part in ("base_files", "weight_files") for name, digest in result.model.get(part, {}).items())
+    figures = [("Score distributions", _figure_uri(score_histogram(result.evidence)))]
+    if result.evidence.decoy_statistics is not None:
+        ax = plot_decoys(result.evidence.released_statistic, result.evidence.decoy_statistics)
+        figures.append(("Released template vs decoys", _figure_uri(ax.figure)))
+    figure_html = "".join(f"<h3>{t}</h3><img src='{u}'>" for t, u in figures)
+    config = result.config
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>EnTruth audit</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}} .verdict{{font-size:20px;padding:8px;
+background:{'#fde2e2' if head.decision else '#e6f2e6'}}} code{{font-size:11px}}</style></head><body>
+<h1>EnTruth audit report</h1>
+<p class="verdict"><b>{decision}</b>: {e(head.label)}, p = {head.p_value:.2e} (alpha = {head.alpha:g},
+{head.n_queries} trigger queries). The first method was fixed before the audit; the others support it.</p>
+<h2>Tests</h2><table><tr><th>method</th><th>queries</th><th>flagged</th><th>statistic</th><th>p-value</th>
+<th>alpha</th><th>reject null</th></tr>{rows}</table><ul>{notes}</ul>
+<h2>Key and model</h2><table><tr><td>owner key sha256</td><td><code>{e(result.key['key_sha256'])}</code></td></tr>
+<tr><td>template</td><td>{e(result.key['template'])}</td></tr><tr><td>trigger</td><td>{e(result.key['trigger'])}
+({e(result.key['placement'])})</td></tr><tr><td>model</td><td>{e(str(result.model.get('model')))}</td></tr>
+<tr><td>weights</td><td>{e(str(result.model.get('weights')))}</td></tr>
+<tr><td>reference</td><td>{e(json.dumps(result.reference))}</td></tr>{hashes}</table>
+<h2>Trigger-prompt images</h2><p>Framed in red: the queries the tests point to as evidence ({len(evidence_ids)}).</p>
+<img src="{_png_data_uri(marked_grid(result.probe.trigger_images, evidence_ids))}">
+<h2>Control-prompt images (same captions and seeds, no trigger)</h2>
+<img src="{_png_data_uri(marked_grid(result.probe.control_images, []))}">
+{figure_html}
+<h2>How to regenerate</h2><p>{config.num_inference_steps} inference steps, guidance scale {config.guidance_scale},
+one <code>torch.Generator</code> per image seeded as below, images at the model's native size; detector
+<b>{e(config.detector)}</b>{', ' + e('; '.join(result.notes)) if result.notes else ''}.</p>
+<table><tr><th>#</th><th>trigger prompt</th><th>seed</th><th>trigger score</th><th>control score</th></tr>
+{queries}</table></body></html>
+"""
+
+
+def write_report(result: AuditResult, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_report(result), encoding="utf-8")
+    return path

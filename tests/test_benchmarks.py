@@ -1,0 +1,62 @@
+"""The benchmarks' shared helpers (``benchmarks.common``): run naming, seeded attacks, cached scores, tables."""
+
+from functools import partial
+
+import numpy as np
+import pandas as pd
+
+from benchmarks import common
+
+
+def test_every_run_folder_is_named_by_one_rule(tmp_path):
+    run = common.Run.named(tmp_path, common.rate_name(0.01, 1500), 0.01, seed=2, steps=1500)
+    assert run.folder == common.run_folder(tmp_path, "rate0.01-steps1500", 2) == tmp_path / "rate0.01-steps1500-seed2"
+    assert run.key == run.folder / "key" and not run.done
+    run.probe_file.parent.mkdir(parents=True)
+    run.probe_file.write_bytes(b"")
+    assert run.done
+
+
+def test_seeded_attack_gives_each_seed_its_own_draws():
+    calls = []
+
+    def seeded(released, out, key, overwrite, seed=0):
+        calls.append(("seeded", seed, overwrite))
+
+    def unseeded(released, out, key, overwrite):  # de-duplication draws nothing
+        calls.append(("unseeded", None, overwrite))
+
+    common.seeded_attack(seeded, seed=2)("in", "out", None)
+    common.seeded_attack(partial(seeded), seed=1)("in", "out", None)
+    common.seeded_attack(unseeded, seed=2)("in", "out", None)
+    assert calls == [("seeded", 2, True), ("seeded", 1, True), ("unseeded", None, True)]
+
+
+def test_cached_scores_compute_once(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"a": np.arange(3.0)}
+
+    first = common.cached_scores(tmp_path / "s.npz", compute)
+    second = common.cached_scores(tmp_path / "s.npz", compute)
+    assert len(calls) == 1 and np.array_equal(first["a"], second["a"])
+
+
+def test_tables_print_as_markdown_and_save_as_csv(tmp_path, capsys):
+    rows = [dict(setting="full", p=0.001234, kept=None), dict(setting="lora", p=0.5, kept=0.25)]
+    table = common.write_table(rows, tmp_path / "t.csv", dict(p=".1e", kept=".0%"))
+    printed = capsys.readouterr().out
+    assert "| setting | p | kept |" in printed and "| full | 1.2e-03 | - |" in printed and "| lora | 5.0e-01 | 25% |" in printed
+    assert pd.read_csv(tmp_path / "t.csv").equals(table)
+    assert common.write_table([], tmp_path / "none.csv") is None and not (tmp_path / "none.csv").exists()
+
+
+def test_results_readme_is_generated_from_the_shipped_csvs():
+    from benchmarks import results_readme
+
+    shipped = (results_readme.RESULTS / "README.md").read_text(encoding="utf-8")
+    assert results_readme.render() == shipped, "regenerate it: python -m benchmarks.results_readme"
+    for name in ("detection_power.csv", "null_calibration.csv", "compare_baselines.csv", "robustness.csv"):
+        assert (results_readme.RESULTS / name).is_file(), name
