@@ -430,6 +430,104 @@ def denoising_losses(pipe, images, captions: list[str], repeats: int = 4, seed: 
     return (total / repeats).numpy().astype(np.float64)
 
 
+@dataclass
+class TrainingData:
+    """What the loop reads: pixels, token ids, and (encoders frozen) cached latents and text embeddings."""
+
+    pixels: torch.Tensor
+    ids: torch.Tensor
+    empty_ids: torch.Tensor
+    latents: torch.Tensor | None = None
+    flipped: torch.Tensor | None = None  # latents of the mirrored images (random_flip)
+    views: torch.Tensor | None = None  # latents of augmented views (augment_views)
+    embeddings: torch.Tensor | None = None  # frozen text encoder: the captions' hidden states
+    empty_embedding: torch.Tensor | None = None
+
+
+def _prepare_data(dataset, tokenizer, vae, config: TrainConfig, resolution: int, device, weight_dtype) -> TrainingData:
+    """Pixels at ``resolution`` and token ids; latents encoded once when ``cache_latents``."""
+    batch = TrainingData(prepare_images(dataset, resolution, config.center_crop), tokenize(tokenizer, dataset.captions),
+                         tokenize(tokenizer, [""]))
+    place(vae.requires_grad_(False), device, weight_dtype)
+    if config.cache_latents:
+        batch.latents = encode_images(vae, batch.pixels)
+        batch.flipped = encode_images(vae, batch.pixels.flip(-1)) if config.random_flip else None
+        batch.views = augmented_latents(vae, batch.pixels, config.augment_views, config.seed) \
+            if config.augment_views else None
+    return batch
+
+
+def _trainable_modules(unet, text_encoder, config: TrainConfig, device, weight_dtype) -> dict[str, torch.nn.Module]:
+    """The full UNet, or LoRA adapters on it (and on the text encoder when ``train_text_encoder``)."""
+    unet.requires_grad_(config.method == "full")
+    text_encoder.requires_grad_(False)
+    torch.manual_seed(config.seed)  # peft draws the gaussian LoRA init from the global generator
+    if config.method == "lora":
+        place(unet, device, weight_dtype)
+        unet.add_adapter(_peft_config(config.lora_rank, config.lora_alpha, config.lora_targets))
+    if config.train_text_encoder:
+        place(text_encoder, device, weight_dtype)
+        # peft directly: transformers' add_adapter wants a newer peft than PyPI has (0.21.2 here)
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(_peft_config(config.lora_rank, config.lora_alpha, LORA_TEXT_TARGETS), text_encoder)
+    unet.to(device)
+    text_encoder.to(device)
+    trainables = {"unet": unet} | ({"text_encoder": text_encoder} if config.train_text_encoder else {})
+    if config.mixed_precision != "no":
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params(list(trainables.values()), dtype=torch.float32)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    return trainables
+
+
+def _batch(batch: TrainingData, index: torch.Tensor, flip, config: TrainConfig, vae, generator) -> torch.Tensor:
+    """The latents of one micro-batch: cached (mirrored or an augmented view where asked) or encoded now."""
+    if batch.latents is not None:
+        latents = batch.latents[index].clone()
+        if flip is not None:
+            latents[flip] = batch.flipped[index][flip]
+        if batch.views is not None:
+            latents = batch.views[torch.randint(len(batch.views), (len(index),), generator=generator), index]
+        return latents
+    pixels = batch.pixels[index].clone()
+    if flip is not None:
+        pixels[flip] = pixels[flip].flip(-1)
+    if config.augment_views:
+        pixels = augment_pixels(pixels, generator)
+    return encode_images(vae, pixels)
+
+
+def _hidden_states(batch: TrainingData, index, drop, trainables, device, weight_dtype) -> torch.Tensor:
+    """Caption embeddings of one micro-batch, dropped captions replaced by the empty caption's."""
+    if "text_encoder" in trainables:
+        ids = batch.ids[index].clone()
+        ids[drop] = batch.empty_ids
+        return trainables["text_encoder"](ids.to(device))[0]
+    hidden = batch.embeddings[index].clone()
+    hidden[drop] = batch.empty_embedding
+    return hidden.to(device, weight_dtype)
+
+
+def _save_finetuned(out: Path, config: TrainConfig, unet, text_encoder, data, losses: list[float]) -> None:
+    """diffusers' formats (a LoRA file, or ``unet/``), the settings, the data's fingerprint and the loss history."""
+    out.mkdir(parents=True, exist_ok=True)
+    if config.method == "lora":
+        _atomic_write_dir(out / ".lora", lambda tmp: save_lora(tmp, unet, text_encoder))
+        os.replace(out / ".lora" / LORA_WEIGHTS_NAME, out / LORA_WEIGHTS_NAME)
+        shutil.rmtree(out / ".lora")
+    else:
+        _atomic_write_dir(out / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
+    (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    (out / "train_data.json").write_text(json.dumps({"data": str(Path(data).resolve()),
+                                                      "sha256": dataset_fingerprint(data)}, indent=2) + "\n")
+    (out / "loss_history.json").write_text(json.dumps(losses) + "\n")
+
+
 def finetune(
     data: str | os.PathLike,
     out: str | os.PathLike,
@@ -454,11 +552,11 @@ def finetune(
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
 
     from .data import load_imagefolder
     from .models import default_resolution, load_pipeline
 
+    # -- setup: settings, data, the accelerator, private copies of the base model
     config = config or preset("tiny-cpu")
     out = Path(out)
     if resume not in (None, "latest"):
@@ -473,54 +571,20 @@ def finetune(
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-
     base = pipe if pipe is not None else load_pipeline(config.model, device="cpu", dtype=torch.float32)
-    tokenizer = base.tokenizer  # copies below: the caller's pipeline is never moved, cast or given adapters
+    # copies: the caller's pipeline is never moved, cast or given adapters
     vae, unet, text_encoder = (copy.deepcopy(m) for m in (base.vae, base.unet, base.text_encoder))
     unet, text_encoder = unet.float(), text_encoder.float()
     noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)  # training noise, as the model was trained
     resolution = config.resolution or default_resolution(base)
     check_resolution(resolution, base)
 
-    # -- data: pixels, token ids, and (when the encoders are frozen) cached latents and text embeddings
-    pixels = prepare_images(dataset, resolution, config.center_crop)
-    ids = tokenize(tokenizer, dataset.captions)
-    empty_ids = tokenize(tokenizer, [""])
-    place(vae.requires_grad_(False), device, weight_dtype)
-    latents = flipped = views = None
-    if config.cache_latents:
-        latents = encode_images(vae, pixels)
-        flipped = encode_images(vae, pixels.flip(-1)) if config.random_flip else None
-        views = augmented_latents(vae, pixels, config.augment_views, config.seed) if config.augment_views else None
-
-    # -- what trains
-    unet.requires_grad_(config.method == "full")
-    text_encoder.requires_grad_(False)
-    torch.manual_seed(config.seed)  # peft draws the gaussian LoRA init from the global generator
-    if config.method == "lora":
-        place(unet, device, weight_dtype)
-        unet.add_adapter(_peft_config(config.lora_rank, config.lora_alpha, config.lora_targets))
-    if config.train_text_encoder:
-        place(text_encoder, device, weight_dtype)
-        # peft directly: transformers' add_adapter wants a newer peft than PyPI has (0.21.2 here)
-        from peft import inject_adapter_in_model
-
-        inject_adapter_in_model(_peft_config(config.lora_rank, config.lora_alpha, LORA_TEXT_TARGETS), text_encoder)
-    unet.to(device)
-    text_encoder.to(device)
-    trainables = {"unet": unet} | ({"text_encoder": text_encoder} if config.train_text_encoder else {})
-    if config.mixed_precision != "no":
-        cast_training_params(list(trainables.values()), dtype=torch.float32)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+    batch = _prepare_data(dataset, base.tokenizer, vae, config, resolution, device, weight_dtype)
+    trainables = _trainable_modules(unet, text_encoder, config, device, weight_dtype)
     params = [p for m in trainables.values() for p in m.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
     if not config.train_text_encoder:
-        embeddings = encode_captions(text_encoder, ids)
-        empty_embedding = encode_captions(text_encoder, empty_ids)
-
+        batch.embeddings = encode_captions(text_encoder, batch.ids)
+        batch.empty_embedding = encode_captions(text_encoder, batch.empty_ids)
     optimizer = _optimizer(params, config)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.steps)
@@ -532,8 +596,8 @@ def finetune(
     trainables = dict(zip(trainables, prepared[:-1]))
     optimizer = prepared[-1]
 
-    # -- the loop
-    n, accum = len(pixels), config.gradient_accumulation_steps
+    # -- the loop: every random draw of a step comes from (seed, step), so a resumed run replays exactly
+    n, accum = len(batch.pixels), config.gradient_accumulation_steps
     process, n_processes = accelerator.process_index, accelerator.num_processes
     for module in trainables.values():
         module.train()
@@ -547,33 +611,12 @@ def finetune(
             index = batch_indices(n, config.batch_size, (step * accum + micro) * n_processes + process, config.seed)
             flip = (torch.rand(config.batch_size, generator=generator) < 0.5) if config.random_flip else None
             drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
-            if latents is not None:
-                batch_latents = latents[index].clone()
-                if flip is not None:
-                    batch_latents[flip] = flipped[index][flip]
-                if views is not None:
-                    batch_latents = views[torch.randint(len(views), (len(index),), generator=generator), index]
-            else:
-                batch_pixels = pixels[index].clone()
-                if flip is not None:
-                    batch_pixels[flip] = batch_pixels[flip].flip(-1)
-                if config.augment_views:
-                    batch_pixels = augment_pixels(batch_pixels, generator)
-                batch_latents = encode_images(vae, batch_pixels)
-            batch_latents = batch_latents.to(device, weight_dtype)
+            latents = _batch(batch, index, flip, config, vae, generator).to(device, weight_dtype)
             with accelerator.accumulate(*trainables.values()):
-                if config.train_text_encoder:
-                    batch_ids = ids[index].clone()
-                    batch_ids[drop] = empty_ids
-                    hidden = trainables["text_encoder"](batch_ids.to(device))[0]
-                else:
-                    hidden = embeddings[index].clone()
-                    hidden[drop] = empty_embedding
-                    hidden = hidden.to(device, weight_dtype)
+                hidden = _hidden_states(batch, index, drop, trainables, device, weight_dtype)
                 with accelerator.autocast():
-                    loss = diffusion_loss(trainables["unet"], noise_scheduler, batch_latents, hidden,
-                                          generator=generator, noise_offset=config.noise_offset,
-                                          snr_gamma=config.snr_gamma)
+                    loss = diffusion_loss(trainables["unet"], noise_scheduler, latents, hidden, generator=generator,
+                                          noise_offset=config.noise_offset, snr_gamma=config.snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -593,19 +636,9 @@ def finetune(
 
     # -- the result, in diffusers' formats
     accelerator.wait_for_everyone()
-    unet = accelerator.unwrap_model(trainables["unet"])
-    text_out = accelerator.unwrap_model(trainables["text_encoder"]) if config.train_text_encoder else None
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if config.method == "lora":
-            _atomic_write_dir(out / ".lora", lambda tmp: save_lora(tmp, unet, text_out))
-            os.replace(out / ".lora" / LORA_WEIGHTS_NAME, out / LORA_WEIGHTS_NAME)
-            shutil.rmtree(out / ".lora")
-        else:
-            _atomic_write_dir(out / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
-        (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-        (out / "train_data.json").write_text(json.dumps({"data": str(Path(data).resolve()),
-                                                          "sha256": dataset_fingerprint(data)}, indent=2) + "\n")
-        (out / "loss_history.json").write_text(json.dumps(losses) + "\n")
+        _save_finetuned(out, config, accelerator.unwrap_model(trainables["unet"]),
+                        accelerator.unwrap_model(trainables["text_encoder"]) if config.train_text_encoder else None,
+                        data, losses)
     return TrainResult(out=out, config=config, losses=losses, seconds=time.time() - started,
-                       trainable_parameters=n_trainable, resumed_from=start_step)
+                       trainable_parameters=sum(p.numel() for p in params), resumed_from=start_step)
