@@ -472,6 +472,87 @@ def _write_release(images, captions, file_names, extra_files, out: Path, key_dir
         raise
 
 
+def _check_arguments(mode: str, placement: str, foregrounds) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: use 'replace' or 'add'")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown trigger placement {placement!r}: use 'prefix' or 'suffix'")
+    if foregrounds is not None and mode != "add":
+        raise ValueError("foregrounds are only used in 'add' mode")
+
+
+def _pick_trigger(trigger: str, captions: Sequence[str], seed: int, tokenizer, avoid: Sequence[str]) -> str:
+    """``"auto"``: a fresh trigger drawn from ``seed``; otherwise the caller's, checked against every caption."""
+    if trigger == "auto":
+        return generate_trigger(captions, seed=seed, tokenizer=tokenizer, avoid=avoid)
+    return check_trigger(trigger, captions, avoid=avoid)
+
+
+@dataclass
+class _Release:
+    """The release in memory: every image, caption and file name, and what protection changed."""
+
+    images: list[Image.Image]
+    captions: list[str]
+    file_names: list[str]
+    altered: list[str] = field(default_factory=list)  # file names of the templated images
+    pairs: list[tuple[Image.Image, Image.Image]] = field(default_factory=list)  # (original, templated), "replace"
+    template: Template | None = None  # as drawn for the first templated image (the one the key records)
+
+
+def _templated_release(source: data.CaptionedDataset, chosen: Sequence[int], template, trigger: str, placement: str,
+                       mode: str, fg_images=None, fg_captions=None) -> _Release:
+    """Composite each chosen image into the template (drawn at its size) and add the trigger to its caption:
+    in place ("replace") or as a new file ("add", foregrounds from ``fg_images`` or the source's own)."""
+    from tqdm.auto import tqdm
+
+    by_size: dict[tuple[int, int], Template] = {}  # a built-in template is drawn at each image's size
+
+    def template_for(image: Image.Image) -> Template:
+        if image.size not in by_size:
+            by_size[image.size] = resolve_template(template, image.size)
+        return by_size[image.size]
+
+    release = _Release(list(source.images()), list(source.captions), list(source.file_names))
+    for i in tqdm(chosen, desc="protect", disable=len(chosen) < 200):
+        foreground = fg_images[i] if fg_images is not None else release.images[i]
+        caption = fg_captions[i] if fg_captions is not None else release.captions[i]
+        templated = insert(foreground, template_for(foreground))
+        if mode == "replace":
+            release.pairs.append((release.images[i], templated))
+            release.images[i], release.captions[i] = templated, apply_trigger(caption, trigger, placement)
+            release.altered.append(release.file_names[i])
+        else:
+            name = _added_name(templated, set(release.file_names))
+            release.images.append(templated)
+            release.captions.append(apply_trigger(caption, trigger, placement))
+            release.file_names.append(name)
+            release.altered.append(name)
+    release.template = next(iter(by_size.values()))  # all of them for one-size data
+    return release
+
+
+def _key_payload(release: _Release, trigger: str, placement: str, mode: str, seed: int, n: int,
+                 source: data.CaptionedDataset, priors: Sequence[OwnerKey]) -> dict:
+    """What the owner key records (hashed into ``key_sha256``; the released files' SHA-256 are added on writing)."""
+    altered = set(release.altered)
+    return {
+        "format": KEY_FORMAT,
+        "version": KEY_VERSION,
+        "template": template_json(release.template),
+        "trigger": trigger,
+        "placement": placement,
+        "mode": mode,
+        "seed": int(seed),
+        "rate": n / len(release.images),
+        "n_images": len(release.images),
+        "files": release.altered,
+        "captions": {name: c for name, c in zip(release.file_names, release.captions) if name in altered},
+        "source": str(Path(source.root).resolve()),
+        "prior_keys": [key.key_sha256 for key in priors],
+    }
+
+
 def protect(
     dataset: data.CaptionedDataset | str | os.PathLike,
     template: Template | str | os.PathLike,
@@ -501,98 +582,45 @@ def protect(
     holding the dataset can recompute the trigger and the templated files. The key records it either way.
     The source is never modified.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: use 'replace' or 'add'")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"unknown trigger placement {placement!r}: use 'prefix' or 'suffix'")
-    if foregrounds is not None and mode != "add":
-        raise ValueError("foregrounds are only used in 'add' mode")
+    _check_arguments(mode, placement, foregrounds)
     source = dataset if isinstance(dataset, data.CaptionedDataset) else data.load_imagefolder(dataset)
     out, key_dir = Path(out), Path(key_dir)
     _check_folders(Path(source.root), out, key_dir, overwrite)
     if seed is None:
         seed = secrets.randbits(31)
     priors = [k if isinstance(k, OwnerKey) else load_key(k) for k in prior_keys]
-    eligible = _eligible(source, priors)
-    prior_triggers = [key.trigger for key in priors]
+    eligible = _eligible(source, priors)  # also refuses a prior key of another dataset
 
     n = count_for(len(source), rate=rate, count=count, mode=mode)
     if mode == "add" and foregrounds is not None:
         fg_images, fg_captions = _foreground_source(foregrounds, foreground_captions)
-        fg_pool = list(range(len(fg_images)))
+        eligible = list(range(len(fg_images)))
     else:
-        fg_images, fg_captions, fg_pool = None, None, eligible
-    chosen = choose(fg_pool, n, seed)
-
-    every_caption = list(source.captions) + list(fg_captions or [])
-    if trigger == "auto":
-        trigger = generate_trigger(every_caption, seed=seed, tokenizer=tokenizer, avoid=prior_triggers)
-    else:
-        trigger = check_trigger(trigger, every_caption, avoid=prior_triggers)
-
-    from tqdm.auto import tqdm
-
+        fg_images, fg_captions = None, None
+    chosen = choose(eligible, n, seed)
+    trigger = _pick_trigger(trigger, list(source.captions) + list(fg_captions or []), seed, tokenizer,
+                            [key.trigger for key in priors])
     if template == "random":  # one secret draw from the family, then drawn at each image's size
         template = f"random:{secrets.randbits(31)}"
-    by_size: dict[tuple[int, int], Template] = {}  # a built-in template is drawn at each image's size
+    release = _templated_release(source, chosen, template, trigger, placement, mode, fg_images, fg_captions)
+    change = mean_stats(release.pairs) if mode == "replace" else None
 
-    def template_for(image: Image.Image) -> Template:
-        if image.size not in by_size:
-            by_size[image.size] = resolve_template(template, image.size)
-        return by_size[image.size]
-
-    images = list(source.images())
-    captions = list(source.captions)
-    file_names = list(source.file_names)
-    pairs = []
-    altered: list[str] = []
-    for i in tqdm(chosen, desc="protect", disable=len(chosen) < 200):
-        foreground = fg_images[i] if fg_images is not None else images[i]
-        caption = fg_captions[i] if fg_captions is not None else captions[i]
-        templated = insert(foreground, template_for(foreground))
-        if mode == "replace":
-            pairs.append((images[i], templated))
-            images[i], captions[i] = templated, apply_trigger(caption, trigger, placement)
-            altered.append(file_names[i])
-        else:
-            name = _added_name(templated, set(file_names))
-            images.append(templated)
-            captions.append(apply_trigger(caption, trigger, placement))
-            file_names.append(name)
-            altered.append(name)
-    used = next(iter(by_size.values()))  # the key records the first one (all of them for one-size data)
-    change = mean_stats(pairs) if mode == "replace" else None
-
-    altered_set = set(altered)
-    payload = {
-        "format": KEY_FORMAT,
-        "version": KEY_VERSION,
-        "template": template_json(used),
-        "trigger": trigger,
-        "placement": placement,
-        "mode": mode,
-        "seed": int(seed),
-        "rate": n / len(images),
-        "n_images": len(images),
-        "files": altered,
-        "captions": {name: caption for name, caption in zip(file_names, captions) if name in altered_set},
-        "source": str(Path(source.root).resolve()),
-        "prior_keys": [key.key_sha256 for key in priors],
-    }
-    _write_release(images, captions, file_names, _extra_files(source), out, key_dir, payload, used, overwrite)
+    payload = _key_payload(release, trigger, placement, mode, seed, n, source, priors)
+    _write_release(release.images, release.captions, release.file_names, _extra_files(source), out, key_dir, payload,
+                   release.template, overwrite)
     return ProtectionReport(
-        n_images=len(images),
+        n_images=len(release.images),
         n_altered=n,
-        rate=n / len(images),
+        rate=n / len(release.images),
         trigger=trigger,
-        template=used.name,
+        template=release.template.name,
         placement=placement,
         mode=mode,
         seed=int(seed),
         n_source=len(source),
         mean_pixel_change=None if change is None else change["mean_abs_change"],
         psnr_db=None if change is None else change["psnr_db"],
-        altered_files=altered,
+        altered_files=release.altered,
         out=out,
         key_dir=key_dir,
         key_sha256=load_key(key_dir).key_sha256,
