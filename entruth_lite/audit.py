@@ -101,6 +101,8 @@ class Test:
         detector = detector if detector in self.detectors else self.detectors[0]
         verdict = self.run(scores, detector, alpha, fpr, n)
         verdict.detector = detector
+        if not self.exact:
+            verdict.decision = None  # its false-positive rate is not controlled here: a number, never an accusation
         return verdict
 
 
@@ -143,6 +145,8 @@ class AuditConfig:
             raise ValueError(f"unknown verification methods {unknown}: choose from {', '.join(METHODS)}")
         if self.queries <= 0:
             raise ValueError(f"queries must be positive, got {self.queries}")
+        if self.decoys <= 0:
+            raise ValueError(f"decoys must be positive (the decoy test ranks the template among them), got {self.decoys}")
         if not 0 < self.alpha < 1 or not 0 < self.fpr < 1:
             raise ValueError(f"alpha and fpr must be in (0, 1), got {self.alpha} and {self.fpr}")
         if "decoy" in self.methods and 1 / (self.decoys + 1) >= self.alpha:
@@ -153,15 +157,14 @@ class AuditConfig:
 
 def methods_for_template(methods: Sequence[str], template: Template) -> tuple[tuple[str, ...], list[str]]:
     """The methods to run against ``template``, and a note when they changed. The decoy test needs a template
-    from the random family; without it no exact test is left, and the binomial test (conservative on clean
-    fine-tunes, unlike the paired and reference tests, though a trigger that draws some other frame can fool it)
-    takes the verdict."""
+    from the random family; without it no exact test is left, so the audit reports supporting numbers and no
+    verdict (the binomial test stands in as the first number to read)."""
     methods = tuple(methods)
     if "decoy" not in methods or template.family == "random":
         return methods, []
     return ("binomial",) + tuple(m for m in methods if m not in ("decoy", "binomial")), [
         f"decoy test skipped: template {template.name!r} is not from the random family, so no exact test is "
-        "available; the binomial test decides the verdict (a trigger that draws some other frame can fool it)"]
+        "available and the audit gives no verdict, only supporting numbers"]
 
 
 @dataclass
@@ -310,13 +313,15 @@ class AuditResult:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def headline(self) -> verify.Verdict:
-        """The first method asked for: the one decided on before looking (the others are supporting)."""
-        return self.verdicts[0]
+    def headline(self) -> verify.Verdict | None:
+        """The exact test asked for, decided on before looking; None when no exact test ran (then no verdict)."""
+        return next((v for v in self.verdicts if v.decision is not None), None)
 
     def to_json(self) -> dict:
+        head = self.headline
         return dict(
-            decision=self.headline.decision, p_value=self.headline.p_value, test=self.headline.label,
+            decision=None if head is None else head.decision, p_value=None if head is None else head.p_value,
+            test=None if head is None else head.label,
             verdicts=[asdict(v) | {"label": v.label} for v in self.verdicts], config=asdict(self.config), key=self.key,
             model=self.model, reference=self.reference, notes=self.notes,
             queries=[dict(caption=c, trigger_prompt=t, seed=s, trigger_score=float(a), control_score=float(b))

@@ -50,7 +50,8 @@ def _train(args) -> None:
     if args.lr is not None:
         overrides["learning_rate"] = args.lr
     config = train.preset(args.preset, **overrides)
-    result = train.finetune(args.data, args.out, config, resume=args.resume, progress=not args.json)
+    result = train.finetune(args.data, args.out, config, resume=args.resume, overwrite=args.overwrite,
+                            progress=not args.json)
     summary = asdict(config) | {"out": str(result.out), "losses": result.losses, "seconds": round(result.seconds, 1),
                                 "trainable_parameters": result.trainable_parameters, "resumed_from": result.resumed_from}
     if args.json:
@@ -93,7 +94,12 @@ def _audit(args) -> None:
 
     from . import audit, data, protect, report
 
+    if args.report:
+        report.check_report_path(args.report)  # before the audit's work, which would otherwise be lost
     key = protect.load_key(args.key)
+    release = args.release or (key.release if key.release and Path(key.release).is_dir() else None)
+    if release:
+        protect.check_commitment(key, release)  # the key is the one the published release committed to
     config = audit.AuditConfig(queries=args.queries, detector=args.detector, methods=tuple(args.method),
                                alpha=args.alpha, decoys=args.decoys)
     if args.captions:
@@ -111,6 +117,8 @@ def _audit(args) -> None:
                          model=audit.model_info(args.model, args.weights),
                          reference=audit.model_info(args.model, args.reference) if args.reference else None,
                          progress=not args.json)
+    result.notes.append(f"key checked against the commitment in the release {release}" if release else
+                        "key not checked against a release commitment (pass --release with the published release)")
     if args.report:
         report.write_report(result, args.report)
     if args.json:
@@ -225,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-every", type=int)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", choices=["latest"])
+    tr.add_argument("--overwrite", action="store_true", help="replace a finished or partial run in --out")
     tr.add_argument("--json", action="store_true", help="print one JSON summary")
     tr.set_defaults(func=_train)
 
@@ -238,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tests, the first one decides: decoy, binomial, paired, one-query, reference")
     au.add_argument("--detector", default="projection", choices=["projection", "classifier"])
     au.add_argument("--alpha", type=float, default=0.01)
+    au.add_argument("--release", help="the published release: checks that the key is the one it committed to "
+                    "(default: the release folder the key records, when it exists)")
     au.add_argument("--decoys", type=int, default=9999, help="decoy templates (smallest p-value: 1 / (decoys + 1))")
     au.add_argument("--captions", help="text file of held-out captions, one per line (default for tiny: the emoji probe split)")
     au.add_argument("--negatives", help="imagefolder of plain images (default: the key's source minus its templated files)")
@@ -286,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as error:
         print(f"entruth-lite: error: {error}", file=sys.stderr)
         return 2
     return 0

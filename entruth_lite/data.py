@@ -33,10 +33,12 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One row of ``metadata.jsonl``."""
+    """One row of ``metadata.jsonl``: the file, its caption exactly as written, and any other columns (licence,
+    author...), which every writer carries over unchanged."""
 
     file_name: str
     text: str
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -57,6 +59,10 @@ class CaptionedDataset:
     @property
     def file_names(self) -> list[str]:
         return [r.file_name for r in self.records]
+
+    @property
+    def extras(self) -> list[dict]:
+        return [r.extra for r in self.records]
 
     def path(self, i: int) -> Path:
         return self.root / self.records[i].file_name
@@ -90,14 +96,17 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open, fully decode and convert one image; a clear ``DatasetError`` for missing/corrupt files."""
+    """Open, fully decode and convert one image, upright (its EXIF orientation applied, as every viewer does);
+    a clear ``DatasetError`` for missing/corrupt files."""
+    from PIL import ImageOps
+
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"image file not found: {path}")
     try:
         with Image.open(path) as image:
             image.load()  # decodes the whole file: catches truncated data, not only a bad header
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DatasetError(f"cannot read image {path}: corrupt or truncated ({error})") from error
 
@@ -138,7 +147,7 @@ def read_metadata(root: str | os.PathLike) -> list[Record]:
                 f"{where}: duplicate file_name {file_name!r} (first on line {seen[file_name]})"
             )
         seen[file_name] = line_no
-        records.append(Record(file_name=file_name, text=text.strip()))
+        records.append(Record(file_name, text, {k: v for k, v in row.items() if k not in ("file_name", "text")}))
     if not records:
         raise DatasetError(f"{meta_path} has no rows")
     return records
@@ -154,41 +163,110 @@ def load_imagefolder(root: str | os.PathLike, check_images: bool = True) -> Capt
     return dataset
 
 
-def atomic_folder(out: Path, overwrite: bool) -> Path:
-    """Make a temporary sibling folder of ``out`` to build in (renamed into place by the caller)."""
+def staged_siblings(out: Path, kind: str) -> list[Path]:
+    """Folders a write of ``out`` leaves beside it while it runs: ``.<name>.tmp-*`` (being built) or
+    ``.<name>.old-*`` (the previous ``out``, set aside until the new one is in place)."""
+    out = Path(out)
+    return sorted(out.parent.glob(f".{out.name}.{kind}-*")) if out.parent.is_dir() else []
+
+
+def recover_folder(out: Path) -> list[str]:
+    """Finish what a killed write of ``out`` left behind, and say what was done: a half-built folder is deleted;
+    a set-aside previous version is put back when ``out`` is missing (the new one never arrived) and deleted
+    when ``out`` is in place (the new one did). Every write of a folder calls this first."""
+    out, notes = Path(out), []
+    for old in staged_siblings(out, "old"):
+        if not out.exists() and (old / "old").exists():
+            os.replace(old / "old", out)
+            notes.append(f"restored {out} from {old.name} (a write of it was interrupted)")
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in staged_siblings(out, "tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        notes.append(f"removed {tmp.name}, left by an interrupted write of {out}")
+    return notes
+
+
+def atomic_folder(out: Path, overwrite: bool, private: bool = False) -> Path:
+    """Make a temporary sibling folder of ``out`` to build in (renamed into place by ``commit_folder``), after
+    cleaning up what an interrupted earlier write left (``recover_folder``). It gets the permissions of any new
+    folder (the umask's), or owner-only ones when ``private`` (an owner key)."""
+    out = Path(out)
+    check_writable_parent(out)
+    recover_folder(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose a new folder or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # mkdtemp makes it owner-only
+    if not private:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
+def check_writable_parent(out: Path) -> None:
+    """Create ``out``'s parent, or say plainly why it cannot be written (before any work is done)."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PermissionError(f"cannot create the folder {out.parent} for {out}: {error.strerror}") from error
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {out.parent} (needed for {out}): permission denied")
+
+
+def set_aside(out: Path) -> Path | None:
+    """Move an existing ``out`` to ``.<name>.old-*/old`` (``recover_folder`` puts it back if no new ``out``
+    arrives); None when there is nothing to move."""
+    out = Path(out)
+    if not out.exists():
+        return None
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, trash / "old")
+    return trash
 
 
 def commit_folder(tmp: Path, out: Path) -> None:
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / "old")
-        os.replace(tmp, out)
+    """Rename the finished ``tmp`` into place; a previous ``out`` is deleted only once the new one is there."""
+    trash = set_aside(out)
+    os.replace(tmp, out)
+    if trash is not None:
         shutil.rmtree(trash)
-    else:
-        os.replace(tmp, out)
 
 
-def save_imagefolder(
-    images: Sequence[Image.Image],
-    captions: Sequence[str],
-    out: str | os.PathLike,
-    file_names: Sequence[str] | None = None,
-    extra_files: dict[str, bytes] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a NEW imagefolder atomically (build in a temp folder, then rename into place).
+def save_image(image: Image.Image, path: Path) -> None:
+    """Write an image the format its name says, losslessly where the format allows (PNG, WebP) and at an explicit
+    high quality otherwise (JPEG 95, no chroma subsampling), never at a library default."""
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise DatasetError(f"{path.name}: cannot tell the image format from the file name (use .png, .jpg, ...)")
+    options = {".jpg": dict(quality=95, subsampling=0), ".jpeg": dict(quality=95, subsampling=0),
+               ".webp": dict(lossless=True)}.get(suffix, {})
+    to_rgb(image).save(path, **options)
 
-    ``extra_files`` maps relative names to bytes written beside the images (e.g. a README).
-    """
-    out = Path(out)
+
+def write_imagefolder(folder: Path, images: Sequence, captions: Sequence[str], file_names: Sequence[str],
+                      extras: Sequence[dict] | None = None, extra_files: dict[str, bytes] | None = None) -> None:
+    """Write an imagefolder's files into the existing ``folder``. An entry of ``images`` that is a path is copied
+    byte for byte (an untouched file keeps its encoding and metadata); an image is saved with ``save_image``.
+    ``extras``: the other columns of each row, written after ``file_name`` and ``text``."""
+    extras = extras if extras is not None else [{}] * len(images)
+    with open(folder / METADATA, "w", encoding="utf-8") as meta:
+        for image, caption, name, extra in zip(images, captions, file_names, extras):
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(image, (str, os.PathLike)):
+                shutil.copyfile(image, target)
+            else:
+                save_image(image, target)
+            meta.write(json.dumps({"file_name": name, "text": caption, **extra}, ensure_ascii=False) + "\n")
+    for name, content in (extra_files or {}).items():
+        (folder / name).write_bytes(content)
+
+
+def check_rows(images: Sequence, captions: Sequence[str], file_names: Sequence[str]) -> None:
+    """Refuse rows that would make a broken imagefolder, naming the bad one."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    if file_names is None:
-        file_names = [f"{i:05d}.png" for i in range(len(images))]
     if len(file_names) != len(images):
         raise ValueError(f"{len(images)} images but {len(file_names)} file names")
     if len(set(file_names)) != len(file_names):
@@ -196,21 +274,45 @@ def save_imagefolder(
     for caption, name in zip(captions, file_names):
         if not caption or not caption.strip():
             raise DatasetError(f"empty caption for {name!r}")
+        if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            raise DatasetError(f"{name!r} has no image extension (.png, .jpg, ...): its format cannot be told")
+
+
+def save_imagefolder(
+    images: Sequence,
+    captions: Sequence[str],
+    out: str | os.PathLike,
+    file_names: Sequence[str] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+    overwrite: bool = False,
+    extras: Sequence[dict] | None = None,
+) -> Path:
+    """Write a NEW imagefolder atomically (build in a temp folder, then rename into place).
+
+    ``images``: PIL images, or paths of files to copy byte for byte. ``extra_files`` maps relative names to
+    bytes written beside the images (e.g. a README); ``extras`` holds each row's other metadata columns.
+    """
+    out = Path(out)
+    if file_names is None:
+        file_names = [f"{i:05d}.png" for i in range(len(images))]
+    check_rows(images, captions, file_names)
     tmp = atomic_folder(out, overwrite)
     try:
-        with open(tmp / METADATA, "w", encoding="utf-8") as meta:
-            for image, caption, name in zip(images, captions, file_names):
-                target = tmp / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                to_rgb(image).save(target)
-                meta.write(json.dumps({"file_name": name, "text": caption}, ensure_ascii=False) + "\n")
-        for name, content in (extra_files or {}).items():
-            (tmp / name).write_bytes(content)
+        write_imagefolder(tmp, images, captions, file_names, extras, extra_files)
         commit_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def unlisted_images(dataset: CaptionedDataset) -> list[str]:
+    """Image files in the dataset's folder that ``metadata.jsonl`` does not list (a release would leave them out)."""
+    root = Path(dataset.root)
+    listed = set(dataset.file_names)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and str(p.relative_to(root)) not in listed
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 VAE_RANGE = (-1.0, 1.0)  # what the VAE reads and writes
@@ -380,9 +482,11 @@ def render_emoji(path: Path, size: int = 32) -> Image.Image:
 
 def emoji_dataset(split: str = "owner", size: int = 32, limit: int | None = None) -> tuple[list[Image.Image], list[str], list[str]]:
     """(images, captions, file names) of one split, rendered at ``size``."""
-    splits = emoji_splits()
     if split not in ("pretrain", "owner", "probe"):
         raise ValueError(f"unknown split {split!r}: use 'pretrain', 'owner' or 'probe'")
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size must be an image side of at least 8 px, got {size!r}")
+    splits = emoji_splits()
     items = getattr(splits, split)[:limit]
     images = [render_emoji(p, size) for p, _ in items]
     return images, [c for _, c in items], [p.name for p, _ in items]

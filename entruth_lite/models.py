@@ -200,10 +200,36 @@ def refuse_pickles(folder: Path) -> None:
         )
 
 
+def read_safetensors(path: Path) -> dict:
+    """Every tensor of a safetensors file, with a clear error naming a file that is not one (empty, truncated,
+    a bad header) or whose tensors hold NaN or infinite values (broken weights prove nothing either way)."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path)
+    except Exception as error:  # safetensors raises its own SafetensorError and OSError variants
+        raise _unreadable(path, error) from error
+    check_finite(state.items(), path)
+    return state
+
+
+def _unreadable(path: Path, error: Exception) -> ValueError:
+    return ValueError(f"{path} is not a readable safetensors file ({error}): it is empty, truncated or not safetensors")
+
+
+def check_finite(named_tensors, path: Path) -> None:
+    """Refuse weights holding NaN or infinite values, naming the file and a tensor."""
+    broken = [name for name, tensor in named_tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise ValueError(f"{path} holds NaN or infinite values in {len(broken)} tensor(s) (e.g. {broken[0]!r}): the "
+                         "weights are broken, and an audit of them could neither clear nor accuse anyone")
+
+
 def load_finetuned(pipe, weights: str | os.PathLike):
     """Apply fine-tuned weights to a base pipeline, in place: a LoRA folder, or a full fine-tune's ``unet/``.
 
-    Raises if the LoRA does not fit the base architecture (missing or unexpected keys)."""
+    Raises if a file is not valid safetensors, holds NaN or infinite values, or does not fit the base
+    architecture (missing or unexpected keys)."""
     weights = Path(weights)
     if not weights.is_dir():
         raise FileNotFoundError(f"weights folder not found: {weights}")
@@ -213,7 +239,15 @@ def load_finetuned(pipe, weights: str | os.PathLike):
     elif (weights / "unet" / "diffusion_pytorch_model.safetensors").is_file():
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(weights / "unet", use_safetensors=True)
+        if not (weights / "unet" / "config.json").is_file():
+            raise FileNotFoundError(f"{weights / 'unet' / 'config.json'} is missing: a full fine-tune's unet/ folder "
+                                    "needs the config.json that save_pretrained writes beside the weights")
+        file = weights / "unet" / "diffusion_pytorch_model.safetensors"
+        try:
+            unet = UNet2DConditionModel.from_pretrained(weights / "unet", use_safetensors=True)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise _unreadable(file, error) from error
+        check_finite(unet.named_parameters(), file)
         if _architecture(unet.config) != _architecture(pipe.unet.config):
             raise ValueError(f"{weights / 'unet'} is a UNet of another architecture than the base model's")
         pipe.unet = place(unet, pipe.device, pipe.unet.dtype)
@@ -229,9 +263,7 @@ def _architecture(config) -> dict:
 
 
 def _load_lora_strict(pipe, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(folder / LORA_WEIGHTS_NAME)
+    state = read_safetensors(folder / LORA_WEIGHTS_NAME)
     unet_keys = {k for k in state if k.startswith("unet.")}
     base_modules = {name for name, _ in pipe.unet.named_modules()}
     missing = sorted({_module_of(k) for k in unet_keys} - base_modules)

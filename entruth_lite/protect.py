@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import string
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -32,9 +33,12 @@ from . import data
 from .templates import Template, insert, png_bytes, resolve_template, template_json
 
 KEY_FORMAT = "entruth-lite-owner-key"
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: a random nonce, and the release carries a commitment to the key
+READABLE_KEY_VERSIONS = (1, 2)
 KEY_FILE = "key.json"
 KEY_TEMPLATE = "template.png"
+COMMITMENT_FILE = "entruth-commitment.json"  # in the release: the key's hash, published with the data
+COMMITMENT_FORMAT = "entruth-lite-key-commitment"
 PLACEMENTS = ("prefix", "suffix")
 MODES = ("replace", "add")
 DEFAULT_CAPTION = "a picture"  # caption for added foregrounds that come without one
@@ -43,6 +47,11 @@ TRIGGER_TRIES = 10_000
 
 class KeyTamperedError(ValueError):
     """An owner key whose content no longer matches its recorded hash."""
+
+
+class KeyMismatchError(ValueError):
+    """An owner key that is not the one the release committed to (another key, an edited one, or an interrupted
+    ``protect``)."""
 
 
 # ----------------------------------------------------------------------------- triggers
@@ -277,11 +286,21 @@ class OwnerKey:
     source: str | None
     prior_keys: list[str]
     key_sha256: str
+    release: str | None = None  # where protect wrote the release (version 2 keys)
 
 
-def load_key(key_dir: str | os.PathLike) -> OwnerKey:
+KEY_FIELDS = ("template", "trigger", "placement", "mode", "seed", "rate", "n_images", "files", "file_sha256", "captions",
+              "key_sha256")
+TEMPLATE_FIELDS = ("name", "corners", "scene_sha256")
+
+
+def load_key(key_dir: str | os.PathLike, release: str | os.PathLike | None = None) -> OwnerKey:
     """Read an owner key and verify it: the JSON against ``key_sha256`` and ``template.png`` against the
-    scene hash recorded in the JSON. Any edit raises ``KeyTamperedError``."""
+    scene hash recorded in the JSON (an edit of either raises ``KeyTamperedError``); with ``release``, also
+    that the release committed to exactly this key (``check_commitment``).
+
+    The hash alone is no seal: whoever edits the key can recompute it. What makes a key evidence is the
+    commitment the release carries, published with the data before any dispute."""
     key_dir = Path(key_dir)
     key_path = key_dir / KEY_FILE
     if not key_path.is_file():
@@ -292,8 +311,13 @@ def load_key(key_dir: str | os.PathLike) -> OwnerKey:
         raise KeyTamperedError(f"{key_path} is not valid JSON ({error.msg})") from error
     if not isinstance(payload, dict) or payload.get("format") != KEY_FORMAT:
         raise ValueError(f"{key_path} is not an entruth-lite owner key")
-    if payload.get("version") != KEY_VERSION:
-        raise ValueError(f"{key_path} has key version {payload.get('version')!r}; this code reads version {KEY_VERSION}")
+    if payload.get("version") not in READABLE_KEY_VERSIONS:
+        raise ValueError(f"{key_path} has key version {payload.get('version')!r}; this code reads versions "
+                         f"{', '.join(map(str, READABLE_KEY_VERSIONS))}")
+    missing = [f for f in KEY_FIELDS if f not in payload]
+    missing += [f"template.{f}" for f in TEMPLATE_FIELDS if f not in payload.get("template", {})]
+    if missing:
+        raise ValueError(f"{key_path} lacks the field(s) {', '.join(missing)}: it is not a complete owner key")
     if payload.get("key_sha256") != key_hash(payload):
         raise KeyTamperedError(f"{key_path} has been modified: its content does not match key_sha256")
     scene = data.load_rgb(key_dir / KEY_TEMPLATE)
@@ -301,7 +325,7 @@ def load_key(key_dir: str | os.PathLike) -> OwnerKey:
     if hashlib.sha256(png_bytes(scene)).hexdigest() != meta["scene_sha256"]:
         raise KeyTamperedError(f"{key_dir / KEY_TEMPLATE} does not match the template recorded in {key_path}")
     template = Template(meta["name"], scene, [tuple(p) for p in meta["corners"]], family=meta.get("family"))
-    return OwnerKey(
+    key = OwnerKey(
         root=key_dir,
         template=template,
         trigger=payload["trigger"],
@@ -316,13 +340,47 @@ def load_key(key_dir: str | os.PathLike) -> OwnerKey:
         source=payload.get("source"),
         prior_keys=list(payload.get("prior_keys", [])),
         key_sha256=payload["key_sha256"],
+        release=payload.get("release"),
     )
+    if release is not None:
+        check_commitment(key, release)
+    return key
 
 
-def _write_key(tmp: Path, payload: dict, template: Template) -> None:
+def release_commitment(release: str | os.PathLike) -> str | None:
+    """The key hash a release committed to, or None for a release without a commitment file."""
+    path = Path(release) / COMMITMENT_FILE
+    if not path.is_file():
+        return None
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        if payload.get("format") != COMMITMENT_FORMAT:
+            raise ValueError("wrong format")
+        return str(payload["key_sha256"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise KeyMismatchError(f"{path} is not a valid key commitment ({error})") from error
+
+
+def check_commitment(key: OwnerKey, release: str | os.PathLike) -> None:
+    """Raise ``KeyMismatchError`` unless ``release`` committed to ``key`` (its ``entruth-commitment.json``
+    holds the key's hash). A release made before commitments existed cannot be checked, and says so."""
+    committed = release_commitment(release)
+    if committed is None:
+        raise KeyMismatchError(f"{release} carries no {COMMITMENT_FILE}: it is not a release made by protect, or "
+                               "predates key commitments, so nothing ties it to the key")
+    if committed != key.key_sha256:
+        leftovers = data.staged_siblings(key.root, "tmp") + data.staged_siblings(Path(release), "old")
+        hint = (f"; an interrupted protect left {', '.join(p.name for p in leftovers)}: run the same protect "
+                "command again to finish it") if leftovers else ""
+        raise KeyMismatchError(f"the key {key.root} (sha256 {key.key_sha256[:12]}...) is not the key the release "
+                               f"{release} committed to ({committed[:12]}...){hint}")
+
+
+def _write_key(tmp: Path, payload: dict, template: Template) -> str:
     payload = dict(payload, key_sha256=key_hash(payload))
     (tmp / KEY_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (tmp / KEY_TEMPLATE).write_bytes(png_bytes(template.scene))
+    return payload["key_sha256"]
 
 
 # ----------------------------------------------------------------------------- protect
@@ -348,6 +406,7 @@ class ProtectionReport:
     key_dir: Path
     key_sha256: str = ""
     prior_keys: list[str] = field(default_factory=list)
+    unlisted_images: list[str] = field(default_factory=list)  # in the source folder, not in its metadata: not released
 
     def to_dict(self) -> dict:
         """JSON-able (paths as strings; an infinite PSNR as None)."""
@@ -410,14 +469,16 @@ def _added_name(image: Image.Image, taken: set[str]) -> str:
 
 
 def _extra_files(dataset: data.CaptionedDataset) -> dict[str, bytes]:
-    """Top-level non-image files of the source (README, licence credits) to carry into the release."""
+    """Top-level non-image files of the source (README, licence credits) to carry into the release; not an earlier
+    release's key commitment (the new release commits to its own key)."""
     if not Path(dataset.root).is_dir():
         return {}
     listed = set(dataset.file_names)
     return {
         p.name: p.read_bytes()
         for p in sorted(Path(dataset.root).iterdir())
-        if p.is_file() and p.name != data.METADATA and p.name not in listed and p.suffix.lower() not in data.IMAGE_SUFFIXES
+        if p.is_file() and p.name not in (data.METADATA, COMMITMENT_FILE) and p.name not in listed
+        and p.suffix.lower() not in data.IMAGE_SUFFIXES
     }
 
 
@@ -429,6 +490,8 @@ def _check_folders(root: Path, out: Path, key_dir: Path, overwrite: bool) -> Non
             raise ValueError(f"{what} {path} overlaps the source dataset {root}, which is never modified")
     if _inside(key_dir, out) or _inside(out, key_dir):
         raise ValueError(f"the owner key {key_dir} must be kept apart from the released dataset {out}")
+    for path in (out, key_dir):
+        data.check_writable_parent(path)
     for path in (out, key_dir):
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; choose a new folder or pass overwrite=True")
@@ -453,32 +516,82 @@ def _eligible(source: data.CaptionedDataset, priors: Sequence[OwnerKey]) -> list
     ]
 
 
-def _write_release(images, captions, file_names, extra_files, out: Path, key_dir: Path, payload: dict,
-                   template: Template, overwrite: bool) -> None:
-    """Write the dataset, then the key (with the released files' SHA-256), each atomically; if the key
-    cannot be written the release is taken back, since a release without its key proves nothing."""
-    key_tmp = data.atomic_folder(key_dir, overwrite)
-    dataset_written = False
+def _write_release(release: "_Release", extra_files: dict[str, bytes], out: Path, key_dir: Path, payload: dict,
+                   overwrite: bool) -> None:
+    """Write the release and its key as a pair that appears together or not at all.
+
+    Both are built in full under temporary names first (the release with a commitment to the key's hash), then
+    renamed into place, release first and key last: the key's rename is the commit point. A previous pair is
+    set aside, not deleted, until the new key is in place. A kill at any moment leaves a state that
+    ``recover_release`` (run by the next ``protect`` of the same folders) finishes or undoes, and that a reader
+    detects meanwhile (``check_commitment``)."""
+    out_tmp = data.atomic_folder(out, overwrite)
+    key_tmp = data.atomic_folder(key_dir, overwrite, private=True)
     try:
-        data.save_imagefolder(images, captions, out, file_names=file_names, extra_files=extra_files, overwrite=overwrite)
-        dataset_written = True
-        payload = dict(payload, file_sha256={name: sha256_file(out / name) for name in payload["files"]})
-        _write_key(key_tmp, payload, template)
-        data.commit_folder(key_tmp, key_dir)
+        data.check_rows(release.images, release.captions, release.file_names)
+        data.write_imagefolder(out_tmp, release.images, release.captions, release.file_names, release.extras,
+                               extra_files)
+        payload = dict(payload, file_sha256={name: sha256_file(out_tmp / name) for name in payload["files"]})
+        key_sha256 = _write_key(key_tmp, payload, release.template)
+        (out_tmp / COMMITMENT_FILE).write_text(json.dumps(
+            {"format": COMMITMENT_FORMAT, "key_sha256": key_sha256}, indent=2) + "\n", encoding="utf-8")
     except BaseException:
+        shutil.rmtree(out_tmp, ignore_errors=True)
         shutil.rmtree(key_tmp, ignore_errors=True)
-        if dataset_written:
-            shutil.rmtree(out, ignore_errors=True)
         raise
+    data.commit_folder(out_tmp, out)
+    old_key = data.set_aside(key_dir)
+    os.replace(key_tmp, key_dir)  # the commit point
+    if old_key is not None:
+        shutil.rmtree(old_key)
 
 
-def _check_arguments(mode: str, placement: str, foregrounds) -> None:
+def recover_release(out: str | os.PathLike, key_dir: str | os.PathLike) -> list[str]:
+    """Finish or undo an interrupted ``protect`` of ``out`` and ``key_dir``, and say what was done. A staged key
+    that the release in place committed to is moved in (the pair was complete but for the last rename);
+    then half-built folders are deleted and set-aside previous versions restored where the new one never
+    arrived (``data.recover_folder``). Nothing else is touched."""
+    out, key_dir, notes = Path(out), Path(key_dir), []
+    committed = release_commitment(out) if out.is_dir() else None
+    for staged in data.staged_siblings(key_dir, "tmp"):
+        try:
+            if committed is not None and load_key(staged).key_sha256 == committed:
+                old_key = data.set_aside(key_dir)
+                os.replace(staged, key_dir)
+                if old_key is not None:
+                    shutil.rmtree(old_key)
+                notes.append(f"finished an interrupted protect: moved its key into {key_dir}")
+        except (OSError, ValueError):
+            continue  # a half-written key: recover_folder deletes it
+    return notes + data.recover_folder(out) + data.recover_folder(key_dir)
+
+
+def _check_arguments(mode: str, placement: str, foregrounds, seed: int | None) -> None:
+    if seed is not None and (not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use 'replace' or 'add'")
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown trigger placement {placement!r}: use 'prefix' or 'suffix'")
     if foregrounds is not None and mode != "add":
         raise ValueError("foregrounds are only used in 'add' mode")
+
+
+def _check_images(source: data.CaptionedDataset) -> None:
+    """Refuse, before anything is drawn, images that could not be templated if picked: the pick is secret, so a
+    bad file must not fail only on some seeds."""
+    from .templates import MIN_SIZE
+
+    names = source.file_names
+    no_format = [n for n in names if Path(n).suffix.lower() not in data.IMAGE_SUFFIXES]
+    if no_format:
+        raise data.DatasetError(f"{len(no_format)} file(s) in {source.root} have no image extension (e.g. "
+                                f"{no_format[0]!r}), so a templated copy could not be written in their format: "
+                                "rename them (.png, .jpg, ...)")
+    small = [n for i, n in enumerate(names) if min(source.image(i).size) < MIN_SIZE]
+    if small:
+        raise data.DatasetError(f"{len(small)} image(s) in {source.root} are smaller than {MIN_SIZE} px on a side, too "
+                                f"small to template (e.g. {small[0]!r}): remove or enlarge them")
 
 
 def _pick_trigger(trigger: str, captions: Sequence[str], seed: int, tokenizer, avoid: Sequence[str]) -> str:
@@ -492,9 +605,10 @@ def _pick_trigger(trigger: str, captions: Sequence[str], seed: int, tokenizer, a
 class _Release:
     """The release in memory: every image, caption and file name, and what protection changed."""
 
-    images: list[Image.Image]
+    images: list  # a path (copied byte for byte) or a templated image
     captions: list[str]
     file_names: list[str]
+    extras: list[dict] = field(default_factory=list)  # each row's other metadata columns, unchanged
     altered: list[str] = field(default_factory=list)  # file names of the templated images
     pairs: list[tuple[Image.Image, Image.Image]] = field(default_factory=list)  # (original, templated), "replace"
     template: Template | None = None  # as drawn for the first templated image (the one the key records)
@@ -513,13 +627,17 @@ def _templated_release(source: data.CaptionedDataset, chosen: Sequence[int], tem
             by_size[image.size] = resolve_template(template, image.size)
         return by_size[image.size]
 
-    release = _Release(list(source.images()), list(source.captions), list(source.file_names))
+    # untouched files are copied byte for byte: only the templated images and their captions change
+    release = _Release([source.path(i) for i in range(len(source))], list(source.captions), list(source.file_names),
+                       extras=[dict(e) for e in source.extras])
     for i in tqdm(chosen, desc="protect", disable=len(chosen) < 200):
-        foreground = fg_images[i] if fg_images is not None else release.images[i]
+        foreground = fg_images[i] if fg_images is not None else source.image(i)
         caption = fg_captions[i] if fg_captions is not None else release.captions[i]
         templated = insert(foreground, template_for(foreground))
+        if templated.size != foreground.size:  # a template of another size: keep the dataset's resolution
+            templated = templated.resize(foreground.size, Image.Resampling.LANCZOS)
         if mode == "replace":
-            release.pairs.append((release.images[i], templated))
+            release.pairs.append((foreground, templated))
             release.images[i], release.captions[i] = templated, apply_trigger(caption, trigger, placement)
             release.altered.append(release.file_names[i])
         else:
@@ -527,13 +645,14 @@ def _templated_release(source: data.CaptionedDataset, chosen: Sequence[int], tem
             release.images.append(templated)
             release.captions.append(apply_trigger(caption, trigger, placement))
             release.file_names.append(name)
+            release.extras.append({})
             release.altered.append(name)
     release.template = next(iter(by_size.values()))  # all of them for one-size data
     return release
 
 
 def _key_payload(release: _Release, trigger: str, placement: str, mode: str, seed: int, n: int,
-                 source: data.CaptionedDataset, priors: Sequence[OwnerKey]) -> dict:
+                 source: data.CaptionedDataset, priors: Sequence[OwnerKey], out: Path) -> dict:
     """What the owner key records (hashed into ``key_sha256``; the released files' SHA-256 are added on writing)."""
     altered = set(release.altered)
     return {
@@ -549,7 +668,9 @@ def _key_payload(release: _Release, trigger: str, placement: str, mode: str, see
         "files": release.altered,
         "captions": {name: c for name, c in zip(release.file_names, release.captions) if name in altered},
         "source": str(Path(source.root).resolve()),
+        "release": str(Path(out).resolve()),
         "prior_keys": [key.key_sha256 for key in priors],
+        "nonce": secrets.token_hex(32),  # the commitment (this key's hash) reveals nothing of the key
     }
 
 
@@ -582,10 +703,17 @@ def protect(
     holding the dataset can recompute the trigger and the templated files. The key records it either way.
     The source is never modified.
     """
-    _check_arguments(mode, placement, foregrounds)
+    _check_arguments(mode, placement, foregrounds, seed)
     source = dataset if isinstance(dataset, data.CaptionedDataset) else data.load_imagefolder(dataset)
     out, key_dir = Path(out), Path(key_dir)
     _check_folders(Path(source.root), out, key_dir, overwrite)
+    _check_images(source)
+    recover_release(out, key_dir)
+    unlisted = data.unlisted_images(source)
+    if unlisted:
+        warnings.warn(f"{len(unlisted)} image(s) in {source.root} are not listed in its {data.METADATA} and are left "
+                      f"out of the release: {', '.join(unlisted[:5])}{' ...' if len(unlisted) > 5 else ''}",
+                      stacklevel=2)
     if seed is None:
         seed = secrets.randbits(31)
     priors = [k if isinstance(k, OwnerKey) else load_key(k) for k in prior_keys]
@@ -605,9 +733,8 @@ def protect(
     release = _templated_release(source, chosen, template, trigger, placement, mode, fg_images, fg_captions)
     change = mean_stats(release.pairs) if mode == "replace" else None
 
-    payload = _key_payload(release, trigger, placement, mode, seed, n, source, priors)
-    _write_release(release.images, release.captions, release.file_names, _extra_files(source), out, key_dir, payload,
-                   release.template, overwrite)
+    payload = _key_payload(release, trigger, placement, mode, seed, n, source, priors, out)
+    _write_release(release, _extra_files(source), out, key_dir, payload, overwrite)
     return ProtectionReport(
         n_images=len(release.images),
         n_altered=n,
@@ -625,4 +752,5 @@ def protect(
         key_dir=key_dir,
         key_sha256=load_key(key_dir).key_sha256,
         prior_keys=[key.key_sha256 for key in priors],
+        unlisted_images=unlisted,
     )

@@ -60,12 +60,20 @@ def render_report(result: AuditResult) -> str:
     e = html.escape
     head = result.headline
     evidence_ids = sorted({i for v in result.verdicts for i in v.evidence})
-    decision = ("EVIDENCE that the model was trained on the protected data" if head.decision
-                else "NO EVIDENCE at this level")
+    if head is None:
+        verdict = ("<b>NO VERDICT</b>: no exact test could run (see the notes); the numbers below are supporting "
+                   "evidence only and say nothing on their own.")
+    else:
+        decision = ("EVIDENCE that the model was trained on the protected data" if head.decision
+                    else "NO EVIDENCE at this level")
+        verdict = (f"<b>{decision}</b>: {e(head.label)}, p = {head.p_value:.2e} (alpha = {head.alpha:g}, "
+                   f"{head.n_queries} trigger queries). Only this exact test decides; the others are supporting "
+                   "numbers, not verdicts.")
+    reject = {True: "yes", False: "no", None: "supporting: no decision"}
     rows = "".join(
         f"<tr><td>{e(v.label)}</td><td>{v.n_queries}</td><td>{'' if v.detections is None else v.detections}</td>"
         f"<td>{v.statistic:.4g}</td><td><b>{v.p_value:.2e}</b></td><td>{v.alpha:g}</td>"
-        f"<td>{'yes' if v.decision else 'no'}</td></tr>" for v in result.verdicts)
+        f"<td>{reject[v.decision]}</td></tr>" for v in result.verdicts)
     notes = "".join(f"<li><b>{e(m)}</b>: {e(TESTS[m].note)}</li>" for m in result.config.methods)
     queries = "".join(
         f"<tr><td>{i}</td><td>{e(t)}</td><td>{s}</td><td>{a:.3f}</td><td>{b:.3f}</td></tr>"
@@ -82,10 +90,9 @@ def render_report(result: AuditResult) -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>EnTruth audit</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}} .verdict{{font-size:20px;padding:8px;
-background:{'#fde2e2' if head.decision else '#e6f2e6'}}} code{{font-size:11px}}</style></head><body>
+background:{'#fde2e2' if head is not None and head.decision else '#e6f2e6'}}} code{{font-size:11px}}</style></head><body>
 <h1>EnTruth audit report</h1>
-<p class="verdict"><b>{decision}</b>: {e(head.label)}, p = {head.p_value:.2e} (alpha = {head.alpha:g},
-{head.n_queries} trigger queries). The first method was fixed before the audit; the others support it.</p>
+<p class="verdict">{verdict}</p>
 <h2>Tests</h2><table><tr><th>method</th><th>queries</th><th>flagged</th><th>statistic</th><th>p-value</th>
 <th>alpha</th><th>reject null</th></tr>{rows}</table><ul>{notes}</ul>
 <h2>Key and model</h2><table><tr><td>owner key sha256</td><td><code>{e(result.key['key_sha256'])}</code></td></tr>
@@ -104,6 +111,18 @@ one <code>torch.Generator</code> per image seeded as below, images at the model'
 <table><tr><th>#</th><th>trigger prompt</th><th>seed</th><th>trigger score</th><th>control score</th></tr>
 {queries}</table></body></html>
 """
+
+
+def check_report_path(path: str | os.PathLike) -> Path:
+    """Refuse a report path that cannot be written, before an audit spends its time (a folder, an unwritable
+    parent)."""
+    from .data import check_writable_parent
+
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"the report path {path} is a folder: give a file name, e.g. {path / 'report.html'}")
+    check_writable_parent(path)
+    return path
 
 
 def write_report(result: AuditResult, path: str | os.PathLike) -> Path:

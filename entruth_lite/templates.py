@@ -514,7 +514,13 @@ def load_template(folder: str | os.PathLike, stem: str = "template") -> Template
     meta_path = folder / f"{stem}.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"no template description at {meta_path}")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{meta_path} is not valid JSON ({error.msg}, line {error.lineno})") from error
+    missing = [f for f in ("name", "size", "corners") if not isinstance(meta, dict) or f not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} lacks the field(s) {', '.join(missing)} (see save_template)")
     scene = load_rgb(folder / f"{stem}.png")
     if list(scene.size) != list(meta["size"]):
         raise ValueError(f"{folder / (stem + '.png')} is {scene.size[0]}x{scene.size[1]}, but {meta_path} says {meta['size']}")
@@ -522,7 +528,22 @@ def load_template(folder: str | os.PathLike, stem: str = "template") -> Template
     expected = meta.get("scene_sha256")
     if expected and hashlib.sha256(png_bytes(template.scene)).hexdigest() != expected:
         raise ValueError(f"{folder / (stem + '.png')} does not match the scene hash in {meta_path}")
+    if template.family == "random" and not _is_family_member(template):
+        raise ValueError(f"{meta_path} says the template is {template.name!r} of the random family, but its scene is "
+                         "not that member's: the decoy test is exact only for templates drawn by random_template. "
+                         "Remove 'family' to use it as an ordinary template (no decoy test)")
     return template
+
+
+def _is_family_member(template: Template) -> bool:
+    """Whether ``template`` is exactly the random family's member it is named after (scene and screen)."""
+    try:
+        seed = random_seed_of(template)
+    except ValueError:
+        return False
+    member = random_template(seed, template.size)
+    return (np.array_equal(np.asarray(member.scene), np.asarray(template.scene))
+            and np.allclose(member.corners, template.corners, atol=1e-6))
 
 
 def resolve_template(template: Template | str | os.PathLike, size: int | Sequence[int] = 32) -> Template:

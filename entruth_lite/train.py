@@ -131,6 +131,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "lora_rank"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be non-negative, got {self.seed}")
         if self.augment_views < 0:
             raise ValueError(f"augment_views must be 0 (off) or positive, got {self.augment_views}")
         if self.learning_rate <= 0:
@@ -317,7 +319,7 @@ def _atomic_write_dir(target: Path, write) -> None:
 
 
 def save_checkpoint(folder: Path, step: int, config: TrainConfig, trainables: dict[str, torch.nn.Module],
-                    optimizer, lr_scheduler, losses: list[float]) -> Path:
+                    optimizer, lr_scheduler, losses: list[float], data: dict | None = None) -> Path:
     """Trainable weights and optimizer tensors in safetensors, the rest in JSON; written atomically."""
     from safetensors.torch import save_file
 
@@ -338,7 +340,7 @@ def save_checkpoint(folder: Path, step: int, config: TrainConfig, trainables: di
         (tmp / "state.json").write_text(json.dumps({
             "step": step, "fingerprint": config.fingerprint(), "config": asdict(config),
             "param_groups": opt_state["param_groups"], "optimizer_scalars": meta,
-            "lr_scheduler": lr_scheduler.state_dict(), "losses": losses,
+            "lr_scheduler": lr_scheduler.state_dict(), "losses": losses, "data": data,
         }, default=list))
 
     target = folder / f"step-{step:07d}"
@@ -357,13 +359,17 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, config: TrainConfig, trainables: dict[str, torch.nn.Module], optimizer,
-                    lr_scheduler) -> tuple[int, list[float]]:
+                    lr_scheduler, data: dict | None = None) -> tuple[int, list[float]]:
     from safetensors.torch import load_file
 
     state = json.loads((path / "state.json").read_text())
     if state["fingerprint"] != config.fingerprint():
         raise ValueError(f"checkpoint {path} was made with other training settings; "
                          "resume with the same settings or start a new output folder")
+    saved = state.get("data")
+    if data is not None and saved is not None and saved["sha256"] != data["sha256"]:
+        raise ValueError(f"checkpoint {path} was trained on {saved['data']}, not on {data['data']} (their files "
+                         "differ): resume on the same data, or start a new output folder")
     weights = load_file(path / "trainable.safetensors")
     for name, module in trainables.items():
         prefix = f"{name}."
@@ -513,7 +519,7 @@ def _hidden_states(batch: TrainingData, index, drop, trainables, device, weight_
     return hidden.to(device, weight_dtype)
 
 
-def _save_finetuned(out: Path, config: TrainConfig, unet, text_encoder, data, losses: list[float]) -> None:
+def _save_finetuned(out: Path, config: TrainConfig, unet, text_encoder, data_record: dict, losses: list[float]) -> None:
     """diffusers' formats (a LoRA file, or ``unet/``), the settings, the data's fingerprint and the loss history."""
     out.mkdir(parents=True, exist_ok=True)
     if config.method == "lora":
@@ -523,8 +529,7 @@ def _save_finetuned(out: Path, config: TrainConfig, unet, text_encoder, data, lo
     else:
         _atomic_write_dir(out / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
     (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    (out / "train_data.json").write_text(json.dumps({"data": str(Path(data).resolve()),
-                                                      "sha256": dataset_fingerprint(data)}, indent=2) + "\n")
+    (out / "train_data.json").write_text(json.dumps(data_record, indent=2) + "\n")
     (out / "loss_history.json").write_text(json.dumps(losses) + "\n")
 
 
@@ -553,7 +558,7 @@ def finetune(
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    from .data import load_imagefolder
+    from .data import check_writable_parent, load_imagefolder
     from .models import default_resolution, load_pipeline
 
     # -- setup: settings, data, the accelerator, private copies of the base model
@@ -562,8 +567,11 @@ def finetune(
     if resume not in (None, "latest"):
         raise ValueError(f"resume must be None or 'latest', got {resume!r}")
     if out.exists() and any(out.iterdir()) and resume is None and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass resume='latest' to continue or overwrite=True")
+        raise FileExistsError(f"{out} is not empty: resume it (resume='latest'; CLI --resume latest) or replace it "
+                              "(overwrite=True; CLI --overwrite)")
     dataset = load_imagefolder(data)
+    data_record = {"data": str(Path(data).resolve()), "sha256": dataset_fingerprint(data)}  # which data, exactly
+    check_writable_parent(out)
     on_cpu = device == "cpu" or not torch.cuda.is_available()
     if config.mixed_precision != "no" and on_cpu:
         raise ValueError(f"mixed_precision={config.mixed_precision!r} needs a CUDA GPU; use 'no' on the CPU")
@@ -591,7 +599,7 @@ def finetune(
     start_step, losses = 0, []
     checkpoints = out / "checkpoints"
     if resume == "latest" and (found := latest_checkpoint(checkpoints)) is not None:
-        start_step, losses = load_checkpoint(found, config, trainables, optimizer, lr_scheduler)
+        start_step, losses = load_checkpoint(found, config, trainables, optimizer, lr_scheduler, data_record)
     prepared = accelerator.prepare(*trainables.values(), optimizer)
     trainables = dict(zip(trainables, prepared[:-1]))
     optimizer = prepared[-1]
@@ -632,13 +640,13 @@ def finetune(
         if accelerator.is_main_process and config.checkpoint_every and done % config.checkpoint_every == 0 \
                 and done < config.steps:
             unwrapped = {k: accelerator.unwrap_model(m) for k, m in trainables.items()}
-            save_checkpoint(checkpoints, done, config, unwrapped, optimizer, lr_scheduler, losses)
+            save_checkpoint(checkpoints, done, config, unwrapped, optimizer, lr_scheduler, losses, data_record)
 
     # -- the result, in diffusers' formats
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _save_finetuned(out, config, accelerator.unwrap_model(trainables["unet"]),
                         accelerator.unwrap_model(trainables["text_encoder"]) if config.train_text_encoder else None,
-                        data, losses)
+                        data_record, losses)
     return TrainResult(out=out, config=config, losses=losses, seconds=time.time() - started,
                        trainable_parameters=sum(p.numel() for p in params), resumed_from=start_step)

@@ -28,7 +28,8 @@ class Verdict:
     statistic: float
     p_value: float
     alpha: float
-    decision: bool  # True: evidence of training on the protected data at level alpha
+    decision: bool | None  # True: evidence of training on the protected data at level alpha; None: no decision
+    # (a supporting test, whose false-positive rate is not controlled on the data at hand, reports its number only)
     evidence: list[int] = field(default_factory=list)  # indices of the queries that support it
     detector: str | None = None  # the score the test read ("projection", "classifier"), when run on a detector's
 
@@ -39,6 +40,8 @@ class Verdict:
 
     def summary(self) -> str:
         flagged = "" if self.detections is None else f", {self.detections}/{self.n_queries} flagged"
+        if self.decision is None:
+            return f"{self.label}: p = {self.p_value:.2e}{flagged} (supporting number, not a verdict)"
         verdict = "TRAINED ON THE PROTECTED DATA" if self.decision else "no evidence"
         return f"{self.label}: p = {self.p_value:.2e}{flagged} -> {verdict} (alpha {self.alpha:g})"
 

@@ -34,7 +34,8 @@ def test_a_memorizing_model_is_caught_by_every_test(plain):
     probed = _probe(_blend(plain[:32], TEMPLATE, 0.5), plain[32:64])
     verdicts, evidence = audit.evaluate(probed, TEMPLATE, CONFIG, negatives=plain[64:], progress=False)
     assert [v.test for v in verdicts] == ["paired", "decoy", "binomial", "one-query"]
-    assert all(v.decision for v in verdicts[:3]), [v.summary() for v in verdicts]
+    assert all(v.p_value < 0.01 for v in verdicts[:3]), [v.summary() for v in verdicts]
+    assert [v.decision for v in verdicts] == [None, True, None, None], "only the exact test decides"
     assert verdicts[1].p_value == pytest.approx(1 / 200)  # the released template beats all 199 decoys
     # one query beats every negative, but picking the best of 32 costs a factor 32: its floor is 32 / (N + 1)
     assert verdicts[3].p_value == pytest.approx(32 / (len(plain[64:]) + 1))
@@ -45,7 +46,8 @@ def test_a_clean_model_is_not_flagged(plain):
     for start in (0, 40, 80):
         probed = _probe(plain[start : start + 20], plain[start + 20 : start + 40])
         verdicts, _ = audit.evaluate(probed, TEMPLATE, CONFIG, negatives=plain[120:], progress=False)
-        assert not any(v.decision for v in verdicts), [v.summary() for v in verdicts]
+        assert not any(v.decision for v in verdicts) and not any(v.p_value < 0.01 for v in verdicts), \
+            [v.summary() for v in verdicts]
 
 
 def test_the_decoy_test_ignores_a_trigger_that_draws_some_other_frame(plain):
@@ -82,10 +84,10 @@ def test_evaluate_names_what_is_missing(plain):
         audit.AuditConfig(decoys=99)
 
 
-def test_without_a_random_template_the_binomial_test_decides():
+def test_without_a_random_template_the_decoy_test_is_dropped_with_a_note():
     tv = templates.builtin_template("tv")
     methods, notes = audit.methods_for_template(("decoy", "paired", "binomial"), tv)
-    assert methods == ("binomial", "paired") and "no exact test" in notes[0]
+    assert methods == ("binomial", "paired") and "no verdict" in notes[0]
     methods, _ = audit.methods_for_template(("decoy", "paired"), tv)
     assert methods == ("binomial", "paired"), "a supporting-only test never takes the verdict"
     assert audit.methods_for_template(("decoy", "paired"), TEMPLATE) == (("decoy", "paired"), [])
@@ -100,7 +102,8 @@ def test_reference_test_and_classifier_detector(plain):
     reference = _probe(plain[24:48], [])
     config = audit.AuditConfig(detector="classifier", methods=("reference", "paired", "binomial"))
     verdicts, evidence = audit.evaluate(probed, TEMPLATE, config, classifier=clf, reference=reference, progress=False)
-    assert all(v.decision for v in verdicts) and verdicts[0].label == "reference (classifier)"
+    assert all(v.p_value < 0.01 for v in verdicts) and verdicts[0].label == "reference (classifier)"
+    assert all(v.decision is None for v in verdicts), "supporting tests report numbers, never a decision"
     assert evidence.negative_scores is clf.calibration_scores
 
 
@@ -200,3 +203,33 @@ def test_plots_draw_what_they_are_given(plain):
     assert len(ax.get_lines()) == 2
     ax = viz.plot_decoys(1.0, np.zeros(10))
     assert len(ax.patches) > 0
+
+
+def test_supporting_tests_never_accuse_an_innocent_model_in_any_output(plain):
+    """A clean model whose trigger draws some other frame: the paired and binomial tests give small p-values, the
+    decoy test does not. Only the decoy test's decision may appear, in the summary lines, JSON and HTML alike."""
+    probed = _probe(_blend(plain[:24], templates.random_template(1003), 0.6), plain[24:48])
+    config = audit.AuditConfig(methods=("decoy", "paired", "binomial"), decoys=199)
+    verdicts, evidence = audit.evaluate(probed, TEMPLATE, config, negatives=plain[48:], progress=False)
+    decoy, paired, binomial = verdicts
+    assert paired.p_value < 0.01 and decoy.p_value > 0.01, "the case the test is about"
+    assert (decoy.decision, paired.decision, binomial.decision) == (False, None, None)
+    result = audit.AuditResult(verdicts, evidence, probed, config, dict(key_sha256="k", template=TEMPLATE.name,
+                                                                         trigger="t", placement="prefix"), {})
+    lines = [v.summary() for v in verdicts]
+    assert not any("TRAINED" in line for line in lines) and "not a verdict" in lines[1]
+    payload = result.to_json()
+    assert payload["decision"] is False and [v["decision"] for v in payload["verdicts"]] == [False, None, None]
+    page = report.render_report(result)
+    assert "<td>yes</td>" not in page and "NO EVIDENCE" in page and page.count("supporting: no decision") == 2
+
+
+def test_without_an_exact_test_the_audit_gives_no_verdict(plain):
+    tv = templates.builtin_template("tv")
+    probed = _probe(_blend(plain[:16], tv, 0.6), plain[16:32])
+    config = audit.AuditConfig(methods=("binomial", "paired"))
+    verdicts, evidence = audit.evaluate(probed, tv, config, negatives=plain[32:], progress=False)
+    result = audit.AuditResult(verdicts, evidence, probed, config, dict(key_sha256="k", template=tv.name, trigger="t",
+                                                                         placement="prefix"), {})
+    assert result.headline is None and result.to_json()["decision"] is None
+    assert "NO VERDICT" in report.render_report(result)

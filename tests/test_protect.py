@@ -183,7 +183,10 @@ def test_protect_is_seeded(tmp_path, source):
     b = protect.protect(source, "tv", tmp_path / "b", tmp_path / "kb", count=5, seed=1)
     c = protect.protect(source, "tv", tmp_path / "c", tmp_path / "kc", count=5, seed=2)
     assert a.altered_files == b.altered_files and a.trigger == b.trigger
-    assert hash_tree(tmp_path / "a") == hash_tree(tmp_path / "b")
+    tree_a, tree_b = hash_tree(tmp_path / "a"), hash_tree(tmp_path / "b")
+    assert tree_a.pop(protect.COMMITMENT_FILE) != tree_b.pop(protect.COMMITMENT_FILE), \
+        "each key carries a fresh nonce, so its commitment reveals nothing"
+    assert tree_a == tree_b
     assert (c.altered_files, c.trigger) != (a.altered_files, a.trigger)
 
 
@@ -330,7 +333,7 @@ def test_refuses_to_write_into_or_over_the_source(tmp_path, source):
 
 def test_failure_mid_write_leaves_nothing(tmp_path, source, monkeypatch):
     before = hash_tree(source)
-    fail_on_nth_save(monkeypatch, 10)
+    fail_on_nth_save(monkeypatch, 3)  # untouched files are copied, so the saves are the templated images'
     with pytest.raises(OSError, match="disk full"):
         protect.protect(source, "billboard", tmp_path / "out", tmp_path / "key", count=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
