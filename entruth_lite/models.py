@@ -159,6 +159,22 @@ def load_pipeline(
     return pipe.to(device)
 
 
+def model_source(name_or_path: str | os.PathLike) -> str:
+    """Where ``load_pipeline(name_or_path)`` reads a model from: the tiny model's folder, a local folder (resolved)
+    or a hub id."""
+    if _is_tiny(name_or_path):
+        return str(TINY_MODEL_DIR.resolve())
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else str(name_or_path)
+
+
+def is_pipeline_of(pipe, name_or_path: str | os.PathLike) -> bool | None:
+    """Whether ``pipe`` was loaded from ``name_or_path``; None when the pipeline does not say (built in memory)."""
+    loaded_from = str(getattr(pipe.config, "_name_or_path", "") or "")
+    if not loaded_from:
+        return None
+    return model_source(loaded_from) == model_source(name_or_path)
+
+
 def default_resolution(pipe) -> int:
     """Image side the pipeline was trained at: 32 for the tiny model, 512 for SD 1.5."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
@@ -264,24 +280,31 @@ def _architecture(config) -> dict:
 
 def _load_lora_strict(pipe, folder: Path) -> None:
     state = read_safetensors(folder / LORA_WEIGHTS_NAME)
-    unet_keys = {k for k in state if k.startswith("unet.")}
-    base_modules = {name for name, _ in pipe.unet.named_modules()}
-    missing = sorted({_module_of(k) for k in unet_keys} - base_modules)
-    if missing:
-        raise ValueError(
-            f"{folder / LORA_WEIGHTS_NAME} does not fit this model: {len(missing)} LoRA target modules are not in "
-            f"its UNet (e.g. {missing[0]!r}); it was trained for another architecture"
-        )
+    for prefix, part, label in (("unet.", pipe.unet, "UNet"), ("text_encoder.", pipe.text_encoder, "text encoder")):
+        base_modules = {_unnested(name) for name, _ in part.named_modules()}
+        targets = {_unnested(_module_of(k, prefix)) for k in state if k.startswith(prefix)}
+        missing = sorted(targets - base_modules)
+        if missing:
+            raise ValueError(
+                f"{folder / LORA_WEIGHTS_NAME} does not fit this model: {len(missing)} LoRA target modules are not "
+                f"in its {label} (e.g. {missing[0]!r}); it was trained for another architecture"
+            )
     try:
         pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_NAME)
     except (RuntimeError, ValueError, KeyError) as error:
         raise ValueError(f"{folder / LORA_WEIGHTS_NAME} does not fit this model: {error}") from error
 
 
-def _module_of(key: str) -> str:
-    """'unet.down_blocks.1.attentions.0...to_q.lora.down.weight' -> the UNet module path of the base layer."""
-    key = key[len("unet."):]
-    for marker in (".lora_A", ".lora_B", ".lora.down", ".lora.up", ".lora_magnitude_vector"):
+def _module_of(key: str, prefix: str = "unet.") -> str:
+    """'unet.down_blocks.1.attentions.0...to_q.lora.down.weight' -> the module path of the base layer in the part
+    ``prefix`` names (text-encoder keys end in '.lora_linear_layer.down.weight')."""
+    key = key[len(prefix):]
+    for marker in (".lora_A", ".lora_B", ".lora.down", ".lora.up", ".lora_linear_layer", ".lora_magnitude_vector"):
         if marker in key:
             return key.split(marker)[0]
     return key.rsplit(".", 1)[0]
+
+
+def _unnested(name: str) -> str:
+    """transformers 4 nests CLIPTextModel's layers under ``text_model.``, 5 does not; diffusers loads either."""
+    return name.removeprefix("text_model.")

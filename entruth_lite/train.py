@@ -159,13 +159,14 @@ PRESETS: dict[str, dict] = {
     # full fine-tune of the tiny UNet: what the benchmarks measure (benchmarks/results)
     "tiny-cpu": dict(model="tiny", method="full", steps=1500, batch_size=32, learning_rate=1e-3,
                      lr_scheduler="constant", cache_latents=True),
+    # GPU presets checkpoint often: Colab runtimes disconnect, and a resumed run replays exactly
     "colab-t4": dict(model="stable-diffusion-v1-5/stable-diffusion-v1-5", method="lora", lora_rank=8, resolution=512,
                      batch_size=1, gradient_accumulation_steps=4, learning_rate=1e-4, lr_scheduler="cosine",
                      lr_warmup_steps=50, steps=2000, mixed_precision="fp16", gradient_checkpointing=True,
-                     snr_gamma=5.0, random_flip=False, cache_latents=True),
+                     snr_gamma=5.0, random_flip=False, cache_latents=True, checkpoint_every=200),
     "a100": dict(model="stable-diffusion-v1-5/stable-diffusion-v1-5", method="lora", lora_rank=16, resolution=512,
                  batch_size=16, learning_rate=1e-4, lr_scheduler="cosine", lr_warmup_steps=100, steps=3000,
-                 mixed_precision="bf16", snr_gamma=5.0, cache_latents=True),
+                 mixed_precision="bf16", snr_gamma=5.0, cache_latents=True, checkpoint_every=200),
 }
 
 
@@ -261,17 +262,22 @@ def _peft_config(rank: int, alpha: float | None, targets):
 
 
 def save_lora(out: Path, unet, text_encoder=None) -> Path:
-    """diffusers' format: ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(out)`` reads."""
+    """diffusers' format: ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(out)`` reads, with each
+    adapter's LoRA config (rank, alpha, targets) in the file's metadata, as diffusers' training scripts write it, so
+    a LoRA whose alpha is not its rank is loaded at the scale it was trained at."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    text_layers = None
+    text_layers = text_metadata = None
     if text_encoder is not None and getattr(text_encoder, "peft_config", None):
         text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+        text_metadata = text_encoder.peft_config["default"].to_dict()
     StableDiffusionPipeline.save_lora_weights(
-        out, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True
+        out, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=text_metadata,
     )
     return out / LORA_WEIGHTS_NAME
 
@@ -294,6 +300,11 @@ def is_current(out: str | os.PathLike, config: TrainConfig, data: str | os.PathL
     except (FileNotFoundError, KeyError, TypeError, ValueError):
         return False
     return saved.fingerprint() == config.fingerprint() and trained_on == dataset_fingerprint(data)
+
+
+def saved_losses(folder: str | os.PathLike) -> list[float]:
+    """The loss history a finished fine-tune saved (to plot a run that was reused, not retrained)."""
+    return json.loads((Path(folder) / "loss_history.json").read_text())
 
 
 def ensure_finetuned(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, pipe=None,
@@ -486,8 +497,8 @@ def _trainable_modules(unet, text_encoder, config: TrainConfig, device, weight_d
         cast_training_params(list(trainables.values()), dtype=torch.float32)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+        if config.train_text_encoder:  # non-reentrant: reentrant checkpointing passes no gradient to LoRA weights
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return trainables
 
 
@@ -559,7 +570,7 @@ def finetune(
     from diffusers.optimization import get_scheduler
 
     from .data import check_writable_parent, load_imagefolder
-    from .models import default_resolution, load_pipeline
+    from .models import default_resolution, is_pipeline_of, load_pipeline
 
     # -- setup: settings, data, the accelerator, private copies of the base model
     config = config or preset("tiny-cpu")
@@ -575,10 +586,14 @@ def finetune(
     on_cpu = device == "cpu" or not torch.cuda.is_available()
     if config.mixed_precision != "no" and on_cpu:
         raise ValueError(f"mixed_precision={config.mixed_precision!r} needs a CUDA GPU; use 'no' on the CPU")
+    _reset_accelerate()  # an earlier run in this kernel (e.g. notebook 02's LoRA in fp16) fixed its own precision
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=device == "cpu",
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    if pipe is not None and is_pipeline_of(pipe, config.model) is False:
+        raise ValueError(f"the base pipeline given was loaded from {pipe.config._name_or_path}, but the settings name "
+                         f"{config.model!r}: load the preset's model (load_pipeline(config.model)) or set model=")
     base = pipe if pipe is not None else load_pipeline(config.model, device="cpu", dtype=torch.float32)
     # copies: the caller's pipeline is never moved, cast or given adapters
     vae, unet, text_encoder = (copy.deepcopy(m) for m in (base.vae, base.unet, base.text_encoder))
@@ -648,5 +663,20 @@ def finetune(
         _save_finetuned(out, config, accelerator.unwrap_model(trainables["unet"]),
                         accelerator.unwrap_model(trainables["text_encoder"]) if config.train_text_encoder else None,
                         data_record, losses)
-    return TrainResult(out=out, config=config, losses=losses, seconds=time.time() - started,
-                       trainable_parameters=sum(p.numel() for p in params), resumed_from=start_step)
+    result = TrainResult(out=out, config=config, losses=losses, seconds=time.time() - started,
+                         trainable_parameters=sum(p.numel() for p in params), resumed_from=start_step)
+    # free the copies and optimizer state now, so a second fine-tune in the same kernel fits on the GPU
+    del trainables, optimizer, params, unet, text_encoder, vae, batch, prepared
+    accelerator.free_memory()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def _reset_accelerate() -> None:
+    """Forget the process-wide state an earlier ``Accelerator`` fixed (its mixed precision): one fine-tune runs at
+    a time here, so each may choose its own."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -151,6 +151,10 @@ def test_batches_cover_each_epoch_once():
     assert not torch.equal(train.batch_indices(10, 5, 0, 0), train.batch_indices(10, 5, 2, 0))
 
 
+def test_gpu_presets_checkpoint_so_a_disconnected_runtime_can_resume():
+    assert all(train.preset(name).checkpoint_every > 0 for name in ("colab-t4", "a100"))
+
+
 def test_presets_are_valid_configs():
     for name in train.PRESETS:
         config = train.preset(name)
@@ -178,6 +182,45 @@ def test_text_encoder_lora_and_loss_options(dataset, base, tmp_path):
     assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
     fresh = models.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / "te")
     assert any("lora" in name for name, _ in fresh.text_encoder.named_parameters())
+
+
+def test_lora_alpha_is_saved_and_loaded_at_the_trained_scale(dataset, base, tmp_path):
+    """A LoRA's effect is scaled by alpha / rank: loaded at alpha = rank, a LoRA trained at another alpha would be
+    audited at the wrong strength. diffusers keeps each adapter's config in the file's metadata."""
+    from safetensors import safe_open
+
+    config = lora_config(lora_alpha=16, train_text_encoder=True)  # rank 4
+    train.finetune(dataset, tmp_path / "a", config, pipe=base, progress=False)
+    with safe_open(str(tmp_path / "a" / models.LORA_WEIGHTS_NAME), "pt") as weights:
+        assert weights.metadata() and any("metadata" in key for key in weights.metadata())
+    fresh = models.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / "a")
+    for module in (fresh.unet, fresh.text_encoder):
+        assert [(c.r, c.lora_alpha) for c in module.peft_config.values()] == [(4, 16)]
+
+
+def test_a_second_finetune_in_one_kernel_may_use_another_precision(dataset, base, tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # whatever earlier tests left, then
+    Accelerator(mixed_precision="bf16", cpu=True)  # what an earlier fine-tune at another precision leaves behind
+    result = train.finetune(dataset, tmp_path / "again", lora_config(), pipe=base, progress=False)
+    assert len(result.losses) == lora_config().steps
+
+
+def test_text_encoder_lora_learns_with_gradient_checkpointing(dataset, base, tmp_path):
+    config = lora_config(train_text_encoder=True, gradient_checkpointing=True, learning_rate=1e-2)
+    train.finetune(dataset, tmp_path / "ckpt", config, pipe=base, progress=False)
+    weights = load_file(tmp_path / "ckpt" / models.LORA_WEIGHTS_NAME)
+    up = [w for k, w in weights.items() if k.startswith("text_encoder.") and ("lora_B" in k or ".up." in k)]
+    assert up and all(w.abs().sum() > 0 for w in up), "LoRA's B matrices start at zero: they moved only with gradients"
+
+
+def test_finetune_refuses_a_base_model_other_than_the_settings_model(dataset, base, tmp_path):
+    config = lora_config(model="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    with pytest.raises(ValueError, match="loaded from .*tiny-sd.*stable-diffusion-v1-5"):
+        train.finetune(dataset, tmp_path / "wrong", config, pipe=base, progress=False)
+    assert models.is_pipeline_of(base, "tiny") and models.is_pipeline_of(base, models.TINY_MODEL_DIR)
 
 
 def test_min_snr_weighting_changes_the_loss(base):
@@ -232,8 +275,11 @@ def test_demo_models_are_reused_only_when_settings_and_data_match(dataset, base,
     assert set(folders) == {"protected", "clean"} and len(calls) == 2
     demo.finetuned(tmp_path, release, config, pipe=base, progress=False)
     assert len(calls) == 2, "same settings, same data: reused"
-    demo.finetuned(tmp_path, release, lora_config(steps=2), pipe=base, progress=False)
+    again = demo.finetuned(tmp_path, release, lora_config(steps=2), pipe=base, progress=False)
     assert len(calls) == 4, "other settings: trained again"
+    assert set(again.values()).isdisjoint(folders.values()), "in new folders: a finished fine-tune is never overwritten"
+    assert all(train.is_current(folders[n], config, dataset) for n in folders)
+    assert train.saved_losses(folders["clean"]) and len(train.saved_losses(again["clean"])) == 2
 
 
 def test_denoising_losses_are_replayable_and_lower_on_training_images(dataset, base, tmp_path):
