@@ -107,7 +107,7 @@ def phash_distances(images: Sequence[Image.Image], hash_size: int = 8) -> np.nda
     return bits @ (1 - bits).T + (1 - bits) @ bits.T
 
 
-def vae_embeddings(images: Sequence[Image.Image], pipe_or_vae, batch_size: int = 64,
+def vae_embeddings(images: Sequence[Image.Image], pipe_or_vae, batch_size: int | None = None,
                    center: np.ndarray | None = None) -> np.ndarray:
     """Unit-norm VAE latent means, flattened: an offline stand-in for a copy-detection embedding (SSCD).
     Cosine similarity is taken around ``center`` (default: these images' own mean, as SSCD centres on its
@@ -117,10 +117,13 @@ def vae_embeddings(images: Sequence[Image.Image], pipe_or_vae, batch_size: int =
     return vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-8)
 
 
-def vae_latents(images: Sequence[Image.Image], pipe_or_vae, batch_size: int = 64) -> np.ndarray:
-    """VAE latent means, flattened, one row per image."""
+def vae_latents(images: Sequence[Image.Image], pipe_or_vae, batch_size: int | None = None) -> np.ndarray:
+    """VAE latent means, flattened, one row per image (batches sized to the images by default)."""
     import torch
 
+    from .models import images_per_batch
+
+    batch_size = batch_size or images_per_batch(images[0].size[0] if len(images) else 32, 64)
     vae = getattr(pipe_or_vae, "vae", pipe_or_vae)
     param = next(vae.parameters())
     out = []

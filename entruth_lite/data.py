@@ -341,8 +341,17 @@ def images_to_tensor(images: Iterable[Image.Image], size: int | None = None, val
     import torch
 
     low, high = value_range
-    array = image_array(images, size, resample) / (255.0 / (high - low)) + low
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+    images = list(images)
+    out = None
+    for i, image in enumerate(images):  # one image at a time: no second full-size copy of a large dataset
+        array = image_array([image], size, resample)[0] / (255.0 / (high - low)) + low
+        if out is None:
+            out = torch.empty((len(images), 3, *array.shape[:2]))
+        elif array.shape[:2] != tuple(out.shape[2:]):
+            raise ValueError(f"image {i} is {array.shape[1]}x{array.shape[0]}, the first {out.shape[3]}x{out.shape[2]}: "
+                             "give a size to resize them to one")
+        out[i] = torch.from_numpy(array).permute(2, 0, 1)
+    return out if out is not None else torch.empty((0, 3, size or 0, size or 0))
 
 
 def tensor_to_images(tensor) -> list[Image.Image]:

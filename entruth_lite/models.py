@@ -156,6 +156,8 @@ def load_pipeline(
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if device.type == "cuda":
+        pipe.vae.enable_slicing()  # decode a batch one image at a time: 512 px batches fit a small GPU
     return pipe.to(device)
 
 
@@ -180,10 +182,18 @@ def default_resolution(pipe) -> int:
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
+def images_per_batch(side: int, at_32px: int) -> int:
+    """A batch size that keeps the pixels per batch of ``at_32px`` images of 32 px at any image side: the tiny
+    model's batches unchanged, one image at a time at 512 px (a T4's memory)."""
+    return max(1, at_32px * 32 * 32 // (int(side) ** 2))
+
+
 @torch.no_grad()
-def vae_reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def vae_reconstruct(vae, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Encode (latent means) and decode images in [-1, 1] on the VAE's device and dtype; returns CPU float.
-    What survives this round trip is the most a latent diffusion model can learn of a template."""
+    What survives this round trip is the most a latent diffusion model can learn of a template. ``batch_size``:
+    by default sized to the images (``images_per_batch``)."""
+    batch_size = batch_size or images_per_batch(images.shape[-1], 64)
     param = next(vae.parameters())
     out = []
     for start in range(0, len(images), batch_size):

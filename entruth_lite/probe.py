@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import to_rgb
-from .models import default_resolution
+from .models import default_resolution, images_per_batch
 
 
 def generate(
@@ -23,11 +23,12 @@ def generate(
     seeds: Sequence[int] | None = None,
     num_inference_steps: int = 25,
     guidance_scale: float = 3.0,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     resolution: int | None = None,
     progress: bool = True,
 ) -> list[Image.Image]:
-    """One image per prompt; image i uses ``seeds[i]`` (default 0, 1, 2, ...) whatever the batching."""
+    """One image per prompt; image i uses ``seeds[i]`` (default 0, 1, 2, ...) whatever the batching.
+    ``batch_size``: by default sized to the resolution (``models.images_per_batch``)."""
     if seeds is None:
         seeds = list(range(len(prompts)))
     if len(seeds) != len(prompts):
@@ -35,6 +36,7 @@ def generate(
     if num_inference_steps <= 0:
         raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}")
     resolution = resolution or default_resolution(pipe)
+    batch_size = batch_size or images_per_batch(resolution, 32)
     device = pipe.device if pipe.device.type != "mps" else torch.device("cpu")
     images: list[Image.Image] = []
     starts = range(0, len(prompts), batch_size)

@@ -567,7 +567,8 @@ def resolve_template(template: Template | str | os.PathLike, size: int | Sequenc
 # ----------------------------------------------------------------------------- display and VAE
 
 
-def vae_round_trip(pipe_or_vae, images: Sequence[Image.Image], size: int | None = None, batch_size: int = 64) -> list[Image.Image]:
+def vae_round_trip(pipe_or_vae, images: Sequence[Image.Image], size: int | None = None,
+                   batch_size: int | None = None) -> list[Image.Image]:
     """Encode and decode images with a pipeline's VAE (latent means): what survives the autoencoder is the
     most a model trained in latent space can learn of a template. Works on any device and dtype."""
     from .data import images_to_tensor, tensor_to_images

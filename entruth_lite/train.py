@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .models import LORA_WEIGHTS_NAME, place
+from .models import LORA_WEIGHTS_NAME, images_per_batch, place
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -29,8 +29,10 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Latent means, scaled by the VAE's ``scaling_factor`` (images in [-1, 1], shape N x 3 x H x W)."""
+def encode_images(vae, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Latent means, scaled by the VAE's ``scaling_factor`` (images in [-1, 1], shape N x 3 x H x W); batches sized
+    to the images by default (``models.images_per_batch``)."""
+    batch_size = batch_size or images_per_batch(images.shape[-1], 64)
     param = next(vae.parameters())
     chunks = []
     for start in range(0, len(images), batch_size):
@@ -231,8 +233,9 @@ def augment_pixels(pixels: torch.Tensor, generator: torch.Generator) -> torch.Te
     return augment((pixels + 1) / 2, generator) * 2 - 1
 
 
-def augmented_latents(vae, pixels: torch.Tensor, views: int, seed: int, batch_size: int = 64) -> torch.Tensor:
+def augmented_latents(vae, pixels: torch.Tensor, views: int, seed: int, batch_size: int | None = None) -> torch.Tensor:
     """(views, N, C, h, w): ``views`` augmented copies of every image, encoded once (seeded, so resumable)."""
+    batch_size = batch_size or images_per_batch(pixels.shape[-1], 64)
     generator = torch.Generator().manual_seed(seed * 104729 + 17)
     return torch.stack([
         torch.cat([encode_images(vae, augment_pixels(pixels[start : start + batch_size], generator))
@@ -420,7 +423,7 @@ def encode_captions(text_encoder, ids: torch.Tensor, batch_size: int = 256) -> t
 
 
 @torch.no_grad()
-def denoising_losses(pipe, images, captions: list[str], repeats: int = 4, seed: int = 0, batch_size: int = 64):
+def denoising_losses(pipe, images, captions: list[str], repeats: int = 4, seed: int = 0, batch_size: int | None = None):
     """Per-image denoising loss of ``pipe`` on (image, caption) pairs, averaged over ``repeats`` draws of noise
     and timestep that are the same for every model (seeded): held-out loss as a cheap quality measure, and the
     membership signal of loss-based inference (lower on images the model was trained on)."""
@@ -433,6 +436,7 @@ def denoising_losses(pipe, images, captions: list[str], repeats: int = 4, seed: 
     if len(images) != len(captions) or not len(images):
         raise ValueError(f"need as many captions as images (got {len(images)} images, {len(captions)} captions)")
     size = default_resolution(pipe)
+    batch_size = batch_size or images_per_batch(size, 64)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     latents = encode_images(pipe.vae, images_to_tensor(images, size=size))
     hidden = encode_captions(pipe.text_encoder, tokenize(pipe.tokenizer, list(captions)))
@@ -451,7 +455,7 @@ def denoising_losses(pipe, images, captions: list[str], repeats: int = 4, seed: 
 class TrainingData:
     """What the loop reads: pixels, token ids, and (encoders frozen) cached latents and text embeddings."""
 
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None  # None once the latents are cached
     ids: torch.Tensor
     empty_ids: torch.Tensor
     latents: torch.Tensor | None = None
@@ -471,6 +475,7 @@ def _prepare_data(dataset, tokenizer, vae, config: TrainConfig, resolution: int,
         batch.flipped = encode_images(vae, batch.pixels.flip(-1)) if config.random_flip else None
         batch.views = augmented_latents(vae, batch.pixels, config.augment_views, config.seed) \
             if config.augment_views else None
+        batch.pixels = None  # the latents are all the loop reads: free a 512 px dataset's pixels (GBs of RAM)
     return batch
 
 
@@ -620,7 +625,7 @@ def finetune(
     optimizer = prepared[-1]
 
     # -- the loop: every random draw of a step comes from (seed, step), so a resumed run replays exactly
-    n, accum = len(batch.pixels), config.gradient_accumulation_steps
+    n, accum = len(batch.ids), config.gradient_accumulation_steps
     process, n_processes = accelerator.process_index, accelerator.num_processes
     for module in trainables.values():
         module.train()

@@ -112,3 +112,46 @@ def test_pick_device(monkeypatch):
         assert device.type == expected
     monkeypatch.setenv("ENTRUTH_DEVICE", "cpu")
     assert e.pick_device().type == "cpu"
+
+
+def test_batch_sizes_follow_the_resolution():
+    """Fixed batches of 64 images run a small GPU out of memory at 512 px; the tiny model's batches stay as they were."""
+    import torch
+
+    from entruth_lite import models, train
+
+    assert [models.images_per_batch(side, 64) for side in (32, 64, 256, 512)] == [64, 16, 1, 1]
+    seen = []
+
+    class CountingVAE(torch.nn.Module):
+        config = type("Config", (), {"scaling_factor": 1.0})()
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, batch):
+            seen.append(len(batch))
+            mean = batch[:, :1, ::8, ::8]
+            return type("Out", (), {"latent_dist": type("Dist", (), {"mean": mean})()})()
+
+    train.encode_images(CountingVAE(), torch.zeros(3, 3, 256, 256))
+    assert seen == [1, 1, 1]
+    seen.clear()
+    train.encode_images(CountingVAE(), torch.zeros(70, 3, 32, 32))
+    assert seen == [64, 6]
+
+
+def test_images_to_tensor_names_mixed_sizes_and_keeps_values():
+    import numpy as np
+    from PIL import Image
+
+    from entruth_lite import data
+
+    images = [Image.new("RGB", (4, 4), (0, 127, 255)), Image.new("RGB", (4, 4), (255, 255, 255))]
+    tensor = data.images_to_tensor(images)
+    assert tensor.shape == (2, 3, 4, 4) and tensor.min() == -1 and tensor.max() == 1
+    assert np.allclose(tensor[0, :, 0, 0].numpy(), [-1, 127 / 127.5 - 1, 1])
+    with pytest.raises(ValueError, match="image 1 is 8x8.*give a size"):
+        data.images_to_tensor([images[0], Image.new("RGB", (8, 8))])
+    assert data.images_to_tensor([images[0], Image.new("RGB", (8, 8))], size=4).shape == (2, 3, 4, 4)

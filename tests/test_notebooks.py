@@ -22,6 +22,34 @@ def test_first_code_cell_is_tagged_parameters_and_installs_on_colab(path):
     assert "parameters" in first.get("metadata", {}).get("tags", [])
     source = "".join(first["source"])
     assert "google.colab" in source and "smoke_mode()" in source
+    assert "REPO_URL" in source and "!git" not in source and "%pip" not in source, "shell magics do not raise"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS[:1], ids=lambda p: p.stem)
+def test_the_colab_install_stops_with_a_clear_error(path, monkeypatch, tmp_path):
+    """In Colab a failed clone or install must stop the notebook there, not at an unrelated later line."""
+    import subprocess
+    import sys
+    import types
+
+    first = next(c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+    lines = first["source"]
+    start = next(i for i, line in enumerate(lines) if line.startswith("import os"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("from entruth_lite"))
+    colab_block = "".join(lines[start:end])  # the cell up to the package's first import
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    with pytest.raises(ValueError, match="set REPO_URL"):
+        exec(colab_block, {})
+    calls = []
+
+    def failing_run(cmd, check=False):
+        calls.append(cmd)
+        raise subprocess.CalledProcessError(128, cmd)
+
+    monkeypatch.setattr(subprocess, "run", failing_run)
+    with pytest.raises(subprocess.CalledProcessError):
+        exec(colab_block.replace('github.com/<owner>/', "github.com/someone/", 1), {})
+    assert calls and calls[0][:2] == ["git", "clone"] and "https://github.com/someone/entruth-lite" in calls[0]
 
 
 def test_strip_outputs_removes_outputs(tmp_path):
