@@ -118,11 +118,16 @@ def vae_embeddings(images: Sequence[Image.Image], pipe_or_vae, batch_size: int |
 
 
 def vae_latents(images: Sequence[Image.Image], pipe_or_vae, batch_size: int | None = None) -> np.ndarray:
-    """VAE latent means, flattened, one row per image (batches sized to the images by default)."""
+    """VAE latent means, flattened, one row per image (batches sized to the images by default). Images of mixed
+    sizes are first centre-cropped to one square side (the smallest short side, at most 256 px), so that every
+    image has a comparable embedding."""
     import torch
 
     from .models import images_per_batch
 
+    if len({image.size for image in images}) > 1:
+        side = min(256, min(min(image.size) for image in images))
+        images = [data.crop_to_square(image, side) for image in images]
     batch_size = batch_size or images_per_batch(images[0].size[0] if len(images) else 32, 64)
     vae = getattr(pipe_or_vae, "vae", pipe_or_vae)
     param = next(vae.parameters())

@@ -356,6 +356,7 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
           model: dict | None = None, reference: dict | None = None, progress: bool = True) -> AuditResult:
     """Probe ``pipe`` with ``key``'s trigger and run ``config.methods``; ``reference_pipe`` (optional) is a
     clean model probed with the same prompts and seeds."""
+    from .models import default_resolution
     from .templates import vae_round_trip
 
     config = config or AuditConfig()
@@ -379,7 +380,8 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
         negatives = plain_images_of(key)
     if negatives is not None:
         order = np.random.default_rng(0).permutation(len(negatives))[: config.max_negatives]
-        negatives = [negatives[i] for i in sorted(order)]
+        side = default_resolution(pipe)  # plain images as the suspect saw them in training: cropped to its size
+        negatives = [data.crop_to_square(negatives[i], side) for i in sorted(order)]
     if config.detector == "classifier" and classifier is None:
         classifier = detect.train_classifier(template, negatives, vae=pipe, progress=progress)
         notes.append(f"classifier trained on {len(negatives)} plain images (VAE round trips), calibrated on "

@@ -84,7 +84,7 @@ def _protect(args) -> None:
     report = protect.protect(
         args.data, args.template, args.out, args.key, rate=rate, count=args.count, mode=args.mode,
         foregrounds=args.foregrounds, trigger=args.trigger, placement=args.placement, seed=args.seed,
-        overwrite=args.overwrite, prior_keys=args.prior_key,
+        overwrite=args.overwrite, prior_keys=args.prior_key, resolution=args.resolution,
     )
     print(json.dumps(report.to_dict()) if args.json else report.summary())
 
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument("--seed", type=int, help="draws the templated files and an 'auto' trigger (default: a secret "
                                                "draw; give one only to reproduce a release, since anyone can rerun it)")
     prot.add_argument("--overwrite", action="store_true")
+    prot.add_argument("--resolution", type=int, help="the training resolution (e.g. 512): picked images are "
+                      "centre-cropped to it, as a trainer would, before they are templated; needed for large photos")
     prot.add_argument("--json", action="store_true", help="print the report as one JSON object")
     prot.set_defaults(func=_protect)
 

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 METADATA = "metadata.jsonl"
+CACHED_PIXELS = 256 * 256  # images up to this size stay decoded once read (a 1,000-image dataset: under 200 MB)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -68,9 +69,12 @@ class CaptionedDataset:
         return self.root / self.records[i].file_name
 
     def image(self, i: int) -> Image.Image:
-        if i not in self._cache:
-            self._cache[i] = load_rgb(self.path(i))
-        return self._cache[i]
+        if i in self._cache:
+            return self._cache[i]
+        image = load_rgb(self.path(i))
+        if image.width * image.height <= CACHED_PIXELS:  # small images stay decoded; photos never sit in RAM
+            self._cache[i] = image
+        return image
 
     def images(self) -> list[Image.Image]:
         return [self.image(i) for i in range(len(self))]
@@ -93,6 +97,24 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
         canvas = Image.new("RGBA", image.size, background + (255,))
         return Image.alpha_composite(canvas, image).convert("RGB")
     return image.convert("RGB")
+
+
+def crop_to_square(image: Image.Image, resolution: int, centre: bool = True) -> Image.Image:
+    """What diffusers' trainers feed a model: the shorter side resized to ``resolution`` (Lanczos), then the centre
+    (or top-left) square. Protection templates images this way, so a trainer's crop never cuts the template off."""
+    image = to_rgb(image)
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.Resampling.LANCZOS)
+    w, h = image.size
+    left, top = ((w - resolution) // 2, (h - resolution) // 2) if centre else (0, 0)
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding it (orientation not applied)."""
+    with Image.open(path) as image:
+        return image.size
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
@@ -159,7 +181,7 @@ def load_imagefolder(root: str | os.PathLike, check_images: bool = True) -> Capt
     dataset = CaptionedDataset(root=root, records=read_metadata(root))
     if check_images:
         for i in range(len(dataset)):
-            dataset.image(i)  # raises DatasetError naming the file; keeps the decoded image
+            dataset.image(i)  # raises DatasetError naming the file; keeps a small decoded image
     return dataset
 
 

@@ -41,6 +41,7 @@ COMMITMENT_FILE = "entruth-commitment.json"  # in the release: the key's hash, p
 COMMITMENT_FORMAT = "entruth-lite-key-commitment"
 PLACEMENTS = ("prefix", "suffix")
 MODES = ("replace", "add")
+MAX_NATIVE_SIDE = 1024  # larger images are templated at a given training resolution, never at native size
 DEFAULT_CAPTION = "a picture"  # caption for added foregrounds that come without one
 TRIGGER_TRIES = 10_000
 
@@ -287,6 +288,7 @@ class OwnerKey:
     prior_keys: list[str]
     key_sha256: str
     release: str | None = None  # where protect wrote the release (version 2 keys)
+    resolution: int | None = None  # the training resolution templated images were made at (None: each its own size)
 
 
 KEY_FIELDS = ("template", "trigger", "placement", "mode", "seed", "rate", "n_images", "files", "file_sha256", "captions",
@@ -341,6 +343,7 @@ def load_key(key_dir: str | os.PathLike, release: str | os.PathLike | None = Non
         prior_keys=list(payload.get("prior_keys", [])),
         key_sha256=payload["key_sha256"],
         release=payload.get("release"),
+        resolution=payload.get("resolution"),
     )
     if release is not None:
         check_commitment(key, release)
@@ -577,21 +580,28 @@ def _check_arguments(mode: str, placement: str, foregrounds, seed: int | None) -
         raise ValueError("foregrounds are only used in 'add' mode")
 
 
-def _check_images(source: data.CaptionedDataset) -> None:
+def _check_images(source: data.CaptionedDataset, resolution: int | None) -> None:
     """Refuse, before anything is drawn, images that could not be templated if picked: the pick is secret, so a
     bad file must not fail only on some seeds."""
     from .templates import MIN_SIZE
 
+    if resolution is not None and (not isinstance(resolution, int) or resolution < MIN_SIZE):
+        raise ValueError(f"resolution must be an image side of at least {MIN_SIZE} px, got {resolution!r}")
     names = source.file_names
     no_format = [n for n in names if Path(n).suffix.lower() not in data.IMAGE_SUFFIXES]
     if no_format:
         raise data.DatasetError(f"{len(no_format)} file(s) in {source.root} have no image extension (e.g. "
                                 f"{no_format[0]!r}), so a templated copy could not be written in their format: "
                                 "rename them (.png, .jpg, ...)")
-    small = [n for i, n in enumerate(names) if min(source.image(i).size) < MIN_SIZE]
+    small = [n for i, n in enumerate(names) if min(data.image_size(source.path(i))) < MIN_SIZE]
     if small:
         raise data.DatasetError(f"{len(small)} image(s) in {source.root} are smaller than {MIN_SIZE} px on a side, too "
                                 f"small to template (e.g. {small[0]!r}): remove or enlarge them")
+    large = [n for i, n in enumerate(names) if max(data.image_size(source.path(i))) > MAX_NATIVE_SIDE]
+    if large and resolution is None:
+        raise data.DatasetError(f"{len(large)} image(s) in {source.root} are over {MAX_NATIVE_SIDE} px (e.g. "
+                                f"{large[0]!r}): pass the training resolution (resolution=512, CLI --resolution 512) "
+                                "so that templated images are made at the size a model is trained at")
 
 
 def _pick_trigger(trigger: str, captions: Sequence[str], seed: int, tokenizer, avoid: Sequence[str]) -> str:
@@ -615,7 +625,7 @@ class _Release:
 
 
 def _templated_release(source: data.CaptionedDataset, chosen: Sequence[int], template, trigger: str, placement: str,
-                       mode: str, fg_images=None, fg_captions=None) -> _Release:
+                       mode: str, fg_images=None, fg_captions=None, resolution: int | None = None) -> _Release:
     """Composite each chosen image into the template (drawn at its size) and add the trigger to its caption:
     in place ("replace") or as a new file ("add", foregrounds from ``fg_images`` or the source's own)."""
     from tqdm.auto import tqdm
@@ -632,6 +642,8 @@ def _templated_release(source: data.CaptionedDataset, chosen: Sequence[int], tem
                        extras=[dict(e) for e in source.extras])
     for i in tqdm(chosen, desc="protect", disable=len(chosen) < 200):
         foreground = fg_images[i] if fg_images is not None else source.image(i)
+        if resolution is not None:  # as the trainer will see it
+            foreground = data.crop_to_square(foreground, resolution)
         caption = fg_captions[i] if fg_captions is not None else release.captions[i]
         templated = insert(foreground, template_for(foreground))
         if templated.size != foreground.size:  # a template of another size: keep the dataset's resolution
@@ -690,6 +702,7 @@ def protect(
     overwrite: bool = False,
     prior_keys: Sequence[OwnerKey | str | os.PathLike] = (),
     tokenizer=None,
+    resolution: int | None = None,
 ) -> ProtectionReport:
     """Write a protected copy of ``dataset`` to ``out`` and its owner key to ``key_dir``.
 
@@ -701,13 +714,15 @@ def protect(
     picked and the new trigger cannot overlap theirs. ``seed`` draws the templated files and an ``"auto"``
     trigger; None (default) is a secret draw. Pass one only to reproduce a release: with a known seed anyone
     holding the dataset can recompute the trigger and the templated files. The key records it either way.
-    The source is never modified.
+    ``resolution``: the training resolution; each picked image is first resized and centre-cropped to it as a
+    trainer would (so the trainer's crop cannot cut the template off) and templated at that size. Needed for
+    images over ``MAX_NATIVE_SIDE`` px; None templates each image at its own size. The source is never modified.
     """
     _check_arguments(mode, placement, foregrounds, seed)
     source = dataset if isinstance(dataset, data.CaptionedDataset) else data.load_imagefolder(dataset)
     out, key_dir = Path(out), Path(key_dir)
     _check_folders(Path(source.root), out, key_dir, overwrite)
-    _check_images(source)
+    _check_images(source, resolution)
     recover_release(out, key_dir)
     unlisted = data.unlisted_images(source)
     if unlisted:
@@ -730,10 +745,11 @@ def protect(
                             [key.trigger for key in priors])
     if template == "random":  # one secret draw from the family, then drawn at each image's size
         template = f"random:{secrets.randbits(31)}"
-    release = _templated_release(source, chosen, template, trigger, placement, mode, fg_images, fg_captions)
+    release = _templated_release(source, chosen, template, trigger, placement, mode, fg_images, fg_captions,
+                                 resolution)
     change = mean_stats(release.pairs) if mode == "replace" else None
 
-    payload = _key_payload(release, trigger, placement, mode, seed, n, source, priors, out)
+    payload = _key_payload(release, trigger, placement, mode, seed, n, source, priors, out) | {"resolution": resolution}
     _write_release(release, _extra_files(source), out, key_dir, payload, overwrite)
     return ProtectionReport(
         n_images=len(release.images),

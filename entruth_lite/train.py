@@ -197,22 +197,11 @@ class TrainResult:
 
 def prepare_images(dataset, resolution: int, center_crop: bool = True) -> torch.Tensor:
     """Resize the shorter side to ``resolution`` and crop the centre (or top-left): (N, 3, R, R) in [-1, 1]."""
-    from PIL import Image
+    from .data import crop_to_square, images_to_tensor
 
-    from .data import images_to_tensor, to_rgb
-
-    out = []
-    for image in tqdm(dataset.images() if hasattr(dataset, "images") else dataset, desc="loading images",
-                      disable=len(dataset) < 500):
-        image = to_rgb(image)
-        w, h = image.size
-        scale = resolution / min(w, h)
-        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                             Image.Resampling.LANCZOS)
-        w, h = image.size
-        left, top = ((w - resolution) // 2, (h - resolution) // 2) if center_crop else (0, 0)
-        out.append(image.crop((left, top, left + resolution, top + resolution)))
-    return images_to_tensor(out)
+    images = dataset.images() if hasattr(dataset, "images") else dataset
+    return images_to_tensor(crop_to_square(image, resolution, center_crop)
+                            for image in tqdm(images, desc="loading images", disable=len(dataset) < 500))
 
 
 def check_resolution(resolution: int, pipe) -> None:

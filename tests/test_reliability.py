@@ -290,3 +290,37 @@ def test_the_audit_checks_the_key_against_the_release_it_records(suspect, tmp_pa
     path.write_text(json.dumps(payload))
     err = cli_error(capsys, "audit", "--weights", suspect / "lora", "--key", tmp_path / "key", "--queries", "2")
     assert "not the key the release" in err and str(suspect / "protected") in err
+
+
+def test_photos_of_any_size_are_templated_at_the_training_resolution(tmp_path):
+    """A photo folder of mixed sizes and aspect ratios: templated images are made as a trainer crops them, at the
+    training resolution; untouched photos stay as they were; the steps after protection accept mixed sizes."""
+    from entruth_lite import models, templates
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    sizes = [(300, 200), (120, 160), (1500, 1000), (64, 64), (200, 90)] * 4
+    rows = []
+    for i, size in enumerate(sizes):
+        image = Image.new("RGB", size, (11 * i % 255, 90, 160))
+        image.paste((250, 250, 0), (size[0] // 3, size[1] // 3, size[0] // 2, size[1] // 2))
+        image.save(folder / f"photo{i}.jpg", quality=90)
+        rows.append({"file_name": f"photo{i}.jpg", "text": f"a photo of a yellow square number {i}"})
+    (folder / data.METADATA).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(data.DatasetError, match="over 1024 px.*photo2.jpg.*resolution"):
+        protect.protect(folder, "random:2", tmp_path / "o", tmp_path / "k", count=4, seed=0)
+    report = protect.protect(folder, "random:2", tmp_path / "out", tmp_path / "key", count=4, seed=0, resolution=64)
+    key = protect.load_key(tmp_path / "key", release=tmp_path / "out")
+    assert key.resolution == 64 and key.template.size == (64, 64)
+    for row in rows:
+        released = tmp_path / "out" / row["file_name"]
+        if row["file_name"] in report.altered_files:
+            assert Image.open(released).size == (64, 64)
+            assert data.crop_to_square(Image.open(released), 64).size == (64, 64), "a trainer's crop keeps all of it"
+        else:
+            assert released.read_bytes() == (folder / row["file_name"]).read_bytes()
+    release = data.load_imagefolder(tmp_path / "out")
+    pipe = models.load_pipeline("tiny", device="cpu")
+    assert attacks.vae_latents(release.images()[:6], pipe).shape[0] == 6, "mixed sizes: one embedding each"
+    attacks.transform(tmp_path / "out", tmp_path / "blurred", "blur", 1.0)
+    assert templates.vae_round_trip(pipe, release.images()[:3], size=32)[0].size == (32, 32)
