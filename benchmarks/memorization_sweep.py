@@ -66,7 +66,7 @@ def main() -> None:
                 rows.append(dict(setting=setting, rate=rate, seed=seed, n_altered=meta["n_altered"],
                                  train_seconds=meta["train_seconds"], decoy_p=decoy.p_value,
                                  binomial_p=binomial.p_value, binomial_flagged=binomial.detections))
-    write_table(rows, root / "memorization.csv")
+    write_table(rows, root / "memorization.csv", dict(rate="g", train_seconds=".0f", decoy_p=".1e", binomial_p=".1e"))
 
 
 if __name__ == "__main__":
