@@ -15,6 +15,14 @@ def _data_emoji(args) -> None:
     print(f"wrote {n} captioned emoji ({args.split} split, {args.size}x{args.size}) to {out}")
 
 
+def _data_import(args) -> None:
+    from . import data
+
+    out = data.import_captioned(args.source, args.out, args.image_column, args.caption_column, args.resolution,
+                                args.limit, args.split, args.overwrite)
+    print(f"wrote {len(data.read_metadata(out))} captioned images from {args.source} to {out}")
+
+
 def _zoo_build_tiny(args) -> None:
     from . import zoo
 
@@ -181,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     emoji.add_argument("--split", default="owner", choices=["owner", "pretrain", "probe"])
     emoji.add_argument("--size", type=int, default=32)
     emoji.add_argument("--overwrite", action="store_true")
+    imp = data_commands.add_parser("import", help="a captioned dataset (hub id or local datasets folder; needs the "
+                                   "datasets package) as an imagefolder")
+    imp.add_argument("source")
+    imp.add_argument("out", help="new folder to write (must not exist)")
+    imp.add_argument("--image-column", default="image")
+    imp.add_argument("--caption-column", default="text")
+    imp.add_argument("--resolution", type=int, help="resize and centre-crop every image to this side")
+    imp.add_argument("--limit", type=int, help="import at most this many rows")
+    imp.add_argument("--split", default="train")
+    imp.add_argument("--overwrite", action="store_true")
+    imp.set_defaults(func=_data_import)
     emoji.set_defaults(func=_data_emoji)
 
     zoo_parser = commands.add_parser("zoo", help="the shipped tiny model")
@@ -299,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, ImportError) as error:
         print(f"entruth-lite: error: {error}", file=sys.stderr)
         return 2
     return 0

