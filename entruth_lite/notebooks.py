@@ -90,12 +90,28 @@ class NotebookRun:
     output: Path
 
 
-def run_notebook(path: Path, out_dir: Path, smoke: bool, timeout: int = 3600) -> NotebookRun:
-    """Execute one notebook in its own folder and write the executed copy to ``out_dir``."""
+def inject_parameters(notebook, parameters: dict) -> None:
+    """Add a cell setting ``parameters`` right after the cell tagged ``parameters`` (as papermill does), so a
+    runner can change a notebook's settings without editing it."""
+    import nbformat
+
+    tagged = [i for i, cell in enumerate(notebook.cells) if "parameters" in cell.get("metadata", {}).get("tags", [])]
+    if not tagged:
+        raise ValueError("the notebook has no cell tagged 'parameters' to override")
+    source = "# injected parameters\n" + "".join(f"{name} = {value!r}\n" for name, value in parameters.items())
+    notebook.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+
+
+def run_notebook(path: Path, out_dir: Path, smoke: bool, timeout: int = 3600,
+                 parameters: dict | None = None) -> NotebookRun:
+    """Execute one notebook in its own folder and write the executed copy to ``out_dir``; ``parameters``
+    override the values of its parameters cell."""
     import nbformat
     from nbclient import NotebookClient
 
     notebook = nbformat.read(path, as_version=4)
+    if parameters:
+        inject_parameters(notebook, parameters)
     # the kernel inherits this environment: smoke switch, offline hub, and inline figures (a headless
     # MPLBACKEND=Agg would keep figures out of the executed notebook)
     settings = {SMOKE_ENV: "1" if smoke else "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),

@@ -182,6 +182,18 @@ def preset(name: str, **overrides) -> TrainConfig:
     return TrainConfig(**{**PRESETS[name], **overrides})
 
 
+def notebook_preset(name: str, model: str | None = None, steps: int | None = None, seed: int = 0) -> TrainConfig:
+    """The preset as the notebooks run it on this machine: ``model`` replaces the preset's base model (a local
+    Stable Diffusion folder; it then trains at its own native resolution), ``steps`` the preset's number of
+    steps, and without a CUDA GPU mixed precision is off (the CPU refuses it)."""
+    overrides: dict = {"seed": seed} | ({"steps": steps} if steps else {})
+    if model is not None:
+        overrides |= {"model": str(model), "resolution": None}
+    if not torch.cuda.is_available():
+        overrides["mixed_precision"] = "no"
+    return preset(name, **overrides)
+
+
 @dataclass
 class TrainResult:
     out: Path

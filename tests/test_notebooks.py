@@ -132,3 +132,27 @@ def test_quiet_libraries_silences_loading_chatter_in_one_place(capfd):
     capfd.readouterr()
     models.load_pipeline("tiny", device="cpu")
     assert "Loading pipeline components" not in capfd.readouterr().err
+
+
+def test_a_runner_overrides_the_parameters_cell():
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("x"),
+                                         nbformat.v4.new_code_cell("PRESET = 'tiny-cpu'", metadata={"tags": ["parameters"]}),
+                                         nbformat.v4.new_code_cell("print(PRESET)")])
+    notebooks.inject_parameters(nb, {"PRESET": "colab-t4", "MODEL": "/models/sd"})
+    assert nb.cells[2].source == "# injected parameters\nPRESET = 'colab-t4'\nMODEL = '/models/sd'\n"
+    with pytest.raises(ValueError, match="no cell tagged 'parameters'"):
+        notebooks.inject_parameters(nbformat.v4.new_notebook(), {"A": 1})
+
+
+def test_notebook_preset_runs_the_gpu_presets_code_on_this_machine(tmp_path):
+    from entruth_lite import train
+
+    tiny = train.notebook_preset("tiny-cpu", steps=20, seed=3)
+    assert tiny.fingerprint() == train.preset("tiny-cpu", steps=20, seed=3).fingerprint(), "the tiny demo unchanged"
+    sd = train.notebook_preset("colab-t4", model=tmp_path, seed=0)
+    assert sd.model == str(tmp_path) and sd.resolution is None and sd.steps == train.PRESETS["colab-t4"]["steps"]
+    import torch
+
+    assert sd.mixed_precision == ("fp16" if torch.cuda.is_available() else "no")
