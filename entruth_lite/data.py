@@ -134,6 +134,18 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 # ----------------------------------------------------------------------------- imagefolder IO
 
 
+def read_json(path: Path, what: str, error: type[Exception] = ValueError):
+    """A JSON file's content, with errors that name the file: missing (``FileNotFoundError``) or not JSON
+    (``error``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as failure:
+        raise error(f"{path} is not valid JSON ({failure.msg}, line {failure.lineno})") from failure
+
+
 def read_metadata(root: str | os.PathLike) -> list[Record]:
     """Parse and check ``metadata.jsonl`` (one JSON object a line, ``file_name`` and ``text``)."""
     root = Path(root)

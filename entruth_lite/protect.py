@@ -305,12 +305,7 @@ def load_key(key_dir: str | os.PathLike, release: str | os.PathLike | None = Non
     commitment the release carries, published with the data before any dispute."""
     key_dir = Path(key_dir)
     key_path = key_dir / KEY_FILE
-    if not key_path.is_file():
-        raise FileNotFoundError(f"no owner key at {key_path}")
-    try:
-        payload = json.loads(key_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise KeyTamperedError(f"{key_path} is not valid JSON ({error.msg})") from error
+    payload = data.read_json(key_path, "owner key", KeyTamperedError)
     if not isinstance(payload, dict) or payload.get("format") != KEY_FORMAT:
         raise ValueError(f"{key_path} is not an entruth-lite owner key")
     if payload.get("version") not in READABLE_KEY_VERSIONS:

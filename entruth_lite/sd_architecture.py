@@ -1,4 +1,5 @@
-"""Stable Diffusion 1.5's architecture with random weights, built from configs written here (nothing downloads).
+"""Stable Diffusion 1.5's architecture with random weights, built from its configs kept in the repository
+(``data/models/sd15-configs``; nothing downloads).
 
 Why: the GPU path (``load_pipeline`` of SD 1.5, the ``colab-t4`` / ``a100`` presets, LoRA on the UNet and text
 encoder) can then be tested on a CPU. ``build_sd15(out, "full")`` is SD 1.5 module for module and parameter for
@@ -20,6 +21,7 @@ does not matter for weights that are random anyway.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -28,83 +30,17 @@ import torch
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WIDTHS = ("full", "narrow")
 
-SD15_UNET = dict(  # unet/config.json
-    act_fn="silu",
-    attention_head_dim=8,
-    block_out_channels=(320, 640, 1280, 1280),
-    center_input_sample=False,
-    cross_attention_dim=768,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    downsample_padding=1,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    in_channels=4,
-    layers_per_block=2,
-    mid_block_scale_factor=1,
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    norm_eps=1e-05,
-    norm_num_groups=32,
-    only_cross_attention=False,
-    out_channels=4,
-    sample_size=64,
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    use_linear_projection=False,
-)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "models" / "sd15-configs"
 
-SD15_VAE = dict(  # vae/config.json
-    act_fn="silu",
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    in_channels=3,
-    latent_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    out_channels=3,
-    sample_size=512,
-    scaling_factor=0.18215,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-)
 
-SD15_TEXT_ENCODER = dict(  # text_encoder/config.json: CLIP ViT-L/14's text tower
-    attention_dropout=0.0,
-    bos_token_id=0,
-    dropout=0.0,
-    eos_token_id=2,
-    hidden_act="quick_gelu",
-    hidden_size=768,
-    initializer_factor=1.0,
-    initializer_range=0.02,
-    intermediate_size=3072,
-    layer_norm_eps=1e-05,
-    max_position_embeddings=77,
-    num_attention_heads=12,
-    num_hidden_layers=12,
-    pad_token_id=1,
-    projection_dim=768,
-    vocab_size=49408,
-)
+def _config(name: str) -> dict:
+    """One of SD 1.5's component configs, as its ``<name>/config.json`` (tokenizer: tokenizer_config.json,
+    scheduler: scheduler_config.json) gives it, kept in ``data/models/sd15-configs``."""
+    return json.loads((CONFIG_DIR / f"{name}.json").read_text(encoding="utf-8"))
 
-SD15_TOKENIZER = dict(  # tokenizer/tokenizer_config.json (vocab_size: len(vocab.json))
-    model_max_length=77,
-    bos_token=BOS,
-    eos_token=EOS,
-    pad_token=EOS,
-    unk_token=EOS,
-    vocab_size=49408,
-)
 
-SD15_SCHEDULER = dict(  # scheduler/scheduler_config.json (PNDMScheduler; load_pipeline swaps in DDIM)
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    clip_sample=False,
-    num_train_timesteps=1000,
-    prediction_type="epsilon",
-    set_alpha_to_one=False,
-    skip_prk_steps=True,
-    steps_offset=1,
-    trained_betas=None,
-)
+SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER, SD15_TOKENIZER, SD15_SCHEDULER = (
+    _config(name) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
 
 # "narrow": what changes from SD 1.5, widths only. Channels keep SD's 1:2:4:4 steps, so the same blocks change
 # width and get a ``conv_shortcut`` (same parameter names); four VAE blocks keep vae_scale_factor = 2 ** 3 = 8.

@@ -508,16 +508,11 @@ def save_template(template: Template, folder: str | os.PathLike, stem: str = "te
 
 def load_template(folder: str | os.PathLike, stem: str = "template") -> Template:
     """Read a template written by ``save_template``; refuses a scene whose size or hash does not match."""
-    from .data import load_rgb
+    from .data import load_rgb, read_json
 
     folder = Path(folder)
     meta_path = folder / f"{stem}.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"no template description at {meta_path}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{meta_path} is not valid JSON ({error.msg}, line {error.lineno})") from error
+    meta = read_json(meta_path, "template description")
     missing = [f for f in ("name", "size", "corners") if not isinstance(meta, dict) or f not in meta]
     if missing:
         raise ValueError(f"{meta_path} lacks the field(s) {', '.join(missing)} (see save_template)")
