@@ -1,7 +1,7 @@
 """One way to get a text-to-image pipeline: real Stable Diffusion on a GPU, or the shipped tiny one on CPU.
 
 ``load_pipeline("tiny")`` assembles a diffusers ``StableDiffusionPipeline`` from the components stored in
-``data/models/tiny-sd`` (the same classes as Stable Diffusion: CLIPTokenizer, CLIPTextModel,
+``entruth_lite/assets/tiny-sd`` (the same classes as Stable Diffusion: CLIPTokenizer, CLIPTextModel,
 AutoencoderKL, UNet2DConditionModel, DDIMScheduler), so every notebook has a single code path.
 Weights are read with safetensors only.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY_MODEL_DIR = REPO_ROOT / "data" / "models" / "tiny-sd"
+ASSETS = Path(__file__).resolve().parent / "assets"  # package data: reachable after a plain pip install
+TINY_MODEL_DIR = ASSETS / "tiny-sd"
 TINY_ALIASES = {"tiny", "tiny-sd"}
 TINY_RESOLUTION = 32
 TINY_MAX_TOKENS = 32

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from . import data, detect
-from .models import REPO_ROOT
+from .models import ASSETS
 
 BILINEAR = Image.Resampling.BILINEAR  # the feature network resizes as it was trained
-FEATURES_DIR = REPO_ROOT / "data" / "models" / "emoji-features"
+FEATURES_DIR = ASSETS / "emoji-features"
 
 
 def emoji_categories(paths: Sequence[Path]) -> list[str]:

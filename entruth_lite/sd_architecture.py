@@ -1,5 +1,5 @@
 """Stable Diffusion 1.5's architecture with random weights, built from its configs kept in the repository
-(``data/models/sd15-configs``; nothing downloads).
+(``entruth_lite/assets/sd15-configs``; nothing downloads).
 
 Why: the GPU path (``load_pipeline`` of SD 1.5, the ``colab-t4`` / ``a100`` presets, LoRA on the UNet and text
 encoder) can then be tested on a CPU. ``build_sd15(out, "full")`` is SD 1.5 module for module and parameter for
@@ -30,12 +30,12 @@ import torch
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WIDTHS = ("full", "narrow")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "models" / "sd15-configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "assets" / "sd15-configs"
 
 
 def _config(name: str) -> dict:
     """One of SD 1.5's component configs, as its ``<name>/config.json`` (tokenizer: tokenizer_config.json,
-    scheduler: scheduler_config.json) gives it, kept in ``data/models/sd15-configs``."""
+    scheduler: scheduler_config.json) gives it, kept in ``entruth_lite/assets/sd15-configs``."""
     return json.loads((CONFIG_DIR / f"{name}.json").read_text(encoding="utf-8"))
 
 

@@ -155,3 +155,19 @@ def test_images_to_tensor_names_mixed_sizes_and_keeps_values():
     with pytest.raises(ValueError, match="image 1 is 8x8.*give a size"):
         data.images_to_tensor([images[0], Image.new("RGB", (8, 8))])
     assert data.images_to_tensor([images[0], Image.new("RGB", (8, 8))], size=4).shape == (2, 3, 4, 4)
+
+
+def test_a_plain_pip_install_ships_the_tiny_model(tmp_path):
+    """Colab users may `pip install` the repository without cloning it: the wheel must carry the assets."""
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = models.REPO_ROOT
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(repo)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("entruth_lite-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"entruth_lite/{p.relative_to(repo / 'entruth_lite').as_posix()}"
+               for p in models.ASSETS.rglob("*") if p.is_file()}
+    assert shipped and shipped <= names, sorted(shipped - names)[:5]
