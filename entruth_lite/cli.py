@@ -134,6 +134,8 @@ def _audit(args) -> None:
     else:
         for verdict in result.verdicts:
             print(verdict.summary())
+        if result.headline is None:
+            print("no verdict: no exact test could run; the numbers above are supporting evidence only")
         if args.report:
             print(f"report: {args.report}")
 
