@@ -48,3 +48,17 @@ def small_dataset(tmp_path):
     images = [Image.new("RGB", (32, 32), (20 * i, 255 - 20 * i, 100)) for i in range(12)]
     captions = [f"an emoji of a colour number {i}" for i in range(12)]
     return data.save_imagefolder(images, captions, tmp_path / "small")
+
+
+def protected_suspect(root: Path, methods=("full",)) -> Path:
+    """A protected emoji release (40 images, 4 templated with ``random:3``) and its key under ``root``, and a
+    two-step fine-tune on it per method in ``root/<method>``: a suspect for audit and CLI tests."""
+    from entruth_lite import data, protect, train
+
+    images, captions, names = data.emoji_dataset("owner", limit=40)
+    owner = data.save_imagefolder(images, captions, root / "owner", file_names=names)
+    protect.protect(owner, "random:3", root / "protected", root / "key", count=4, seed=0)
+    for method in methods:
+        train.finetune(root / "protected", root / method, train.preset("tiny-cpu", steps=2, method=method),
+                       progress=False)
+    return root

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from entruth_lite import audit, cli, data, protect, report, templates, train
+from conftest import protected_suspect
+from entruth_lite import audit, cli, data, report, templates
 from entruth_lite.probe import ProbeResult
 
 TEMPLATE = templates.random_template(0)
@@ -126,17 +127,12 @@ def test_report_is_self_contained_and_lets_anyone_regenerate(plain, tmp_path):
 
 @pytest.fixture(scope="module")
 def suspect(tmp_path_factory):
-    """A tiny protected dataset, its key, and a model fine-tuned on it for two steps."""
-    root = tmp_path_factory.mktemp("suspect")
-    images, captions, names = data.emoji_dataset("owner", limit=40)
-    owner = data.save_imagefolder(images, captions, root / "owner", file_names=names)
-    protect.protect(owner, "random:3", root / "protected", root / "key", count=4, seed=0)
-    train.finetune(root / "protected", root / "model", train.preset("tiny-cpu", steps=2), progress=False)
-    return root
+    """A tiny protected dataset, its key, and a full fine-tune on it for two steps (``full``)."""
+    return protected_suspect(tmp_path_factory.mktemp("suspect"))
 
 
 def test_cli_audit_prints_json_and_writes_the_report(suspect, capsys):
-    code = cli.main(["audit", "--weights", str(suspect / "model"), "--key", str(suspect / "key"), "--queries", "6",
+    code = cli.main(["audit", "--weights", str(suspect / "full"), "--key", str(suspect / "key"), "--queries", "6",
                      "--decoys", "199", "--json", "--report", str(suspect / "report.html")])
     assert code == 0
     payload = json.loads(capsys.readouterr().out)
@@ -154,7 +150,7 @@ def test_cli_audit_refuses_pickled_weights(suspect, tmp_path, capsys):
     import shutil
 
     bad = tmp_path / "bad"
-    shutil.copytree(suspect / "model", bad)
+    shutil.copytree(suspect / "full", bad)
     (bad / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not really a pickle")
     assert cli.main(["audit", "--weights", str(bad), "--key", str(suspect / "key"), "--queries", "2"]) == 2
     assert "pickle" in capsys.readouterr().err

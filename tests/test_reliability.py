@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import hash_tree
+from conftest import hash_tree, protected_suspect
 from entruth_lite import attacks, data, protect
 
 KILLER = textwrap.dedent("""
@@ -152,15 +152,7 @@ def test_a_hand_edited_key_with_its_hash_recomputed_is_caught_by_the_release_com
 @pytest.fixture(scope="module")
 def suspect(tmp_path_factory):
     """A protected emoji release, its key, and a LoRA and a full fine-tune of two steps on it."""
-    from entruth_lite import train
-
-    root = tmp_path_factory.mktemp("suspect")
-    images, captions, names = data.emoji_dataset("owner", limit=40)
-    owner = data.save_imagefolder(images, captions, root / "owner", file_names=names)
-    protect.protect(owner, "random:3", root / "protected", root / "key", count=4, seed=0)
-    train.finetune(root / "protected", root / "lora", train.preset("tiny-cpu", steps=2, method="lora"), progress=False)
-    train.finetune(root / "protected", root / "full", train.preset("tiny-cpu", steps=2), progress=False)
-    return root
+    return protected_suspect(tmp_path_factory.mktemp("suspect"), ("lora", "full"))
 
 
 def cli_error(capsys, *argv) -> str:
