@@ -182,6 +182,14 @@ def preset(name: str, **overrides) -> TrainConfig:
     return TrainConfig(**{**PRESETS[name], **overrides})
 
 
+def exposures(config: TrainConfig, n_images: int) -> float:
+    """How many times a fine-tune shows the model each image on average (steps x batch x accumulation / images):
+    the number to keep when moving a setting that memorizes to another model, dataset size or GPU."""
+    if n_images <= 0:
+        raise ValueError(f"n_images must be positive, got {n_images}")
+    return config.steps * config.batch_size * config.gradient_accumulation_steps / n_images
+
+
 def notebook_preset(name: str, model: str | None = None, steps: int | None = None, seed: int = 0) -> TrainConfig:
     """The preset as the notebooks run it on this machine: ``model`` replaces the preset's base model (a local
     Stable Diffusion folder; it then trains at its own native resolution), ``steps`` the preset's number of

@@ -151,6 +151,13 @@ def test_batches_cover_each_epoch_once():
     assert not torch.equal(train.batch_indices(10, 5, 0, 0), train.batch_indices(10, 5, 2, 0))
 
 
+def test_exposures_count_how_often_each_image_is_seen():
+    assert train.exposures(train.preset("tiny-cpu"), 1005) == pytest.approx(1500 * 32 / 1005)
+    assert train.exposures(train.preset("colab-t4"), 160) == pytest.approx(2000 * 1 * 4 / 160)
+    with pytest.raises(ValueError, match="n_images must be positive"):
+        train.exposures(train.preset("tiny-cpu"), 0)
+
+
 def test_gpu_presets_checkpoint_so_a_disconnected_runtime_can_resume():
     assert all(train.preset(name).checkpoint_every > 0 for name in ("colab-t4", "a100"))
 
