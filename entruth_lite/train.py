@@ -295,11 +295,14 @@ def save_lora(out: Path, unet, text_encoder=None) -> Path:
 
 
 def dataset_fingerprint(folder: str | os.PathLike) -> str:
-    """SHA-256 over every file of an imagefolder (names and bytes): which data a model was trained on."""
+    """SHA-256 over what trains: ``metadata.jsonl`` and the image files it lists (names and bytes). Other files
+    (a README, the release's key commitment, which changes with every key) do not change what a model learns."""
+    from .data import METADATA, read_metadata
+
     digest = hashlib.sha256()
     root = Path(folder)
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    for name in [METADATA] + sorted(record.file_name for record in read_metadata(root)):
+        digest.update(name.encode() + b"\0" + hashlib.sha256((root / name).read_bytes()).digest())
     return digest.hexdigest()
 
 

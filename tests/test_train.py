@@ -327,3 +327,18 @@ def test_augmented_views_differ_from_the_images_and_from_each_other(base):
     assert views.shape == (3, *plain.shape)
     assert (views[0] - plain).abs().mean() > 1e-3 and (views[0] - views[1]).abs().mean() > 1e-3
     assert torch.equal(views, train.augmented_latents(base.vae, pixels, 3, seed=0)), "seeded: a resume redraws them"
+
+
+def test_the_data_fingerprint_is_what_trains(dataset, tmp_path):
+    """Re-protecting the same data writes a new key commitment; that must not make a finished run look stale."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    before = train.dataset_fingerprint(copy)
+    (copy / "entruth-commitment.json").write_text('{"key_sha256": "another key"}')
+    (copy / "README.md").write_text("credits")
+    assert train.dataset_fingerprint(copy) == before
+    first = data.read_metadata(copy)[0].file_name
+    (copy / first).write_bytes((copy / first).read_bytes() + b"\0")
+    assert train.dataset_fingerprint(copy) != before
