@@ -588,11 +588,12 @@ def _check_images(source: data.CaptionedDataset, resolution: int | None) -> None
         raise data.DatasetError(f"{len(no_format)} file(s) in {source.root} have no image extension (e.g. "
                                 f"{no_format[0]!r}), so a templated copy could not be written in their format: "
                                 "rename them (.png, .jpg, ...)")
-    small = [n for i, n in enumerate(names) if min(data.image_size(source.path(i))) < MIN_SIZE]
+    sizes = [data.image_size(source.path(i)) for i in range(len(names))]  # headers only, read once
+    small = [n for n, size in zip(names, sizes) if min(size) < MIN_SIZE]
     if small:
         raise data.DatasetError(f"{len(small)} image(s) in {source.root} are smaller than {MIN_SIZE} px on a side, too "
                                 f"small to template (e.g. {small[0]!r}): remove or enlarge them")
-    large = [n for i, n in enumerate(names) if max(data.image_size(source.path(i))) > MAX_NATIVE_SIDE]
+    large = [n for n, size in zip(names, sizes) if max(size) > MAX_NATIVE_SIDE]
     if large and resolution is None:
         raise data.DatasetError(f"{len(large)} image(s) in {source.root} are over {MAX_NATIVE_SIDE} px (e.g. "
                                 f"{large[0]!r}): pass the training resolution (resolution=512, CLI --resolution 512) "
