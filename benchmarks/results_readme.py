@@ -34,6 +34,7 @@ when you have no run of your own.
 | `compare_baselines.csv` | `benchmarks.compare_baselines` | one per method and seed |
 | `robustness.csv` | `benchmarks.robustness` | one per attack, strength and seed |
 | `lora_lr_check.csv` | a one-off 300-step check (not a module) | one per learning rate |
+| `gpu_estimates.csv` | `benchmarks.gpu_estimates` (estimates, not measurements) | one per GPU preset |
 """
 
 POWER = """## Detection power
@@ -100,6 +101,18 @@ at 1x, 3x and 10x the preset's learning rate, and the full fine-tune for compari
 loss over the first and last 50 steps; the grid runs 3x, the highest multiple that trained stably.
 """
 
+GPU = """## GPU presets: estimates, not measurements
+
+No GPU has run these presets yet. `benchmarks.gpu_estimates` derives time and peak memory from the presets and
+assumptions stated in its docstring (seconds and activation memory per 512 px image, from public reports of SD 1.5
+LoRA runs); `benchmarks.gpu_check` measures both on SD 1.5's architecture where a GPU is lent, and its figures
+replace these. `images_shown` = steps x batch x accumulation. `max_release_at_tiny_exposures` = the largest
+release that the preset shows each image as often as `tiny-cpu` shows the owner's emoji (`tiny_exposures` passes,
+the setting that memorizes on the CPU); a larger release gets proportionally fewer passes per image. On a T4 that
+means a small release, a lower resolution (a quarter of the pixels at 256 px: about four times the images in the
+same time) or a longer run.
+"""
+
 ROBUSTNESS_FORMATS = dict(strength="g", templated_kept=".1f", templated_with_trigger=".1f", decoy_tpr=".2f",
                           decoy_median_p=".1e", binomial_tpr=".2f", binomial_median_p=".1e", held_out_loss=".3f",
                           images_kept=".0%", kid=".3f", kid_sd=".3f")
@@ -130,6 +143,7 @@ def render(folder: Path = RESULTS) -> str:
     parts.append(_section(folder, "robustness.csv", ROBUSTNESS, lambda t: markdown_table(
         attacks.summarize_robustness(t), ROBUSTNESS_FORMATS)))
     parts.append(_section(folder, "lora_lr_check.csv", LORA_LR, markdown_table))
+    parts.append(_section(folder, "gpu_estimates.csv", GPU, markdown_table))
     return "\n".join(parts)
 
 

@@ -341,14 +341,17 @@ def held_out_captions(model: str) -> list[str]:
 
 
 def plain_images_of(key) -> list[Image.Image]:
-    """The owner's unaltered images: the key's source dataset minus the files it templated."""
-    from .data import load_imagefolder
+    """The owner's unaltered images: the key's source dataset minus the files it templated, each resized and
+    centre-cropped to the key's training resolution when it records one (photos of any size become what the model
+    was trained on, the size its generations and the templated images have)."""
+    from .data import crop_to_square, load_imagefolder
 
     if not key.source or not Path(key.source).is_dir():
         raise FileNotFoundError(f"the key's source dataset {key.source!r} is not available; pass negatives (plain images)")
     dataset = load_imagefolder(key.source)
     altered = set(key.files)
-    return [dataset.image(i) for i, name in enumerate(dataset.file_names) if name not in altered]
+    plain = (dataset.image(i) for i, name in enumerate(dataset.file_names) if name not in altered)
+    return [crop_to_square(image, key.resolution) if key.resolution else image for image in plain]
 
 
 def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None, reference_pipe=None,

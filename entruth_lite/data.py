@@ -571,7 +571,8 @@ def import_captioned(source, out: str | os.PathLike, image_column: str = "image"
         try:
             import datasets
         except ImportError as error:
-            raise ImportError("importing a dataset by name needs the datasets package: pip install datasets") from error
+            raise ImportError("importing a dataset by name needs the datasets package: pip install datasets (or the "
+                              "hub extra: pip install -e '.[hub]')") from error
         source = datasets.load_dataset(str(source), split=split)
     if resolution is not None and resolution < 8:
         raise ValueError(f"resolution must be an image side of at least 8 px, got {resolution}")

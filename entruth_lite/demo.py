@@ -4,37 +4,96 @@ each notebook can run on its own (it reuses what an earlier notebook wrote when 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import data, protect
+
+EMOJI = "emoji"  # the default dataset: the owner split of the Twemoji images that ship with the package
+HELD_OUT_SHARE = 0.1  # of the owner's own dataset, kept out of the release: its captions are the probe prompts
+MIN_HELD_OUT = 8
+SOURCE_FILE = "source.json"
 
 
 @dataclass
 class Release:
-    owner: Path
-    protected: Path
-    key: Path
+    owner: Path  # the owner's data as the demo trains on it (the clean model's training set)
+    protected: Path  # its protected release
+    key: Path  # the owner's key
+    held_out: Path | None = None  # captioned images never released: their captions are the probe prompts
 
 
-def release_folders(runs: str | Path, size: int = 32) -> Release:
-    """Where the demo keeps the owner's data, its release and the key: one set per resolution, so tiny and
-    Stable Diffusion runs never overwrite each other."""
-    runs = Path(runs)
-    return Release(owner=runs / "data" / f"{size}px" / "owner", protected=runs / "data" / f"{size}px" / "protected",
-                   key=runs / "keys" / f"{size}px" / "owner-key")
+def dataset_tag(dataset: str | Path = EMOJI, size: int = 32) -> str:
+    """The folder name of one dataset at one training resolution (``32px`` for the emoji; ``<name>-<hash>-<size>px``
+    for the owner's own data, the hash of where it came from, so two datasets called ``photos`` never mix)."""
+    if str(dataset) == EMOJI:
+        return f"{size}px"
+    source = str(Path(dataset).resolve()) if Path(dataset).exists() else str(dataset)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(str(dataset)).name or "dataset").strip("-.") or "dataset"
+    return f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:8]}-{size}px"
+
+
+def release_folders(runs: str | Path, size: int = 32, dataset: str | Path = EMOJI) -> Release:
+    """Where the demo keeps the owner's data, its release, the held-out probe set and the key: one set per dataset
+    and resolution, so tiny and Stable Diffusion runs never overwrite each other."""
+    runs, tag = Path(runs), dataset_tag(dataset, size)
+    return Release(owner=runs / "data" / tag / "owner", protected=runs / "data" / tag / "protected",
+                   key=runs / "keys" / tag / "owner-key", held_out=runs / "data" / tag / "held-out")
+
+
+def split_held_out(n: int, seed: int = 0) -> np.ndarray:
+    """Indices of the rows of an ``n``-row dataset kept out of the release (a fixed, seeded share)."""
+    n_held = max(MIN_HELD_OUT, round(HELD_OUT_SHARE * n))
+    if n - n_held < MIN_HELD_OUT:
+        raise data.DatasetError(f"the dataset has {n} images: the demo needs at least {2 * MIN_HELD_OUT} "
+                                f"({MIN_HELD_OUT} held out for probe prompts, the rest released)")
+    return np.sort(np.random.default_rng(seed).permutation(n)[:n_held])
+
+
+def write_owner_data(dataset: str | Path, folders: Release, size: int) -> None:
+    """The owner's data and a held-out probe set: the emoji (owner and probe splits, drawn at ``size``), or the
+    owner's own imagefolder (or hub dataset, imported at ``size``) split into released and held-out rows. Files
+    of a local folder are copied byte for byte; the source is never modified."""
+    if str(dataset) == EMOJI:
+        data.write_emoji_dataset(folders.owner, size=size, overwrite=True)
+        data.write_emoji_dataset(folders.held_out, split="probe", size=size, overwrite=True)
+    else:
+        if not (Path(dataset) / data.METADATA).is_file():  # a hub id (or a datasets folder): import once
+            imported = folders.owner.parent / "imported"
+            if not (imported / data.METADATA).is_file():
+                data.import_captioned(str(dataset), imported, resolution=size, overwrite=True)
+            dataset = imported
+        source = data.load_imagefolder(dataset)
+        held = set(split_held_out(len(source)).tolist())
+        for folder, rows in ((folders.owner, [i for i in range(len(source)) if i not in held]),
+                             (folders.held_out, sorted(held))):
+            data.save_imagefolder([source.path(i) for i in rows], [source.captions[i] for i in rows], folder,
+                                  file_names=[source.file_names[i] for i in rows],
+                                  extras=[source.extras[i] for i in rows], overwrite=True)
+    (folders.owner.parent / SOURCE_FILE).write_text(json.dumps({"dataset": str(dataset), "size": size}))
+
+
+def _owner_data_current(dataset: str | Path, folders: Release, size: int) -> bool:
+    marker = folders.owner.parent / SOURCE_FILE
+    return (marker.is_file() and json.loads(marker.read_text()) == {"dataset": str(dataset), "size": size}
+            and (folders.owner / data.METADATA).is_file() and (folders.held_out / data.METADATA).is_file())
 
 
 def release(runs: str | Path, rate: float = 0.01, template: str = "billboard", seed: int = 0,
-            size: int = 32) -> Release:
-    """The owner's emoji dataset (``size`` px: 32 for the tiny model, 512 for Stable Diffusion) and its
-    protected release at ``rate``; made once, then reused while the settings match."""
-    folders = release_folders(runs, size)
+            size: int = 32, dataset: str | Path = EMOJI) -> Release:
+    """The owner's dataset (``dataset``: the emoji, or a folder or hub id of the owner's own captioned images;
+    ``size`` px: 32 for the tiny model, 512 for Stable Diffusion) and its protected release at ``rate``; made
+    once, then reused while the settings match. Images of any size are templated at ``size``, as a trainer
+    would crop them."""
+    folders = release_folders(runs, size, dataset)
     owner, protected, key_dir = folders.owner, folders.protected, folders.key
-    fresh_owner = not (owner / data.METADATA).is_file() or \
-        data.load_imagefolder(owner, check_images=False).image(0).size != (size, size)
+    fresh_owner = not _owner_data_current(dataset, folders, size)
     if fresh_owner:
-        data.write_emoji_dataset(owner, size=size, overwrite=True)
+        write_owner_data(dataset, folders, size)
     try:
         key = protect.load_key(key_dir, release=protected)  # also: the release committed to this key
         current = (not fresh_owner and key.template.name == template and key.seed == seed
@@ -43,8 +102,21 @@ def release(runs: str | Path, rate: float = 0.01, template: str = "billboard", s
     except (FileNotFoundError, ValueError):
         current = False
     if not current:
-        protect.protect(owner, template, protected, key_dir, rate=rate, seed=seed, overwrite=True)
+        protect.protect(owner, template, protected, key_dir, rate=rate, seed=seed, overwrite=True,
+                        resolution=None if str(dataset) == EMOJI else size)
     return folders
+
+
+def held_out_captions(release: Release) -> list[str]:
+    """The probe prompts: captions of images the release never contained."""
+    return [record.text for record in data.read_metadata(release.held_out)]
+
+
+def images_at(folder: str | Path, size: int, limit: int | None = None) -> tuple[list, list[str]]:
+    """(images, captions) of an imagefolder as a trainer sees them: each resized and centre-cropped to ``size``."""
+    dataset = data.load_imagefolder(folder)
+    rows = range(len(dataset) if limit is None else min(limit, len(dataset)))
+    return [data.crop_to_square(dataset.image(i), size) for i in rows], [dataset.captions[i] for i in rows]
 
 
 def model_folder(runs: str | Path, name: str, config, data_dir: str | Path) -> Path:
@@ -67,3 +139,12 @@ def finetuned(runs: str | Path, release: Release, config, pipe=None, progress: b
         folders[name] = model_folder(runs, name, config, data_dir)
         train.ensure_finetuned(data_dir, folders[name], config, pipe=pipe, progress=progress)
     return folders
+
+
+def captioning_corpus(release: Release, dataset: str | Path, size: int, limit: int | None = None):
+    """(images, captions) an infringer's retrieval captioner learns from, none of them released: another emoji
+    split for the emoji, the held-out images for the owner's own data."""
+    if str(dataset) == EMOJI:
+        images, captions, _ = data.emoji_dataset("pretrain", size=size, limit=limit)
+        return images, captions
+    return images_at(release.held_out, size, limit)

@@ -161,14 +161,16 @@ PRESETS: dict[str, dict] = {
     # full fine-tune of the tiny UNet: what the benchmarks measure (benchmarks/results)
     "tiny-cpu": dict(model="tiny", method="full", steps=1500, batch_size=32, learning_rate=1e-3,
                      lr_scheduler="constant", cache_latents=True),
-    # GPU presets checkpoint often: Colab runtimes disconnect, and a resumed run replays exactly
+    # GPU presets checkpoint often: Colab runtimes disconnect, and a resumed run replays exactly. Their length and
+    # memory are sized to their card (benchmarks/gpu_estimates.py: estimates until benchmarks/gpu_check.py measures)
     "colab-t4": dict(model="stable-diffusion-v1-5/stable-diffusion-v1-5", method="lora", lora_rank=8, resolution=512,
                      batch_size=1, gradient_accumulation_steps=4, learning_rate=1e-4, lr_scheduler="cosine",
-                     lr_warmup_steps=50, steps=2000, mixed_precision="fp16", gradient_checkpointing=True,
+                     lr_warmup_steps=50, steps=650, mixed_precision="fp16", gradient_checkpointing=True,
                      snr_gamma=5.0, random_flip=False, cache_latents=True, checkpoint_every=200),
     "a100": dict(model="stable-diffusion-v1-5/stable-diffusion-v1-5", method="lora", lora_rank=16, resolution=512,
                  batch_size=16, learning_rate=1e-4, lr_scheduler="cosine", lr_warmup_steps=100, steps=3000,
-                 mixed_precision="bf16", snr_gamma=5.0, cache_latents=True, checkpoint_every=200),
+                 mixed_precision="bf16", gradient_checkpointing=True, snr_gamma=5.0, cache_latents=True,
+                 checkpoint_every=200),
 }
 
 

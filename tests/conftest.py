@@ -62,3 +62,52 @@ def protected_suspect(root: Path, methods=("full",)) -> Path:
         train.finetune(root / "protected", root / method, train.preset("tiny-cpu", steps=2, method=method),
                        progress=False)
     return root
+
+
+PHOTO_SIZES = [(96, 64), (64, 96), (640, 480), (480, 640), (300, 300), (1600, 1200), (200, 90), (75, 150)]
+
+
+def mixed_size_photos(out: Path, n: int = 40, seed: int = 0) -> Path:
+    """A captioned imagefolder of ``n`` photo-like images (smooth gradients with a shape) of mixed sizes, aspect
+    ratios and formats: JPEG (one with an EXIF orientation), PNG and WebP, one image over 1024 px."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True)
+    colours = ["red", "green", "blue", "yellow", "purple"]
+    shapes = ["circle", "square", "bar", "ring"]
+    lines = []
+    for i in range(n):
+        w, h = PHOTO_SIZES[i % len(PHOTO_SIZES)]
+        y, x = np.mgrid[0:h, 0:w] / max(w, h)
+        base = rng.uniform(40, 200, 3)
+        array = base + 60 * np.stack([np.sin(3 * x + c) * np.cos(2 * y - c) for c in range(3)], axis=-1)
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+        colour, shape = colours[i % len(colours)], shapes[(i // len(colours)) % len(shapes)]
+        box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
+        draw = ImageDraw.Draw(image)
+        fill = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
+                "purple": (140, 50, 160)}[colour]
+        if shape in ("circle", "ring"):
+            draw.ellipse(box, fill=None if shape == "ring" else fill, outline=fill, width=max(2, w // 20))
+        else:
+            draw.rectangle(box if shape == "square" else (w // 8, h // 3, 7 * w // 8, 2 * h // 3), fill=fill)
+        suffix = [".jpg", ".png", ".webp"][i % 3]
+        name = f"photo_{i:02d}{suffix}"
+        if i == 3:  # stored sideways with an EXIF orientation, as phones do
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            image.transpose(Image.Transpose.ROTATE_90).save(out / name, quality=90, exif=exif)
+        else:
+            image.save(out / name, **({"quality": 90} if suffix != ".png" else {}))
+        lines.append({"file_name": name, "text": f"a photo of a {colour} {shape} number {i}"})
+    import json
+
+    (out / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return out
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory):
+    return mixed_size_photos(tmp_path_factory.mktemp("photos") / "photos")

@@ -60,3 +60,21 @@ def test_results_readme_is_generated_from_the_shipped_csvs():
     assert results_readme.render() == shipped, "regenerate it: python -m benchmarks.results_readme"
     for name in ("detection_power.csv", "null_calibration.csv", "compare_baselines.csv", "robustness.csv"):
         assert (results_readme.RESULTS / name).is_file(), name
+
+
+def test_gpu_estimates_are_current_and_size_each_preset_to_its_card():
+    """The shipped estimates are the presets' own (a preset change must rerun them), the T4 preset stays within
+    about 45 minutes and every preset fits its card with a margin, by the stated assumptions."""
+    import pandas as pd
+
+    from benchmarks import gpu_estimates
+    from entruth_lite import train
+
+    rows = pd.DataFrame(gpu_estimates.rows())
+    shipped = pd.read_csv(gpu_estimates.RESULTS / "gpu_estimates.csv")
+    assert rows.to_dict("records") == shipped.to_dict("records"), "rerun: python -m benchmarks.gpu_estimates"
+    assert set(rows.preset) == set(train.PRESETS) - {"tiny-cpu"} and rows.fits_with_margin.all()
+    t4 = rows.set_index("preset").loc["colab-t4"]
+    assert t4.est_minutes <= 45
+    assert t4.max_release_at_tiny_exposures == int(t4.images_shown // t4.tiny_exposures)
+    assert train.exposures(train.preset("colab-t4"), int(t4.max_release_at_tiny_exposures)) >= t4.tiny_exposures

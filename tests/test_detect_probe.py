@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+from conftest import hash_tree
 from PIL import Image
 
-from entruth_lite import augmentation, data, demo, detect, probe, protect, templates, verify
+from entruth_lite import audit, augmentation, data, demo, detect, probe, protect, templates, verify
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,8 @@ def test_probe_prompts_are_paired_and_seeded():
 def test_demo_release_is_made_once_and_remade_when_settings_change(tmp_path, monkeypatch):
     images, captions, names = data.emoji_dataset("owner", limit=40)
     monkeypatch.setattr(data, "write_emoji_dataset",
-                        lambda out, size=32, overwrite=False: data.save_imagefolder(images, captions, out, file_names=names,
-                                                                           overwrite=overwrite))
+                        lambda out, split="owner", size=32, overwrite=False: data.save_imagefolder(
+                            images, captions, out, file_names=names, overwrite=overwrite))
     first = demo.release(tmp_path, rate=0.05, seed=0)
     key = protect.load_key(first.key)
     assert len(key.files) == 2
@@ -76,6 +77,32 @@ def test_demo_release_is_made_once_and_remade_when_settings_change(tmp_path, mon
     other = demo.release(tmp_path, rate=0.1, seed=0, size=64)  # another model's resolution: its own folders
     assert other.owner != first.owner and (first.owner / data.METADATA).is_file()
     assert protect.load_key(first.key, release=first.protected) and protect.load_key(other.key, release=other.protected)
+
+
+def test_demo_release_of_the_owners_own_photos_holds_out_the_probe_set(tmp_path, photo_folder):
+    """DATASET = a folder of photos of any size: the demo splits off a held-out probe set (never released),
+    copies the rest byte for byte, templates at the training size, and never touches the source."""
+    before = hash_tree(photo_folder)
+    folders = demo.release(tmp_path, rate=0.05, template="random:0", seed=0, size=32, dataset=photo_folder)
+    assert hash_tree(photo_folder) == before
+    owner, held = data.load_imagefolder(folders.owner), data.load_imagefolder(folders.held_out)
+    assert len(owner) + len(held) == 40 and len(held) == demo.MIN_HELD_OUT
+    assert not set(owner.captions) & set(demo.held_out_captions(folders)) and len(set(owner.captions)) == 32
+    assert all((photo_folder / name).read_bytes() == (folders.owner / name).read_bytes() for name in owner.file_names)
+    key = protect.load_key(folders.key, release=folders.protected)
+    released = data.load_imagefolder(folders.protected)
+    assert key.files and {released.image(released.file_names.index(f)).size for f in key.files} == {(32, 32)}
+    plain = audit.plain_images_of(key)  # the audit's negatives: at the size the model trains on, not the photos'
+    assert len(plain) == len(owner) - len(key.files) and {im.size for im in plain} == {(32, 32)}
+    images, captions = demo.images_at(folders.held_out, 32)
+    assert {im.size for im in images} == {(32, 32)} and captions == demo.held_out_captions(folders)
+
+    stamp = (folders.key / "key.json").stat().st_mtime_ns
+    assert demo.release(tmp_path, rate=0.05, template="random:0", seed=0, size=32, dataset=photo_folder) == folders
+    assert (folders.key / "key.json").stat().st_mtime_ns == stamp, "same settings: reused"
+    assert demo.dataset_tag(photo_folder, 32) not in (demo.dataset_tag("emoji", 32), demo.dataset_tag(photo_folder, 64))
+    with pytest.raises(data.DatasetError, match="at least 16"):
+        demo.split_held_out(12)
 
 
 def test_probe_is_stored_without_pickles_and_read_back(tmp_path, emoji):

@@ -74,6 +74,37 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     assert not notebooks.notebooks_with_outputs(), "running must not write outputs into the committed notebook"
 
 
+SD_NOTEBOOKS = [p for p in NOTEBOOKS if p.name[:2] in ("02", "03", "04", "05")]
+# smoke size for Stable Diffusion's architecture: the colab-t4 preset's code path on 40 photos of mixed sizes
+SD_SMOKE = {"PRESET": "colab-t4", "RATE": 0.05, "STEPS": 4, "QUERIES": 8, "DECOYS": 99, "SAMPLE_STEPS": 4,
+            "N_SAMPLES": 8, "N_IMAGES": 16, "CLASSIFIER_STEPS": 30, "N_PREVIEW": 40}
+
+
+@pytest.fixture(scope="module")
+def sd_setting(tmp_path_factory, photo_folder):
+    """SD 1.5's architecture (narrow, random weights, built from configs: nothing downloads) as ``MODEL``, the
+    photos as ``DATASET``, and one runs folder the four notebooks share (03-05 reuse 02's fine-tunes)."""
+    from entruth_lite import sd_architecture
+
+    root = tmp_path_factory.mktemp("sd-notebooks")
+    model = sd_architecture.build_sd15(root / "sd15-narrow", width="narrow", seed=0)
+    return {"MODEL": str(model), "DATASET": str(photo_folder)} | SD_SMOKE, root
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("path", SD_NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_on_stable_diffusions_architecture(path, sd_setting, monkeypatch):
+    """The code a GPU user reaches (preset from PRESET, base model from MODEL, the owner's own photos from DATASET,
+    LoRA, SD-sized pipeline) runs in CI on the CPU."""
+    parameters, root = sd_setting
+    monkeypatch.setenv(notebooks.RUNS_ENV, str(root / "runs"))
+    notebooks.run_notebook(path, root / "executed", smoke=True, timeout=900, parameters=parameters)
+    runs = root / "runs"
+    assert sorted(p.name.split("-")[0] for p in (runs / "models").iterdir()) == ["clean", "protected"]
+    assert all("-sd15-narrow-" in p.name for p in (runs / "models").iterdir()), "fine-tunes of the SD architecture"
+    assert [p.name.split("-")[0] for p in (runs / "data").iterdir()] == ["photos"], "the photos were the dataset"
+
+
 def test_runs_dir_keeps_smoke_runs_apart(monkeypatch, tmp_path):
     monkeypatch.delenv(notebooks.RUNS_ENV, raising=False)
     monkeypatch.setenv(notebooks.SMOKE_ENV, "1")

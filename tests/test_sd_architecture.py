@@ -7,37 +7,15 @@ import logging
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from entruth_lite import audit, data, models, probe, protect, sd_architecture, train
+from entruth_lite import audit, models, probe, protect, sd_architecture, train
 from entruth_lite.templates import vae_round_trip
 
 SIZE = 64  # the narrow model's native size: sample_size 8 x vae_scale_factor 8
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
-SHAPES = ("square", "circle", "bar")
 HELD_OUT = ["a photo of a purple circle", "a photo of an orange square", "a photo of a white bar",
             "a photo of a black circle"]
 SD15_PARAMETERS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}  # SD 1.5's published sizes
-
-
-def shape_image(colour: tuple[int, int, int], shape: str, size: int = SIZE) -> Image.Image:
-    """A flat shape on grey: enough content for the template to be composited into."""
-    image = Image.new("RGB", (size, size), (128, 128, 128))
-    draw, box = ImageDraw.Draw(image), (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
-    if shape == "circle":
-        draw.ellipse(box, fill=colour)
-    elif shape == "bar":
-        draw.rectangle((size // 8, size // 3, 7 * size // 8, 2 * size // 3), fill=colour)
-    else:
-        draw.rectangle(box, fill=colour)
-    return image
-
-
-def owner_rows() -> tuple[list[Image.Image], list[str]]:
-    """12 captioned images: every colour x shape."""
-    rows = [(shape_image(rgb, shape), f"a photo of a {name} {shape}") for name, rgb in COLOURS.items() for shape in SHAPES]
-    return [r[0] for r in rows], [r[1] for r in rows]
 
 
 DIFFUSERS_LORA_NAMES = {".lora.down.": "lora_A", ".lora.up.": "lora_B",  # UNet keys
@@ -94,13 +72,13 @@ def base(narrow_dir):
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory, base):
-    """(owner data, protected release, its key): 2 of 12 images templated with a member of the random family."""
+def release(tmp_path_factory, base, photo_folder):
+    """(owner data, protected release, its key): 40 photos of mixed sizes and formats (one over 1024 px), 2 of them
+    templated at the training resolution with a member of the random family."""
     root = tmp_path_factory.mktemp("release")
-    images, captions = owner_rows()
-    owner = data.save_imagefolder(images, captions, root / "owner")
-    protect.protect(owner, "random:1", root / "protected", root / "key", count=2, seed=0, tokenizer=base.tokenizer)
-    return owner, root / "protected", protect.load_key(root / "key", release=root / "protected")
+    protect.protect(photo_folder, "random:1", root / "protected", root / "key", count=2, seed=0,
+                    tokenizer=base.tokenizer, resolution=SIZE)
+    return photo_folder, root / "protected", protect.load_key(root / "key", release=root / "protected")
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +175,7 @@ def test_colab_t4_text_encoder_lora_gets_gradients_under_checkpointing(finetuned
 
 
 def test_probe_and_audit_run_on_the_finetuned_sd_architecture(finetuned, release, narrow_dir):
-    owner, _, key = release
+    key = release[2]
     pipe = models.load_finetuned(models.load_pipeline(narrow_dir, device="cpu", dtype=torch.float32), finetuned[0])
     config = audit.AuditConfig(queries=4, decoys=99, num_inference_steps=2, alpha=0.05)  # 99 decoys can reach 0.05
     probed = probe.probe(pipe, HELD_OUT, key.trigger, key.placement, n=4, seed=config.probe_seed,
@@ -205,8 +183,8 @@ def test_probe_and_audit_run_on_the_finetuned_sd_architecture(finetuned, release
     assert len(probed.trigger_images) == len(probed.control_images) == 4
     assert {i.size for i in probed.trigger_images + probed.control_images} == {(SIZE, SIZE)}
 
-    dataset = data.load_imagefolder(owner)
-    negatives = [dataset.image(i) for i, n in enumerate(dataset.file_names) if n not in set(key.files)]
+    negatives = audit.plain_images_of(key)  # the 38 untemplated photos, cropped to the training size
+    assert len(negatives) == 38 and {im.size for im in negatives} == {(SIZE, SIZE)}
     result = audit.audit(pipe, key, HELD_OUT, config, negatives=negatives, progress=False)
     # the audit's queries replay: same prompts and seeds give the same images
     assert result.probe.seeds == probed.seeds and result.probe.trigger_prompts == probed.trigger_prompts
