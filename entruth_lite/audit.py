@@ -292,13 +292,18 @@ def verdict_table(scores_by_model: dict[str, dict[str, np.ndarray]], detector: s
 # ----------------------------------------------------------------------------- the full audit
 
 
-def file_hashes(folder: str | os.PathLike | None) -> dict[str, str]:
-    """SHA-256 of every weight and config file under ``folder`` (relative name -> digest)."""
+WEIGHT_FILES = (".safetensors", ".json", ".txt")
+IMAGE_FILES = (".png", ".jpg", ".jpeg", ".webp", ".jsonl")
+
+
+def file_hashes(folder: str | os.PathLike | None, suffixes: Sequence[str] = WEIGHT_FILES) -> dict[str, str]:
+    """SHA-256 of every file with one of ``suffixes`` under ``folder`` (relative name -> digest): weights and
+    configs by default, or a service's saved images."""
     if folder is None or not Path(folder).is_dir():
         return {}
     root = Path(folder)
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in (".safetensors", ".json", ".txt")}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in suffixes}
 
 
 @dataclass
@@ -395,6 +400,52 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
                                   progress=progress)
     key_info = dict(key_sha256=key.key_sha256, template=template.name, trigger=key.trigger, placement=key.placement)
     return AuditResult(verdicts, evidence, probed, config, key_info, model or {}, reference, notes)
+
+
+def prompt_sheet_for(key, captions: Sequence[str], config: AuditConfig | None = None, resolution: int = 512) -> list[dict]:
+    """The black-box audit's prompt sheet for ``key``: the queries ``audit`` would send, as rows to paste into a
+    service (``probe.prompt_sheet``)."""
+    config = config or AuditConfig()
+    return probe.prompt_sheet(captions, key.trigger, key.placement, config.queries, config.probe_seed,
+                              config.num_inference_steps, config.guidance_scale, resolution)
+
+
+def audit_images(folder: str | os.PathLike, rows: Sequence[dict], key, config: AuditConfig | None = None,
+                 negatives: Sequence[Image.Image] | None = None, vae=None, model: dict | None = None,
+                 progress: bool = True) -> AuditResult:
+    """The audit of a suspect known only by its outputs: ``folder`` holds a service's answers to the prompt sheet
+    ``rows`` (``probe.probe_from_images`` matches them). The decoy test needs nothing else. The tests that need
+    plain images as the suspect draws them (binomial, one-query) run when ``vae`` (the base model's autoencoder,
+    e.g. SD 1.5's, which fine-tunes keep) can round-trip ``negatives``; otherwise they are left out, with a note."""
+    from dataclasses import replace
+
+    from .templates import vae_round_trip
+
+    config = config or AuditConfig()
+    if config.detector != "projection":
+        raise ValueError("a black-box audit scores with the projection detector (the classifier needs the model's VAE "
+                         "to train on)")
+    probed, notes = probe.probe_from_images(folder, rows)
+    methods, template_notes = methods_for_template(config.methods, key.template)
+    notes = template_notes + notes
+    needs_plain = [m for m in methods if m in ("binomial", "one-query")]
+    if needs_plain and vae is None:
+        methods = tuple(m for m in methods if m not in needs_plain)
+        notes.append(f"left out {', '.join(needs_plain)}: they need plain images drawn through the suspect's VAE "
+                     "(give the base model)")
+    elif needs_plain:
+        negatives = negatives if negatives is not None else plain_images_of(key)
+        side = probed.trigger_images[0].width
+        order = np.random.default_rng(0).permutation(len(negatives))[: config.max_negatives]
+        negatives = vae_round_trip(vae, [data.crop_to_square(negatives[i], side) for i in sorted(order)])
+    if not methods:
+        raise ValueError("no test left to run on images alone: include 'decoy' or 'paired' in the methods")
+    config = replace(config, methods=methods, queries=len(probed.seeds))
+    verdicts, evidence = evaluate(probed, key.template, config, negatives if needs_plain else None,
+                                  salt=key.key_sha256, progress=progress)
+    key_info = dict(key_sha256=key.key_sha256, template=key.template.name, trigger=key.trigger, placement=key.placement)
+    source = dict(images=str(folder), image_files=file_hashes(folder, IMAGE_FILES))
+    return AuditResult(verdicts, evidence, probed, config, key_info, (model or {}) | source, None, notes)
 
 
 def load_suspect(model: str = "tiny", weights: str | os.PathLike | None = None, device: str | None = None):

@@ -100,7 +100,7 @@ def _protect(args) -> None:
 def _audit(args) -> None:
     import json
 
-    from . import audit, data, protect, report
+    from . import audit, data, probe, protect, report
 
     if args.report:
         report.check_report_path(args.report)  # before the audit's work, which would otherwise be lost
@@ -112,19 +112,44 @@ def _audit(args) -> None:
                                alpha=args.alpha, decoys=args.decoys)
     if args.captions:
         captions = [line.strip() for line in Path(args.captions).read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        captions = audit.held_out_captions(args.model)
+    elif args.step == "prompts" or not args.images:
+        captions = audit.held_out_captions(args.model or "tiny")
+    if args.step == "prompts":  # black box, step 1: the prompts to send to the service
+        if not args.out:
+            raise ValueError("audit prompts needs --out (the prompt sheet to write, e.g. prompts.jsonl)")
+        from .models import TINY_RESOLUTION
+
+        # the size the suspect was trained at: the key's, else the tiny model's or Stable Diffusion 1.5's
+        resolution = args.resolution or key.resolution or (TINY_RESOLUTION if (args.model or "tiny") == "tiny" else 512)
+        out = probe.write_prompt_sheet(audit.prompt_sheet_for(key, captions, config, resolution), args.out,
+                                       overwrite=args.overwrite)
+        print(f"wrote {config.queries} trigger and {config.queries} control prompts to {out}; save the service's "
+              f"images under the sheet's file names, then: entruth-lite audit --images DIR --prompts {out} --key KEY")
+        return
     negatives = None
     if args.negatives:
         negatives = list(data.load_imagefolder(args.negatives).images())
-    suspect = audit.load_suspect(args.model, args.weights, device=args.device)
-    reference_pipe = audit.load_suspect(args.model, args.reference, device=args.device) if args.reference else None
-    if "reference" in config.methods and reference_pipe is None:
-        raise ValueError("the reference method needs --reference (a clean model's weights folder)")
-    result = audit.audit(suspect, key, captions, config, reference_pipe=reference_pipe, negatives=negatives,
-                         model=audit.model_info(args.model, args.weights),
-                         reference=audit.model_info(args.model, args.reference) if args.reference else None,
-                         progress=not args.json)
+    if args.images:  # black box, step 2: score the service's saved images
+        if not args.prompts:
+            raise ValueError("--images needs --prompts (the prompt sheet the images answer, or a manifest: the sheet "
+                             "with each 'file' set to the image's name)")
+        if args.weights or args.reference:
+            raise ValueError("--images audits saved images: leave out --weights and --reference")
+        vae = audit.load_suspect(args.model, device=args.device).vae if args.model else None
+        result = audit.audit_images(args.images, probe.read_prompt_sheet(args.prompts), key, config,
+                                    negatives=negatives, vae=vae,
+                                    model=audit.model_info(args.model, None) if args.model else None,
+                                    progress=not args.json)
+    else:
+        model = args.model or "tiny"
+        suspect = audit.load_suspect(model, args.weights, device=args.device)
+        reference_pipe = audit.load_suspect(model, args.reference, device=args.device) if args.reference else None
+        if "reference" in config.methods and reference_pipe is None:
+            raise ValueError("the reference method needs --reference (a clean model's weights folder)")
+        result = audit.audit(suspect, key, captions, config, reference_pipe=reference_pipe, negatives=negatives,
+                             model=audit.model_info(model, args.weights),
+                             reference=audit.model_info(model, args.reference) if args.reference else None,
+                             progress=not args.json)
     result.notes.append(f"key checked against the commitment in the release {release}" if release else
                         "key not checked against a release commitment (pass --release with the published release)")
     if args.report:
@@ -260,8 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", action="store_true", help="print one JSON summary")
     tr.set_defaults(func=_train)
 
-    au = commands.add_parser("audit", help="probe a suspect model with an owner key and give a verdict")
-    au.add_argument("--model", default="tiny", help="base model: 'tiny', a hub id or a local folder")
+    au = commands.add_parser("audit", help="probe a suspect model with an owner key and give a verdict",
+                             description="Audit a suspect. With its weights: entruth-lite audit --weights W --key K. "
+                             "A generation service (black box), in two steps: entruth-lite audit prompts --key K --out "
+                             "prompts.jsonl, send each prompt (with its seed and settings where the service takes "
+                             "them) and save the images under the sheet's file names (or list them in a manifest: "
+                             "the sheet with each 'file' changed; or name them so that sorting lists them in the "
+                             "sheet's order), then: entruth-lite audit --images DIR --prompts prompts.jsonl --key K.")
+    au.add_argument("step", nargs="?", choices=["prompts"], help="'prompts': write the black-box prompt sheet (--out)")
+    au.add_argument("--model", help="base model: 'tiny' (default), a hub id or a local folder; with --images, the "
+                    "base whose VAE draws plain images for the binomial and one-query tests (optional)")
     au.add_argument("--weights", help="the suspect's fine-tuned weights folder (LoRA or full; safetensors only)")
     au.add_argument("--key", required=True, help="the owner key folder")
     au.add_argument("--reference", help="a clean reference model's weights folder (for --method reference)")
@@ -278,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
     au.add_argument("--json", action="store_true", help="print the verdicts as one JSON object")
     au.add_argument("--report", help="write a self-contained HTML report here")
+    au.add_argument("--images", help="black box: folder of the service's images answering --prompts")
+    au.add_argument("--prompts", help="black box: the prompt sheet (or manifest) the --images answer")
+    au.add_argument("--out", help="audit prompts: where to write the prompt sheet (JSON lines)")
+    au.add_argument("--resolution", type=int, help="audit prompts: image size to ask for (default: the key's "
+                    "training resolution, else 512)")
+    au.add_argument("--overwrite", action="store_true", help="audit prompts: replace an existing sheet")
     au.set_defaults(func=_audit)
 
     at = commands.add_parser("attack", help="an infringer's dataset attack: writes a new folder, never edits --data")

@@ -3,7 +3,9 @@ prompt and seed can be replayed on another model (paired comparisons) or by a th
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -120,3 +122,146 @@ def load_probe(path: str | os.PathLike) -> ProbeResult:
             trigger_images=[Image.fromarray(a) for a in stored["trigger_images"]],
             control_images=[Image.fromarray(a) for a in stored["control_images"]],
         )
+
+
+# ----------------------------------------------------------------------------- black-box suspects
+# A suspect known only as a generation service: the owner sends it the prompt sheet's prompts, saves its images in a
+# folder, and ``probe_from_images`` turns the folder back into a probe that the audit scores like any other.
+
+SHEET_FIELDS = ("query", "kind", "prompt", "seed", "file")
+KINDS = ("trigger", "control")
+
+
+def prompt_sheet(captions: Sequence[str], trigger: str, placement: str = "prefix", n: int | None = None,
+                 seed: int = 0, num_inference_steps: int = 25, guidance_scale: float = 3.0,
+                 resolution: int = 512) -> list[dict]:
+    """The queries as rows a person can paste into any service: each query's trigger prompt, then its control
+    prompt (same caption, no trigger), with the seed and sampler settings to use where the service accepts them and
+    the file name to save the answer under. Pairs come together, so a sheet answered halfway has whole pairs."""
+    plain, triggered, seeds = probe_prompts(captions, trigger, placement, n, seed)
+    settings = dict(steps=num_inference_steps, guidance_scale=guidance_scale, width=resolution, height=resolution)
+    return [dict(query=i, kind=kind, prompt=prompt, seed=s, file=f"{kind}-{i:03d}.png", **settings)
+            for i, (p, t, s) in enumerate(zip(plain, triggered, seeds)) for kind, prompt in zip(KINDS, (t, p))]
+
+
+def write_prompt_sheet(rows: Sequence[dict], out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The sheet as JSON lines (one query each), written whole or not at all."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI --overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def read_prompt_sheet(path: str | os.PathLike) -> list[dict]:
+    """A prompt sheet (or a manifest: the sheet with each ``file`` changed to the name the image was saved under)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt sheet not found: {path}")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from error
+        missing = [f for f in SHEET_FIELDS if f not in row] if isinstance(row, dict) else list(SHEET_FIELDS)
+        if missing or row["kind"] not in KINDS:
+            raise ValueError(f"{path}, line {number}: a prompt sheet row needs {', '.join(SHEET_FIELDS)} with kind "
+                             f"'trigger' or 'control' (missing: {', '.join(missing) or 'none'})")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} has no queries")
+    return rows
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts 'image (2)' before 'image (10)', as file browsers do."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def match_images(folder: str | os.PathLike, rows: Sequence[dict]) -> tuple[list[Path], list[str]]:
+    """The image answering each row, and notes. By name when every row's ``file`` is in ``folder`` (the sheet's
+    own names, or a manifest's); otherwise by order: the folder's images sorted by name (naturally) answer the
+    rows in sheet order, which needs exactly one image per row."""
+    from .data import IMAGE_SUFFIXES
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    images = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                    key=lambda p: _natural(p.name))
+    names = [row["file"] for row in rows]
+    present = {p.name for p in images}
+    if all(name in present for name in names):
+        extra = sorted(present - set(names), key=_natural)
+        notes = [f"ignored {len(extra)} image(s) the sheet does not name: {', '.join(extra[:5])}"] if extra else []
+        return [folder / name for name in names], notes + [f"images matched to prompts by file name in {folder}"]
+    named = [name for name in names if name in present]
+    if named:  # some names match: a partly answered or mistyped manifest, not an order
+        missing = [name for name in names if name not in present]
+        raise ValueError(f"{len(missing)} image(s) the sheet names are missing from {folder}: "
+                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if len(images) != len(rows):
+        raise ValueError(f"{folder} has {len(images)} images and no file the sheet names; matching by order needs "
+                         f"exactly one image per prompt ({len(rows)}: {len(rows) // 2} queries x trigger and control)"
+                         f", or a manifest naming each image")
+    return images, [f"images matched to prompts by file-name order in {folder} (first: {images[0].name})"]
+
+
+def probe_from_images(folder: str | os.PathLike, rows: Sequence[dict]) -> tuple[ProbeResult, list[str]]:
+    """A probe from a service's saved answers to a prompt sheet (``rows``, its own or a manifest's file names):
+    every query needs its trigger and its control image; each must be a readable square image, resized to the
+    sheet's size when the service answered at another one. Returns the probe and notes saying what was done."""
+    from .data import load_rgb
+
+    paths, notes = match_images(folder, rows)
+    by_query: dict[int, dict[str, tuple[dict, Path]]] = {}
+    for row, path in zip(rows, paths):
+        by_query.setdefault(int(row["query"]), {})[row["kind"]] = (row, path)
+    unpaired = [q for q, pair in by_query.items() if set(pair) != set(KINDS)]
+    if unpaired:
+        raise ValueError(f"queries {unpaired[:5]} lack a trigger or a control row: the sheet is not a whole prompt sheet")
+    resized, images = [], {}
+    for query, pair in by_query.items():
+        for kind, (row, path) in pair.items():
+            image = load_rgb(path)  # a DatasetError naming the file when it is corrupt
+            if image.width != image.height:
+                raise ValueError(f"{path.name} is {image.width}x{image.height}: the sheet asks for square "
+                                 f"{row['width']}x{row['height']} images (answer query {query} again, uncropped)")
+            if image.width != row["width"]:
+                resized.append(path.name)
+                image = image.resize((row["width"], row["height"]), Image.Resampling.LANCZOS)
+            images[query, kind] = image
+    if resized:
+        notes.append(f"{len(resized)} image(s) were not {rows[0]['width']} px and were resized to it "
+                     f"(e.g. {resized[0]})")
+    queries = sorted(by_query)
+    first = {q: by_query[q]["control"][0] for q in queries}
+    probed = ProbeResult(captions=[first[q]["prompt"] for q in queries],
+                         trigger_prompts=[by_query[q]["trigger"][0]["prompt"] for q in queries],
+                         seeds=[int(first[q]["seed"]) for q in queries],
+                         trigger_images=[images[q, "trigger"] for q in queries],
+                         control_images=[images[q, "control"] for q in queries])
+    notes.append(f"scored {len(queries)} trigger and {len(queries)} control images")
+    return probed, notes
+
+
+def answer_prompt_sheet(pipe, rows: Sequence[dict], folder: str | os.PathLike, progress: bool = True) -> Path:
+    """Stand in for a generation service: answer every row with ``pipe`` (its prompt, seed and settings) and save
+    the images under the sheet's names, as a user would save a service's answers."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    first = rows[0]
+    for kind in KINDS:  # batched as ``probe`` batches them, so the images are the ones an audit of ``pipe`` draws
+        chosen = [r for r in rows if r["kind"] == kind]
+        images = generate(pipe, [r["prompt"] for r in chosen], [r["seed"] for r in chosen],
+                          num_inference_steps=first["steps"], guidance_scale=first["guidance_scale"],
+                          resolution=first["width"], progress=progress)
+        for row, image in zip(chosen, images):
+            image.save(folder / row["file"])
+    return folder
