@@ -298,7 +298,9 @@ IMAGE_FILES = (".png", ".jpg", ".jpeg", ".webp", ".jsonl")
 
 def file_hashes(folder: str | os.PathLike | None, suffixes: Sequence[str] = WEIGHT_FILES) -> dict[str, str]:
     """SHA-256 of every file with one of ``suffixes`` under ``folder`` (relative name -> digest): weights and
-    configs by default, or a service's saved images."""
+    configs by default, or a service's saved images. A single file (a LoRA as sites publish it): its own digest."""
+    if folder is not None and Path(folder).is_file():
+        return {Path(folder).name: hashlib.sha256(Path(folder).read_bytes()).hexdigest()}
     if folder is None or not Path(folder).is_dir():
         return {}
     root = Path(folder)

@@ -293,9 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "the sheet with each 'file' changed; or name them so that sorting lists them in the "
                              "sheet's order), then: entruth-lite audit --images DIR --prompts prompts.jsonl --key K.")
     au.add_argument("step", nargs="?", choices=["prompts"], help="'prompts': write the black-box prompt sheet (--out)")
-    au.add_argument("--model", help="base model: 'tiny' (default), a hub id or a local folder; with --images, the "
-                    "base whose VAE draws plain images for the binomial and one-query tests (optional)")
-    au.add_argument("--weights", help="the suspect's fine-tuned weights folder (LoRA or full; safetensors only)")
+    au.add_argument("--model", help="base model: 'tiny' (default), a hub id or a local folder; alone (no --weights), "
+                    "a whole fine-tuned pipeline to audit as it is; with --images, the base whose VAE draws plain "
+                    "images for the binomial and one-query tests (optional)")
+    au.add_argument("--weights", help="the suspect's fine-tuned weights: a folder (LoRA or full) or one LoRA "
+                    ".safetensors file (diffusers or kohya / A1111 keys); safetensors only")
     au.add_argument("--key", required=True, help="the owner key folder")
     au.add_argument("--reference", help="a clean reference model's weights folder (for --method reference)")
     au.add_argument("--queries", type=int, default=64)

@@ -253,16 +253,26 @@ def check_finite(named_tensors, path: Path) -> None:
 
 
 def load_finetuned(pipe, weights: str | os.PathLike):
-    """Apply fine-tuned weights to a base pipeline, in place: a LoRA folder, or a full fine-tune's ``unet/``.
+    """Apply fine-tuned weights to a base pipeline, in place: a LoRA folder, a full fine-tune's ``unet/``, or a
+    single LoRA file as model-sharing sites publish them (diffusers' or kohya / AUTOMATIC1111's key layout, UNet and
+    text-encoder parts, each module's alpha honoured: diffusers' own loader converts it).
 
-    Raises if a file is not valid safetensors, holds NaN or infinite values, or does not fit the base
-    architecture (missing or unexpected keys)."""
+    Raises if a file is a pickle (refused without being opened), is not valid safetensors, holds NaN or infinite
+    values, or does not fit the base architecture (missing or unexpected keys)."""
     weights = Path(weights)
+    if weights.is_file():
+        if weights.suffix.lower() in PICKLE_SUFFIXES:
+            raise ValueError(f"{weights} is a pickle file; pickles can run code when loaded, so entruth-lite reads "
+                             "safetensors only: convert it to .safetensors first")
+        if weights.suffix.lower() != ".safetensors":
+            raise ValueError(f"{weights} is not a .safetensors file: give a LoRA .safetensors file or a weights folder")
+        _load_lora_strict(pipe, weights)
+        return pipe
     if not weights.is_dir():
-        raise FileNotFoundError(f"weights folder not found: {weights}")
+        raise FileNotFoundError(f"weights folder or file not found: {weights}")
     refuse_pickles(weights)
     if (weights / LORA_WEIGHTS_NAME).is_file():
-        _load_lora_strict(pipe, weights)
+        _load_lora_strict(pipe, weights / LORA_WEIGHTS_NAME)
     elif (weights / "unet" / "diffusion_pytorch_model.safetensors").is_file():
         from diffusers import UNet2DConditionModel
 
@@ -289,21 +299,35 @@ def _architecture(config) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
-def _load_lora_strict(pipe, folder: Path) -> None:
-    state = read_safetensors(folder / LORA_WEIGHTS_NAME)
+def _load_lora_strict(pipe, file: Path) -> None:
+    """Load one LoRA file, refusing it unless every module it adapts exists in the base model (diffusers would skip
+    a stray module with a warning, and a partly applied LoRA is not the suspect model)."""
+    read_safetensors(file)  # a clear error for a broken file or NaN weights, before diffusers reads it
+    try:  # diffusers' key layout, whatever the file's (kohya / A1111 keys are converted here)
+        state, _ = pipe.lora_state_dict(str(file.parent), weight_name=file.name)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ValueError(f"{file} is not a LoRA this loader knows ({error})") from error
+    if not any(k.startswith(("unet.", "text_encoder.")) for k in state):
+        raise ValueError(f"{file} holds no UNet or text-encoder LoRA weights (e.g. {next(iter(state), 'nothing')!r})")
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    # peft's key layout, as diffusers converts each part before loading it (older layouts name modules otherwise)
+    to_peft = {"unet.": convert_unet_state_dict_to_peft,
+               "text_encoder.": lambda sd: convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))}
     for prefix, part, label in (("unet.", pipe.unet, "UNet"), ("text_encoder.", pipe.text_encoder, "text encoder")):
         base_modules = {_unnested(name) for name, _ in part.named_modules()}
-        targets = {_unnested(_module_of(k, prefix)) for k in state if k.startswith(prefix)}
+        peft_keys = to_peft[prefix]({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        targets = {_unnested(_module_of(prefix + k, prefix)) for k in peft_keys}
         missing = sorted(targets - base_modules)
         if missing:
             raise ValueError(
-                f"{folder / LORA_WEIGHTS_NAME} does not fit this model: {len(missing)} LoRA target modules are not "
+                f"{file} does not fit this model: {len(missing)} LoRA target modules are not "
                 f"in its {label} (e.g. {missing[0]!r}); it was trained for another architecture"
             )
     try:
-        pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_NAME)
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name)
     except (RuntimeError, ValueError, KeyError) as error:
-        raise ValueError(f"{folder / LORA_WEIGHTS_NAME} does not fit this model: {error}") from error
+        raise ValueError(f"{file} does not fit this model: {error}") from error
 
 
 def _module_of(key: str, prefix: str = "unet.") -> str:
