@@ -314,10 +314,11 @@ class AuditResult:
     evidence: Evidence
     probe: ProbeResult
     config: AuditConfig
-    key: dict  # key hash, template name, trigger, placement
+    key: dict  # key hash, template name and size, trigger, placement
     model: dict  # name, weights folder, file hashes
     reference: dict | None = None
     notes: list[str] = field(default_factory=list)
+    environment: dict = field(default_factory=dict)  # versions, device, dtype, resolution: what a replay needs
 
     @property
     def headline(self) -> verify.Verdict | None:
@@ -330,11 +331,88 @@ class AuditResult:
             decision=None if head is None else head.decision, p_value=None if head is None else head.p_value,
             test=None if head is None else head.label,
             verdicts=[asdict(v) | {"label": v.label} for v in self.verdicts], config=asdict(self.config), key=self.key,
-            model=self.model, reference=self.reference, notes=self.notes,
+            model=self.model, reference=self.reference, notes=self.notes, environment=self.environment,
             queries=[dict(caption=c, trigger_prompt=t, seed=s, trigger_score=float(a), control_score=float(b))
                      for c, t, s, a, b in zip(self.probe.captions, self.probe.trigger_prompts, self.probe.seeds,
                                               self.evidence.trigger_scores, self.evidence.control_scores)],
         )
+
+
+LIBRARIES = ("torch", "diffusers", "transformers", "peft", "numpy", "safetensors", "Pillow")
+
+
+def environment(pipe=None) -> dict:
+    """What the numbers depend on beyond the record's settings: package and library versions, and the pipeline's
+    device, dtype and image size (generation differs across devices and precisions, not across runs of one)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    record = dict(entruth_lite=installed("entruth-lite"), python=platform.python_version(),
+                  libraries={name: installed(name) for name in LIBRARIES})
+    if pipe is not None:
+        from .models import default_resolution
+
+        record |= dict(device=str(pipe.device), dtype=str(pipe.unet.dtype), resolution=default_resolution(pipe))
+    return record
+
+
+def key_record(key) -> dict:
+    """What the audit record says of the key: its hash (the decoys' salt), the template's name and size (a random
+    family member is rebuilt from them), the trigger and its placement. Publishing it reveals the template."""
+    return dict(key_sha256=key.key_sha256, template=key.template.name, template_size=list(key.template.size),
+                trigger=key.trigger, placement=key.placement)
+
+
+REPLAYABLE = ("decoy", "paired")  # tests that need nothing but the record and the model
+
+
+def replay(record: dict, model: str | None = None, weights: str | os.PathLike | None = None, device: str = "cpu",
+           progress: bool = True) -> AuditResult:
+    """Rerun an audit from its JSON record (``AuditResult.to_json``): load the recorded model (``model`` /
+    ``weights`` point to copies on this machine; every recorded file hash must match), regenerate each query from
+    its prompt and seed with the recorded sampler settings, rebuild the template and its decoys from the record,
+    and rerun the tests that need nothing the record lacks (decoy, paired; the others need the owner's plain images).
+    Same device and dtype give the same images and p-values."""
+    from dataclasses import replace
+
+    from .templates import resolve_template
+
+    model = model or record["model"]["model"]
+    weights = weights if weights is not None else record["model"].get("weights")
+    for label, recorded, folder in (("base model", record["model"].get("base_files") or {}, _base_dir(model)),
+                                    ("suspect weights", record["model"].get("weight_files") or {}, weights)):
+        found = file_hashes(folder)
+        changed = sorted(name for name, digest in recorded.items() if found.get(name) != digest)
+        if changed:
+            raise ValueError(f"the {label} at {folder} are not the audited ones: {len(changed)} file(s) differ from "
+                             f"the record (e.g. {changed[0]!r})")
+    key = record["key"]
+    template = resolve_template(key["template"], tuple(key["template_size"]))
+    fields = {f: v for f, v in record["config"].items() if f != "methods"}
+    config = replace(AuditConfig(**fields), methods=tuple(m for m in record["config"]["methods"] if m in REPLAYABLE))
+    queries = record["queries"]
+    pipe = load_suspect(model, weights, device=device)
+    probed = probe.probe(pipe, [q["caption"] for q in queries], key["trigger"], key["placement"], n=len(queries),
+                         seed=config.probe_seed, num_inference_steps=config.num_inference_steps,
+                         guidance_scale=config.guidance_scale, resolution=record["environment"].get("resolution"),
+                         progress=progress)
+    if probed.seeds != [q["seed"] for q in queries] or probed.trigger_prompts != [q["trigger_prompt"] for q in queries]:
+        raise ValueError("the record's queries are not the ones its settings give: it was edited or made otherwise")
+    verdicts, evidence = evaluate(probed, template, config, salt=key["key_sha256"], progress=progress)
+    notes = [f"replay of a recorded audit: {', '.join(config.methods)} rerun on {device}"]
+    return AuditResult(verdicts, evidence, probed, config, key, record["model"], None, notes, environment(pipe))
+
+
+def _base_dir(model: str) -> Path | None:
+    from .models import TINY_MODEL_DIR
+
+    return TINY_MODEL_DIR if model == "tiny" else (Path(model) if Path(model).is_dir() else None)
 
 
 def held_out_captions(model: str) -> list[str]:
@@ -400,8 +478,8 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
         negatives = vae_round_trip(pipe, negatives)
     verdicts, evidence = evaluate(probed, template, config, negatives, classifier, ref_probe, salt=key.key_sha256,
                                   progress=progress)
-    key_info = dict(key_sha256=key.key_sha256, template=template.name, trigger=key.trigger, placement=key.placement)
-    return AuditResult(verdicts, evidence, probed, config, key_info, model or {}, reference, notes)
+    return AuditResult(verdicts, evidence, probed, config, key_record(key), model or {}, reference, notes,
+                       environment(pipe))
 
 
 def prompt_sheet_for(key, captions: Sequence[str], config: AuditConfig | None = None, resolution: int = 512) -> list[dict]:
@@ -445,9 +523,9 @@ def audit_images(folder: str | os.PathLike, rows: Sequence[dict], key, config: A
     config = replace(config, methods=methods, queries=len(probed.seeds))
     verdicts, evidence = evaluate(probed, key.template, config, negatives if needs_plain else None,
                                   salt=key.key_sha256, progress=progress)
-    key_info = dict(key_sha256=key.key_sha256, template=key.template.name, trigger=key.trigger, placement=key.placement)
     source = dict(images=str(folder), image_files=file_hashes(folder, IMAGE_FILES))
-    return AuditResult(verdicts, evidence, probed, config, key_info, (model or {}) | source, None, notes)
+    return AuditResult(verdicts, evidence, probed, config, key_record(key), (model or {}) | source, None, notes,
+                       environment() | {"resolution": probed.trigger_images[0].width})
 
 
 def load_suspect(model: str = "tiny", weights: str | os.PathLike | None = None, device: str | None = None):
@@ -459,8 +537,7 @@ def load_suspect(model: str = "tiny", weights: str | os.PathLike | None = None, 
 
 
 def model_info(model: str, weights: str | os.PathLike | None) -> dict:
-    from .models import TINY_MODEL_DIR
-
-    base_dir = TINY_MODEL_DIR if model == "tiny" else (model if Path(model).is_dir() else None)
-    return dict(model=model, weights=str(weights) if weights else None, base_files=file_hashes(base_dir),
+    """The audited model as the record names it: the base (name, file hashes) and the suspect's weights (path,
+    SHA-256 of each file), so a replay can check it loads the same files."""
+    return dict(model=model, weights=str(weights) if weights else None, base_files=file_hashes(_base_dir(model)),
                 weight_files=file_hashes(weights))

@@ -104,6 +104,11 @@ def _audit(args) -> None:
 
     if args.report:
         report.check_report_path(args.report)  # before the audit's work, which would otherwise be lost
+    if args.replay:
+        _replay(args, report.read_record(args.replay))
+        return
+    if not args.key:
+        raise ValueError("audit needs --key (the owner key folder), or --replay with an audit's record")
     key = protect.load_key(args.key)
     release = args.release or (key.release if key.release and Path(key.release).is_dir() else None)
     if release:
@@ -163,6 +168,24 @@ def _audit(args) -> None:
             print("no verdict: no exact test could run; the numbers above are supporting evidence only")
         if args.report:
             print(f"report: {args.report}")
+
+
+def _replay(args, record: dict) -> None:
+    """Rerun a recorded audit and set the replayed p-values beside the recorded ones."""
+    import json
+
+    from . import audit, report
+
+    result = audit.replay(record, model=args.model, weights=args.weights, device=args.device or "cpu",
+                          progress=not args.json)
+    recorded = {v["test"]: v["p_value"] for v in record["verdicts"]}
+    if args.report:
+        report.write_report(result, args.report)
+    if args.json:
+        print(json.dumps(result.to_json() | {"recorded_p_values": recorded}))
+        return
+    for verdict in result.verdicts:
+        print(f"{verdict.summary()}  [recorded: p = {recorded.get(verdict.test, float('nan')):.2e}]")
 
 
 def _attack(args) -> None:
@@ -298,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "images for the binomial and one-query tests (optional)")
     au.add_argument("--weights", help="the suspect's fine-tuned weights: a folder (LoRA or full) or one LoRA "
                     ".safetensors file (diffusers or kohya / A1111 keys); safetensors only")
-    au.add_argument("--key", required=True, help="the owner key folder")
+    au.add_argument("--key", help="the owner key folder (required unless --replay)")
     au.add_argument("--reference", help="a clean reference model's weights folder (for --method reference)")
     au.add_argument("--queries", type=int, default=64)
     au.add_argument("--method", nargs="+", default=["decoy", "binomial", "paired", "one-query"],
@@ -314,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--json", action="store_true", help="print the verdicts as one JSON object")
     au.add_argument("--report", help="write a self-contained HTML report here")
     au.add_argument("--images", help="black box: folder of the service's images answering --prompts")
+    au.add_argument("--replay", help="rerun an audit from its record (an --json output file or an HTML report); "
+                    "--model / --weights point to the recorded files if they moved (their hashes must match)")
     au.add_argument("--prompts", help="black box: the prompt sheet (or manifest) the --images answer")
     au.add_argument("--out", help="audit prompts: where to write the prompt sheet (JSON lines)")
     au.add_argument("--resolution", type=int, help="audit prompts: image size to ask for (default: the key's "

@@ -80,7 +80,11 @@ def render_report(result: AuditResult) -> str:
         for i, (t, s, a, b) in enumerate(zip(result.probe.trigger_prompts, result.probe.seeds,
                                              result.evidence.trigger_scores, result.evidence.control_scores)))
     hashes = "".join(f"<tr><td>{part.split('_')[0]}: {e(name)}</td><td><code>{digest}</code></td></tr>"
-                     for part in ("base_files", "weight_files") for name, digest in result.model.get(part, {}).items())
+                     for part in ("base_files", "weight_files", "image_files")
+                     for name, digest in result.model.get(part, {}).items())
+    environment = "".join(f"<tr><td>{e(str(k))}</td><td>{e(json.dumps(v) if isinstance(v, dict) else str(v))}</td></tr>"
+                          for k, v in result.environment.items())
+    record = json.dumps(result.to_json()).replace("</", "<\\/")  # the replayable record, safe inside <script>
     figures = [("Score distributions", _figure_uri(score_histogram(result.evidence)))]
     if result.evidence.decoy_statistics is not None:
         ax = plot_decoys(result.evidence.released_statistic, result.evidence.decoy_statistics)
@@ -100,6 +104,10 @@ background:{'#fde2e2' if head is not None and head.decision else '#e6f2e6'}}} co
 ({e(result.key['placement'])})</td></tr><tr><td>model</td><td>{e(str(result.model.get('model')))}</td></tr>
 <tr><td>weights</td><td>{e(str(result.model.get('weights')))}</td></tr>
 <tr><td>reference</td><td>{e(json.dumps(result.reference))}</td></tr>{hashes}</table>
+<h2>Environment</h2><table>{environment}</table>
+<p>The page carries the audit's JSON record (<code>&lt;script id="audit-record"&gt;</code>):
+<code>entruth-lite audit --replay REPORT_OR_JSON</code> reruns it from the record alone.</p>
+<script type="application/json" id="audit-record">{record}</script>
 <h2>Trigger-prompt images</h2><p>Framed in red: the queries the tests point to as evidence ({len(evidence_ids)}).</p>
 <img src="{_png_data_uri(marked_grid(result.probe.trigger_images, evidence_ids))}">
 <h2>Control-prompt images (same captions and seeds, no trigger)</h2>
@@ -111,6 +119,20 @@ one <code>torch.Generator</code> per image seeded as below, images at the model'
 <table><tr><th>#</th><th>trigger prompt</th><th>seed</th><th>trigger score</th><th>control score</th></tr>
 {queries}</table></body></html>
 """
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    """An audit's JSON record, from a ``--json`` output file or from the HTML report that embeds it."""
+    text = Path(path).read_text(encoding="utf-8")
+    if Path(path).suffix.lower() in (".html", ".htm"):
+        start = text.find('<script type="application/json" id="audit-record">')
+        if start < 0:
+            raise ValueError(f"{path} carries no audit record (made by an older version?)")
+        text = text[text.index(">", start) + 1: text.index("</script>", start)].replace("<\\/", "</")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not an audit record: {error.msg}") from error
 
 
 def check_report_path(path: str | os.PathLike) -> Path:

@@ -119,7 +119,10 @@ def test_report_is_self_contained_and_lets_anyone_regenerate(plain, tmp_path):
     assert page.count("data:image/png;base64,") == 4  # two grids, two histograms
     assert "ab" * 32 in page and "cd" * 32 in page
     assert all(p in page for p in probed.trigger_prompts) and "EVIDENCE" in page
-    assert "<script" not in page and "src='http" not in page and 'src="http' not in page
+    # nothing runs or loads from elsewhere: the one script element is the JSON record, which is data
+    assert page.count("<script") == page.count('<script type="application/json" id="audit-record">') == 1
+    assert "src='http" not in page and 'src="http' not in page
+    assert report.read_record(tmp_path / "r" / "report.html")["key"]["key_sha256"] == "ab" * 32
     payload = result.to_json()
     assert payload["decision"] is True and len(payload["queries"]) == 16
     json.dumps(payload)
