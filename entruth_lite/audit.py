@@ -383,6 +383,9 @@ def replay(record: dict, model: str | None = None, weights: str | os.PathLike | 
 
     from .templates import resolve_template
 
+    if "images" in record["model"] and model is None:
+        raise ValueError("this record audits a folder of saved images (a black-box audit), not a model: rerun "
+                         "`entruth-lite audit --images` on its images, whose hashes it records")
     model = model or record["model"]["model"]
     weights = weights if weights is not None else record["model"].get("weights")
     for label, recorded, folder in (("base model", record["model"].get("base_files") or {}, _base_dir(model)),
@@ -397,7 +400,7 @@ def replay(record: dict, model: str | None = None, weights: str | os.PathLike | 
     fields = {f: v for f, v in record["config"].items() if f != "methods"}
     config = replace(AuditConfig(**fields), methods=tuple(m for m in record["config"]["methods"] if m in REPLAYABLE))
     queries = record["queries"]
-    pipe = load_suspect(model, weights, device=device)
+    pipe = load_suspect(model, weights, device=device, config=record["model"].get("config"))
     probed = probe.probe(pipe, [q["caption"] for q in queries], key["trigger"], key["placement"], n=len(queries),
                          seed=config.probe_seed, num_inference_steps=config.num_inference_steps,
                          guidance_scale=config.guidance_scale, resolution=record["environment"].get("resolution"),
@@ -410,9 +413,21 @@ def replay(record: dict, model: str | None = None, weights: str | os.PathLike | 
 
 
 def _base_dir(model: str) -> Path | None:
+    """Where the model's files are: the tiny model's folder, a local folder or checkpoint file, or a hub id's
+    snapshot in the local cache (its folder is named by the revision's commit), else None."""
     from .models import TINY_MODEL_DIR
 
-    return TINY_MODEL_DIR if model == "tiny" else (Path(model) if Path(model).is_dir() else None)
+    if model == "tiny":
+        return TINY_MODEL_DIR
+    if Path(model).exists():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(model), local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
+        return None
 
 
 def held_out_captions(model: str) -> list[str]:
@@ -528,16 +543,21 @@ def audit_images(folder: str | os.PathLike, rows: Sequence[dict], key, config: A
                        environment() | {"resolution": probed.trigger_images[0].width})
 
 
-def load_suspect(model: str = "tiny", weights: str | os.PathLike | None = None, device: str | None = None):
-    """A base pipeline plus the suspect's weights (LoRA or full fine-tune folder; safetensors only)."""
+def load_suspect(model: str = "tiny", weights: str | os.PathLike | None = None, device: str | None = None,
+                 config: str | os.PathLike | None = None):
+    """A base pipeline (or a whole fine-tuned one: a folder, hub id or single-file checkpoint, ``config`` describing
+    a checkpoint's architecture) plus the suspect's weights (LoRA or full fine-tune; safetensors only)."""
     from .models import load_finetuned, load_pipeline
 
-    pipe = load_pipeline(model, device=device)
+    pipe = load_pipeline(model, device=device, config=config)
     return load_finetuned(pipe, weights) if weights is not None else pipe
 
 
-def model_info(model: str, weights: str | os.PathLike | None) -> dict:
-    """The audited model as the record names it: the base (name, file hashes) and the suspect's weights (path,
-    SHA-256 of each file), so a replay can check it loads the same files."""
-    return dict(model=model, weights=str(weights) if weights else None, base_files=file_hashes(_base_dir(model)),
-                weight_files=file_hashes(weights))
+def model_info(model: str, weights: str | os.PathLike | None, config: str | os.PathLike | None = None) -> dict:
+    """The audited model as the record names it: the base (name, file hashes, and the configs a single-file
+    checkpoint was read with) and the suspect's weights (path, SHA-256 of each file), so a replay can check it loads
+    the same files."""
+    base = _base_dir(model)
+    revision = base.name if base is not None and base.parent.name == "snapshots" else None  # a hub snapshot's commit
+    return dict(model=model, revision=revision, weights=str(weights) if weights else None,
+                base_files=file_hashes(base), weight_files=file_hashes(weights), config=str(config) if config else None)

@@ -140,19 +140,20 @@ def _audit(args) -> None:
                              "with each 'file' set to the image's name)")
         if args.weights or args.reference:
             raise ValueError("--images audits saved images: leave out --weights and --reference")
-        vae = audit.load_suspect(args.model, device=args.device).vae if args.model else None
+        vae = audit.load_suspect(args.model, device=args.device, config=args.config).vae if args.model else None
         result = audit.audit_images(args.images, probe.read_prompt_sheet(args.prompts), key, config,
                                     negatives=negatives, vae=vae,
                                     model=audit.model_info(args.model, None) if args.model else None,
                                     progress=not args.json)
     else:
         model = args.model or "tiny"
-        suspect = audit.load_suspect(model, args.weights, device=args.device)
-        reference_pipe = audit.load_suspect(model, args.reference, device=args.device) if args.reference else None
+        suspect = audit.load_suspect(model, args.weights, device=args.device, config=args.config)
+        reference_pipe = (audit.load_suspect(model, args.reference, device=args.device, config=args.config)
+                          if args.reference else None)
         if "reference" in config.methods and reference_pipe is None:
             raise ValueError("the reference method needs --reference (a clean model's weights folder)")
         result = audit.audit(suspect, key, captions, config, reference_pipe=reference_pipe, negatives=negatives,
-                             model=audit.model_info(model, args.weights),
+                             model=audit.model_info(model, args.weights, args.config),
                              reference=audit.model_info(model, args.reference) if args.reference else None,
                              progress=not args.json)
     result.notes.append(f"key checked against the commitment in the release {release}" if release else
@@ -316,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "the sheet with each 'file' changed; or name them so that sorting lists them in the "
                              "sheet's order), then: entruth-lite audit --images DIR --prompts prompts.jsonl --key K.")
     au.add_argument("step", nargs="?", choices=["prompts"], help="'prompts': write the black-box prompt sheet (--out)")
-    au.add_argument("--model", help="base model: 'tiny' (default), a hub id or a local folder; alone (no --weights), "
-                    "a whole fine-tuned pipeline to audit as it is; with --images, the base whose VAE draws plain "
+    au.add_argument("--model", help="base model: 'tiny' (default), a hub id, a local folder or a single-file "
+                    ".safetensors checkpoint; alone (no --weights), a whole fine-tuned pipeline to audit as it is; with --images, the base whose VAE draws plain "
                     "images for the binomial and one-query tests (optional)")
     au.add_argument("--weights", help="the suspect's fine-tuned weights: a folder (LoRA or full) or one LoRA "
                     ".safetensors file (diffusers or kohya / A1111 keys); safetensors only")
@@ -336,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
     au.add_argument("--json", action="store_true", help="print the verdicts as one JSON object")
     au.add_argument("--report", help="write a self-contained HTML report here")
+    au.add_argument("--config", help="with --model FILE.safetensors (a single-file checkpoint): a pipeline folder or "
+                    "hub id whose configs describe its architecture (default: diffusers infers them, needing the hub)")
     au.add_argument("--images", help="black box: folder of the service's images answering --prompts")
     au.add_argument("--replay", help="rerun an audit from its record (an --json output file or an HTML report); "
                     "--model / --weights point to the recorded files if they moved (their hashes must match)")

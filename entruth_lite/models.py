@@ -130,10 +130,13 @@ def load_pipeline(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     local_files_only: bool | None = None,
+    config: str | os.PathLike | None = None,
 ):
-    """A ``StableDiffusionPipeline`` for ``"tiny"``, a hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``)
-    or a local ``save_pretrained`` folder. fp16 on CUDA for real models, fp32 elsewhere; safetensors only.
-    """
+    """A ``StableDiffusionPipeline`` for ``"tiny"``, a hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``),
+    a local ``save_pretrained`` folder, or a single-file checkpoint (``.safetensors`` in the original / A1111 layout,
+    read with diffusers' ``from_single_file``; ``config``: a pipeline folder or hub id whose configs describe its
+    architecture, else diffusers infers them, which needs the hub). fp16 on CUDA for real models, fp32 elsewhere;
+    safetensors only."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     device = pick_device(str(device) if device is not None else None)
@@ -146,20 +149,36 @@ def load_pipeline(
         dtype = torch.float16 if device.type == "cuda" and not _is_tiny(name_or_path) else torch.float32
     if local_files_only is None:
         local_files_only = Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
-    pipe = StableDiffusionPipeline.from_pretrained(
-        path,
-        **_dtype_argument(dtype),
-        use_safetensors=True,
-        safety_checker=None,
-        requires_safety_checker=False,
-        local_files_only=local_files_only,
-    )
+    settings = dict(**_dtype_argument(dtype), safety_checker=None, requires_safety_checker=False,
+                    local_files_only=local_files_only)
+    if Path(path).is_file():
+        pipe = _from_single_file(Path(path), config, settings)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(path, use_safetensors=True, **settings)
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if device.type == "cuda":
         pipe.vae.enable_slicing()  # decode a batch one image at a time: 512 px batches fit a small GPU
     return pipe.to(device)
+
+
+def _from_single_file(path: Path, config, settings: dict):
+    """A whole pipeline from one checkpoint file, refused unless it is safetensors with finite weights."""
+    from diffusers import StableDiffusionPipeline
+
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(f"{path} is a pickle file; pickles can run code when loaded, so entruth-lite reads "
+                         "safetensors only: convert it to .safetensors first")
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path} is not a .safetensors checkpoint")
+    read_safetensors(path)  # a clear error for a broken file or NaN weights
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config) if config is not None else None, **settings)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        hint = "" if config is not None else " (give the base model's configs: --config DIR or a hub id)"
+        raise ValueError(f"{path} is not a Stable Diffusion checkpoint this loader can read: {error}{hint}") from error
 
 
 def model_source(name_or_path: str | os.PathLike) -> str:

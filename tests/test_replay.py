@@ -67,3 +67,29 @@ def test_replay_refuses_other_weights_and_follows_moved_ones(recorded, tmp_path)
     with pytest.raises(ValueError, match="carries no audit record"):
         (tmp_path / "plain.html").write_text("<html></html>")
         report.read_record(tmp_path / "plain.html")
+
+
+def test_a_hub_models_record_names_its_revision_and_files(tmp_path, monkeypatch):
+    """A base model given as a hub id is recorded by the commit of its cached snapshot and its files' hashes."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--someone--sd-finetune" / "snapshots" / commit
+    (snapshot / "unet").mkdir(parents=True)
+    (snapshot / "unet" / "config.json").write_text("{}")
+    (snapshot / "model_index.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    info = audit.model_info("someone/sd-finetune", None)
+    assert info["revision"] == commit and set(info["base_files"]) == {"model_index.json", "unet/config.json"}
+    assert audit.model_info("someone/not-cached", None)["revision"] is None
+
+
+def test_a_black_box_record_is_not_replayed_as_a_model(recorded):
+    _, record = recorded
+    black_box = json.loads(json.dumps(record))
+    black_box["model"] = {"images": "answers/", "image_files": {"trigger-000.png": "ab" * 32}}
+    with pytest.raises(ValueError, match="saved images"):
+        audit.replay(black_box, progress=False)

@@ -272,3 +272,41 @@ def test_full_size_build_saves_loads_and_has_sd15s_parameter_counts(tmp_path):
         assert pipe.text_encoder.config.vocab_size == 49408 and pipe.unet.config.cross_attention_dim == 768
     finally:
         shutil.rmtree(tmp_path / "full", ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- a suspect as one checkpoint file
+
+
+def test_a_single_file_checkpoint_is_the_pipeline_it_was_exported_from(finetuned, release, narrow_dir, tmp_path):
+    """A fine-tune exported as one checkpoint in the original (A1111) layout, as model-sharing sites publish them,
+    read back with diffusers' ``from_single_file`` and the base's configs: the same weights as the pipeline folder
+    it came from, and the same audit (images, scores, p-values)."""
+    from ldm_layout import to_ldm
+    from safetensors.torch import save_file
+
+    pipe = models.load_finetuned(models.load_pipeline(narrow_dir, device="cpu", dtype=torch.float32), finetuned[0])
+    pipe.fuse_lora(components=["unet", "text_encoder"])
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(tmp_path / "pipeline", safe_serialization=True)
+    save_file(to_ldm(pipe), tmp_path / "suspect.safetensors")
+
+    single = models.load_pipeline(tmp_path / "suspect.safetensors", device="cpu", config=narrow_dir)
+    folder = models.load_pipeline(tmp_path / "pipeline", device="cpu")
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(folder, part).state_dict(), getattr(single, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].reshape(a[k].shape)) for k in a), part
+
+    key = release[2]
+    config = audit.AuditConfig(queries=4, decoys=99, num_inference_steps=2, alpha=0.05, methods=("decoy", "paired"))
+    from_folder = audit.audit(folder, key, HELD_OUT, config, progress=False)
+    from_file = audit.audit(audit.load_suspect(str(tmp_path / "suspect.safetensors"), device="cpu", config=narrow_dir),
+                            key, HELD_OUT, config, progress=False)
+    assert [v.p_value for v in from_file.verdicts] == [v.p_value for v in from_folder.verdicts]
+    # equal weights, loaded by two routes (tensors laid out differently in memory): scores agree to float rounding
+    assert np.allclose(from_file.evidence.trigger_scores, from_folder.evidence.trigger_scores, rtol=1e-3, atol=1e-6)
+    info = audit.model_info(str(tmp_path / "suspect.safetensors"), None, narrow_dir)
+    assert list(info["base_files"]) == ["suspect.safetensors"] and info["config"] == str(narrow_dir)
+
+    (tmp_path / "suspect.ckpt").write_bytes(b"never opened")
+    with pytest.raises(ValueError, match="pickle"):
+        models.load_pipeline(tmp_path / "suspect.ckpt", device="cpu")
