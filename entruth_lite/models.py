@@ -335,7 +335,10 @@ def _load_lora_strict(pipe, file: Path) -> None:
                "text_encoder.": lambda sd: convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))}
     for prefix, part, label in (("unet.", pipe.unet, "UNet"), ("text_encoder.", pipe.text_encoder, "text encoder")):
         base_modules = {_unnested(name) for name, _ in part.named_modules()}
-        peft_keys = to_peft[prefix]({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        part_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not part_state:  # a LoRA of the UNet only (or of the text encoder only)
+            continue
+        peft_keys = to_peft[prefix](part_state)
         targets = {_unnested(_module_of(prefix + k, prefix)) for k in peft_keys}
         missing = sorted(targets - base_modules)
         if missing:

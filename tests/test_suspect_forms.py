@@ -117,3 +117,13 @@ def test_every_form_gives_the_same_p_value(suspect, tmp_path, capsys):
     whole = audit_json(capsys, "--model", str(tmp_path / "pipeline"), "--captions", str(captions), *key)
     assert whole["p_value"] == full["p_value"]
     assert "unet/diffusion_pytorch_model.safetensors" in whole["model"]["base_files"]
+
+
+def test_a_lora_of_the_unet_only_loads_in_either_layout(suspect, tmp_path):
+    """Most published LoRAs adapt the UNet alone: nothing of the text encoder to check or convert."""
+    unet_only = {k: v for k, v in load_file(suspect / "lora" / models.LORA_WEIGHTS_NAME).items() if k.startswith("unet.")}
+    save_file(unet_only, tmp_path / "unet_only.safetensors")
+    save_file(to_kohya(unet_only, alpha=8.0), tmp_path / "unet_only_kohya.safetensors")
+    for name in ("unet_only.safetensors", "unet_only_kohya.safetensors"):
+        pipe = models.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / name)
+        assert pipe.unet.peft_config and not getattr(pipe.text_encoder, "peft_config", None), name
