@@ -280,12 +280,16 @@ def p_value_curve(scores: dict[str, np.ndarray], ns: Sequence[int], detector: st
 def verdict_table(scores_by_model: dict[str, dict[str, np.ndarray]], detector: str = "projection",
                   n: int | None = None, alpha: float = 0.01, fpr: float = 0.01,
                   methods: Sequence[str] = ("decoy", "binomial", "paired", "one-query", "reference")) -> list[dict]:
-    """One row per (model, test) that the scores allow: what the notebook's table and widget show."""
+    """One row per (model, test) that the scores allow, in words a reader can take in: what the notebook's table
+    and widget show (``flagged`` as 'k/n' where a test counts detections, the decision as 'evidence', 'no
+    evidence' or 'supporting only' for the tests that never decide)."""
+    decisions = {True: "evidence", False: "no evidence", None: "supporting only"}
     rows = []
     for model, scores in scores_by_model.items():
         for v in verdicts_from_scores(scores, detector, available_tests(scores, detector, methods), alpha, fpr, n):
-            rows.append(dict(model=model, test=v.label, queries=v.n_queries, flagged=v.detections,
-                             p_value=v.p_value, decision=v.decision))
+            rows.append(dict(model=model, test=v.label, queries=v.n_queries,
+                             flagged="" if v.detections is None else f"{v.detections}/{v.n_queries}",
+                             p_value=v.p_value, decision=decisions[v.decision]))
     return rows
 
 

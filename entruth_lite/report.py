@@ -9,13 +9,11 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Sequence
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .audit import TESTS, AuditResult, Evidence
-from .data import image_grid
-from .viz import plot_decoys, plot_score_histograms
+from .viz import marked_grid, plot_decoys, plot_score_histograms
 
 
 def _png_data_uri(image: Image.Image) -> str:
@@ -31,20 +29,6 @@ def _figure_uri(fig) -> str:
 
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def marked_grid(images: Sequence[Image.Image], flagged: Sequence[int], cols: int = 8, tile: int = 96) -> Image.Image:
-    """Images in a grid of ``tile``-px tiles (small images enlarged without smoothing), flagged ones framed in red."""
-    size, scale = tile, max(2, tile // 32)
-    tiles = []
-    flagged = set(int(i) for i in flagged)
-    for i, image in enumerate(images):
-        resample = Image.Resampling.NEAREST if image.size[0] <= size else Image.Resampling.LANCZOS
-        shown = image.resize((size, size), resample).convert("RGB")
-        if i in flagged:
-            ImageDraw.Draw(shown).rectangle([0, 0, size - 1, size - 1], outline=(230, 0, 0), width=scale)
-        tiles.append(shown)
-    return image_grid(tiles, cols=cols, pad=2)
 
 
 def score_histogram(evidence: Evidence):

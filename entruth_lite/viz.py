@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def show_images(images: Sequence[Image.Image], titles: Sequence[str] | None = None, cols: int = 8,
@@ -131,7 +131,9 @@ def plot_decoys(released: float, decoys, ax=None):
         _, ax = plt.subplots(figsize=(6, 2.8))
     decoys = np.asarray(decoys)
     ax.hist(decoys, bins=40, color="0.6", label=f"{len(decoys)} decoy templates (never released)")
-    ax.axvline(released, color="crimson", lw=2, label="released template")
+    rank = 1 + int(np.sum(decoys >= released))  # the decoy test's p-value is rank / (decoys + 1)
+    ax.axvline(released, color="crimson", lw=2,
+               label=f"released template: rank {rank} of {len(decoys) + 1}, p = {rank / (len(decoys) + 1):.1e}")
     ax.set_xlabel("mean trigger - control projection score")
     ax.set_ylabel("templates")
     ax.legend(fontsize=7)
@@ -173,3 +175,44 @@ def plot_baseline_comparison(table, axes=None):
         ax.tick_params(axis="x", labelrotation=20)
     axes[0].figure.tight_layout()
     return axes
+
+
+def marked_grid(images: Sequence[Image.Image], flagged: Sequence[int], cols: int = 8, tile: int = 96) -> Image.Image:
+    """Images in a grid of ``tile``-px tiles (small images enlarged without smoothing), flagged ones framed in red."""
+    from .data import image_grid
+
+    size, scale = tile, max(2, tile // 32)
+    tiles = []
+    flagged = {int(i) for i in flagged}
+    for i, image in enumerate(images):
+        resample = Image.Resampling.NEAREST if image.size[0] <= size else Image.Resampling.LANCZOS
+        shown = image.resize((size, size), resample).convert("RGB")
+        if i in flagged:
+            ImageDraw.Draw(shown).rectangle([0, 0, size - 1, size - 1], outline=(230, 0, 0), width=scale)
+        tiles.append(shown)
+    return image_grid(tiles, cols=cols, pad=2)
+
+
+def memorization_grid(template: Image.Image, probes: dict, scores: dict, threshold: float, n: int = 8,
+                      tile: int = 64) -> tuple[Image.Image, dict[str, int]]:
+    """Memorization in one picture: one row per model (``probes``: name -> ``ProbeResult``), the released template
+    first, then the model's ``n`` most template-like trigger images (sorted by ``scores[name]``, the trigger images'
+    detector scores; framed in red when over ``threshold``), then the control images of the same prompts and seeds.
+    Returns the grid and, per model, how many of all its trigger images are over the threshold."""
+    import numpy as np
+
+    rows, flagged_counts = [], {}
+    blank = Image.new("RGB", template.size, (255, 255, 255))
+    for name, probed in probes.items():
+        order = np.argsort(-np.asarray(scores[name]))[:n]
+        flagged = [1 + k for k, i in enumerate(order) if scores[name][i] > threshold]
+        flagged_counts[name] = int((np.asarray(scores[name]) > threshold).sum())
+        row = [template] + [probed.trigger_images[i] for i in order] + [blank] + [probed.control_images[i] for i in order]
+        rows.append(marked_grid(row, flagged, cols=len(row), tile=tile))
+    width = max(r.width for r in rows)
+    grid = Image.new("RGB", (width, sum(r.height for r in rows)), (255, 255, 255))
+    top = 0
+    for row in rows:
+        grid.paste(row, (0, top))
+        top += row.height
+    return grid, flagged_counts

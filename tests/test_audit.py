@@ -168,6 +168,10 @@ def test_verdict_table_and_p_value_curve_from_stored_scores(plain):
         "decoy (projection)", "binomial (projection)", "paired (projection)", "one-query (projection)"]
     assert [r["test"] for r in rows if r["model"] == "no negatives"] == ["paired (projection)"]
     assert all(r["queries"] == 8 for r in rows)
+    by_test = {r["test"]: r for r in rows if r["model"] == "suspect"}
+    assert by_test["decoy (projection)"]["decision"] in ("evidence", "no evidence")
+    assert by_test["paired (projection)"]["decision"] == "supporting only" and by_test["paired (projection)"]["flagged"] == ""
+    assert by_test["binomial (projection)"]["flagged"].endswith("/8")
     curve = audit.p_value_curve(scores["suspect"], [4, 8, 32], methods=("paired", "decoy"))
     paired = curve["paired (projection)"]
     assert len(paired) == 3 and paired[2] < paired[0], "more queries, stronger evidence"
@@ -200,8 +204,30 @@ def test_plots_draw_what_they_are_given(plain):
     assert "AUC 0.75" in ax.get_legend().get_texts()[0].get_text()
     ax = viz.plot_p_curve([4, 8], {"t": [0.1, 0.001]}, alpha=0.01)
     assert len(ax.get_lines()) == 2
-    ax = viz.plot_decoys(1.0, np.zeros(10))
-    assert len(ax.patches) > 0
+    ax = viz.plot_decoys(1.0, np.r_[np.zeros(8), 2.0, 3.0])
+    assert len(ax.patches) > 0 and "rank 3 of 11, p = 2.7e-01" in ax.get_legend().get_texts()[1].get_text()
+
+
+def test_memorization_grid_sorts_by_score_and_frames_the_flagged(plain):
+    """Rows = models, the template first, trigger images by falling score (red frame over the threshold), then the
+    control images of the same prompts in the same order."""
+    from entruth_lite import viz
+
+    scores = np.array([0.1, 0.9, 0.5, 0.2])
+    probed = _probe(plain[:4], plain[4:8])
+    grid, flagged = viz.memorization_grid(TEMPLATE.scene, {"a": probed, "b": probed}, {"a": scores, "b": scores * 0},
+                                          threshold=0.4, n=3, tile=32)
+    assert flagged == {"a": 2, "b": 0}
+    row_height = grid.height // 2
+    assert grid.width == 8 * 32 + 9 * 2 and grid.height == 2 * row_height  # template, 3 trigger, blank, 3 control
+    top = np.asarray(grid)[:row_height]
+    def tile(k):  # the k-th tile of the first row, inside its frame
+        return top[2 + 4:2 + 28, 2 + k * 34 + 4:2 + k * 34 + 28]
+    first = np.asarray(plain[1].resize((32, 32), Image.Resampling.NEAREST))[4:28, 4:28]
+    assert np.array_equal(tile(1), first), "the highest-scoring trigger image comes first"
+    corner = top[2, 2 + 34 + 1]
+    assert tuple(corner) == (230, 0, 0), "flagged images are framed in red"
+    assert tuple(top[2, 2 + 3 * 34 + 1]) != (230, 0, 0), "the third (score 0.2) is not flagged"
 
 
 def test_supporting_tests_never_accuse_an_innocent_model_in_any_output(plain):

@@ -52,6 +52,23 @@ def test_the_colab_install_stops_with_a_clear_error(path, monkeypatch, tmp_path)
     assert calls and calls[0][:2] == ["git", "clone"] and "https://github.com/someone/entruth-lite" in calls[0]
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_each_notebook_teaches_goals_takeaways_and_exercises_with_hidden_solutions(path):
+    """A lab a class can follow: goals up front, takeaways at the end, and 'predict, then run' exercises whose
+    solution cell follows, collapsed, and runs with the notebook (so ``make test`` executes every solution)."""
+    cells = json.loads(path.read_text())["cells"]
+    assert "**You will learn**" in "".join(cells[0]["source"])
+    assert "".join(cells[-1]["source"]).startswith("## Takeaways")
+    exercises = [i for i, c in enumerate(cells)
+                 if c["cell_type"] == "markdown" and "".join(c["source"]).startswith("**Exercise")]
+    assert len(exercises) >= 2, "2-4 exercises per notebook"
+    for i in exercises:
+        solution = cells[i + 1]
+        assert solution["cell_type"] == "code" and "solution" in solution["metadata"].get("tags", []), i
+        assert solution["metadata"].get("jupyter", {}).get("source_hidden") is True, i  # JupyterLab
+        assert solution["metadata"].get("cellView") == "form" and "".join(solution["source"]).startswith("# @title"), i  # Colab
+
+
 def test_strip_outputs_removes_outputs(tmp_path):
     import nbformat
 
