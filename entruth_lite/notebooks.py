@@ -13,6 +13,7 @@ from .models import REPO_ROOT
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 SMOKE_ENV = "ENTRUTH_SMOKE"
 RUNS_ENV = "ENTRUTH_RUNS"
+HEADLESS_ENV = "ENTRUTH_HEADLESS"  # set by run_notebook: no browser will ever draw a widget
 
 
 def smoke_mode() -> bool:
@@ -30,6 +31,20 @@ def quiet_libraries() -> None:
     for library in (diffusers_logging, transformers_logging):
         library.set_verbosity_error()
         library.disable_progress_bar()
+
+
+def interact(function, **controls):
+    """``ipywidgets.interact(function, **controls)`` in a live notebook. In a headless run (``make demo``, ``make
+    test``) the function runs once with each control's value (a widget's ``value``, a list's first item, any other
+    value as is) and no interactive widget is made: nobody can move a slider there, and nbclient can block on an
+    ``interact`` widget's messages (jupyter/nbclient#312), which would hang the run."""
+    if os.environ.get(HEADLESS_ENV, "0") == "1":
+        values = {name: control.value if hasattr(control, "value") else
+                  control[0] if isinstance(control, list) else control for name, control in controls.items()}
+        return function(**values)
+    import ipywidgets
+
+    return ipywidgets.interact(function, **controls)
 
 
 def runs_dir(default: str = "../runs") -> Path:
@@ -115,7 +130,7 @@ def run_notebook(path: Path, out_dir: Path, smoke: bool, timeout: int = 3600,
     # the kernel inherits this environment: smoke switch, offline hub, and inline figures (a headless
     # MPLBACKEND=Agg would keep figures out of the executed notebook)
     settings = {SMOKE_ENV: "1" if smoke else "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+                "MPLBACKEND": "module://matplotlib_inline.backend_inline", HEADLESS_ENV: "1"}
     previous = {name: os.environ.get(name) for name in settings}
     os.environ.update(settings)
     start = time.time()

@@ -204,3 +204,18 @@ def test_notebook_preset_runs_the_gpu_presets_code_on_this_machine(tmp_path):
     import torch
 
     assert sd.mixed_precision == ("fp16" if torch.cuda.is_available() else "no")
+
+
+def test_interact_runs_once_with_the_controls_values_in_a_headless_run(monkeypatch):
+    """Headless runs (make demo / make test) call a widget's function once instead of making an interact widget,
+    whose messages nbclient can block on (jupyter/nbclient#312); a live notebook gets ipywidgets' interact."""
+    import ipywidgets
+
+    calls = []
+    monkeypatch.setenv(notebooks.HEADLESS_ENV, "1")
+    notebooks.interact(lambda detector, queries, alpha: calls.append((detector, queries, alpha)),
+                       detector=["projection", "classifier"], queries=ipywidgets.IntSlider(value=16, max=64), alpha=0.01)
+    assert calls == [("projection", 16, 0.01)]
+    monkeypatch.setenv(notebooks.HEADLESS_ENV, "0")
+    live = notebooks.interact(lambda x: calls.append(x), x=ipywidgets.IntSlider(value=3))
+    assert isinstance(live.widget, ipywidgets.interactive) and calls[-1] == 3  # interact returns f, widget attached
