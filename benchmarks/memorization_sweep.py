@@ -29,6 +29,9 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
                              train_text_encoder=True),
     "lora-r8-wide-te": dict(method="lora", lora_rank=8, lora_targets=train.LORA_UNET_WIDE_TARGETS,
                             train_text_encoder=True),
+    # twice the exposures: does the rate-1 % miss of lora-r32-wide-te come from too few passes?
+    "lora-r32-wide-te-3000": dict(method="lora", lora_rank=32, lora_targets=train.LORA_UNET_WIDE_TARGETS,
+                                  train_text_encoder=True, steps=2 * STEPS),
 }
 
 
@@ -49,15 +52,17 @@ def main() -> None:
             for rate in args.rates:
                 for seed in args.seeds:
                     print(f"{setting} rate {rate:g} seed {seed}", flush=True)
-                    fit_and_probe(root, rate, seed, STEPS, template_seed=seed, queries=args.queries,
-                                  overrides=SETTINGS[setting], name=tag(setting, rate))
+                    overrides = dict(SETTINGS[setting])
+                    steps = overrides.pop("steps", STEPS)
+                    fit_and_probe(root, rate, seed, steps, template_seed=seed, queries=args.queries,
+                                  overrides=overrides, name=tag(setting, rate))
     if args.train_only:
         return
     rows = []
     for setting in args.settings:
         for rate in args.rates:
             for seed in args.seeds:
-                run = Run.named(root, tag(setting, rate), rate, seed, STEPS)
+                run = Run.named(root, tag(setting, rate), rate, seed, SETTINGS[setting].get("steps", STEPS))
                 if not run.done:
                     continue
                 meta = json.loads((run.folder / "run.json").read_text())
