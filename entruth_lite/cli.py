@@ -120,16 +120,7 @@ def _audit(args) -> None:
     elif args.step == "prompts" or not args.images:
         captions = audit.held_out_captions(args.model or "tiny")
     if args.step == "prompts":  # black box, step 1: the prompts to send to the service
-        if not args.out:
-            raise ValueError("audit prompts needs --out (the prompt sheet to write, e.g. prompts.jsonl)")
-        from .models import TINY_RESOLUTION
-
-        # the size the suspect was trained at: the key's, else the tiny model's or Stable Diffusion 1.5's
-        resolution = args.resolution or key.resolution or (TINY_RESOLUTION if (args.model or "tiny") == "tiny" else 512)
-        out = probe.write_prompt_sheet(audit.prompt_sheet_for(key, captions, config, resolution), args.out,
-                                       overwrite=args.overwrite)
-        print(f"wrote {config.queries} trigger and {config.queries} control prompts to {out}; save the service's "
-              f"images under the sheet's file names, then: entruth-lite audit --images DIR --prompts {out} --key KEY")
+        _write_prompt_sheet(args, key, captions, config)
         return
     negatives = None
     if args.negatives:
@@ -169,6 +160,20 @@ def _audit(args) -> None:
             print("no verdict: no exact test could run; the numbers above are supporting evidence only")
         if args.report:
             print(f"report: {args.report}")
+
+
+def _write_prompt_sheet(args, key, captions: list[str], config) -> None:
+    from . import audit, probe
+    from .models import TINY_RESOLUTION
+
+    if not args.out:
+        raise ValueError("audit prompts needs --out (the prompt sheet to write, e.g. prompts.jsonl)")
+    # the size the suspect was trained at: the key's, else the tiny model's or Stable Diffusion 1.5's
+    resolution = args.resolution or key.resolution or (TINY_RESOLUTION if (args.model or "tiny") == "tiny" else 512)
+    out = probe.write_prompt_sheet(audit.prompt_sheet_for(key, captions, config, resolution), args.out,
+                                   overwrite=args.overwrite)
+    print(f"wrote {config.queries} trigger and {config.queries} control prompts to {out}; save the service's "
+          f"images under the sheet's file names, then: entruth-lite audit --images DIR --prompts {out} --key KEY")
 
 
 def _replay(args, record: dict) -> None:
@@ -318,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "sheet's order), then: entruth-lite audit --images DIR --prompts prompts.jsonl --key K.")
     au.add_argument("step", nargs="?", choices=["prompts"], help="'prompts': write the black-box prompt sheet (--out)")
     au.add_argument("--model", help="base model: 'tiny' (default), a hub id, a local folder or a single-file "
-                    ".safetensors checkpoint; alone (no --weights), a whole fine-tuned pipeline to audit as it is; with --images, the base whose VAE draws plain "
-                    "images for the binomial and one-query tests (optional)")
+                    ".safetensors checkpoint; alone (no --weights), a whole fine-tuned pipeline to audit as it is; "
+                    "with --images, the base whose VAE draws plain images for the binomial and one-query tests")
     au.add_argument("--weights", help="the suspect's fine-tuned weights: a folder (LoRA or full) or one LoRA "
                     ".safetensors file (diffusers or kohya / A1111 keys); safetensors only")
     au.add_argument("--key", help="the owner key folder (required unless --replay)")
@@ -345,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--prompts", help="black box: the prompt sheet (or manifest) the --images answer")
     au.add_argument("--out", help="audit prompts: where to write the prompt sheet (JSON lines)")
     au.add_argument("--resolution", type=int, help="audit prompts: image size to ask for (default: the key's "
-                    "training resolution, else 512)")
+                    "training resolution, else the base model's: 32 for tiny, 512 for others)")
     au.add_argument("--overwrite", action="store_true", help="audit prompts: replace an existing sheet")
     au.set_defaults(func=_audit)
 

@@ -62,12 +62,12 @@ def write_owner_data(dataset: str | Path, folders: Release, size: int) -> None:
         data.write_emoji_dataset(folders.owner, size=size, overwrite=True)
         data.write_emoji_dataset(folders.held_out, split="probe", size=size, overwrite=True)
     else:
-        if not (Path(dataset) / data.METADATA).is_file():  # a hub id (or a datasets folder): import once
-            imported = folders.owner.parent / "imported"
-            if not (imported / data.METADATA).is_file():
-                data.import_captioned(str(dataset), imported, resolution=size, overwrite=True)
-            dataset = imported
-        source = data.load_imagefolder(dataset)
+        folder = Path(dataset)
+        if not (folder / data.METADATA).is_file():  # a hub id (or a datasets folder): import once
+            folder = folders.owner.parent / "imported"
+            if not (folder / data.METADATA).is_file():
+                data.import_captioned(str(dataset), folder, resolution=size, overwrite=True)
+        source = data.load_imagefolder(folder)
         held = set(split_held_out(len(source)).tolist())
         for folder, rows in ((folders.owner, [i for i in range(len(source)) if i not in held]),
                              (folders.held_out, sorted(held))):

@@ -200,3 +200,22 @@ def torch_allclose(a, b):
     import torch
 
     return torch.allclose(a, b, atol=1e-6)
+
+
+def test_demo_release_of_a_hub_dataset_imports_once_and_is_reused(tmp_path, monkeypatch, photo_folder):
+    """DATASET = a hub id: imported once at the training size, then reused like a local folder (no network here:
+    the import is replaced by a copy of the photos)."""
+    imports = []
+
+    def fake_import(source, out, resolution=None, overwrite=False, **_):
+        imports.append(source)
+        dataset = data.load_imagefolder(photo_folder)
+        return data.save_imagefolder([data.crop_to_square(dataset.image(i), resolution) for i in range(len(dataset))],
+                                     dataset.captions, out, overwrite=overwrite)
+
+    monkeypatch.setattr(data, "import_captioned", fake_import)
+    folders = demo.release(tmp_path, rate=0.05, template="random:0", seed=0, size=32, dataset="someone/photos")
+    stamp = (folders.key / "key.json").stat().st_mtime_ns
+    assert demo.release(tmp_path, rate=0.05, template="random:0", seed=0, size=32, dataset="someone/photos") == folders
+    assert imports == ["someone/photos"] and (folders.key / "key.json").stat().st_mtime_ns == stamp
+    assert len(demo.held_out_captions(folders)) == demo.MIN_HELD_OUT
