@@ -100,8 +100,9 @@ def plain_negatives(root: Path, key) -> list[Image.Image]:
 
 
 def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed: int, queries: int = 64,
-                  keep_model: bool = True, attack=None, overrides: dict | None = None, name: str | None = None) -> Run:
-    """Protect the owner data with ``random:<template_seed>`` (a real key either way), train on the protected
+                  keep_model: bool = True, attack=None, overrides: dict | None = None, name: str | None = None,
+                  family: str = "random") -> Run:
+    """Protect the owner data with ``<family>:<template_seed>`` (a real key either way), train on the protected
     copy (``rate`` > 0) or on the clean data (``rate`` = 0: the key exists but its release was never used,
     which is exactly the null hypothesis), then probe with the key's trigger and save the images.
 
@@ -112,7 +113,7 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
         return run
     owner = owner_dataset(root)
     released = run.folder / "protected"
-    report = protect.protect(owner, f"random:{template_seed}", released, run.key, rate=rate or 0.01, seed=seed,
+    report = protect.protect(owner, f"{family}:{template_seed}", released, run.key, rate=rate or 0.01, seed=seed,
                              overwrite=True)
     key = protect.load_key(run.key)
     # checkpoints make a killed run resumable; ``checkpoint_every`` is not part of the settings' fingerprint

@@ -32,7 +32,12 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
     # twice the exposures: does the rate-1 % miss of lora-r32-wide-te come from too few passes?
     "lora-r32-wide-te-3000": dict(method="lora", lora_rank=32, lora_targets=train.LORA_UNET_WIDE_TARGETS,
                                   train_text_encoder=True, steps=2 * STEPS),
+    # the mosaic family (templates.FAMILIES): members far apart after the VAE (benchmarks/template_family.py)
+    "lora-r32-wide-te-mosaic": dict(method="lora", lora_rank=32, lora_targets=train.LORA_UNET_WIDE_TARGETS,
+                                    train_text_encoder=True, family="mosaic"),
+    "full-mosaic": dict(family="mosaic"),
 }
+NOT_TRAINING = ("steps", "family")  # sweep keys that are not training settings
 
 
 def tag(setting: str, rate: float) -> str:
@@ -52,10 +57,10 @@ def main() -> None:
             for rate in args.rates:
                 for seed in args.seeds:
                     print(f"{setting} rate {rate:g} seed {seed}", flush=True)
-                    overrides = dict(SETTINGS[setting])
-                    steps = overrides.pop("steps", STEPS)
-                    fit_and_probe(root, rate, seed, steps, template_seed=seed, queries=args.queries,
-                                  overrides=overrides, name=tag(setting, rate))
+                    overrides = {k: v for k, v in SETTINGS[setting].items() if k not in NOT_TRAINING}
+                    fit_and_probe(root, rate, seed, SETTINGS[setting].get("steps", STEPS), template_seed=seed,
+                                  queries=args.queries, overrides=overrides, name=tag(setting, rate),
+                                  family=SETTINGS[setting].get("family", "random"))
     if args.train_only:
         return
     rows = []

@@ -15,6 +15,7 @@ import pandas as pd
 
 from entruth_lite import attacks, baselines, quality
 
+from . import template_family
 from .common import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,6 +32,7 @@ when you have no run of your own.
 | `detection_power.csv`, `detection_power_auc.csv` | `benchmarks.detection_power` | rate x test x queries; rate x detector |
 | `null_calibration.csv` | `benchmarks.null_calibration` | one per test |
 | `memorization.csv` | `benchmarks.memorization_sweep` | one per setting, rate and seed |
+| `template_family.csv` | `benchmarks.template_family` | one per family, member and detector |
 | `compare_baselines.csv` | `benchmarks.compare_baselines` | one per method and seed |
 | `robustness.csv` | `benchmarks.robustness` | one per attack, strength and seed |
 | `lora_lr_check.csv` | a one-off 300-step check (not a module) | one per learning rate |
@@ -68,6 +70,17 @@ a 1 % false-positive threshold on plain images, 64 queries, alpha = 0.01. `lora-
 attention, convolution and feed-forward layers plus a LoRA on the text encoder (`train_text_encoder`), at the preset's
 learning rate; `lora-r32-wide-te-3000`: the same for 3,000 steps (twice the exposures). `train_seconds` is wall time on 2 shared cores (other jobs ran beside some runs; a resumed run counts
 only the steps after its checkpoint). A sweep in progress: the rows are the runs finished so far.
+"""
+
+FAMILY = """## How far apart a family's members are (the decoy test's ceiling)
+
+No training: each member (seeds 0-19) of each random family holds 8 held-out emoji, is round-tripped through the
+tiny VAE (the most a latent model can learn of it) and scored with itself and with 999 of its decoys. `own_median`:
+the member's own score (1 = its surround survives exactly); `max_ratio`: the best decoy's score over the member's
+own (median and worst member); the last column counts members for which some decoy scores at least as high as the
+member itself, so that even a perfectly memorized template of that draw could not rank first (decoy p > 1e-3).
+The `random` family's members share a layout (a ring of blocks in a cyclic colour pattern around a dark panel);
+`mosaic` gives every block of the surround one of 3-4 colours at random.
 """
 
 BASELINES = """## Baselines and the cost in quality
@@ -136,6 +149,9 @@ def render(folder: Path = RESULTS) -> str:
     parts.append(_section(folder, "null_calibration.csv", NULL, lambda t: markdown_table(
         t, {"p_rate_above_0.05": ".2g", "p_rate_above_0.01": ".2g", "median_p": ".2g"})))
     parts.append(_section(folder, "memorization.csv", MEMORIZATION, _memorization))
+    parts.append(_section(folder, "template_family.csv", FAMILY, lambda t: markdown_table(
+        template_family.summarize(t), dict(own_median=".3f", own_min=".3f", max_ratio_median=".3f",
+                                           max_ratio_worst=".3f"))))
     parts.append(_section(folder, "compare_baselines.csv", BASELINES, lambda t: markdown_table(
         baselines.summarize_comparison(t), dict(rate=".2g", psnr_db=".1f", tpr=".2f", median_p=".1e",
                                                 membership_tpr=".2f", fid=".2f", fid_sd=".2f", kid=".4f",

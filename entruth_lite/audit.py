@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import data, detect, probe, verify
 from .probe import ProbeResult
-from .templates import Template, decoy_templates, random_seed_of, random_template
+from .templates import FAMILIES, Template, decoy_templates, family_member, random_seed_of
 
 DETECTORS = ("projection", "classifier")
 
@@ -49,12 +49,19 @@ def _one_query(scores, d, alpha, fpr, n):
     return verify.one_query_test(scores[f"{d}_trigger"][:n], scores[f"{d}_negatives"], alpha)
 
 
+def decoy_statistics(scores: dict[str, np.ndarray], n: int | None = None) -> tuple[float, np.ndarray]:
+    """The decoy test's statistics on the first ``n`` queries (all by default): the released template's mean
+    trigger-minus-control score and each decoy's, shape (K,). What the decoy figure and its widget draw."""
+    released, matrix = scores["decoy_released"][:n], scores["decoy_matrix"][:, :n]
+    return float(released.mean()), matrix.mean(axis=1)
+
+
 def _decoy(scores, d, alpha, fpr, n):
     """Rank of the released template among decoy templates from the same random family that were never released
     (statistic: mean trigger-minus-control projection score). Null: the suspect never saw the release, so the
     released template is exchangeable with the decoys; the p-value is exact."""
-    released, matrix = scores["decoy_released"][:n], scores["decoy_matrix"][:, :n]
-    return verify.decoy_test(float(released.mean()), matrix.mean(axis=1), len(released), alpha)
+    released, decoys = decoy_statistics(scores, n)
+    return verify.decoy_test(released, decoys, len(scores["decoy_released"][:n]), alpha)
 
 
 def _reference(scores, d, alpha, fpr, n):
@@ -160,7 +167,7 @@ def methods_for_template(methods: Sequence[str], template: Template) -> tuple[tu
     from the random family; without it no exact test is left, so the audit reports supporting numbers and no
     verdict (the binomial test stands in as the first number to read)."""
     methods = tuple(methods)
-    if "decoy" not in methods or template.family == "random":
+    if "decoy" not in methods or template.family in FAMILIES:
         return methods, []
     return ("binomial",) + tuple(m for m in methods if m not in ("decoy", "binomial")), [
         f"decoy test skipped: template {template.name!r} is not from the random family, so no exact test is "
@@ -189,7 +196,7 @@ def decoy_differences(probed: ProbeResult, template: Template, k: int = 999, sal
     from tqdm.auto import tqdm
 
     size = min(template.size[0], work_size)
-    released = random_template(random_seed_of(template), size)
+    released = family_member(template, size=size)
     trig = data.image_array(probed.trigger_images, released.size)
     ctrl = data.image_array(probed.control_images, released.size)
 
@@ -282,13 +289,16 @@ def verdict_table(scores_by_model: dict[str, dict[str, np.ndarray]], detector: s
                   methods: Sequence[str] = ("decoy", "binomial", "paired", "one-query", "reference")) -> list[dict]:
     """One row per (model, test) that the scores allow, in words a reader can take in: what the notebook's table
     and widget show (``flagged`` as 'k/n' where a test counts detections, the decision as 'evidence', 'no
-    evidence' or 'supporting only' for the tests that never decide)."""
+    evidence' or 'supporting only' for the tests that never decide). ``chance``: the binomial test's null rate,
+    the share of plain images over the threshold (95 % upper bound): the same k/n gives a different p-value
+    with another detector because each detector's chance rate is measured on its own plain images."""
     decisions = {True: "evidence", False: "no evidence", None: "supporting only"}
     rows = []
     for model, scores in scores_by_model.items():
         for v in verdicts_from_scores(scores, detector, available_tests(scores, detector, methods), alpha, fpr, n):
             rows.append(dict(model=model, test=v.label, queries=v.n_queries,
                              flagged="" if v.detections is None else f"{v.detections}/{v.n_queries}",
+                             chance=f"{v.statistic:.1%}" if v.test == "binomial" else "",
                              p_value=v.p_value, decision=decisions[v.decision]))
     return rows
 

@@ -175,15 +175,18 @@ class TemplateClassifier:
         return np.concatenate(out)
 
 
-def _distractor_seeds(template: Template, config: ClassifierConfig) -> list[int]:
+def _distractors(template: Template, config: ClassifierConfig) -> list[Template]:
+    """Members of the template's random family (the default family for other templates), never itself."""
+    from .templates import DEFAULT_FAMILY, FAMILIES, random_template
+
+    family = template.family if template.family in FAMILIES else DEFAULT_FAMILY
     rng = np.random.default_rng([config.seed, 0xD15])
-    own = template.name  # never the template itself
     seeds = []
     while len(seeds) < config.distractors:
         seed = int(rng.integers(0, 2**31 - 1))
-        if f"random:{seed}" != own:
+        if f"{family}:{seed}" != template.name:
             seeds.append(seed)
-    return seeds
+    return [random_template(seed, template.size, family) for seed in seeds]
 
 
 def train_classifier(template: Template, plain_images: Sequence[Image.Image], config: ClassifierConfig | None = None,
@@ -191,7 +194,7 @@ def train_classifier(template: Template, plain_images: Sequence[Image.Image], co
     """Train the template classifier on ``plain_images`` (the owner's unaltered images) and calibrate it on a
     held-out share of them. ``vae``: pass the suspect pipeline's VAE (or the pipeline) to train and calibrate
     on VAE round trips, which look more like generated images than the originals do."""
-    from .templates import insert, random_template, vae_round_trip
+    from .templates import insert, vae_round_trip
 
     config = config or ClassifierConfig()
     if len(plain_images) < 8:
@@ -203,7 +206,7 @@ def train_classifier(template: Template, plain_images: Sequence[Image.Image], co
     training = [plain_images[i] for i in order[n_calibration:]]
     positives = insert(training, template)
     # hard negatives: the same images in other templates, so that "has a colourful frame" is not enough
-    others = [random_template(seed, template.size) for seed in _distractor_seeds(template, config)]
+    others = _distractors(template, config)
     distracted = [insert(image, others[i % len(others)]) for i, image in enumerate(training)] if others else []
     if vae is not None:
         calibration, training, positives, distracted = (

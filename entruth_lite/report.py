@@ -136,3 +136,14 @@ def write_report(result: AuditResult, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_report(result), encoding="utf-8")
     return path
+
+
+def inline(path: str | os.PathLike, height: int = 600):
+    """A written report shown in a notebook cell: the page inside an iframe's ``srcdoc`` (it is self-contained,
+    so this works in JupyterLab and in Colab, where an iframe cannot load a file from the runtime's disk)."""
+    from IPython.display import HTML
+
+    page = Path(path).read_text(encoding="utf-8")
+    return HTML(f'<iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:{int(height)}px;'
+                'border:1px solid #ccc"></iframe>')
+

@@ -116,7 +116,7 @@ class Template:
     name: str
     scene: Image.Image
     corners: tuple[Point, ...]
-    family: str | None = None  # "random": drawn from ``random_template``'s family, so decoys can be drawn
+    family: str | None = None  # a random family's name (FAMILIES): drawn by ``random_template``, so decoys can be drawn
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -225,14 +225,21 @@ BUILTIN: dict[str, Design] = {
 }
 
 
-# ----------------------------------------------------------------------------- a random family (for decoy keys)
+# ----------------------------------------------------------------------------- random families (for decoy keys)
 #
 # The decoy test needs the released template to be one random draw from a family that the owner can draw
 # more members (decoys) from: a model that never saw the release has no reason to prefer it over a decoy.
-# The family varies what a memorizing model would copy (bulb colours, bulb size, panel colour, screen
-# shape) and keeps what makes the billboard learnable at 32 px (a 4-unit ring of bright blocks).
+# A member is named ``<family>:<seed>``; the same name gives the same template at any size, forever (keys
+# written with a family stay verifiable), so a family is never changed, only added.
+#
+# - ``random``: the first family, a billboard (a 4-unit ring of bright blocks in a cyclic pattern of 2-4 hues
+#   around a dark panel). Its members share that layout, and after the VAE some decoys match a member's own
+#   rendition as well as the member does (benchmarks/template_family.py), which caps the decoy test's power.
+# - ``mosaic``: the whole surround is a grid of coarse blocks (5-8 units), each given one of 3-4 colours at
+#   random. Members share nothing but block sizes, so they are far apart after the VAE, and coarse blocks
+#   survive it.
 
-RANDOM_PREFIX = "random:"
+RANDOM_PREFIX = "random:"  # the first family's names
 
 
 def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
@@ -241,7 +248,13 @@ def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
     return tuple(255.0 * c for c in colorsys.hsv_to_rgb(h % 1.0, s, v))
 
 
-def _random_design(seed: int) -> tuple[Callable, tuple[Point, ...]]:
+def _jittered_screen(rng: np.random.Generator, near: float = 4.5, far: float = 7.0) -> tuple[Point, ...]:
+    jitter = rng.uniform(near, far, size=8)  # distance of each corner coordinate from its edge, in design units
+    return ((jitter[0], jitter[1]), (DESIGN_UNITS - jitter[2], jitter[3]),
+            (DESIGN_UNITS - jitter[4], DESIGN_UNITS - jitter[5]), (jitter[6], DESIGN_UNITS - jitter[7]))
+
+
+def _billboard_member(seed: int) -> tuple[Callable, tuple[Point, ...]]:
     rng = np.random.default_rng([seed, 0x7E3A])
     n_colours = int(rng.integers(2, 5))
     hues = rng.uniform(0, 1) + np.arange(n_colours) / n_colours + rng.uniform(-0.08, 0.08, n_colours)
@@ -260,32 +273,64 @@ def _random_design(seed: int) -> tuple[Callable, tuple[Point, ...]]:
             _paint(image, ring & (index == k), colour)
         return image
 
-    jitter = rng.uniform(4.5, 7.0, size=8)  # distance of each corner coordinate from its edge, in design units
-    corners = ((jitter[0], jitter[1]), (DESIGN_UNITS - jitter[2], jitter[3]),
-               (DESIGN_UNITS - jitter[4], DESIGN_UNITS - jitter[5]), (jitter[6], DESIGN_UNITS - jitter[7]))
-    return draw, corners
+    return draw, _jittered_screen(rng)
 
 
-def random_template(seed: int | None = None, size: int | Sequence[int] = 32) -> Template:
-    """One member of the random billboard family, named ``random:<seed>`` (``seed=None``: a fresh secret seed).
+def _mosaic_member(seed: int) -> tuple[Callable, tuple[Point, ...]]:
+    rng = np.random.default_rng([seed, 0x5A1D])
+    n_colours = int(rng.integers(3, 5))
+    hues = rng.uniform(0, 1) + np.arange(n_colours) / n_colours + rng.uniform(-0.08, 0.08, n_colours)
+    palette = np.array([_hsv(h, rng.uniform(0.6, 1.0), rng.uniform(0.35, 1.0)) for h in rng.permutation(hues)],
+                       np.float32)
+    block = float(rng.choice([5.0, 6.0, 8.0]))
+    cells = int(np.ceil(DESIGN_UNITS / block)) + 1
+    colour_of_cell = rng.integers(0, n_colours, size=(cells, cells))
+    offset_u, offset_v = rng.uniform(0, block, size=2)
+
+    def draw(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        rows = np.floor((v + offset_v) / block).astype(int)
+        columns = np.floor((u + offset_u) / block).astype(int)
+        return palette[colour_of_cell[rows, columns]]
+
+    return draw, _jittered_screen(rng)
+
+
+FAMILIES: dict[str, Callable[[int], tuple[Callable, tuple[Point, ...]]]] = {
+    "random": _billboard_member,
+    "mosaic": _mosaic_member,
+}
+DEFAULT_FAMILY = "random"  # what protect(template="random") draws from
+
+
+def random_template(seed: int | None = None, size: int | Sequence[int] = 32, family: str = DEFAULT_FAMILY) -> Template:
+    """One member of a random family, named ``<family>:<seed>`` (``seed=None``: a fresh secret seed).
     The same seed gives the same template at any size; different seeds give unrelated colours and screens."""
     import secrets
 
+    if family not in FAMILIES:
+        raise ValueError(f"unknown template family {family!r}: choose one of {', '.join(FAMILIES)}")
     seed = secrets.randbits(31) if seed is None else int(seed)
     if seed < 0:
         raise ValueError(f"template seed must be non-negative, got {seed}")
     width, height = _size_pair(size)
-    draw, corners = _random_design(seed)
+    draw, corners = FAMILIES[family](seed)
     corners = [(x * width / DESIGN_UNITS, y * height / DESIGN_UNITS) for x, y in corners]
-    return Template(f"{RANDOM_PREFIX}{seed}", _rasterize(draw, width, height), corners, family="random")
+    return Template(f"{family}:{seed}", _rasterize(draw, width, height), corners, family=family)
 
 
 def random_seed_of(template: Template) -> int:
-    """The seed of a ``random_template``; a clear error for any other template."""
-    if template.family != "random" or not template.name.startswith(RANDOM_PREFIX):
-        raise ValueError(f"template {template.name!r} was not drawn from the random family (random_template), "
+    """The seed of a random family's member; a clear error for any other template."""
+    prefix = f"{template.family}:"
+    if template.family not in FAMILIES or not template.name.startswith(prefix):
+        raise ValueError(f"template {template.name!r} was not drawn from a random family ({', '.join(FAMILIES)}), "
                          "so no decoys exchangeable with it can be drawn")
-    return int(template.name[len(RANDOM_PREFIX):])
+    return int(template.name[len(prefix):])
+
+
+def family_member(template: Template, seed: int | None = None, size: int | Sequence[int] | None = None) -> Template:
+    """The member of ``template``'s family with ``seed`` (default: its own) at ``size`` (default: its own)."""
+    own = random_seed_of(template)
+    return random_template(own if seed is None else seed, template.size if size is None else size, template.family)
 
 
 def decoy_templates(template: Template, k: int, salt: str = "") -> list[Template]:
@@ -301,7 +346,7 @@ def decoy_templates(template: Template, k: int, salt: str = "") -> list[Template
         seed = int(rng.integers(0, 2**31 - 1))
         if seed != own and seed not in seeds:
             seeds.append(seed)
-    return [random_template(seed, template.size) for seed in seeds]
+    return [family_member(template, seed) for seed in seeds]
 
 
 def list_templates() -> list[str]:
@@ -523,8 +568,8 @@ def load_template(folder: str | os.PathLike, stem: str = "template") -> Template
     expected = meta.get("scene_sha256")
     if expected and hashlib.sha256(png_bytes(template.scene)).hexdigest() != expected:
         raise ValueError(f"{folder / (stem + '.png')} does not match the scene hash in {meta_path}")
-    if template.family == "random" and not _is_family_member(template):
-        raise ValueError(f"{meta_path} says the template is {template.name!r} of the random family, but its scene is "
+    if template.family is not None and not _is_family_member(template):
+        raise ValueError(f"{meta_path} says the template is {template.name!r} of the {template.family!r} family, but its scene is "
                          "not that member's: the decoy test is exact only for templates drawn by random_template. "
                          "Remove 'family' to use it as an ordinary template (no decoy test)")
     return template
@@ -533,10 +578,9 @@ def load_template(folder: str | os.PathLike, stem: str = "template") -> Template
 def _is_family_member(template: Template) -> bool:
     """Whether ``template`` is exactly the random family's member it is named after (scene and screen)."""
     try:
-        seed = random_seed_of(template)
+        member = family_member(template)
     except ValueError:
         return False
-    member = random_template(seed, template.size)
     return (np.array_equal(np.asarray(member.scene), np.asarray(template.scene))
             and np.allclose(member.corners, template.corners, atol=1e-6))
 
@@ -549,14 +593,15 @@ def resolve_template(template: Template | str | os.PathLike, size: int | Sequenc
         return builtin_template(template, size)
     if template == "random":
         return random_template(None, size)
-    if isinstance(template, str) and template.startswith(RANDOM_PREFIX):
-        seed = template[len(RANDOM_PREFIX):]
+    family, _, seed = str(template).partition(":") if isinstance(template, str) else ("", "", "")
+    if family in FAMILIES:
         if not seed.isdigit():
-            raise ValueError(f"random template {template!r} needs a non-negative integer seed, e.g. 'random:0'")
-        return random_template(int(seed), size)
+            raise ValueError(f"random template {template!r} needs a non-negative integer seed, e.g. '{family}:0'")
+        return random_template(int(seed), size, family)
     if Path(template).is_dir():
         return load_template(template)
-    raise ValueError(f"unknown template {str(template)!r}: use one of {', '.join(BUILTIN)}, 'random', 'random:<seed>' or a folder with template.png/json")
+    raise ValueError(f"unknown template {str(template)!r}: use one of {', '.join(BUILTIN)}, 'random', "
+                     f"'<family>:<seed>' (families: {', '.join(FAMILIES)}) or a folder with template.png/json")
 
 
 # ----------------------------------------------------------------------------- display and VAE

@@ -145,3 +145,25 @@ def roc_curve(positive_scores, negative_scores) -> tuple[np.ndarray, np.ndarray,
     fpr = np.concatenate([[0.0], [(negative >= t).mean() for t in thresholds]])
     auc = float(stats.mannwhitneyu(positive, negative).statistic / (len(positive) * len(negative)))
     return fpr, tpr, auc
+
+
+def measured_power(table, rate: float, test: str = "decoy (projection)", queries: int = 64) -> str:
+    """What the detection-power benchmark measured nearest to ``rate`` (its table: ``detection_power.csv``), in
+    one sentence for a widget: the consequence of choosing a rate, not only its look."""
+    import numpy as np
+
+    rows = table[(table["test"] == test) & (table["n"] == queries)]
+    if rows.empty:
+        raise ValueError(f"the table has no rows for test {test!r} at {queries} queries")
+    if not rate > 0:
+        raise ValueError(f"rate must be positive, got {rate}")
+    row = rows.iloc[int(np.argmin(np.abs(np.log(rows["rate"].to_numpy(float)) - np.log(rate))))]
+    measured = float(row["rate"])
+    where = "measured at this rate" if np.isclose(measured, rate) else f"nearest measured rate {measured:.1%}"
+    caveat = ""
+    if rate < rows["rate"].min() * 0.9:
+        caveat = " (below every measured rate: expect fewer)"
+    elif rate > rows["rate"].max() * 1.1:
+        caveat = " (above every measured rate: expect at least as many)"
+    return (f"{rate:.2%}: {where}{caveat}, the {test} test detected {int(row['detected'])} of {int(row['seeds'])} "
+            f"fine-tuned models at {queries} queries (median p {float(row['median_p']):.0e})")

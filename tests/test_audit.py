@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from conftest import protected_suspect
-from entruth_lite import audit, cli, data, report, templates
+from entruth_lite import audit, cli, data, report, templates, verify
 from entruth_lite.probe import ProbeResult
 
 TEMPLATE = templates.random_template(0)
@@ -123,6 +123,11 @@ def test_report_is_self_contained_and_lets_anyone_regenerate(plain, tmp_path):
     assert page.count("<script") == page.count('<script type="application/json" id="audit-record">') == 1
     assert "src='http" not in page and 'src="http' not in page
     assert report.read_record(tmp_path / "r" / "report.html")["key"]["key_sha256"] == "ab" * 32
+    import html
+
+    shown = report.inline(tmp_path / "r" / "report.html", height=400).data  # the notebook's inline view
+    assert shown.startswith("<iframe srcdoc=") and "height:400px" in shown
+    assert html.unescape(shown.split('srcdoc="', 1)[1].split('" style=', 1)[0]) == page
     payload = result.to_json()
     assert payload["decision"] is True and len(payload["queries"]) == 16
     json.dumps(payload)
@@ -172,6 +177,15 @@ def test_verdict_table_and_p_value_curve_from_stored_scores(plain):
     assert by_test["decoy (projection)"]["decision"] in ("evidence", "no evidence")
     assert by_test["paired (projection)"]["decision"] == "supporting only" and by_test["paired (projection)"]["flagged"] == ""
     assert by_test["binomial (projection)"]["flagged"].endswith("/8")
+    negatives = np.asarray(scores["suspect"]["projection_negatives"], float)
+    threshold = verify.calibrate_threshold(negatives, 0.01)
+    expected_chance = verify.null_rate_upper(int((negatives >= threshold).sum()), len(negatives))
+    assert by_test["binomial (projection)"]["chance"] == f"{expected_chance:.1%}"
+    assert by_test["decoy (projection)"]["chance"] == "", "only the binomial test has a chance rate"
+    released, decoys = audit.decoy_statistics(scores["suspect"], n=8)
+    assert released == pytest.approx(scores["suspect"]["decoy_released"][:8].mean()) and decoys.shape == (99,)
+    rank = 1 + int((decoys >= released).sum())
+    assert by_test["decoy (projection)"]["p_value"] == pytest.approx(rank / 100)
     curve = audit.p_value_curve(scores["suspect"], [4, 8, 32], methods=("paired", "decoy"))
     paired = curve["paired (projection)"]
     assert len(paired) == 3 and paired[2] < paired[0], "more queries, stronger evidence"

@@ -78,3 +78,20 @@ def test_gpu_estimates_are_current_and_size_each_preset_to_its_card():
     assert t4.est_minutes <= 45
     assert t4.max_release_at_tiny_exposures == int(t4.images_shown // t4.tiny_exposures)
     assert train.exposures(train.preset("colab-t4"), int(t4.max_release_at_tiny_exposures)) >= t4.tiny_exposures
+
+
+def test_template_family_scores_each_member_against_its_own_decoys():
+    from PIL import Image
+
+    from benchmarks import template_family
+
+    foregrounds = [Image.new("RGB", (32, 32), colour) for colour in ((255, 255, 255), (200, 60, 60))]
+    rows = template_family.member_rows("mosaic", 0, 5, foregrounds)
+    assert [r["method"] for r in rows] == ["projection", "ncc"]
+    for row in rows:  # after the VAE most of the surround survives, and no decoy matches it as well
+        assert 0.5 < row["own"] <= 1.05 and 0 < row["q99_ratio"] <= row["max_ratio"] < 1
+        assert row["decoys_at_or_above"] == 0
+    import pandas as pd
+
+    summary = template_family.summarize(pd.DataFrame(rows))
+    assert summary.loc[0, "members"] == 1 and summary.loc[0, "members_with_a_decoy_at_or_above"] == 0

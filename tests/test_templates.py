@@ -292,46 +292,71 @@ def test_vae_round_trip_with_the_tiny_vae_architecture():
     assert [b.size for b in back] == [(32, 32), (32, 32)] and all(b.mode == "RGB" for b in back)
 
 
-def test_random_family_is_seeded_distinct_and_scales():
-    a, again, b = templates.random_template(3), templates.random_template(3), templates.random_template(4)
-    assert a.name == "random:3" and a.family == "random"
+@pytest.mark.parametrize("family", list(templates.FAMILIES))
+def test_random_family_is_seeded_distinct_and_scales(family):
+    a, again, b = (templates.random_template(s, 32, family) for s in (3, 3, 4))
+    assert a.name == f"{family}:3" and a.family == family
     assert np.array_equal(np.asarray(a.scene), np.asarray(again.scene)) and a.corners == again.corners
     assert not np.array_equal(np.asarray(a.scene), np.asarray(b.scene))
-    big = templates.random_template(3, 128)
+    big = templates.random_template(3, 128, family)
     assert big.size == (128, 128) and np.allclose(np.asarray(big.corners) / 4, np.asarray(a.corners))
     assert 0.3 < a.screen_area < 0.7  # a big screen, a wide surround
-    assert templates.resolve_template("random:3", 64).name == "random:3"
-    assert templates.random_template().family == "random"  # a fresh secret seed
+    assert templates.resolve_template(f"{family}:3", 64).name == f"{family}:3"
     with pytest.raises(ValueError, match="integer seed"):
-        templates.resolve_template("random:x")
+        templates.resolve_template(f"{family}:x")
 
 
-def test_members_of_the_family_do_not_match_each_other():
+def test_fresh_draws_come_from_the_default_family_and_unknown_families_are_refused():
+    assert templates.random_template().family == templates.DEFAULT_FAMILY  # a fresh secret seed
+    assert templates.resolve_template("random").family == templates.DEFAULT_FAMILY
+    with pytest.raises(ValueError, match="unknown template family 'stripes'"):
+        templates.random_template(0, 32, "stripes")
+
+
+# Keys name their template "<family>:<seed>" and are verified by redrawing it, so a member must never change.
+FROZEN_MEMBERS = {
+    "random": "d537f12a1f613a78101270f5be4683b310fb5be1bad57d3853f730b85dbbd745",
+    "mosaic": "7eab3004f81608ec5133f7d65e6c4c80729b5bbec527c7ee93f62ffe874c5daf",
+}
+
+
+@pytest.mark.parametrize("family", list(templates.FAMILIES))
+def test_family_members_never_change(family):
+    import hashlib
+
+    member = templates.random_template(7, 32, family)
+    assert hashlib.sha256(np.asarray(member.scene).tobytes()).hexdigest() == FROZEN_MEMBERS[family]
+
+
+@pytest.mark.parametrize("family", list(templates.FAMILIES))
+def test_members_of_the_family_do_not_match_each_other(family):
     from entruth_lite import detect
 
-    owner = templates.random_template(0)
-    others = [templates.random_template(s) for s in range(1, 41)]
+    owner = templates.random_template(0, 32, family)
+    others = [templates.random_template(s, 32, family) for s in range(1, 41)]
     white = Image.new("RGB", (32, 32), (255, 255, 255))
     scores = np.array([detect.template_scores([templates.insert(white, t)], owner)[0] for t in others])
     assert np.median(np.abs(scores)) < 0.25, "decoys must be genuinely different templates"
 
 
-def test_decoys_are_reproducible_exclude_the_release_and_need_a_family_template():
-    owner = templates.random_template(11)
+@pytest.mark.parametrize("family", list(templates.FAMILIES))
+def test_decoys_are_reproducible_exclude_the_release_and_need_a_family_template(family):
+    owner = templates.random_template(11, 32, family)
     decoys = templates.decoy_templates(owner, 20, salt="key-hash")
     names = [d.name for d in decoys]
     assert len(set(names)) == 20 and owner.name not in names
     assert names == [d.name for d in templates.decoy_templates(owner, 20, salt="key-hash")]
     assert names != [d.name for d in templates.decoy_templates(owner, 20, salt="other")]
-    assert all(d.family == "random" and d.size == owner.size for d in decoys)
-    with pytest.raises(ValueError, match="not drawn from the random family"):
+    assert all(d.family == family and d.name.startswith(f"{family}:") and d.size == owner.size for d in decoys)
+    with pytest.raises(ValueError, match="not drawn from a random family"):
         templates.decoy_templates(templates.builtin_template("billboard"), 5)
     with pytest.raises(ValueError, match="positive"):
         templates.decoy_templates(owner, 0)
 
 
-def test_family_survives_save_and_load(tmp_path):
-    owner = templates.random_template(5)
+@pytest.mark.parametrize("family", list(templates.FAMILIES))
+def test_family_survives_save_and_load(tmp_path, family):
+    owner = templates.random_template(5, 32, family)
     loaded = templates.load_template(templates.save_template(owner, tmp_path))
-    assert loaded.family == "random" and loaded.name == "random:5"
+    assert loaded.family == family and loaded.name == f"{family}:5"
     assert templates.load_template(templates.save_template(templates.builtin_template("tv"), tmp_path / "b")).family is None
