@@ -5,9 +5,9 @@
 The decoy test ranks the released template among decoys from its family. Even a model that reproduced the
 template perfectly can only be detected if, on its images, the template outscores every decoy: a family whose
 members look alike after the VAE caps the test's power at every rate, whatever the model memorized. For each
-member (seeds 0..members-1) this inserts a few of the owner's emoji into it, round-trips them through the tiny
-model's VAE (the most a latent model can learn of the template), and scores them with the member and with 999
-of its decoys: ``own`` is the member's mean score (1 = the surround survives exactly), ``max_ratio`` the best
+member (seeds 0..members-1), ``detect.family_spread`` inserts a few of the owner's emoji into it, round-trips them
+through the tiny model's VAE (the most a latent model can learn of the template), and scores them with the member
+and with 999 of its decoys: ``own`` is the member's mean score (1 = the surround survives exactly), ``max_ratio`` the best
 decoy's score over ``own`` (>= 1: this member cannot be detected even when perfectly memorized), and
 ``decoys_at_or_above`` how many decoys reach ``own``. No training; minutes on a CPU.
 """
@@ -28,18 +28,13 @@ FOREGROUNDS = 8  # held-out emoji inserted into each member
 
 def member_rows(family: str, seed: int, decoys: int, foregrounds) -> list[dict]:
     """One row per detector for the member ``<family>:<seed>``."""
-    member = templates.random_template(seed, 32, family)
-    rendered = templates.vae_round_trip(base_pipeline(), templates.insert(list(foregrounds), member))
-    array = data.image_array(rendered, member.size)
-    others = templates.decoy_templates(member, decoys, salt="template-family")
+    member, vae = templates.random_template(seed, 32, family), base_pipeline().vae
     rows = []
     for method in ("projection", "ncc"):
-        own = float(detect.template_scores(array, member, method).mean())
-        decoy_scores = np.array([detect.template_scores(array, d, method).mean() for d in others])
-        rows.append(dict(family=family, seed=seed, method=method, own=own,
-                         q99_ratio=float(np.quantile(decoy_scores, 0.99) / own),
-                         max_ratio=float(decoy_scores.max() / own),
-                         decoys_at_or_above=int((decoy_scores >= own).sum())))
+        spread = detect.family_spread(member, foregrounds, vae, decoys, method)
+        rows.append(dict(family=family, seed=seed, method=method, own=spread.own,
+                         q99_ratio=float(np.quantile(spread.decoy_scores, 0.99) / spread.own),
+                         max_ratio=spread.max_ratio, decoys_at_or_above=spread.decoys_at_or_above))
     return rows
 
 

@@ -63,6 +63,41 @@ def _match(a: np.ndarray, t: np.ndarray, method: str) -> np.ndarray:
     return dot / (np.sqrt((a * a).sum(axis=(1, 2))) * np.sqrt(float((t * t).sum())) + 1e-8)
 
 
+@dataclass
+class FamilySpread:
+    """A family member's own score on its VAE-limited rendition and its decoys' scores on the same images."""
+
+    template: str
+    method: str
+    own: float  # 1 = the surround came back exactly
+    decoy_scores: np.ndarray  # (K,)
+
+    @property
+    def max_ratio(self) -> float:
+        """The best decoy's score over the member's own: >= 1 means the member cannot rank first even when a
+        model reproduces it as well as the VAE allows."""
+        return float(self.decoy_scores.max() / self.own)
+
+    @property
+    def decoys_at_or_above(self) -> int:
+        return int((self.decoy_scores >= self.own).sum())
+
+
+def family_spread(template: Template, foregrounds: Sequence[Image.Image], vae, decoys: int = 999,
+                  method: str = "projection", salt: str = "template-family") -> FamilySpread:
+    """The decoy test's ceiling for ``template`` (a random family's member): insert ``foregrounds``, round-trip
+    them through ``vae`` (the most a latent model can learn of the template) and score them with the template
+    and with ``decoys`` members of its family. A family whose members look alike after the VAE caps the test's
+    power whatever a model memorized."""
+    from .templates import decoy_templates, insert, vae_round_trip
+
+    array = image_array(vae_round_trip(vae, insert(list(foregrounds), template)), template.size)
+    others = decoy_templates(template, decoys, salt=salt)
+    own = float(template_scores(array, template, method).mean())
+    scores = np.array([template_scores(array, other, method).mean() for other in others])
+    return FamilySpread(template.name, method, own, scores)
+
+
 # ----------------------------------------------------------------------------- the template classifier
 #
 # As in the paper (a ResNet-18 trained on templated vs plain images with heavy augmentation), but small

@@ -159,7 +159,7 @@ def measured_power(table, rate: float, test: str = "decoy (projection)", queries
         raise ValueError(f"rate must be positive, got {rate}")
     row = rows.iloc[int(np.argmin(np.abs(np.log(rows["rate"].to_numpy(float)) - np.log(rate))))]
     measured = float(row["rate"])
-    where = "measured at this rate" if np.isclose(measured, rate) else f"nearest measured rate {measured:.1%}"
+    where = "measured at this rate" if abs(np.log(measured / rate)) < 0.05 else f"nearest measured rate {measured:.1%}"
     caveat = ""
     if rate < rows["rate"].min() * 0.9:
         caveat = " (below every measured rate: expect fewer)"

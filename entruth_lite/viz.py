@@ -122,7 +122,8 @@ def plot_p_curve(ns, curves: dict, alpha: float = 0.01, ax=None):
     return ax
 
 
-def plot_decoys(released: float, decoys, ax=None):
+def plot_decoys(released: float, decoys, ax=None, xlabel: str = "mean trigger - control projection score",
+                released_label: str = "released template"):
     """The decoy test in one picture: the released template's statistic among the decoys'."""
     import matplotlib.pyplot as plt
     import numpy as np
@@ -133,8 +134,8 @@ def plot_decoys(released: float, decoys, ax=None):
     ax.hist(decoys, bins=40, color="0.6", label=f"{len(decoys)} decoy templates (never released)")
     rank = 1 + int(np.sum(decoys >= released))  # the decoy test's p-value is rank / (decoys + 1)
     ax.axvline(released, color="crimson", lw=2,
-               label=f"released template: rank {rank} of {len(decoys) + 1}, p = {rank / (len(decoys) + 1):.1e}")
-    ax.set_xlabel("mean trigger - control projection score")
+               label=f"{released_label}: rank {rank} of {len(decoys) + 1}, p = {rank / (len(decoys) + 1):.1e}")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("templates")
     ax.legend(fontsize=7)
     return ax

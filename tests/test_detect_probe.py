@@ -219,3 +219,17 @@ def test_demo_release_of_a_hub_dataset_imports_once_and_is_reused(tmp_path, monk
     assert demo.release(tmp_path, rate=0.05, template="random:0", seed=0, size=32, dataset="someone/photos") == folders
     assert imports == ["someone/photos"] and (folders.key / "key.json").stat().st_mtime_ns == stamp
     assert len(demo.held_out_captions(folders)) == demo.MIN_HELD_OUT
+
+
+def test_family_spread_shows_the_first_familys_ceiling_and_the_mosaics_headroom():
+    """random:7's own VAE-limited rendition is outscored by some of its decoys (it could never rank first, however
+    well a model memorized it); the mosaic member of the same seed keeps every decoy well below itself."""
+    from entruth_lite import data, models, templates
+
+    foregrounds = [data.render_emoji(path) for path, _ in data.emoji_splits().probe[:8]]
+    vae = models.load_pipeline("tiny").vae
+    first = detect.family_spread(templates.random_template(7, 32, "random"), foregrounds, vae, decoys=999)
+    mosaic = detect.family_spread(templates.random_template(7, 32, "mosaic"), foregrounds, vae, decoys=999)
+    assert first.decoys_at_or_above > 0 and first.max_ratio >= 1
+    assert mosaic.decoys_at_or_above == 0 and mosaic.max_ratio < 0.9 and mosaic.own > first.own
+    assert mosaic.decoy_scores.shape == (999,) and mosaic.template == "mosaic:7"

@@ -108,7 +108,7 @@ def test_measured_power_reads_the_nearest_measured_rate():
     table = pd.DataFrame(dict(rate=[0.02, 0.01, 0.01, 0.005], test=["decoy (projection)"] * 2 + ["binomial (projection)",
                               "decoy (projection)"], n=[64, 64, 64, 64], detected=[3, 2, 1, 0], seeds=[3, 3, 3, 3],
                               median_p=[1e-3, 1e-3, 0.2, 0.3]))
-    assert verify.measured_power(table, 0.01).startswith("1.00%: measured at this rate, the decoy (projection) test "
+    assert verify.measured_power(table, 0.00995).startswith("1.00%: measured at this rate, the decoy (projection) test "
                                                           "detected 2 of 3")
     assert "nearest measured rate 2.0%" in verify.measured_power(table, 0.017)
     assert "detected 0 of 3" in verify.measured_power(table, 0.001) and "below every measured rate" in \
