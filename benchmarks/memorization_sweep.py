@@ -36,6 +36,10 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
     "lora-r32-wide-te-mosaic": dict(method="lora", lora_rank=32, lora_targets=train.LORA_UNET_WIDE_TARGETS,
                                     train_text_encoder=True, family="mosaic"),
     "full-mosaic": dict(family="mosaic"),
+    # an infringer's realistic LoRA: diffusers' train_text_to_image_lora.py defaults (rank 4 on the attention
+    # projections, cosine schedule, UNet only) at the preset's learning rate, which trains the tiny model stably
+    "lora-diffusers-example-mosaic": dict(method="lora", lora_rank=4, lora_targets=train.LORA_UNET_TARGETS,
+                                          lr_scheduler="cosine", family="mosaic"),
 }
 NOT_TRAINING = ("steps", "family")  # sweep keys that are not training settings
 

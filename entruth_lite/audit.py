@@ -468,6 +468,26 @@ def plain_images_of(key) -> list[Image.Image]:
     return [crop_to_square(image, key.resolution) if key.resolution else image for image in plain]
 
 
+def owner_negatives(key, vae) -> list[Image.Image]:
+    """The owner's plain images as a model draws them: ``plain_images_of(key)`` after a round trip through ``vae``
+    (a pipeline or its autoencoder). What detector thresholds are calibrated on."""
+    from .templates import vae_round_trip
+
+    return vae_round_trip(vae, plain_images_of(key))
+
+
+def plain_threshold(key, negatives: Sequence[Image.Image], fpr: float = 0.01) -> float:
+    """The projection score that a share ``fpr`` of the plain images ``negatives`` reach (``owner_negatives``)."""
+    return verify.calibrate_threshold(detect.template_scores(negatives, key.template), fpr)
+
+
+def negatives_as_trained(negatives: Sequence[Image.Image], side: int, max_negatives: int) -> list[Image.Image]:
+    """Up to ``max_negatives`` plain images (a fixed seeded subsample, kept in order), centre-cropped to ``side``
+    px: the plain images as a suspect of that resolution saw them in training (a no-op crop when they already are)."""
+    order = np.random.default_rng(0).permutation(len(negatives))[:max_negatives]
+    return [data.crop_to_square(negatives[i], side) for i in sorted(order)]
+
+
 def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None, reference_pipe=None,
           negatives: Sequence[Image.Image] | None = None, classifier: detect.TemplateClassifier | None = None,
           model: dict | None = None, reference: dict | None = None, progress: bool = True) -> AuditResult:
@@ -496,9 +516,7 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
     if wants_negatives and negatives is None:
         negatives = plain_images_of(key)
     if negatives is not None:
-        order = np.random.default_rng(0).permutation(len(negatives))[: config.max_negatives]
-        side = default_resolution(pipe)  # plain images as the suspect saw them in training: cropped to its size
-        negatives = [data.crop_to_square(negatives[i], side) for i in sorted(order)]
+        negatives = negatives_as_trained(negatives, default_resolution(pipe), config.max_negatives)
     if config.detector == "classifier" and classifier is None:
         classifier = detect.train_classifier(template, negatives, vae=pipe, progress=progress)
         notes.append(f"classifier trained on {len(negatives)} plain images (VAE round trips), calibrated on "
@@ -545,8 +563,7 @@ def audit_images(folder: str | os.PathLike, rows: Sequence[dict], key, config: A
     elif needs_plain:
         negatives = negatives if negatives is not None else plain_images_of(key)
         side = probed.trigger_images[0].width
-        order = np.random.default_rng(0).permutation(len(negatives))[: config.max_negatives]
-        negatives = vae_round_trip(vae, [data.crop_to_square(negatives[i], side) for i in sorted(order)])
+        negatives = vae_round_trip(vae, negatives_as_trained(negatives, side, config.max_negatives))
     if not methods:
         raise ValueError("no test left to run on images alone: include 'decoy' or 'paired' in the methods")
     config = replace(config, methods=methods, queries=len(probed.seeds))

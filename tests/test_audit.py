@@ -272,3 +272,28 @@ def test_without_an_exact_test_the_audit_gives_no_verdict(plain):
                                                                          placement="prefix"), {})
     assert result.headline is None and result.to_json()["decision"] is None
     assert "NO VERDICT" in report.render_report(result)
+
+
+def test_negatives_as_trained_subsamples_once_in_order_and_crops_to_the_suspects_size():
+    photos = [Image.new("RGB", (48 + i, 40), (i, 0, 0)) for i in range(20)]
+    picked = audit.negatives_as_trained(photos, 32, 8)
+    assert len(picked) == 8 and all(p.size == (32, 32) for p in picked)
+    reds = [p.getpixel((16, 16))[0] for p in picked]
+    assert reds == sorted(reds) and len(set(reds)) == 8, "a subsample, kept in the source order"
+    assert [p.tobytes() for p in audit.negatives_as_trained(photos, 32, 8)] == [p.tobytes() for p in picked]
+    assert len(audit.negatives_as_trained(photos, 32, 100)) == 20
+
+
+def test_owner_negatives_and_their_threshold(tmp_path):
+    from entruth_lite import detect, models, protect
+
+    images, captions, _ = data.emoji_dataset("owner")
+    owner = data.save_imagefolder(images[:60], captions[:60], tmp_path / "owner")
+    protect.protect(owner, "random:3", tmp_path / "released", tmp_path / "key", rate=0.05, seed=0)
+    key = protect.load_key(tmp_path / "key")
+    vae = models.load_pipeline("tiny").vae
+    negatives = audit.owner_negatives(key, vae)
+    assert len(negatives) == 60 - len(key.files) and all(n.size == (32, 32) for n in negatives)
+    scores = detect.template_scores(negatives, key.template).astype(float)
+    threshold = audit.plain_threshold(key, negatives, 0.05)
+    assert threshold == verify.calibrate_threshold(scores, 0.05) and 0 < (scores >= threshold).mean() <= 0.05
