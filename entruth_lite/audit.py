@@ -490,9 +490,12 @@ def negatives_as_trained(negatives: Sequence[Image.Image], side: int, max_negati
 
 def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None, reference_pipe=None,
           negatives: Sequence[Image.Image] | None = None, classifier: detect.TemplateClassifier | None = None,
-          model: dict | None = None, reference: dict | None = None, progress: bool = True) -> AuditResult:
+          model: dict | None = None, reference: dict | None = None, progress: bool = True,
+          probed: ProbeResult | None = None) -> AuditResult:
     """Probe ``pipe`` with ``key``'s trigger and run ``config.methods``; ``reference_pipe`` (optional) is a
-    clean model probed with the same prompts and seeds."""
+    clean model probed with the same prompts and seeds. ``probed``: these queries already answered by ``pipe`` with
+    the config's sampler settings (e.g. ``demo.probed``), so they are not generated twice; its prompts and seeds
+    must be the ones the config sends."""
     from .models import default_resolution
     from .templates import vae_round_trip
 
@@ -505,8 +508,16 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
         config = replace(config, methods=methods)
     generation = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                       progress=progress)
-    probed = probe.probe(pipe, captions, key.trigger, key.placement, n=config.queries, seed=config.probe_seed,
-                         **generation)
+    if probed is None:
+        probed = probe.probe(pipe, captions, key.trigger, key.placement, n=config.queries, seed=config.probe_seed,
+                             **generation)
+    else:
+        plain, triggered, seeds = probe.probe_prompts(captions, key.trigger, key.placement, config.queries,
+                                                      config.probe_seed)
+        if (probed.captions, probed.trigger_prompts, probed.seeds) != (plain, triggered, seeds):
+            raise ValueError(f"the probe given holds other queries than this audit sends ({len(probed.seeds)} queries, "
+                             f"seeds {probed.seeds[:3]}...; the config asks {config.queries} from seed "
+                             f"{config.probe_seed} with trigger {key.trigger!r}): probe again or pass probed=None")
     ref_probe = None
     if reference_pipe is not None:
         plain, triggered, seeds = probe.probe_prompts(captions, key.trigger, key.placement, config.queries,

@@ -141,6 +141,25 @@ def finetuned(runs: str | Path, release: Release, config, pipe=None, progress: b
     return folders
 
 
+def probed(runs: str | Path, model: str, load, key, captions, n: int, seed: int = 1, num_inference_steps: int = 25,
+           guidance_scale: float = 3.0):
+    """The probe of a model (``model``: its name under ``runs/models``, e.g. a ``finetuned`` folder's, or
+    ``"base-tiny"``) with ``key``'s trigger on ``captions``: generated once, stored under ``runs/probes`` and read
+    back by any notebook that asks for the same queries (``load()`` is called only when it must generate)."""
+    from . import probe
+
+    settings = dict(trigger=key.trigger, placement=key.placement, captions=list(captions), n=n, seed=seed,
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(runs) / "probes" / f"{Path(str(model)).name}-{digest}.npz"
+    if path.is_file():
+        return probe.load_probe(path)
+    result = probe.probe(load(), captions, key.trigger, key.placement, n=n, seed=seed,
+                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    probe.save_probe(result, path)
+    return result
+
+
 def captioning_corpus(release: Release, dataset: str | Path, size: int, limit: int | None = None):
     """(images, captions) an infringer's retrieval captioner learns from, none of them released: another emoji
     split for the emoji, the held-out images for the owner's own data."""

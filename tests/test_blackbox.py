@@ -168,3 +168,30 @@ def test_cli_black_box_route_gives_the_api_verdict(setting, tmp_path, capsys):
     assert payload["test"] == "decoy (projection)" and payload["p_value"] == white_box.headline.p_value
     assert cli.main(["audit", *common, "--images", str(tmp_path / "service")]) == 2
     assert "--images needs --prompts" in capsys.readouterr().err
+
+
+def test_a_probe_is_generated_once_and_reused_by_the_audit(setting, tmp_path):
+    from entruth_lite import demo
+
+    root, key, pipe, captions, white_box, _ = setting
+    config = audit.AuditConfig(**CONFIG)
+    calls = []
+
+    def load():
+        calls.append(1)
+        return pipe
+
+    first = demo.probed(tmp_path, "full", load, key, captions, n=config.queries, seed=config.probe_seed,
+                        num_inference_steps=config.num_inference_steps)
+    again = demo.probed(tmp_path, "full", load, key, captions, n=config.queries, seed=config.probe_seed,
+                        num_inference_steps=config.num_inference_steps)
+    assert len(calls) == 1, "the second notebook reads the stored probe instead of generating"
+    assert [a.tobytes() for a in again.trigger_images] == [f.tobytes() for f in first.trigger_images]
+    demo.probed(tmp_path, "full", load, key, captions, n=4, seed=config.probe_seed,
+                num_inference_steps=config.num_inference_steps)
+    assert len(calls) == 2 and len(list((tmp_path / "probes").glob("full-*.npz"))) == 2, "other queries: a new probe"
+    reused = audit.audit(pipe, key, captions, config, progress=False, probed=first)
+    assert p_values(reused) == p_values(white_box), "the same queries give the same audit"
+    with pytest.raises(ValueError, match="other queries than this audit sends"):
+        audit.audit(pipe, key, captions, audit.AuditConfig(**(CONFIG | dict(queries=6))), progress=False,
+                    probed=first)
