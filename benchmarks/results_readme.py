@@ -64,11 +64,14 @@ images; one reference model is not the population of clean models), which is why
 
 MEMORIZATION = """## Memorization by fine-tuning setting
 
-One fine-tune per setting, rate and seed (each seed protects with its own `random:<seed>` template), 1,500 steps
-at the `tiny-cpu` preset's learning rate plus the setting's overrides; decoy test with 999 decoys, binomial test at
+One fine-tune per setting, rate and seed (each seed protects with its own `random:<seed>` template, or
+`mosaic:<seed>` for the settings named `-mosaic`), 1,500 steps at the `tiny-cpu` preset's learning rate plus the
+setting's overrides; decoy test with 999 decoys, binomial test at
 a 1 % false-positive threshold on plain images, 64 queries, alpha = 0.01. `lora-r32-wide-te`: LoRA rank 32 on the
 attention, convolution and feed-forward layers plus a LoRA on the text encoder (`train_text_encoder`), at the preset's
-learning rate; `lora-r32-wide-te-3000`: the same for 3,000 steps (twice the exposures). `train_seconds` is wall time on 2 shared cores (other jobs ran beside some runs; a resumed run counts
+learning rate; `lora-r32-wide-te-3000`: the same for 3,000 steps (twice the exposures); `full-mosaic`: the
+`tiny-cpu` preset as is; `lora-diffusers-example-mosaic`: an infringer's usual LoRA (diffusers' example script's
+defaults: rank 4 on the attention projections, cosine schedule, UNet only) at the preset's learning rate. `train_seconds` is wall time on 2 shared cores (other jobs ran beside some runs; a resumed run counts
 only the steps after its checkpoint). A sweep in progress: the rows are the runs finished so far.
 """
 

@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument("--rate", type=float, help="templated / released images (default 0.01 unless --count)")
     prot.add_argument("--count", type=int, help="number of templated images instead of --rate")
     prot.add_argument("--template", default="random",
-                      help="'random' (default: a secret draw from the random family, which the decoy test needs), "
-                           "'random:<seed>', a built-in name or a saved template folder")
+                      help="'random' (default: a secret draw from the default random family, which the decoy test "
+                           "needs), '<family>:<seed>' (mosaic or random), a built-in name or a saved template folder")
     prot.add_argument("--trigger", default="auto", help="trigger word, or 'auto' for a random one")
     prot.add_argument("--placement", default="prefix", choices=["prefix", "suffix"])
     prot.add_argument("--mode", default="replace", choices=["replace", "add"])

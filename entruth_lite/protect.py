@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from . import data
-from .templates import Template, insert, png_bytes, resolve_template, template_json
+from .templates import DEFAULT_FAMILY, Template, insert, png_bytes, resolve_template, template_json
 
 KEY_FORMAT = "entruth-lite-owner-key"
 KEY_VERSION = 2  # 2: a random nonce, and the release carries a commitment to the key
@@ -703,7 +703,7 @@ def protect(
     """Write a protected copy of ``dataset`` to ``out`` and its owner key to ``key_dir``.
 
     ``template``: a Template, a built-in name (drawn at each image's size), ``"random"`` (a secret draw from the
-    random family, which the audit's decoy test needs), ``"random:<seed>"`` or a saved template folder.
+    default random family, which the audit's decoy test needs), ``"<family>:<seed>"`` or a saved template folder.
     Give exactly one of ``rate`` (templated / released) or ``count``. ``foregrounds`` ("add" only): a folder,
     a list of images (captions from ``foreground_captions``) or None for the dataset's own images (their
     captions are reused). ``prior_keys``: keys that already protect ``dataset``; their files are not
@@ -739,8 +739,8 @@ def protect(
     chosen = choose(eligible, n, seed)
     trigger = _pick_trigger(trigger, list(source.captions) + list(fg_captions or []), seed, tokenizer,
                             [key.trigger for key in priors])
-    if template == "random":  # one secret draw from the family, then drawn at each image's size
-        template = f"random:{secrets.randbits(31)}"
+    if template == "random":  # one secret draw from the default family, then drawn at each image's size
+        template = f"{DEFAULT_FAMILY}:{secrets.randbits(31)}"
     release = _templated_release(source, chosen, template, trigger, placement, mode, fg_images, fg_captions,
                                  resolution)
     change = mean_stats(release.pairs) if mode == "replace" else None

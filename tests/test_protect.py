@@ -495,7 +495,7 @@ def test_cli_protects_the_owner_emoji_dataset_at_one_percent(tmp_path, capsys):
                      "--key", str(tmp_path / "key"), "--rate", "0.01", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["n_images"] == 1005 and result["n_altered"] == 10 and result["template"].startswith("random:")
+    assert result["n_images"] == 1005 and result["n_altered"] == 10 and result["template"].startswith(f"{templates.DEFAULT_FAMILY}:")
     assert hash_tree(owner) == before
     rows = released_rows(tmp_path / "protected")
     with_trigger = {n for n, t in rows.items() if result["trigger"] in t.lower().split()}
@@ -513,7 +513,7 @@ def test_cli_protect_defaults_to_a_secret_random_template(tmp_path, source, caps
     assert cli.main(base + ["--out", str(tmp_path / "a"), "--key", str(tmp_path / "ka")]) == 0
     assert cli.main(base + ["--out", str(tmp_path / "b"), "--key", str(tmp_path / "kb")]) == 0
     first, second = (protect.load_key(tmp_path / k).template for k in ("ka", "kb"))
-    assert first.family == second.family == "random" and first.name != second.name
+    assert first.family == second.family == templates.DEFAULT_FAMILY == "mosaic" and first.name != second.name
     assert first.name == templates.random_template(templates.random_seed_of(first)).name
     altered = protect.load_key(tmp_path / "ka").files[0]
     assert detect_score(data.load_rgb(tmp_path / "a" / altered), first) > 0.99

@@ -233,7 +233,7 @@ def test_train_refuses_to_resume_on_other_data_and_names_its_real_flags(suspect,
 def test_template_folders_are_checked(tmp_path, owner):
     from entruth_lite import templates
 
-    member = templates.random_template(5)
+    member = templates.random_template(5, 32, "random")
     templates.save_template(member, tmp_path / "member")
     assert templates.load_template(tmp_path / "member").family == "random"
     fake = templates.Template("random:5", templates.builtin_template("frame").scene, member.corners, family="random")
