@@ -8,7 +8,7 @@ from conftest import protected_suspect
 from entruth_lite import audit, cli, data, report, templates, verify
 from entruth_lite.probe import ProbeResult
 
-TEMPLATE = templates.random_template(0)
+TEMPLATE = templates.random_template(0, 32, "random")  # the measured rates below are this family's
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +60,32 @@ def test_the_decoy_test_ignores_a_trigger_that_draws_some_other_frame(plain):
     config = audit.AuditConfig(methods=("paired", "decoy", "binomial"), decoys=49, alpha=0.05)
     p_values = []
     for seed in range(40):
-        probed = _probe(_blend(plain[:24], templates.random_template(1000 + seed), 0.6), plain[24:48])
+        probed = _probe(_blend(plain[:24], templates.random_template(1000 + seed, 32, "random"), 0.6), plain[24:48])
         verdicts, _ = audit.evaluate(probed, TEMPLATE, config, negatives=plain[48:], progress=False)
         p_values.append([v.p_value for v in verdicts])
     paired, decoy, binomial = np.array(p_values).T
     assert np.mean(paired < 0.01) > 0.5
     assert np.mean(binomial < 0.01) > 0.2, "measured 16 of 40"
     assert np.mean(decoy <= 0.1) <= 0.25  # 0.1 expected; 10 of 40 has probability < 1 %
+
+
+def test_the_decoy_test_stays_valid_with_the_mosaic_family(plain):
+    """The default family: clean 'models' are not flagged by the deciding test, and one whose trigger draws another
+    mosaic gets decoy p-values that stay (super-)uniform (the paired test again reads half of them as evidence)."""
+    template = templates.random_template(0, 32, "mosaic")
+    for start in (0, 40, 80):
+        probed = _probe(plain[start : start + 20], plain[start + 20 : start + 40])
+        verdicts, _ = audit.evaluate(probed, template, CONFIG, negatives=plain[120:], progress=False)
+        assert not any(v.decision for v in verdicts), [v.summary() for v in verdicts]
+    config = audit.AuditConfig(methods=("paired", "decoy"), decoys=49, alpha=0.05)
+    p_values = []
+    for seed in range(40):
+        probed = _probe(_blend(plain[:24], templates.random_template(1000 + seed, 32, "mosaic"), 0.6), plain[24:48])
+        verdicts, _ = audit.evaluate(probed, template, config, negatives=plain[48:], progress=False)
+        p_values.append([v.p_value for v in verdicts])
+    paired, decoy = np.array(p_values).T
+    assert np.mean(paired < 0.01) >= 0.4, "measured 20 of 40"
+    assert np.mean(decoy <= 0.1) <= 0.25  # 0.1 expected (measured 8 of 40); 11 or more of 40 has probability < 2 %
 
 
 def test_evaluate_names_what_is_missing(plain):
@@ -247,7 +266,7 @@ def test_memorization_grid_sorts_by_score_and_frames_the_flagged(plain):
 def test_supporting_tests_never_accuse_an_innocent_model_in_any_output(plain):
     """A clean model whose trigger draws some other frame: the paired and binomial tests give small p-values, the
     decoy test does not. Only the decoy test's decision may appear, in the summary lines, JSON and HTML alike."""
-    probed = _probe(_blend(plain[:24], templates.random_template(1003), 0.6), plain[24:48])
+    probed = _probe(_blend(plain[:24], templates.random_template(1003, 32, "random"), 0.6), plain[24:48])
     config = audit.AuditConfig(methods=("decoy", "paired", "binomial"), decoys=199)
     verdicts, evidence = audit.evaluate(probed, TEMPLATE, config, negatives=plain[48:], progress=False)
     decoy, paired, binomial = verdicts
