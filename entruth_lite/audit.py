@@ -164,13 +164,13 @@ class AuditConfig:
 
 def methods_for_template(methods: Sequence[str], template: Template) -> tuple[tuple[str, ...], list[str]]:
     """The methods to run against ``template``, and a note when they changed. The decoy test needs a template
-    from the random family; without it no exact test is left, so the audit reports supporting numbers and no
+    from a random family; without it no exact test is left, so the audit reports supporting numbers and no
     verdict (the binomial test stands in as the first number to read)."""
     methods = tuple(methods)
     if "decoy" not in methods or template.family in FAMILIES:
         return methods, []
     return ("binomial",) + tuple(m for m in methods if m not in ("decoy", "binomial")), [
-        f"decoy test skipped: template {template.name!r} is not from the random family, so no exact test is "
+        f"decoy test skipped: template {template.name!r} is not from a random family, so no exact test is "
         "available and the audit gives no verdict, only supporting numbers"]
 
 

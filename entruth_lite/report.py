@@ -146,4 +146,3 @@ def inline(path: str | os.PathLike, height: int = 600):
     page = Path(path).read_text(encoding="utf-8")
     return HTML(f'<iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:{int(height)}px;'
                 'border:1px solid #ccc"></iframe>')
-

@@ -239,8 +239,6 @@ BUILTIN: dict[str, Design] = {
 #   random. Members share nothing but block sizes, so they are far apart after the VAE, and coarse blocks
 #   survive it.
 
-RANDOM_PREFIX = "random:"  # the first family's names
-
 
 def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
     import colorsys
@@ -576,7 +574,7 @@ def load_template(folder: str | os.PathLike, stem: str = "template") -> Template
 
 
 def _is_family_member(template: Template) -> bool:
-    """Whether ``template`` is exactly the random family's member it is named after (scene and screen)."""
+    """Whether ``template`` is exactly the member of its random family it is named after (scene and screen)."""
     try:
         member = family_member(template)
     except ValueError:
