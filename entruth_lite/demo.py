@@ -160,6 +160,20 @@ def probed(runs: str | Path, model: str, load, key, captions, n: int, seed: int 
     return result
 
 
+def model_probes(runs: str | Path, config, weights: dict[str, Path], key, captions, n: int, base=None, seed: int = 1,
+                 num_inference_steps: int = 25) -> dict:
+    """``probed`` for the base model (``base``, or loaded from ``config.model``) and each fine-tune in ``weights``
+    (name: folder), in that order; a model is loaded only when its probe is not stored yet."""
+    from .models import load_finetuned, load_pipeline
+
+    loaders = {"base": (f"base-{Path(str(config.model)).name}",
+                        lambda: base if base is not None else load_pipeline(config.model))}
+    for name, folder in weights.items():
+        loaders[name] = (Path(folder).name, lambda folder=folder: load_finetuned(load_pipeline(config.model), folder))
+    return {name: probed(runs, model, load, key, captions, n, seed, num_inference_steps)
+            for name, (model, load) in loaders.items()}
+
+
 def captioning_corpus(release: Release, dataset: str | Path, size: int, limit: int | None = None):
     """(images, captions) an infringer's retrieval captioner learns from, none of them released: another emoji
     split for the emoji, the held-out images for the owner's own data."""

@@ -195,3 +195,19 @@ def test_a_probe_is_generated_once_and_reused_by_the_audit(setting, tmp_path):
     with pytest.raises(ValueError, match="other queries than this audit sends"):
         audit.audit(pipe, key, captions, audit.AuditConfig(**(CONFIG | dict(queries=6))), progress=False,
                     probed=first)
+
+
+def test_model_probes_serve_the_base_and_each_finetune_from_one_store(setting, tmp_path):
+    from entruth_lite import demo, train
+
+    root, key, pipe, captions, _, _ = setting
+    config = train.preset("tiny-cpu")
+    probes = demo.model_probes(tmp_path, config, {"full": root / "full"}, key, captions, n=4, num_inference_steps=4)
+    assert list(probes) == ["base", "full"]
+    stored = sorted(p.name.split("-")[0] for p in (tmp_path / "probes").glob("*.npz"))
+    assert stored == ["base", "full"]
+    again = demo.probed(tmp_path, "full", lambda: pytest.fail("the stored probe must be read, not regenerated"), key,
+                        captions, n=4, num_inference_steps=4)
+    assert [a.tobytes() for a in again.trigger_images] == [p.tobytes() for p in probes["full"].trigger_images]
+    direct = probe.probe(pipe, captions, key.trigger, key.placement, n=4, seed=1, num_inference_steps=4, progress=False)
+    assert [a.tobytes() for a in direct.trigger_images] == [p.tobytes() for p in probes["full"].trigger_images]
