@@ -8,7 +8,8 @@ members look alike after the VAE caps the test's power at every rate, whatever t
 member (seeds 0..members-1), ``detect.family_spread`` inserts a few of the owner's emoji into it, round-trips them
 through the tiny model's VAE (the most a latent model can learn of the template), and scores them with the member
 and with 999 of its decoys: ``own`` is the member's mean score (1 = the surround survives exactly), ``max_ratio`` the best
-decoy's score over ``own`` (>= 1: this member cannot be detected even when perfectly memorized), and
+decoy's score over ``own`` (>= 1: this member cannot rank first even when perfectly memorized, so its
+p-value stays above the floor 1 / (K + 1)), and
 ``decoys_at_or_above`` how many decoys reach ``own``. No training; minutes on a CPU.
 """
 
