@@ -101,10 +101,11 @@ def plain_negatives(root: Path, key) -> list[Image.Image]:
 
 def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed: int, queries: int = 64,
                   keep_model: bool = True, attack=None, overrides: dict | None = None, name: str | None = None,
-                  family: str = "random") -> Run:
+                  family: str = "random", trigger_length: int | None = None) -> Run:
     """Protect the owner data with ``<family>:<template_seed>`` (a real key either way), train on the protected
     copy (``rate`` > 0) or on the clean data (``rate`` = 0: the key exists but its release was never used,
-    which is exactly the null hypothesis), then probe with the key's trigger and save the images.
+    which is exactly the null hypothesis), then probe with the key's trigger and save the images. A
+    ``trigger_length`` draws the trigger with that many letters from the run's seed (default: protect's "auto").
 
     Robustness runs: ``attack(released, out, key) -> AttackReport`` rewrites the release before training, and
     ``overrides`` change the preset's settings; ``name`` labels the run folder (default ``rate_name``)."""
@@ -113,8 +114,10 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
         return run
     owner = owner_dataset(root)
     released = run.folder / "protected"
+    trigger = "auto" if trigger_length is None else protect.generate_trigger(
+        data.load_imagefolder(owner).captions, length=trigger_length, seed=seed, tokenizer=protect.load_tokenizer())
     report = protect.protect(owner, f"{family}:{template_seed}", released, run.key, rate=rate or 0.01, seed=seed,
-                             overwrite=True)
+                             trigger=trigger, overwrite=True)
     key = protect.load_key(run.key)
     # checkpoints make a killed run resumable; ``checkpoint_every`` is not part of the settings' fingerprint
     config = train.preset("tiny-cpu", **({"steps": steps, "seed": seed, "checkpoint_every": CHECKPOINT_EVERY}
@@ -139,7 +142,8 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
     probed = probe.probe(tuned, [caption for _, caption in split], key.trigger, key.placement, n=queries,
                          seed=HELD_OUT_SEED)
     held_out_loss = train.denoising_losses(tuned, [data.render_emoji(p) for p, _ in split], [c for _, c in split])
-    meta = dict(rate=rate, seed=seed, steps=steps, template=key.template.name, n_altered=report.n_altered,
+    meta = dict(rate=rate, seed=seed, steps=steps, template=key.template.name, trigger=key.trigger,
+                n_altered=report.n_altered,
                 trained_on="protected" if rate > 0 else "clean", train_seconds=round(seconds, 1),
                 sample_seconds=round(time.time() - started, 1), final_loss=float(np.mean(losses[-50:])),
                 held_out_loss=float(held_out_loss.mean()), overrides=overrides or {},

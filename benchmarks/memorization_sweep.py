@@ -36,12 +36,22 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
     "lora-r32-wide-te-mosaic": dict(method="lora", lora_rank=32, lora_targets=train.LORA_UNET_WIDE_TARGETS,
                                     train_text_encoder=True, family="mosaic"),
     "full-mosaic": dict(family="mosaic"),
+    # trigger design: seed 1 misses in every setting, and its 3-letter trigger is the only one the tokenizer splits
+    # into 2 tokens (others: 3); 6 letters give 4-6 tokens. Same released images as full-mosaic at the same seed
+    "full-mosaic-trigger6": dict(family="mosaic", trigger_length=6),
+    # the full UNet plus a LoRA on the (frozen, random) text encoder, which bound the trigger for the LoRA rows
+    "full-mosaic-te": dict(family="mosaic", train_text_encoder=True),
     # an infringer's realistic LoRA: diffusers' train_text_to_image_lora.py defaults (rank 4 on the attention
     # projections, cosine schedule, UNet only) at the preset's learning rate, which trains the tiny model stably
     "lora-diffusers-example-mosaic": dict(method="lora", lora_rank=4, lora_targets=train.LORA_UNET_TARGETS,
                                           lr_scheduler="cosine", family="mosaic"),
+    # the same with 6-letter triggers (full-mosaic-trigger6)
+    "lora-r32-wide-te-mosaic-trigger6": dict(method="lora", lora_rank=32, lora_targets=train.LORA_UNET_WIDE_TARGETS,
+                                             train_text_encoder=True, family="mosaic", trigger_length=6),
+    "lora-diffusers-example-mosaic-trigger6": dict(method="lora", lora_rank=4, lora_targets=train.LORA_UNET_TARGETS,
+                                                   lr_scheduler="cosine", family="mosaic", trigger_length=6),
 }
-NOT_TRAINING = ("steps", "family")  # sweep keys that are not training settings
+NOT_TRAINING = ("steps", "family", "trigger_length")  # sweep keys that are not training settings
 
 
 def tag(setting: str, rate: float) -> str:
@@ -64,7 +74,8 @@ def main() -> None:
                     overrides = {k: v for k, v in SETTINGS[setting].items() if k not in NOT_TRAINING}
                     fit_and_probe(root, rate, seed, SETTINGS[setting].get("steps", STEPS), template_seed=seed,
                                   queries=args.queries, overrides=overrides, name=tag(setting, rate),
-                                  family=SETTINGS[setting].get("family", "random"))
+                                  family=SETTINGS[setting].get("family", "random"),
+                                  trigger_length=SETTINGS[setting].get("trigger_length"))
     if args.train_only:
         return
     rows = []
