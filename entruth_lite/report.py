@@ -144,5 +144,6 @@ def inline(path: str | os.PathLike, height: int = 600):
     from IPython.display import HTML
 
     page = Path(path).read_text(encoding="utf-8")
-    return HTML(f'<iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:{int(height)}px;'
-                'border:1px solid #ccc"></iframe>')
+    # in a div: IPython warns about a bare iframe (it suggests IFrame, which needs a URL the page does not have)
+    return HTML(f'<div><iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:{int(height)}px;'
+                'border:1px solid #ccc"></iframe></div>')

@@ -144,8 +144,12 @@ def test_report_is_self_contained_and_lets_anyone_regenerate(plain, tmp_path):
     assert report.read_record(tmp_path / "r" / "report.html")["key"]["key_sha256"] == "ab" * 32
     import html
 
-    shown = report.inline(tmp_path / "r" / "report.html", height=400).data  # the notebook's inline view
-    assert shown.startswith("<iframe srcdoc=") and "height:400px" in shown
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no IPython warning under the notebook's cell
+        shown = report.inline(tmp_path / "r" / "report.html", height=400).data  # the notebook's inline view
+    assert shown.startswith("<div><iframe srcdoc=") and "height:400px" in shown
     assert html.unescape(shown.split('srcdoc="', 1)[1].split('" style=', 1)[0]) == page
     payload = result.to_json()
     assert payload["decision"] is True and len(payload["queries"]) == 16
