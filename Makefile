@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - run every notebook end to end on the tiny CPU model (executed copies in runs/notebooks)
 #   make test   - unit tests + every notebook in smoke mode
+#   make class  - every notebook in class mode: the models as recorded in data/class, no training (a few minutes)
 # Both create .venv when missing and install a CPU torch pinned to 2.13.0 when no torch is present
 # (an unpinned torch would pull a multi-GB CUDA build).
 
@@ -12,7 +13,7 @@ TORCH_CPU ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test unit notebooks-smoke setup strip build-tiny clean
+.PHONY: demo test class record-class unit notebooks-smoke setup strip build-tiny clean
 
 setup: $(STAMP)
 
@@ -29,6 +30,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+class: $(STAMP)
+	$(VENV)/bin/entruth-lite notebooks run --class --out runs/notebooks-class
+
+record-class: $(STAMP)
+	$(VENV)/bin/entruth-lite notebooks record-class --runs runs
 
 unit: $(STAMP)
 	$(PY) -m pytest -m "not notebooks"

@@ -72,7 +72,15 @@ def _train(args) -> None:
 def _notebooks_run(args) -> None:
     from . import notebooks
 
-    notebooks.run_all(Path(args.out), smoke=args.smoke, only=args.only)
+    runs = notebooks.run_all(Path(args.out), smoke=args.smoke, only=args.only, recorded=args.recorded)
+    print(f"{len(runs)} notebooks in {sum(r.seconds for r in runs):.0f} s")
+
+
+def _notebooks_record_class(args) -> None:
+    from . import classroom
+
+    pack = classroom.record(args.runs, args.out or classroom.PACK_DIR)
+    print(f"class pack written to {pack.folder}: training {pack.train_seconds()} s, recorded instead of run in class mode")
 
 
 def _notebooks_strip(args) -> None:
@@ -383,7 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/notebooks")
     run.add_argument("--smoke", action="store_true", help="shrink steps and counts (ENTRUTH_SMOKE=1)")
     run.add_argument("--only", nargs="*", help="run only notebooks whose name contains one of these")
+    run.add_argument("--class", dest="recorded", action="store_true",
+                     help="class mode (ENTRUTH_CLASS=1): the recorded models of data/class instead of training")
     run.set_defaults(func=_notebooks_run)
+    record = nb_commands.add_parser("record-class", help="record the class pack (data/class) at the notebooks' defaults")
+    record.add_argument("--runs", default="runs", help="where the full run keeps its models (reused when current)")
+    record.add_argument("--out", help="where to write the pack (default: data/class in the repository)")
+    record.set_defaults(func=_notebooks_record_class)
     strip = nb_commands.add_parser("strip", help="remove outputs from the committed notebooks")
     strip.set_defaults(func=_notebooks_strip)
     return parser

@@ -8,6 +8,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -17,6 +18,7 @@ EMOJI = "emoji"  # the default dataset: the owner split of the Twemoji images th
 HELD_OUT_SHARE = 0.1  # of the owner's own dataset, kept out of the release: its captions are the probe prompts
 MIN_HELD_OUT = 8
 SOURCE_FILE = "source.json"
+SECONDS_FILE = "train_seconds.json"  # in a fine-tune's folder: how long ``finetuned`` trained it
 
 
 @dataclass
@@ -137,8 +139,16 @@ def finetuned(runs: str | Path, release: Release, config, pipe=None, progress: b
     folders = {}
     for name, data_dir in (("protected", release.protected), ("clean", release.owner)):
         folders[name] = model_folder(runs, name, config, data_dir)
-        train.ensure_finetuned(data_dir, folders[name], config, pipe=pipe, progress=progress)
+        result = train.ensure_finetuned(data_dir, folders[name], config, pipe=pipe, progress=progress)
+        if result is not None and not result.resumed_from:  # a resumed run's seconds count only its last part
+            (folders[name] / SECONDS_FILE).write_text(json.dumps(round(result.seconds, 1)) + "\n")
     return folders
+
+
+def saved_seconds(folder: str | Path) -> float | None:
+    """How long ``finetuned`` took to train the model in ``folder`` (None if it was resumed or trained elsewhere)."""
+    path = Path(folder) / SECONDS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def probed(runs: str | Path, model: str, load, key, captions, n: int, seed: int = 1, num_inference_steps: int = 25,
@@ -160,20 +170,6 @@ def probed(runs: str | Path, model: str, load, key, captions, n: int, seed: int 
     return result
 
 
-def model_probes(runs: str | Path, config, weights: dict[str, Path], key, captions, n: int, base=None, seed: int = 1,
-                 num_inference_steps: int = 25) -> dict:
-    """``probed`` for the base model (``base``, or loaded from ``config.model``) and each fine-tune in ``weights``
-    (name: folder), in that order; a model is loaded only when its probe is not stored yet."""
-    from .models import load_finetuned, load_pipeline
-
-    loaders = {"base": (f"base-{Path(str(config.model)).name}",
-                        lambda: base if base is not None else load_pipeline(config.model))}
-    for name, folder in weights.items():
-        loaders[name] = (Path(folder).name, lambda folder=folder: load_finetuned(load_pipeline(config.model), folder))
-    return {name: probed(runs, model, load, key, captions, n, seed, num_inference_steps)
-            for name, (model, load) in loaders.items()}
-
-
 def captioning_corpus(release: Release, dataset: str | Path, size: int, limit: int | None = None):
     """(images, captions) an infringer's retrieval captioner learns from, none of them released: another emoji
     split for the emoji, the held-out images for the owner's own data."""
@@ -181,3 +177,108 @@ def captioning_corpus(release: Release, dataset: str | Path, size: int, limit: i
         images, captions, _ = data.emoji_dataset("pretrain", size=size, limit=limit)
         return images, captions
     return images_at(release.held_out, size, limit)
+
+
+def quality_prompts(captions: Sequence[str], n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """Notebook 05's image-quality prompts: ``n`` of the owner's captions in a seeded order, seeds 0, 1, 2, ..."""
+    order = np.random.default_rng(seed).permutation(len(captions))[:n]
+    return [captions[i] for i in order], list(range(len(order)))
+
+
+@dataclass
+class Lab:
+    """The lab's three models (``base`` and the fine-tunes ``protected`` and ``clean``), as notebooks 02-05 use them:
+    trained and sampled here (full mode), or read from a class pack (class mode, ``classroom``). Both modes answer
+    the same calls, so a notebook has one code path."""
+
+    runs: Path
+    config: object  # train.TrainConfig
+    base: object  # the base pipeline
+    weights: dict[str, Path] | None = None  # full mode: each fine-tune's folder
+    pack: object | None = None  # class mode: a classroom.ClassPack checked against this run
+
+    @property
+    def recorded(self) -> bool:
+        return self.pack is not None
+
+    def losses(self) -> dict[str, list[float]]:
+        from . import train
+
+        return self.pack.losses() if self.recorded else {n: train.saved_losses(f) for n, f in self.weights.items()}
+
+    def train_seconds(self) -> dict[str, float | None]:
+        return self.pack.train_seconds() if self.recorded else {n: saved_seconds(f) for n, f in self.weights.items()}
+
+    def pipeline(self, name: str):
+        """``name``'s pipeline (the base, or the base with a fine-tune's weights); there are none in class mode."""
+        from .models import load_finetuned, load_pipeline
+
+        if self.recorded:
+            raise ValueError(f"class mode holds {name!r}'s recorded answers, not its weights: run in full mode "
+                             "(ENTRUTH_CLASS=0) to load it")
+        return self.base if name == "base" else load_finetuned(load_pipeline(self.config.model), self.weights[name])
+
+    def _model_name(self, name: str) -> str:
+        return f"base-{Path(str(self.config.model)).name}" if name == "base" else Path(self.weights[name]).name
+
+    def probes(self, key, captions, n: int, seed: int = 1, num_inference_steps: int = 25,
+               guidance_scale: float = 3.0, names: Sequence[str] = ("base", "protected", "clean")) -> dict:
+        """Each model's answers to ``n`` probe queries with ``key``'s trigger (``probed``: stored under
+        ``runs/probes`` and generated only on a miss; recorded in class mode)."""
+        if self.recorded:
+            return {name: self.pack.probe(name, captions, key.trigger, key.placement, n, seed, num_inference_steps,
+                                          guidance_scale) for name in names}
+        return {name: probed(self.runs, self._model_name(name), lambda name=name: self.pipeline(name), key, captions,
+                             n, seed, num_inference_steps, guidance_scale) for name in names}
+
+    def samples(self, name: str, prompts: Sequence[str], seeds: Sequence[int], num_inference_steps: int = 25,
+                guidance_scale: float = 3.0) -> list:
+        """``name``'s images for these prompts and seeds (generated now in full mode, recorded in class mode)."""
+        from . import probe
+
+        if self.recorded:
+            return self.pack.samples(name, prompts, seeds, num_inference_steps, guidance_scale)
+        return probe.generate(self.pipeline(name), prompts, seeds, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale)
+
+    def audit_pipeline(self, name: str):
+        """The pipeline an audit of ``name``'s stored answers needs for the owner's side (its VAE draws the plain
+        images as the model would; fine-tuning never changes the VAE, so in class mode it is the base's)."""
+        return self.base if self.recorded else self.pipeline(name)
+
+    def model_info(self, name: str) -> dict:
+        """The audited model as a report names it (in class mode: the pack's recording, with the weights'
+        settings)."""
+        from . import audit
+
+        if self.recorded:
+            recording = self.pack.folder / "probes" / f"{name}.npz"
+            return dict(model=str(self.config.model), weights=f"none (class mode): the answers recorded in {recording}",
+                        train_fingerprint=self.pack.record["settings"]["train_fingerprint"])
+        return audit.model_info(self.config.model, None if name == "base" else self.weights[name])
+
+    def answer(self, name: str, sheet: Sequence[dict], folder: str | Path) -> Path:
+        """Stand in for ``name`` as a generation service answering a prompt sheet (class mode: its recorded
+        answers to the same prompts and seeds)."""
+        from . import probe
+
+        if not self.recorded:
+            return probe.answer_prompt_sheet(self.pipeline(name), sheet, folder)
+        recorded = self.pack.record["probe"]
+        if any((row["steps"], float(row["guidance_scale"])) !=
+               (recorded["num_inference_steps"], recorded["guidance_scale"]) for row in sheet):
+            raise ValueError(f"the class pack's answers were drawn with {recorded}: the sheet asks other sampler "
+                             "settings; run in full mode (ENTRUTH_CLASS=0)")
+        return probe.answer_from_probe(self.pack.stored_probe(name), sheet, folder)
+
+
+def lab(runs: str | Path, release: Release, config, base, recorded: bool = False, pack_folder=None) -> Lab:
+    """The lab's models for this release and these settings: fine-tuned here (or reused: ``finetuned``), or, with
+    ``recorded``, the class pack's (``classroom.load_pack``), refused if it was recorded for other settings."""
+    if recorded:
+        from . import classroom
+
+        key = protect.load_key(release.key)
+        pack = classroom.load_pack(*(() if pack_folder is None else (pack_folder,))).check(config, key)
+        return Lab(Path(runs), config, base, pack=pack)
+    return Lab(Path(runs), config, base, weights=finetuned(runs, release, config, pipe=base))

@@ -13,12 +13,19 @@ from .models import REPO_ROOT
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 SMOKE_ENV = "ENTRUTH_SMOKE"
 RUNS_ENV = "ENTRUTH_RUNS"
+CLASS_ENV = "ENTRUTH_CLASS"
 HEADLESS_ENV = "ENTRUTH_HEADLESS"  # set by run_notebook: no browser will ever draw a widget
 
 
 def smoke_mode() -> bool:
     """True when notebooks should shrink steps and counts (env ``ENTRUTH_SMOKE=1``)."""
     return os.environ.get(SMOKE_ENV, "0") not in ("", "0", "false", "False")
+
+
+def class_mode() -> bool:
+    """True when notebooks should use the models as recorded in the class pack (``classroom``) instead of training
+    and sampling them (env ``ENTRUTH_CLASS=1``, ``make class``)."""
+    return os.environ.get(CLASS_ENV, "0") not in ("", "0", "false", "False")
 
 
 def quiet_libraries() -> None:
@@ -118,9 +125,9 @@ def inject_parameters(notebook, parameters: dict) -> None:
 
 
 def run_notebook(path: Path, out_dir: Path, smoke: bool, timeout: int = 3600,
-                 parameters: dict | None = None) -> NotebookRun:
+                 parameters: dict | None = None, recorded: bool = False) -> NotebookRun:
     """Execute one notebook in its own folder and write the executed copy to ``out_dir``; ``parameters``
-    override the values of its parameters cell."""
+    override the values of its parameters cell; ``recorded``: class mode (``classroom``)."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -129,7 +136,7 @@ def run_notebook(path: Path, out_dir: Path, smoke: bool, timeout: int = 3600,
         inject_parameters(notebook, parameters)
     # the kernel inherits this environment: smoke switch, offline hub, and inline figures (a headless
     # MPLBACKEND=Agg would keep figures out of the executed notebook)
-    settings = {SMOKE_ENV: "1" if smoke else "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    settings = {SMOKE_ENV: "1" if smoke else "0", CLASS_ENV: "1" if recorded else "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                 "MPLBACKEND": "module://matplotlib_inline.backend_inline", HEADLESS_ENV: "1"}
     previous = {name: os.environ.get(name) for name in settings}
     os.environ.update(settings)
@@ -152,13 +159,14 @@ def run_notebook(path: Path, out_dir: Path, smoke: bool, timeout: int = 3600,
     return NotebookRun(path.name, time.time() - start, out_dir / path.name)
 
 
-def run_all(out_dir: Path, smoke: bool, only: list[str] | None = None) -> list[NotebookRun]:
+def run_all(out_dir: Path, smoke: bool, only: list[str] | None = None, recorded: bool = False) -> list[NotebookRun]:
     runs = []
+    mode = ("smoke " if smoke else "") + ("class" if recorded else "full")
     for path in list_notebooks():
         if only and not any(key in path.name for key in only):
             continue
-        print(f"running {path.name} ({'smoke' if smoke else 'full'}) ...", flush=True)
-        result = run_notebook(path, out_dir, smoke)
+        print(f"running {path.name} ({mode}) ...", flush=True)
+        result = run_notebook(path, out_dir, smoke, recorded=recorded)
         print(f"  done in {result.seconds:.0f} s -> {result.output}", flush=True)
         runs.append(result)
     return runs

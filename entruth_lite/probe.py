@@ -265,3 +265,22 @@ def answer_prompt_sheet(pipe, rows: Sequence[dict], folder: str | os.PathLike, p
         for row, image in zip(chosen, images):
             image.save(folder / row["file"])
     return folder
+
+
+def answer_from_probe(probed: ProbeResult, rows: Sequence[dict], folder: str | os.PathLike) -> Path:
+    """Answer a prompt sheet with a probe's images (a service's answers, recorded): each row gets the image the
+    probe holds for its prompt and seed, trigger rows from the trigger images, control rows from the controls.
+    Refused, before anything is written, when the probe lacks a row's query."""
+    answers = {}
+    for prompts, images, kind in ((probed.trigger_prompts, probed.trigger_images, "trigger"),
+                                  (probed.captions, probed.control_images, "control")):
+        answers |= {(kind, prompt, int(seed)): image for prompt, seed, image in zip(prompts, probed.seeds, images)}
+    missing = [row for row in rows if (row["kind"], row["prompt"], int(row["seed"])) not in answers]
+    if missing:
+        raise ValueError(f"the probe has no answer to {len(missing)} of the sheet's {len(rows)} rows (first: "
+                         f"{missing[0]['kind']} {missing[0]['prompt']!r}, seed {missing[0]['seed']})")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        answers[row["kind"], row["prompt"], int(row["seed"])].save(folder / row["file"])
+    return folder

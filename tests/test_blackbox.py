@@ -197,12 +197,13 @@ def test_a_probe_is_generated_once_and_reused_by_the_audit(setting, tmp_path):
                     probed=first)
 
 
-def test_model_probes_serve_the_base_and_each_finetune_from_one_store(setting, tmp_path):
+def test_the_lab_serves_the_base_and_each_finetune_from_one_store(setting, tmp_path):
     from entruth_lite import demo, train
 
     root, key, pipe, captions, _, _ = setting
-    config = train.preset("tiny-cpu")
-    probes = demo.model_probes(tmp_path, config, {"full": root / "full"}, key, captions, n=4, num_inference_steps=4)
+    lab = demo.Lab(tmp_path, train.preset("tiny-cpu"), audit.load_suspect("tiny", device="cpu"),
+                   weights={"full": root / "full"})
+    probes = lab.probes(key, captions, n=4, num_inference_steps=4, names=["base", "full"])
     assert list(probes) == ["base", "full"]
     stored = sorted(p.name.split("-")[0] for p in (tmp_path / "probes").glob("*.npz"))
     assert stored == ["base", "full"]

@@ -91,6 +91,21 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     assert not notebooks.notebooks_with_outputs(), "running must not write outputs into the committed notebook"
 
 
+CLASS_NOTEBOOKS = [p for p in NOTEBOOKS if p.name[:2] in ("03", "05")]  # 02 and 04 read the pack as 03 does
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("path", CLASS_NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_class_mode_on_the_shipped_pack_without_training(path, tmp_path, monkeypatch):
+    """Class mode reads the models as recorded in data/class: nothing is trained or loaded from weights, and the
+    shipped pack still matches the notebooks' defaults (it is refused, naming the setting, once one changes). Smoke
+    counts, except the two settings the pack was recorded with (training steps, sampler steps)."""
+    monkeypatch.setenv(notebooks.RUNS_ENV, str(tmp_path / "runs"))
+    notebooks.run_notebook(path, tmp_path / "executed", smoke=True, recorded=True, timeout=900,
+                           parameters={"STEPS": None, "SAMPLE_STEPS": 25})
+    assert not (tmp_path / "runs" / "models").exists(), "class mode trains nothing"
+
+
 SD_NOTEBOOKS = [p for p in NOTEBOOKS if p.name[:2] in ("02", "03", "04", "05")]
 # smoke size for Stable Diffusion's architecture: the colab-t4 preset's code path on 40 photos of mixed sizes
 SD_SMOKE = {"PRESET": "colab-t4", "RATE": 0.05, "STEPS": 4, "QUERIES": 8, "DECOYS": 99, "SAMPLE_STEPS": 4,

@@ -280,6 +280,7 @@ def test_demo_models_are_reused_only_when_settings_and_data_match(dataset, base,
     config = lora_config(steps=1)
     folders = demo.finetuned(tmp_path, release, config, pipe=base, progress=False)
     assert set(folders) == {"protected", "clean"} and len(calls) == 2
+    assert all(demo.saved_seconds(folder) > 0 for folder in folders.values()), "the lab shows how long each took"
     demo.finetuned(tmp_path, release, config, pipe=base, progress=False)
     assert len(calls) == 2, "same settings, same data: reused"
     again = demo.finetuned(tmp_path, release, lora_config(steps=2), pipe=base, progress=False)
