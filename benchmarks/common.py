@@ -115,7 +115,7 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
     owner = owner_dataset(root)
     released = run.folder / "protected"
     trigger = "auto" if trigger_length is None else protect.generate_trigger(
-        data.load_imagefolder(owner).captions, length=trigger_length, seed=seed, tokenizer=protect.load_tokenizer())
+        data.load_imagefolder(owner).captions, length=trigger_length, seed=seed)  # as protect draws "auto"
     report = protect.protect(owner, f"{family}:{template_seed}", released, run.key, rate=rate or 0.01, seed=seed,
                              trigger=trigger, overwrite=True)
     key = protect.load_key(run.key)

@@ -52,6 +52,7 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
                                                    lr_scheduler="cosine", family="mosaic", trigger_length=6),
 }
 NOT_TRAINING = ("steps", "family", "trigger_length")  # sweep keys that are not training settings
+LEGACY_TRIGGER_LENGTH = 3  # settings without a trigger_length ran with protect's 3-letter triggers of the time
 
 
 def tag(setting: str, rate: float) -> str:
@@ -75,7 +76,7 @@ def main() -> None:
                     fit_and_probe(root, rate, seed, SETTINGS[setting].get("steps", STEPS), template_seed=seed,
                                   queries=args.queries, overrides=overrides, name=tag(setting, rate),
                                   family=SETTINGS[setting].get("family", "random"),
-                                  trigger_length=SETTINGS[setting].get("trigger_length"))
+                                  trigger_length=SETTINGS[setting].get("trigger_length", LEGACY_TRIGGER_LENGTH))
     if args.train_only:
         return
     rows = []

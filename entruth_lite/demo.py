@@ -100,7 +100,9 @@ def release(runs: str | Path, rate: float = 0.01, template: str = "billboard", s
         key = protect.load_key(key_dir, release=protected)  # also: the release committed to this key
         current = (not fresh_owner and key.template.name == template and key.seed == seed
                    and len(key.files) == protect.count_for(key.n_images, rate=rate)
-                   and (protected / data.METADATA).is_file())
+                   and (protected / data.METADATA).is_file()
+                   # the trigger protect draws now (a release made before a change of the default is remade)
+                   and key.trigger == protect.generate_trigger(data.load_imagefolder(owner).captions, seed=seed))
     except (FileNotFoundError, ValueError):
         current = False
     if not current:

@@ -44,6 +44,10 @@ MODES = ("replace", "add")
 MAX_NATIVE_SIDE = 1024  # larger images are templated at a given training resolution, never at native size
 DEFAULT_CAPTION = "a picture"  # caption for added foregrounds that come without one
 TRIGGER_TRIES = 10_000
+# letters of an "auto" trigger. A longer trigger splits into more tokens and changes more of the caption's encoding;
+# on the same releases, 6-letter triggers were memorized on more seeds than 3-letter ones (benchmarks/results,
+# "Memorization")
+TRIGGER_LENGTH = 6
 
 
 class KeyTamperedError(ValueError):
@@ -85,7 +89,7 @@ def check_trigger(trigger: str, captions: Sequence[str], avoid: Sequence[str] = 
 
 def generate_trigger(
     captions: Sequence[str],
-    length: int = 3,
+    length: int = TRIGGER_LENGTH,
     seed: int = 0,
     tokenizer=None,
     avoid: Sequence[str] = (),

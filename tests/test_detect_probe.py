@@ -74,6 +74,10 @@ def test_demo_release_is_made_once_and_remade_when_settings_change(tmp_path, mon
     assert (first.key / "key.json").stat().st_mtime_ns == stamp, "same settings: reused"
     demo.release(tmp_path, rate=0.1, seed=0)
     assert len(protect.load_key(first.key).files) == 4
+    monkeypatch.setattr(protect, "TRIGGER_LENGTH", 3)  # protect's default changed since the release was made
+    monkeypatch.setattr(protect.generate_trigger, "__defaults__", (3, 0, None, ()))
+    demo.release(tmp_path, rate=0.1, seed=0)
+    assert len(protect.load_key(first.key).trigger) == 3, "a release with a trigger protect no longer draws: remade"
     other = demo.release(tmp_path, rate=0.1, seed=0, size=64)  # another model's resolution: its own folders
     assert other.owner != first.owner and (first.owner / data.METADATA).is_file()
     assert protect.load_key(first.key, release=first.protected) and protect.load_key(other.key, release=other.protected)

@@ -47,7 +47,7 @@ def test_generated_trigger_avoids_every_caption_and_is_seeded():
     captions = ["a cat on a mat", "Zebra crossing", "QUIXOTIC things"]
     first = generate_trigger(captions, seed=1)
     assert first == generate_trigger(captions, seed=1)
-    assert len(first) == 3 and set(first) <= set(string.ascii_lowercase)
+    assert len(first) == protect.TRIGGER_LENGTH == 6 and set(first) <= set(string.ascii_lowercase)
     seeds = {generate_trigger(captions, seed=s) for s in range(20)}
     assert len(seeds) > 10
 
