@@ -90,7 +90,8 @@ def main() -> None:
                 scores = projection_scores(root, run)
                 decoy, binomial = audit.verdicts_from_scores(scores, "projection", ("decoy", "binomial"), fpr=FPR)
                 rows.append(dict(setting=setting, rate=rate, seed=seed, n_altered=meta["n_altered"],
-                                 train_seconds=meta["train_seconds"], decoy_p=decoy.p_value,
+                                 train_seconds=meta["train_seconds"],
+                                 resumed_from_step=meta.get("resumed_from_step") or 0, decoy_p=decoy.p_value,
                                  binomial_p=binomial.p_value, binomial_flagged=binomial.detections))
     write_table(rows, root / "memorization.csv", dict(rate="g", train_seconds=".0f", decoy_p=".1e", binomial_p=".1e"))
 

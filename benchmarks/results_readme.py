@@ -71,7 +71,10 @@ a 1 % false-positive threshold on plain images, 64 queries, alpha = 0.01. `lora-
 attention, convolution and feed-forward layers plus a LoRA on the text encoder (`train_text_encoder`), at the preset's
 learning rate; `lora-r32-wide-te-3000`: the same for 3,000 steps (twice the exposures); `full-mosaic`: the
 `tiny-cpu` preset as is; `lora-diffusers-example-mosaic`: an infringer's usual LoRA (diffusers' example script's
-defaults: rank 4 on the attention projections, cosine schedule, UNet only) at the preset's learning rate. `train_seconds` is wall time on 2 shared cores (other jobs ran beside some runs; a resumed run counts
+defaults: rank 4 on the attention projections, cosine schedule, UNet only) at the preset's learning rate. Trigger
+design: `-trigger6` settings draw a 6-letter trigger from the seed (4-5 tokens under the tiny tokenizer) instead of
+the default 3 letters (2-3 tokens), on the same released images as the setting without it; `full-mosaic-te` adds a
+LoRA on the text encoder to the full UNet fine-tune. `train_seconds` is wall time on 2 shared cores (other jobs ran beside some runs; a resumed run counts
 only the steps after its checkpoint). A sweep in progress: the rows are the runs finished so far.
 """
 

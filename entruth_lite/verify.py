@@ -167,3 +167,23 @@ def measured_power(table, rate: float, test: str = "decoy (projection)", queries
         caveat = " (above every measured rate: expect at least as many)"
     return (f"{rate:.2%}: {where}{caveat}, the {test} test detected {int(row['detected'])} of {int(row['seeds'])} "
             f"fine-tuned models at {queries} queries (median p {float(row['median_p']):.0e})")
+
+
+def summarize_memorization(table, alpha: float = 0.01, queries: int = 64):
+    """The memorization benchmark's table (``memorization.csv``: one row per setting, rate and seed) as one row per
+    setting and rate: seeds run, how many the decoy test detected at ``alpha``, the median share of trigger images
+    over the 1 % threshold, and the fastest seed's training minutes (the runs shared 2 cores with other jobs: the
+    fastest is the least disturbed; a run resumed from a checkpoint timed only its last part and is left out)."""
+    import pandas as pd
+
+    missing = {"setting", "rate", "seed", "decoy_p", "binomial_flagged", "train_seconds"} - set(table.columns)
+    if missing:
+        raise ValueError(f"not a memorization table: columns {sorted(missing)} are missing")
+    rows = []
+    for (setting, rate), group in table.groupby(["setting", "rate"], sort=False):
+        whole = group[group["resumed_from_step"] == 0] if "resumed_from_step" in group else group
+        rows.append(dict(setting=setting, rate=rate, seeds=len(group),
+                         detected=int((group["decoy_p"] < alpha).sum()),
+                         flagged_share=float(group["binomial_flagged"].median()) / queries,
+                         train_minutes=float(whole["train_seconds"].min()) / 60 if len(whole) else float("nan")))
+    return pd.DataFrame(rows)

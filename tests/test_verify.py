@@ -117,3 +117,20 @@ def test_measured_power_reads_the_nearest_measured_rate():
     assert "detected 1 of 3" in verify.measured_power(table, 0.01, test="binomial (projection)")
     with pytest.raises(ValueError, match="no rows for test 'nope'"):
         verify.measured_power(table, 0.01, test="nope")
+
+
+def test_summarize_memorization_counts_detected_seeds_per_setting_and_rate():
+    import pandas as pd
+
+    table = pd.DataFrame(dict(setting=["full", "full", "full", "lora", "lora"], rate=[0.01, 0.01, 0.01, 0.01, 0.02],
+                              seed=[0, 1, 2, 0, 0], decoy_p=[0.001, 0.2, 0.009, 0.011, 0.001],
+                              binomial_flagged=[32, 0, 16, 4, 48], train_seconds=[360, 420, 300, 600, 540],
+                              resumed_from_step=[0, 0, 0, 500, 0]))
+    summary = verify.summarize_memorization(table).set_index(["setting", "rate"])
+    assert summary.loc[("full", 0.01), "seeds"] == 3 and summary.loc[("full", 0.01), "detected"] == 2
+    assert summary.loc[("lora", 0.01), "detected"] == 0, "0.011 is not below alpha = 0.01"
+    assert np.isnan(summary.loc[("lora", 0.01), "train_minutes"]), "a resumed run timed only its last part"
+    assert summary.loc[("full", 0.01), "flagged_share"] == 0.25 and summary.loc[("full", 0.01), "train_minutes"] == 5
+    assert verify.summarize_memorization(table, alpha=0.05).set_index(["setting", "rate"]).loc[("lora", 0.01), "detected"] == 1
+    with pytest.raises(ValueError, match="decoy_p"):
+        verify.summarize_memorization(table.drop(columns="decoy_p"))
