@@ -37,7 +37,8 @@ def pack_settings(config, key) -> dict:
 
 
 def sampler_settings(n: int | None = None, seed: int | None = None, num_inference_steps: int = 25,
-             guidance_scale: float = 3.0) -> dict:
+                     guidance_scale: float = 3.0) -> dict:
+    """How a pack's images were drawn (queries and probe seed where they apply), as ``pack.json`` stores it."""
     return {k: v for k, v in dict(n=n, seed=seed, num_inference_steps=num_inference_steps,
                                   guidance_scale=float(guidance_scale)).items() if v is not None}
 
@@ -53,11 +54,10 @@ class ClassPack:
         for name, value in pack_settings(config, key).items():
             recorded = self.record["settings"].get(name)
             if recorded != value:
-                shown = (f"{len(recorded)} files" if name == "files" and recorded is not None else repr(recorded),
-                         f"{len(value)} files" if name == "files" else repr(value))
-                raise ValueError(f"the class pack in {self.folder} was recorded with {name} = {shown[0]}, this run has "
-                                 f"{shown[1]}{' (other files)' if name == 'files' and shown[0] == shown[1] else ''}: "
-                                 "run in full mode (ENTRUTH_CLASS=0) or record a pack for these settings "
+                same_count = name == "files" and isinstance(recorded, list) and len(recorded) == len(value)
+                raise ValueError(f"the class pack in {self.folder} was recorded with {name} = {_shown(name, recorded)}, "
+                                 f"this run has {_shown(name, value)}{' (other files)' if same_count else ''}: run in "
+                                 "full mode (ENTRUTH_CLASS=0) or record a pack for these settings "
                                  "(entruth-lite notebooks record-class)")
         return self
 
@@ -104,6 +104,10 @@ class ClassPack:
                 raise ValueError(f"the class pack holds no sample of {name!r} for {len(missing)} of the "
                                  f"{len(prompts)} prompts asked (first: {missing[0]}): ask for fewer or run in full mode")
             return [Image.fromarray(stored["images"][index[(p, int(s))]]) for p, s in zip(prompts, seeds)]
+
+
+def _shown(name: str, value) -> str:
+    return f"{len(value)} templated files" if name == "files" and isinstance(value, list) else repr(value)
 
 
 def _check_model(name: str) -> None:

@@ -274,13 +274,14 @@ class Lab:
         return probe.answer_from_probe(self.pack.stored_probe(name), sheet, folder)
 
 
-def lab(runs: str | Path, release: Release, config, base, recorded: bool = False, pack_folder=None) -> Lab:
+def lab(runs: str | Path, release: Release, config, base, recorded: bool = False,
+        pack_folder: str | Path | None = None) -> Lab:
     """The lab's models for this release and these settings: fine-tuned here (or reused: ``finetuned``), or, with
     ``recorded``, the class pack's (``classroom.load_pack``), refused if it was recorded for other settings."""
     if recorded:
         from . import classroom
 
         key = protect.load_key(release.key)
-        pack = classroom.load_pack(*(() if pack_folder is None else (pack_folder,))).check(config, key)
+        pack = classroom.load_pack(pack_folder or classroom.PACK_DIR).check(config, key)
         return Lab(Path(runs), config, base, pack=pack)
     return Lab(Path(runs), config, base, weights=finetuned(runs, release, config, pipe=base))

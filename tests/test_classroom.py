@@ -91,5 +91,7 @@ def test_the_pack_refuses_what_it_did_not_record(recorded, tmp_path):
         pack.check(dataclasses.replace(full.config, steps=3), key)
     with pytest.raises(ValueError, match="trigger = .*this run has 'zzqq'"):
         pack.check(full.config, dataclasses.replace(key, trigger="zzqq"))
+    with pytest.raises(ValueError, match=r"files = 4 templated files, this run has 4 templated files \(other files\)"):
+        pack.check(full.config, dataclasses.replace(key, files=list(key.files[:-1]) + ["elsewhere.png"]))
     with pytest.raises(FileNotFoundError, match="no class pack"):
         classroom.load_pack(tmp_path)
