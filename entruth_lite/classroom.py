@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from . import probe
+from . import data, probe
 from .models import REPO_ROOT
 
 PACK_DIR = REPO_ROOT / "data" / "class"
@@ -127,7 +128,7 @@ def write_pack(out: str | os.PathLike, config, key, losses: dict[str, list[float
                probes: dict[str, probe.ProbeResult], probe_sampler: dict,
                samples: dict[str, tuple[Sequence[str], Sequence[int], Sequence[Image.Image]]],
                sample_sampler: dict) -> ClassPack:
-    """Write a pack to ``out`` (replacing the one there): ``probes`` of every model in ``MODELS``; samples, losses
+    """Write a pack to ``out`` (replacing the one there, whole or not at all): ``probes`` of every model in ``MODELS``; samples, losses
     and seconds of both fine-tunes, and the settings they were made with (``probe_sampler``: seed, n and
     the sampler; ``sample_sampler``: the sampler)."""
     for what, have, need in (("probes", probes, MODELS), ("samples", samples, FINETUNES), ("losses", losses, FINETUNES),
@@ -135,18 +136,24 @@ def write_pack(out: str | os.PathLike, config, key, losses: dict[str, list[float
         if set(have) != set(need):
             raise ValueError(f"a class pack needs {what} of {sorted(need)}, got {sorted(have)}")
     out = Path(out)
-    for name in MODELS:
-        probe.save_probe(probes[name], out / "probes" / f"{name}.npz")
-    for name in FINETUNES:
-        prompts, seeds, images = samples[name]
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out / "samples" / f"{name}.npz", prompts=np.asarray(list(prompts), dtype=str),
-                            seeds=np.asarray(list(seeds), dtype=np.int64),
-                            images=np.stack([np.asarray(probe.to_rgb(i)) for i in images]))
     record = dict(settings=pack_settings(config, key), probe=probe_sampler, samples=sample_sampler,
                   losses={k: [round(float(v), 5) for v in losses[k]] for k in FINETUNES},
                   train_seconds={k: round(float(train_seconds[k]), 1) for k in FINETUNES})
-    (out / PACK_FILE).write_text(json.dumps(record) + "\n")
+    tmp = data.atomic_folder(out, overwrite=True)  # a pack is replaced whole: never new answers under old settings
+    try:
+        for name in MODELS:
+            probe.save_probe(probes[name], tmp / "probes" / f"{name}.npz")
+        (tmp / "samples").mkdir()
+        for name in FINETUNES:
+            prompts, seeds, images = samples[name]
+            np.savez_compressed(tmp / "samples" / f"{name}.npz", prompts=np.asarray(list(prompts), dtype=str),
+                                seeds=np.asarray(list(seeds), dtype=np.int64),
+                                images=np.stack([np.asarray(probe.to_rgb(i)) for i in images]))
+        (tmp / PACK_FILE).write_text(json.dumps(record) + "\n")
+        data.commit_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return ClassPack(out, record)
 
 
@@ -187,6 +194,6 @@ def record(runs: str | os.PathLike = "runs", out: str | os.PathLike = PACK_DIR, 
     size = models.default_resolution(base)
     release = demo.release(runs, rate=rate, template=template, seed=seed, size=size)
     lab = demo.lab(runs, release, config, base)
-    _, owner_captions = demo.images_at(release.owner, size)
+    owner_captions = list(data.load_imagefolder(release.owner).captions)  # notebook 05's, as images_at gives them
     return record_lab(lab, protect.load_key(release.key, release=release.protected), demo.held_out_captions(release),
                       owner_captions, out, queries, sample_steps, quality_samples, seed=seed)

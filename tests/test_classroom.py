@@ -93,5 +93,34 @@ def test_the_pack_refuses_what_it_did_not_record(recorded, tmp_path):
         pack.check(full.config, dataclasses.replace(key, trigger="zzqq"))
     with pytest.raises(ValueError, match=r"files = 4 templated files, this run has 4 templated files \(other files\)"):
         pack.check(full.config, dataclasses.replace(key, files=list(key.files[:-1]) + ["elsewhere.png"]))
+    before = sorted(p.relative_to(pack.folder) for p in pack.folder.rglob("*"))
+    with pytest.raises(ValueError, match="needs probes of"):
+        classroom.write_pack(pack.folder, full.config, key, {}, {}, {}, {}, {}, {})
+    assert sorted(p.relative_to(pack.folder) for p in pack.folder.rglob("*")) == before, "a refused write changes nothing"
     with pytest.raises(FileNotFoundError, match="no class pack"):
         classroom.load_pack(tmp_path)
+
+
+def test_a_pack_is_replaced_whole_or_not_at_all(recorded, tmp_path, monkeypatch):
+    full, class_lab, key, captions, owner_captions = recorded
+    probes = class_lab.probes(key, captions, n=QUERIES, num_inference_steps=STEPS)
+    prompts, seeds = demo.quality_prompts(owner_captions, SAMPLES)
+    samples = {name: (prompts, seeds, class_lab.samples(name, prompts, seeds, STEPS)) for name in classroom.FINETUNES}
+    args = (full.config, key, class_lab.losses(), class_lab.train_seconds(), probes,
+            classroom.sampler_settings(QUERIES, 1, STEPS), samples, classroom.sampler_settings(num_inference_steps=STEPS))
+    pack = classroom.write_pack(tmp_path / "pack", *args)
+    before = {p.relative_to(pack.folder): p.read_bytes() for p in pack.folder.rglob("*") if p.is_file()}
+    calls = []
+    real = np.savez_compressed
+
+    def fail_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(*a, **k)
+
+    monkeypatch.setattr(np, "savez_compressed", fail_on_third)
+    with pytest.raises(OSError, match="disk full"):
+        classroom.write_pack(tmp_path / "pack", *args)
+    after = {p.relative_to(pack.folder): p.read_bytes() for p in pack.folder.rglob("*") if p.is_file()}
+    assert after == before and [p.name for p in tmp_path.iterdir()] == ["pack"], "the old pack, and no leftovers"
