@@ -90,6 +90,16 @@ class ClassPack:
         _check_model(name)
         return probe.load_probe(self.folder / "probes" / f"{name}.npz")
 
+    def answer(self, name: str, sheet: Sequence[dict], folder: str | os.PathLike) -> Path:
+        """``name``'s recorded answers to a prompt sheet's rows, saved under the sheet's file names (refused when the
+        sheet asks other sampler settings or queries the pack does not hold)."""
+        recorded = self.record["probe"]
+        if any((row["steps"], float(row["guidance_scale"])) !=
+               (recorded["num_inference_steps"], recorded["guidance_scale"]) for row in sheet):
+            raise ValueError(f"the class pack's answers were drawn with {recorded}: the sheet asks other sampler "
+                             "settings; run in full mode (ENTRUTH_CLASS=0)")
+        return probe.answer_from_probe(self.stored_probe(name), sheet, folder)
+
     def samples(self, name: str, prompts: Sequence[str], seeds: Sequence[int], num_inference_steps: int = 25,
                 guidance_scale: float = 3.0) -> list[Image.Image]:
         """``name``'s recorded samples for these (prompt, seed) pairs, refused if any pair was not recorded."""

@@ -1,3 +1,5 @@
+import functools
+
 import numpy as np
 import pytest
 from conftest import hash_tree
@@ -74,8 +76,8 @@ def test_demo_release_is_made_once_and_remade_when_settings_change(tmp_path, mon
     assert (first.key / "key.json").stat().st_mtime_ns == stamp, "same settings: reused"
     demo.release(tmp_path, rate=0.1, seed=0)
     assert len(protect.load_key(first.key).files) == 4
-    monkeypatch.setattr(protect, "TRIGGER_LENGTH", 3)  # protect's default changed since the release was made
-    monkeypatch.setattr(protect.generate_trigger, "__defaults__", (3, 0, None, ()))
+    # protect's default trigger changed since the release was made
+    monkeypatch.setattr(protect, "generate_trigger", functools.partial(protect.generate_trigger, length=3))
     demo.release(tmp_path, rate=0.1, seed=0)
     assert len(protect.load_key(first.key).trigger) == 3, "a release with a trigger protect no longer draws: remade"
     other = demo.release(tmp_path, rate=0.1, seed=0, size=64)  # another model's resolution: its own folders
