@@ -50,6 +50,14 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
                                              train_text_encoder=True, family="mosaic", trigger_length=6),
     "lora-diffusers-example-mosaic-trigger6": dict(method="lora", lora_rank=4, lora_targets=train.LORA_UNET_TARGETS,
                                                    lr_scheduler="cosine", family="mosaic", trigger_length=6),
+    # LoRA's usual practice: a higher learning rate than the full fine-tune's. 3x trained stably, 10x diverged
+    # (lora_lr_check.csv); warm-up for the larger first steps
+    "lora-r32-wide-te-mosaic-trigger6-lr3x": dict(method="lora", lora_rank=32,
+                                                  lora_targets=train.LORA_UNET_WIDE_TARGETS, train_text_encoder=True,
+                                                  learning_rate=3e-3, lr_warmup_steps=100, family="mosaic",
+                                                  trigger_length=6),
+    # the demo's length: does half the steps still memorize at 1 %? (make demo's time is mostly training)
+    "full-mosaic-trigger6-750": dict(family="mosaic", trigger_length=6, steps=STEPS // 2),
 }
 NOT_TRAINING = ("steps", "family", "trigger_length")  # sweep keys that are not training settings
 LEGACY_TRIGGER_LENGTH = 3  # settings without a trigger_length ran with protect's 3-letter triggers of the time

@@ -1,13 +1,16 @@
 """False-positive rate of every verification method on clean fine-tunes.
 
-    python -m benchmarks.null_calibration [--models 40] [--steps 500] [--out runs/bench] [--report-only]
+    python -m benchmarks.null_calibration [--models 40] [--steps 1500] [--family mosaic] [--out runs/bench]
+        [--train-only | --report-only]
 
-Fine-tunes ``--models`` clean models (the tiny base on the owner's *unprotected* emoji, each with its own
-seed, so its own data order and noise), each paired with its own owner key (a ``random:<seed>`` template and
-a trigger) whose release it never saw: the null hypothesis, by construction. Each model is probed with 64
-held-out captions with and without its key's trigger and the images are stored (``probe.npz``), so the
-report can be rerun without sampling. The report prints, for each method at alpha = 0.05 and 0.01, the share
-of clean models flagged, with a one-sided binomial p-value for "the rate exceeds alpha".
+Fine-tunes ``--models`` clean models (the tiny base on the owner's *unprotected* emoji with the ``tiny-cpu``
+preset, each with its own seed, so its own data order and noise), each paired with its own owner key (a
+``<family>:<seed>`` template and a trigger drawn as ``protect`` draws "auto") whose release it never saw: the
+null hypothesis, by construction. Each model is probed with 64 held-out captions with and without its key's
+trigger and the images are stored (``probe.npz``), so the report can be rerun without sampling. The report
+prints, for each method at alpha = 0.05 and 0.01, the share of clean models flagged, with a one-sided binomial
+p-value for "the rate exceeds alpha". Defaults: the demo's settings (the preset's steps, the default family).
+The first table (``--family random --steps 500``) predates 6-letter triggers; its runs keep their names.
 """
 
 from __future__ import annotations
@@ -15,26 +18,40 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from entruth_lite import protect, templates, train
+
 from .common import Run, add_run_arguments, fit_and_probe, rate_name
 
 NULL_SEED_OFFSET = 100  # clean models use seeds 100, 101, ...: disjoint from the detection-power runs
 
 
+def run_name(family: str, steps: int, trigger_length: int) -> str:
+    """Folder name of a clean model's run; the first calibration's (random family, 3 letters) keeps its own."""
+    if family == "random" and trigger_length == 3:
+        return rate_name(0.0, steps)
+    return f"null-{family}-trigger{trigger_length}-steps{steps}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps per clean model")
+    parser.add_argument("--steps", type=int, default=train.PRESETS["tiny-cpu"]["steps"],
+                        help="fine-tuning steps per clean model")
+    parser.add_argument("--family", default=templates.DEFAULT_FAMILY, choices=sorted(templates.FAMILIES))
+    parser.add_argument("--trigger-length", type=int, default=protect.TRIGGER_LENGTH)
     add_run_arguments(parser)
     args = parser.parse_args()
     root = Path(args.out)
+    name = run_name(args.family, args.steps, args.trigger_length)
     runs = []
     for i in range(args.models):
         seed = NULL_SEED_OFFSET + i
         if args.report_only:
-            runs.append(Run.named(root, rate_name(0.0, args.steps), 0.0, seed, args.steps))
+            runs.append(Run.named(root, name, 0.0, seed, args.steps))
         else:
             print(f"clean model {i + 1}/{args.models} (seed {seed})", flush=True)
-            runs.append(fit_and_probe(root, 0.0, seed, args.steps, template_seed=seed, queries=args.queries))
+            runs.append(fit_and_probe(root, 0.0, seed, args.steps, template_seed=seed, queries=args.queries,
+                                      name=name, family=args.family, trigger_length=args.trigger_length))
     if not args.train_only:
         from .verification_report import null_report
 
