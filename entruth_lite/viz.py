@@ -205,9 +205,11 @@ def memorization_grid(template: Image.Image, probes: dict, scores: dict, thresho
     rows, flagged_counts = [], {}
     blank = Image.new("RGB", template.size, (255, 255, 255))
     for name, probed in probes.items():
-        order = np.argsort(-np.asarray(scores[name]))[:n]
-        flagged = [1 + k for k, i in enumerate(order) if scores[name][i] > threshold]
-        flagged_counts[name] = int((np.asarray(scores[name]) > threshold).sum())
+        model_scores = np.asarray(scores[name], dtype=float)  # float64, as the binomial test compares them
+        over = model_scores >= threshold  # the binomial test's rule, so the grid counts what the verdict counts
+        order = np.argsort(-model_scores)[:n]
+        flagged = [1 + k for k, i in enumerate(order) if over[i]]
+        flagged_counts[name] = int(over.sum())
         row = [template] + [probed.trigger_images[i] for i in order] + [blank] + [probed.control_images[i] for i in order]
         rows.append(marked_grid(row, flagged, cols=len(row), tile=tile))
     width = max(r.width for r in rows)

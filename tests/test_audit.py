@@ -267,6 +267,20 @@ def test_memorization_grid_sorts_by_score_and_frames_the_flagged(plain):
     assert tuple(top[2, 2 + 3 * 34 + 1]) != (230, 0, 0), "the third (score 0.2) is not flagged"
 
 
+def test_memorization_grid_counts_what_the_binomial_test_counts(plain):
+    """float32 trigger scores against a threshold set on float64 negatives: the grid counts what the binomial
+    verdict counts (NumPy 2 compares a float32 array with a Python float in float32, where this threshold
+    rounds up onto a score the verdict flags)."""
+    from entruth_lite import viz
+
+    negatives = np.concatenate([np.linspace(0, 0.4, 197), [0.5 - 1e-12, 0.9, 0.95]])  # threshold: just above 0.5 - 1e-12
+    threshold = verify.calibrate_threshold(negatives, 0.01)
+    scores = np.float32([0.5, 0.95, 0.1, 0.2, 0.3, 0.45, 0.35, 0.25])
+    probed = _probe(plain[:8], plain[8:16])
+    _, flagged = viz.memorization_grid(TEMPLATE.scene, {"a": probed}, {"a": scores}, threshold, n=3, tile=32)
+    assert flagged["a"] == verify.binomial_test(scores, threshold, negatives).detections == 2
+
+
 def test_supporting_tests_never_accuse_an_innocent_model_in_any_output(plain):
     """A clean model whose trigger draws some other frame: the paired and binomial tests give small p-values, the
     decoy test does not. Only the decoy test's decision may appear, in the summary lines, JSON and HTML alike."""
