@@ -1,9 +1,11 @@
 """Fine-tuning speed and peak memory of the tiny model (CPU; CUDA too when present).
 
-    python -m benchmarks.train_speed [--steps 30] [--batch-size 32]
+    python -m benchmarks.train_speed [--steps 30] [--batch-size 32] [--side-by-side 300]
 
 Prints one row per (device, method): steps/s, seconds/step and peak memory (CPU: peak RSS of a fresh process
-per configuration; CUDA: torch.cuda.max_memory_allocated), with the settings used.
+per configuration; CUDA: torch.cuda.max_memory_allocated), with the settings used. ``--side-by-side N`` also
+times the demo's two full fine-tunes of N steps on the CPU, one after the other in one process (all threads)
+and side by side in two (``train.finetune_side_by_side``), wall clock including loading.
 """
 
 from __future__ import annotations
@@ -43,10 +45,27 @@ def measure(dataset: Path, device: str, config: train.TrainConfig) -> dict:
                 s_per_step=per_step, peak_mb=memory)
 
 
+def side_by_side(dataset: Path, steps: int, batch_size: int) -> tuple[float, float]:
+    """Wall-clock seconds of two full fine-tunes (the demo trains two: protected and clean): one after the other
+    in this process, then side by side in two processes."""
+    config = train.preset("tiny-cpu", steps=steps, batch_size=batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        base = models.load_pipeline("tiny", device="cpu")
+        for name in "ab":
+            train.finetune(dataset, Path(tmp) / name, config, pipe=base, progress=False)
+        one_after_the_other = time.perf_counter() - started
+        started = time.perf_counter()
+        train.finetune_side_by_side([(dataset, Path(tmp) / "c"), (dataset, Path(tmp) / "d")], config, progress=False)
+        return one_after_the_other, time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--side-by-side", type=int, default=0, metavar="STEPS",
+                        help="also time two full CPU fine-tunes of STEPS steps, sequential vs side by side")
     parser.add_argument("--device", action="append", choices=["cpu", "cuda"],
                         help="measure on this device (repeatable; default: cpu, and cuda when present)")
     args = parser.parse_args()
@@ -67,6 +86,10 @@ def main() -> None:
                 print(f"{r['device']:5s} {r['method']:5s} rank {str(r['rank']):>3s} batch {r['batch']:3d} "
                       f"{r['precision']:4s} {r['steps_per_s']:7.2f} steps/s {r['s_per_step']:7.3f} s/step "
                       f"peak {r['peak_mb']:8.0f} MB", flush=True)
+        if args.side_by_side:
+            sequential, parallel = side_by_side(dataset, args.side_by_side, args.batch_size)
+            print(f"two full fine-tunes of {args.side_by_side} steps, batch {args.batch_size}, on the CPU: one after "
+                  f"the other {sequential:.0f} s, side by side {parallel:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -132,16 +132,29 @@ def model_folder(runs: str | Path, name: str, config, data_dir: str | Path) -> P
     return Path(runs) / "models" / f"{name}-{Path(str(config.model)).name}-{digest[:10]}"
 
 
-def finetuned(runs: str | Path, release: Release, config, pipe=None, progress: bool = True) -> dict[str, Path]:
+def finetuned(runs: str | Path, release: Release, config, pipe=None, progress: bool = True,
+              side_by_side: bool | None = None) -> dict[str, Path]:
     """Weights of the demo's two fine-tunes, ``protected`` (on the release) and ``clean`` (on the owner's data):
     reused when an earlier run (notebook 02) finished them, resumed from a checkpoint when one was interrupted,
-    trained now otherwise."""
+    trained now otherwise. ``side_by_side`` (default: on a CPU with several cores) trains both at once, one
+    process each (``train.finetune_side_by_side``); otherwise one after the other in this process."""
+    import os
+
+    import torch
+
     from . import train
 
-    folders = {}
-    for name, data_dir in (("protected", release.protected), ("clean", release.owner)):
-        folders[name] = model_folder(runs, name, config, data_dir)
-        result = train.ensure_finetuned(data_dir, folders[name], config, pipe=pipe, progress=progress)
+    data_dirs = {"protected": release.protected, "clean": release.owner}
+    folders = {name: model_folder(runs, name, config, data_dir) for name, data_dir in data_dirs.items()}
+    if side_by_side is None:
+        side_by_side = not torch.cuda.is_available() and (os.cpu_count() or 1) > 1
+    if side_by_side:
+        results = dict(zip(data_dirs, train.finetune_side_by_side(
+            [(data_dirs[name], folders[name]) for name in data_dirs], config, progress=progress)))
+    else:
+        results = {name: train.ensure_finetuned(data_dirs[name], folders[name], config, pipe=pipe, progress=progress)
+                   for name in data_dirs}
+    for name, result in results.items():
         if result is not None and not result.resumed_from:  # a resumed run's seconds count only its last part
             (folders[name] / SECONDS_FILE).write_text(json.dumps(round(result.seconds, 1)) + "\n")
     return folders

@@ -333,6 +333,74 @@ def ensure_finetuned(data: str | os.PathLike, out: str | os.PathLike, config: Tr
     return finetune(data, out, config, pipe=pipe, overwrite=True, resume="latest", progress=progress)
 
 
+def _side_by_side_worker(index: int, data: str, out: str, config: TrainConfig, threads: int, events) -> None:
+    """One run of ``finetune_side_by_side``, in its own process: steps and the result (or the error) go back on
+    ``events``; its own progress bars stay quiet (the parent draws one for all runs)."""
+    import sys
+    import traceback
+
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (a child's bars and warnings would land in the server log)
+    torch.set_num_threads(threads)
+    try:
+        result = finetune(data, out, config, overwrite=True, resume="latest", progress=False, device="cpu",
+                          on_step=lambda step, loss: events.put(("step", index, step)))
+        events.put(("done", index, result))
+    except BaseException as error:  # noqa: BLE001 (reported to the parent, which raises it)
+        events.put(("error", index, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+
+
+def finetune_side_by_side(jobs: list[tuple[str | os.PathLike, str | os.PathLike]], config: TrainConfig,
+                          progress: bool = True) -> list[TrainResult | None]:
+    """``ensure_finetuned`` for several ``(data, out)`` runs at once on the CPU, one process each with an equal
+    share of the cores: a small model keeps two cores only partly busy in one process, so two runs side by side
+    finish sooner than one after the other (``benchmarks/train_speed.py``). Finished runs are reused (None), an
+    interrupted one resumes from its checkpoint; a run that fails stops the others and raises its error."""
+    import multiprocessing
+    import queue
+
+    results: list[TrainResult | None] = [None] * len(jobs)
+    todo = [i for i, (data, out) in enumerate(jobs) if not is_current(out, config, data)]
+    if not todo:
+        return results
+    context = multiprocessing.get_context("spawn")  # a forked child would inherit the parent's thread pools
+    events = context.Queue()
+    threads = max(1, (os.cpu_count() or 1) // len(todo))
+    workers = {i: context.Process(target=_side_by_side_worker, daemon=True,
+                                  args=(i, str(jobs[i][0]), str(jobs[i][1]), config, threads, events))
+               for i in todo}
+    steps_done = dict.fromkeys(todo, 0)
+    bar = tqdm(total=config.steps * len(todo), desc=f"fine-tuning {len(todo)} runs side by side ({config.method})",
+               disable=not progress, mininterval=2)
+    try:
+        for worker in workers.values():
+            worker.start()
+        pending = set(todo)
+        while pending:
+            try:
+                kind, i, payload = events.get(timeout=5)
+            except queue.Empty:
+                for i in pending:
+                    if not workers[i].is_alive():
+                        raise RuntimeError(f"the fine-tune into {jobs[i][1]} stopped without a result (exit code "
+                                           f"{workers[i].exitcode}); rerun to resume it from its last checkpoint")
+                continue
+            if kind == "step":
+                bar.update(payload - steps_done[i])
+                steps_done[i] = payload
+            elif kind == "done":
+                results[i] = payload
+                pending.discard(i)
+            else:
+                raise RuntimeError(f"the fine-tune into {jobs[i][1]} failed:\n{payload}")
+    finally:
+        bar.close()
+        for worker in workers.values():  # on an error or an interrupt: no run keeps training unseen
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
+    return results
+
+
 def _atomic_write_dir(target: Path, write) -> None:
     """Build ``target`` in a temporary sibling folder with ``write(tmp)``, then rename it into place."""
     from .data import atomic_folder, commit_folder

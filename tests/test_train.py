@@ -278,16 +278,33 @@ def test_demo_models_are_reused_only_when_settings_and_data_match(dataset, base,
     real = train.finetune
     monkeypatch.setattr(train, "finetune", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     config = lora_config(steps=1)
-    folders = demo.finetuned(tmp_path, release, config, pipe=base, progress=False)
+    folders = demo.finetuned(tmp_path, release, config, pipe=base, progress=False, side_by_side=False)
     assert set(folders) == {"protected", "clean"} and len(calls) == 2
     assert all(demo.saved_seconds(folder) > 0 for folder in folders.values()), "the lab shows how long each took"
-    demo.finetuned(tmp_path, release, config, pipe=base, progress=False)
+    demo.finetuned(tmp_path, release, config, pipe=base, progress=False, side_by_side=False)
     assert len(calls) == 2, "same settings, same data: reused"
-    again = demo.finetuned(tmp_path, release, lora_config(steps=2), pipe=base, progress=False)
+    again = demo.finetuned(tmp_path, release, lora_config(steps=2), pipe=base, progress=False, side_by_side=False)
     assert len(calls) == 4, "other settings: trained again"
     assert set(again.values()).isdisjoint(folders.values()), "in new folders: a finished fine-tune is never overwritten"
     assert all(train.is_current(folders[n], config, dataset) for n in folders)
     assert train.saved_losses(folders["clean"]) and len(train.saved_losses(again["clean"])) == 2
+
+
+def test_side_by_side_runs_train_as_one_run_does_and_report_a_failure(dataset, base, tmp_path):
+    """Two runs in two processes end with the weights this process trains (up to the summation order of other
+    thread counts), are reused the next time, and a run that fails raises its error, naming its data."""
+    config = lora_config(steps=3)
+    with pytest.raises(RuntimeError, match="no-such-folder"):
+        train.finetune_side_by_side([(dataset, tmp_path / "a"), (tmp_path / "no-such-folder", tmp_path / "b")],
+                                    config, progress=False)
+    results = train.finetune_side_by_side([(dataset, tmp_path / "a"), (dataset, tmp_path / "c")], config,
+                                          progress=False)
+    here = train.finetune(dataset, tmp_path / "here", config, pipe=base, progress=False)
+    assert [len(r.losses) for r in results] == [3, 3] and np.allclose(results[0].losses, here.losses, atol=1e-5)
+    weights = [load_file(folder / models.LORA_WEIGHTS_NAME) for folder in (tmp_path / "a", tmp_path / "here")]
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-5) for k in weights[1])
+    assert train.finetune_side_by_side([(dataset, tmp_path / "a"), (dataset, tmp_path / "c")], config,
+                                       progress=False) == [None, None], "finished runs are reused"
 
 
 def test_denoising_losses_are_replayable_and_lower_on_training_images(dataset, base, tmp_path):
