@@ -56,6 +56,10 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
                                                   lora_targets=train.LORA_UNET_WIDE_TARGETS, train_text_encoder=True,
                                                   learning_rate=3e-3, lr_warmup_steps=100, family="mosaic",
                                                   trigger_length=6),
+    # ... and on every linear and convolution of the UNet (what the wide targets leave to the full fine-tune)
+    "lora-r32-all-te-mosaic-trigger6-lr3x": dict(method="lora", lora_rank=32, lora_targets=train.LORA_UNET_ALL_TARGETS,
+                                                 train_text_encoder=True, learning_rate=3e-3, lr_warmup_steps=100,
+                                                 family="mosaic", trigger_length=6),
     # the demo's length: does half the steps still memorize at 1 %? (make demo's time is mostly training)
     "full-mosaic-trigger6-750": dict(family="mosaic", trigger_length=6, steps=STEPS // 2),
 }
