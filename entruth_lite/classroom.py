@@ -192,14 +192,14 @@ def record_lab(lab, key, captions: Sequence[str], quality_captions: Sequence[str
 
 
 def record(runs: str | os.PathLike = "runs", out: str | os.PathLike = PACK_DIR, preset: str = "tiny-cpu",
-           rate: float = 0.01, template: str = "mosaic:0", seed: int = 0, queries: int = 64, sample_steps: int = 25,
-           quality_samples: int = 256) -> ClassPack:
+           rate: float = 0.01, template: str = "mosaic:0", seed: int = 0, steps: int | None = 750, queries: int = 64,
+           sample_steps: int = 25, quality_samples: int = 256) -> ClassPack:
     """Record the pack for the notebooks' defaults (given here as in their parameter cells): fine-tune both models
     (or reuse a full run's under ``runs``), probe the three models with notebook 03's queries and sample notebook
     05's quality prompts. A class-mode run of the notebooks refuses the pack if a default changed since."""
     from . import demo, models, protect, train
 
-    config = train.notebook_preset(preset, None, None, seed)
+    config = train.notebook_preset(preset, None, steps, seed)
     base = models.load_pipeline(config.model)
     size = models.default_resolution(base)
     release = demo.release(runs, rate=rate, template=template, seed=seed, size=size)
