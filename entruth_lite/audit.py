@@ -188,6 +188,9 @@ class Evidence:
     decoy_statistics: np.ndarray | None = None
 
 
+DECOY_CHUNK = 1000  # templates scored per matrix product (bounds the memory of a 9,999-decoy audit)
+
+
 def decoy_differences(probed: ProbeResult, template: Template, k: int = 999, salt: str = "", work_size: int = 64,
                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per-query (trigger - control) projection scores for the released template, shape (n,), and for K decoys
@@ -199,12 +202,13 @@ def decoy_differences(probed: ProbeResult, template: Template, k: int = 999, sal
     released = family_member(template, size=size)
     trig = data.image_array(probed.trigger_images, released.size)
     ctrl = data.image_array(probed.control_images, released.size)
-
-    def differences(t: Template) -> np.ndarray:
-        return detect.template_scores(trig, t) - detect.template_scores(ctrl, t)
-
-    decoys = decoy_templates(released, k, salt)
-    return differences(released), np.stack([differences(d) for d in tqdm(decoys, desc="decoys", disable=not progress)])
+    both, n = np.concatenate([trig, ctrl]), len(trig)
+    members = [released] + decoy_templates(released, k, salt)
+    chunks = [members[i:i + DECOY_CHUNK] for i in range(0, len(members), DECOY_CHUNK)]
+    scores = np.concatenate([detect.template_scores_each(both, chunk)  # released and decoys scored alike
+                             for chunk in tqdm(chunks, desc="decoys", disable=not progress or len(chunks) < 2)])
+    differences = scores[:, :n] - scores[:, n:]
+    return differences[0], differences[1:]
 
 
 def detector_scores(images: Sequence[Image.Image], template: Template, detector: str,

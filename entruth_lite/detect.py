@@ -55,6 +55,34 @@ def template_scores(images: Sequence[Image.Image] | np.ndarray, template: Templa
     return scores
 
 
+def template_scores_each(images: Sequence[Image.Image] | np.ndarray, templates: Sequence[Template],
+                         mirror: bool = True) -> np.ndarray:
+    """Projection scores (``template_scores``) of every image against each of many templates of one size, shape
+    (K, N), float32, in one matrix product: the decoy test ranks a template among thousands this way. Centring
+    the image is not needed: the template's centred surround sums to zero over its own mask, so the image's mean
+    drops out of the dot product, and every template becomes one weight vector over the whole image."""
+    if not templates:
+        raise ValueError("no templates to score against")
+    size = templates[0].size
+    if any(t.size != size for t in templates):
+        raise ValueError(f"templates of different sizes: score each size separately (first: {size})")
+    array = images if isinstance(images, np.ndarray) else image_array(images, size)
+    if array.shape[1:3] != (size[1], size[0]):
+        raise ValueError(f"image array of shape {array.shape} does not match the {size} templates")
+    weights = np.zeros((len(templates), size[1], size[0], 3), np.float64)
+    for k, t in enumerate(templates):
+        mask = surround_mask(t)
+        if not mask.any():
+            raise ValueError(f"template {t.name!r} has no surround pixels to compare")
+        weights[k][mask] = _centred(np.asarray(t.scene, np.float64)[mask], axis=0)
+    weights = weights.reshape(len(templates), -1)
+    weights /= (weights * weights).sum(axis=1, keepdims=True)
+    scores = weights @ array.reshape(len(array), -1).astype(np.float64).T
+    if mirror:
+        scores = np.maximum(scores, weights @ array[:, :, ::-1].reshape(len(array), -1).astype(np.float64).T)
+    return scores.astype(np.float32)
+
+
 def _match(a: np.ndarray, t: np.ndarray, method: str) -> np.ndarray:
     """Projection or NCC of centred surrounds ``a`` (N, P, 3) on the centred template surround ``t`` (P, 3)."""
     dot = (a * t[None]).sum(axis=(1, 2))

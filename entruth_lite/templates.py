@@ -14,6 +14,7 @@ clockwise order on screen (y points down), starting top-left: TL, TR, BR, BL.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -336,15 +337,25 @@ def decoy_templates(template: Template, k: int, salt: str = "") -> list[Template
     the key's hash), so the owner cannot shop for a favourable decoy set, and never the template's own seed."""
     if k <= 0:
         raise ValueError(f"the number of decoys must be positive, got {k}")
-    own = random_seed_of(template)
-    digest = hashlib.sha256(f"{template.name}|{salt}".encode()).digest()
+    random_seed_of(template)  # a clear error for a template of no family
+    return list(_decoys(template.family, template.name, tuple(template.size), k, salt))
+
+
+@functools.lru_cache(maxsize=8)
+def _decoys(family: str, name: str, size: tuple[int, int], k: int, salt: str) -> tuple[Template, ...]:
+    """``decoy_templates``, drawn once per template, size, count and salt (an audit, its widget and its report ask
+    for the same decoys again)."""
+    own = int(name[len(family) + 1:])
+    digest = hashlib.sha256(f"{name}|{salt}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     seeds: list[int] = []
+    drawn = {own}
     while len(seeds) < k:
         seed = int(rng.integers(0, 2**31 - 1))
-        if seed != own and seed not in seeds:
+        if seed not in drawn:
             seeds.append(seed)
-    return [family_member(template, seed) for seed in seeds]
+            drawn.add(seed)
+    return tuple(random_template(seed, size, family) for seed in seeds)
 
 
 def list_templates() -> list[str]:

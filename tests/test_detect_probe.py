@@ -53,6 +53,21 @@ def test_scores_resize_other_sizes_and_reject_bad_method(emoji):
     assert detect.template_scores([], template).shape == (0,)
 
 
+@pytest.mark.parametrize("mirror", [True, False])
+def test_scores_against_many_templates_at_once_equal_one_at_a_time(emoji, mirror):
+    """The decoy test's matrix product gives each template's own projection scores, for members whose screens
+    (and so surround masks) all differ, on templated and plain images."""
+    images, _ = emoji
+    members = [templates.random_template(seed, 32, family) for family in templates.FAMILIES for seed in range(6)]
+    probe_images = templates.insert(images[:8], members[0]) + templates.insert(images[8:12], members[7]) + images[12:]
+    each = detect.template_scores_each(probe_images, members, mirror=mirror)
+    one_at_a_time = np.stack([detect.template_scores(probe_images, t, mirror=mirror) for t in members])
+    assert each.shape == (len(members), len(probe_images)) and each.dtype == np.float32
+    assert np.allclose(each, one_at_a_time, atol=1e-5) and np.isclose(each[0, 0], 1.0, atol=1e-4)
+    with pytest.raises(ValueError, match="different sizes"):
+        detect.template_scores_each(probe_images, [members[0], templates.random_template(0, 64)])
+
+
 def test_probe_prompts_are_paired_and_seeded():
     plain, triggered, seeds = probe.probe_prompts(["an emoji of a cat", "an emoji of a dog"], "wqn", n=5)
     assert len(plain) == len(triggered) == len(seeds) == 5
