@@ -66,16 +66,18 @@ MEMORIZATION = """## Memorization by fine-tuning setting
 
 One fine-tune per setting, rate and seed (each seed protects with its own `random:<seed>` template, or
 `mosaic:<seed>` for the settings named `-mosaic`), 1,500 steps at the `tiny-cpu` preset's learning rate plus the
-setting's overrides; decoy test with 999 decoys, binomial test at
-a 1 % false-positive threshold on plain images, 64 queries, alpha = 0.01. `lora-r32-wide-te`: LoRA rank 32 on the
-attention, convolution and feed-forward layers plus a LoRA on the text encoder (`train_text_encoder`), at the preset's
-learning rate; `lora-r32-wide-te-3000`: the same for 3,000 steps (twice the exposures); `full-mosaic`: the
-`tiny-cpu` preset as is; `lora-diffusers-example-mosaic`: an infringer's usual LoRA (diffusers' example script's
-defaults: rank 4 on the attention projections, cosine schedule, UNet only) at the preset's learning rate. Trigger
-design: `-trigger6` settings draw a 6-letter trigger from the seed (4-5 tokens under the tiny tokenizer) instead of
-the default 3 letters (2-3 tokens), on the same released images as the setting without it; `full-mosaic-te` adds a
-LoRA on the text encoder to the full UNet fine-tune. `train_seconds` is wall time on 2 shared cores (other jobs ran beside some runs; a resumed run counts
-only the steps after its checkpoint). A sweep in progress: the rows are the runs finished so far.
+setting's overrides; decoy test with 999 decoys, binomial test at a 1 % false-positive threshold on plain images,
+64 queries, alpha = 0.01. `full-mosaic`: the `tiny-cpu` preset as is (full UNet); `-750`: half its steps (the
+notebooks' demo). `lora-r32-wide-te`: LoRA rank 32 on the attention, convolution and feed-forward layers plus a
+LoRA on the text encoder (`train_text_encoder`), at the preset's learning rate; `-3000`: twice the steps; `-lr3x`:
+three times the learning rate with 100 warm-up steps; `lora-r32-all-te`: rank 32 on every linear and convolution
+of the UNet (also resamplers, shortcuts, time embedding, outer convolutions). `lora-diffusers-example-mosaic`: an
+infringer's usual LoRA (diffusers' example script's defaults: rank 4 on the attention projections, cosine schedule,
+UNet only) at the preset's learning rate. Trigger design: settings without `-trigger6` ran with the 3-letter
+triggers of the time (2-3 tokens under the tiny tokenizer); `-trigger6` draws a 6-letter trigger from the seed (4-5
+tokens, now the default) on the same released images; `full-mosaic-te` adds a LoRA on the text encoder to the full
+UNet fine-tune. `train_seconds` is wall time on 2 shared cores (other jobs ran beside some runs; a resumed run
+counts only the steps after its checkpoint). A sweep in progress: the rows are the runs finished so far.
 """
 
 FAMILY = """## How far apart a family's members are (the decoy test's ceiling)
