@@ -55,7 +55,8 @@ def main() -> None:
     if not args.train_only:
         from .verification_report import null_report
 
-        null_report([r for r in runs if r.done], root)
+        null_report([r for r in runs if r.done], root,
+                    dict(family=args.family, trigger_letters=args.trigger_length, steps=args.steps))
 
 
 if __name__ == "__main__":

@@ -61,9 +61,11 @@ def _method_order(labels) -> list[str]:
     return sorted(set(labels), key=lambda m: (audit.METHODS.index(m.split(" ")[0]), m))
 
 
-def null_report(runs: list[Run], root: Path) -> None:
+def null_report(runs: list[Run], root: Path, setting: dict | None = None) -> None:
     """Share of clean models flagged by each method at alpha 0.05 and 0.01, with the binomial p-value of
-    'the false-positive rate exceeds alpha' (small = the method is anti-conservative)."""
+    'the false-positive rate exceeds alpha' (small = the method is anti-conservative). ``setting`` (e.g. the
+    template family, trigger letters and steps) leads every row, so calibrations of several settings can share
+    one table."""
     if len(runs) < 2:
         print(f"only {len(runs)} finished clean models: nothing to calibrate")
         return
@@ -78,7 +80,7 @@ def null_report(runs: list[Run], root: Path) -> None:
     summary = []
     for m in methods:
         p = np.array([r[m] for r in rows if m in r])
-        row = dict(test=m, models=len(p))
+        row = dict(setting or {}) | dict(test=m, models=len(p))
         for alpha in (0.05, 0.01):
             k = int((p < alpha).sum())
             row[f"flagged_at_{alpha:g}"] = k
