@@ -71,7 +71,8 @@ setting's overrides; decoy test with 999 decoys, binomial test at a 1 % false-po
 64 queries, alpha = 0.01. `full-mosaic`: the `tiny-cpu` preset as is (full UNet); `-750`: half its steps (the
 notebooks' demo). `lora-r32-wide-te`: LoRA rank 32 on the attention, convolution and feed-forward layers plus a
 LoRA on the text encoder (`train_text_encoder`), at the preset's learning rate; `-3000`: twice the steps; `-lr3x`:
-three times the learning rate with 100 warm-up steps; `lora-r32-all-te`: rank 32 on every linear and convolution
+three times the learning rate with 100 warm-up steps (final loss 0.35-0.36 on seeds 1 and 2 against 0.18 at the
+preset's rate: unstable over 1,500 steps, though stable in a 300-step check); `lora-r32-all-te`: rank 32 on every linear and convolution
 of the UNet (also resamplers, shortcuts, time embedding, outer convolutions). `lora-diffusers-example-mosaic`: an
 infringer's usual LoRA (diffusers' example script's defaults: rank 4 on the attention projections, cosine schedule,
 UNet only) at the preset's learning rate. Trigger design: settings without `-trigger6` ran with the 3-letter
