@@ -136,18 +136,20 @@ def finetuned(runs: str | Path, release: Release, config, pipe=None, progress: b
               side_by_side: bool | None = None) -> dict[str, Path]:
     """Weights of the demo's two fine-tunes, ``protected`` (on the release) and ``clean`` (on the owner's data):
     reused when an earlier run (notebook 02) finished them, resumed from a checkpoint when one was interrupted,
-    trained now otherwise. ``side_by_side`` (default: on a CPU with several cores) trains both at once, one
-    process each (``train.finetune_side_by_side``); otherwise one after the other in this process."""
+    trained now otherwise. ``side_by_side`` (default: the tiny model on a CPU with several cores, whose small
+    matrices leave cores idle) trains both at once, one process each (``train.finetune_side_by_side``);
+    otherwise one after the other in this process."""
     import os
 
     import torch
 
-    from . import train
+    from . import models, train
 
     data_dirs = {"protected": release.protected, "clean": release.owner}
     folders = {name: model_folder(runs, name, config, data_dir) for name, data_dir in data_dirs.items()}
     if side_by_side is None:
-        side_by_side = not torch.cuda.is_available() and (os.cpu_count() or 1) > 1
+        side_by_side = (str(config.model) in models.TINY_ALIASES and not torch.cuda.is_available()
+                        and (os.cpu_count() or 1) > 1)
     if side_by_side:
         results = dict(zip(data_dirs, train.finetune_side_by_side(
             [(data_dirs[name], folders[name]) for name in data_dirs], config, progress=progress)))
