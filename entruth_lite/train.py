@@ -401,6 +401,8 @@ def finetune_side_by_side(jobs: list[tuple[str | os.PathLike, str | os.PathLike]
             if worker.is_alive():
                 worker.terminate()
             worker.join()
+        events.close()
+        events.join_thread()
     return results
 
 
