@@ -42,6 +42,8 @@ def template_scores(images: Sequence[Image.Image] | np.ndarray, template: Templa
         return np.zeros(0, np.float32)
     if method not in ("projection", "ncc"):
         raise ValueError(f"unknown method {method!r}: use 'projection' or 'ncc'")
+    if method == "projection":
+        return template_scores_each(images, [template], mirror)[0]
     mask = surround_mask(template)
     if not mask.any():
         raise ValueError(f"template {template.name!r} has no surround pixels to compare")
@@ -49,15 +51,15 @@ def template_scores(images: Sequence[Image.Image] | np.ndarray, template: Templa
     if array.shape[1:3] != (template.size[1], template.size[0]):
         raise ValueError(f"image array of shape {array.shape} does not match the {template.size} template")
     t = _centred(np.asarray(template.scene, np.float32)[mask], axis=0)
-    scores = _match(_centred(array[:, mask], axis=1), t, method)
+    scores = _ncc(_centred(array[:, mask], axis=1), t)
     if mirror:
-        scores = np.maximum(scores, _match(_centred(array[:, :, ::-1][:, mask], axis=1), t, method))
+        scores = np.maximum(scores, _ncc(_centred(array[:, :, ::-1][:, mask], axis=1), t))
     return scores
 
 
 def template_scores_each(images: Sequence[Image.Image] | np.ndarray, templates: Sequence[Template],
                          mirror: bool = True) -> np.ndarray:
-    """Projection scores (``template_scores``) of every image against each of many templates of one size, shape
+    """Projection scores (the module's formula) of every image against each of many templates of one size, shape
     (K, N), float32, in one matrix product: the decoy test ranks a template among thousands this way. Centring
     the image is not needed: the template's centred surround sums to zero over its own mask, so the image's mean
     drops out of the dot product, and every template becomes one weight vector over the whole image."""
@@ -83,11 +85,9 @@ def template_scores_each(images: Sequence[Image.Image] | np.ndarray, templates: 
     return scores.astype(np.float32)
 
 
-def _match(a: np.ndarray, t: np.ndarray, method: str) -> np.ndarray:
-    """Projection or NCC of centred surrounds ``a`` (N, P, 3) on the centred template surround ``t`` (P, 3)."""
+def _ncc(a: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """NCC of centred surrounds ``a`` (N, P, 3) with the centred template surround ``t`` (P, 3)."""
     dot = (a * t[None]).sum(axis=(1, 2))
-    if method == "projection":
-        return dot / float((t * t).sum())
     return dot / (np.sqrt((a * a).sum(axis=(1, 2))) * np.sqrt(float((t * t).sum())) + 1e-8)
 
 

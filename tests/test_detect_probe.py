@@ -61,7 +61,16 @@ def test_scores_against_many_templates_at_once_equal_one_at_a_time(emoji, mirror
     members = [templates.random_template(seed, 32, family) for family in templates.FAMILIES for seed in range(6)]
     probe_images = templates.insert(images[:8], members[0]) + templates.insert(images[8:12], members[7]) + images[12:]
     each = detect.template_scores_each(probe_images, members, mirror=mirror)
-    one_at_a_time = np.stack([detect.template_scores(probe_images, t, mirror=mirror) for t in members])
+
+    def projection(image: np.ndarray, template) -> float:  # the module docstring's formula, one pair at a time
+        mask = templates.surround_mask(template)
+        a, t = image[mask], np.asarray(template.scene, np.float64)[mask]
+        a, t = a - a.mean(axis=0), t - t.mean(axis=0)
+        return float((a * t).sum() / (t * t).sum())
+
+    arrays = data.image_array(probe_images, 32).astype(np.float64)
+    one_at_a_time = np.array([[max(projection(a, t), projection(a[:, ::-1], t)) if mirror else projection(a, t)
+                               for a in arrays] for t in members])
     assert each.shape == (len(members), len(probe_images)) and each.dtype == np.float32
     assert np.allclose(each, one_at_a_time, atol=1e-5) and np.isclose(each[0, 0], 1.0, atol=1e-4)
     with pytest.raises(ValueError, match="different sizes"):
