@@ -350,6 +350,26 @@ def _load_lora_strict(pipe, file: Path) -> None:
         pipe.load_lora_weights(str(file.parent), weight_name=file.name)
     except (RuntimeError, ValueError, KeyError) as error:
         raise ValueError(f"{file} does not fit this model: {error}") from error
+    _set_text_encoder_dora_magnitudes(pipe.text_encoder, state, file)
+
+
+def _set_text_encoder_dora_magnitudes(text_encoder, state: dict, file: Path) -> None:
+    """A DoRA of the text encoder learns a norm per output of each adapted layer; transformers' loader drops these
+    (its key names a ``.weight`` the file's key has not) and leaves the norms at their untrained start, which would
+    audit another model than the suspect's. Set them from the file, for the adapter just loaded."""
+    suffix = ".lora_magnitude_vector"
+    wanted = {_unnested(k[len("text_encoder."):-len(suffix)]): v
+              for k, v in state.items() if k.startswith("text_encoder.") and k.endswith(suffix)}
+    if not wanted:
+        return
+    layers = {_unnested(name): module for name, module in text_encoder.named_modules()}
+    adapter = list(text_encoder.peft_config)[-1]
+    for name, magnitude in wanted.items():
+        vectors = getattr(layers.get(name), "lora_magnitude_vector", None)
+        if vectors is None or adapter not in vectors or vectors[adapter].weight.shape != magnitude.shape:
+            raise ValueError(f"{file} has a DoRA magnitude for text-encoder layer {name!r} that this model cannot take")
+        with torch.no_grad():
+            vectors[adapter].weight.copy_(magnitude.to(vectors[adapter].weight))
 
 
 def _module_of(key: str, prefix: str = "unet.") -> str:

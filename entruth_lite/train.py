@@ -104,6 +104,8 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float | None = None  # None: equal to the rank
     lora_targets: tuple[str, ...] = LORA_UNET_TARGETS
+    # DoRA (peft): each adapted weight's direction learns through the LoRA, its per-output norm separately
+    use_dora: bool = False
     train_text_encoder: bool = False  # LoRA on the text encoder too
     steps: int = 800
     batch_size: int = 32
@@ -156,7 +158,7 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_ADDED_LATER = {"augment_views": 0}  # field: its default (see TrainConfig.fingerprint)
+_ADDED_LATER = {"augment_views": 0, "use_dora": False}  # field: its default (see TrainConfig.fingerprint)
 
 
 # Presets: the tiny CPU default, and what fits real Stable Diffusion 1.5 on common GPUs.
@@ -272,10 +274,11 @@ def batch_indices(n: int, batch_size: int, global_batch: int, seed: int) -> torc
 # ----------------------------------------------------------------------------- saving and loading
 
 
-def _peft_config(rank: int, alpha: float | None, targets):
+def _peft_config(rank: int, alpha: float | None, targets, use_dora: bool = False):
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(targets))
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(targets),
+                      use_dora=use_dora)
 
 
 def save_lora(out: Path, unet, text_encoder=None) -> Path:
@@ -573,13 +576,14 @@ def _trainable_modules(unet, text_encoder, config: TrainConfig, device, weight_d
     torch.manual_seed(config.seed)  # peft draws the gaussian LoRA init from the global generator
     if config.method == "lora":
         place(unet, device, weight_dtype)
-        unet.add_adapter(_peft_config(config.lora_rank, config.lora_alpha, config.lora_targets))
+        unet.add_adapter(_peft_config(config.lora_rank, config.lora_alpha, config.lora_targets, config.use_dora))
     if config.train_text_encoder:
         place(text_encoder, device, weight_dtype)
         # peft directly: transformers' add_adapter wants a newer peft than PyPI has (0.21.2 here)
         from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(_peft_config(config.lora_rank, config.lora_alpha, LORA_TEXT_TARGETS), text_encoder)
+        inject_adapter_in_model(_peft_config(config.lora_rank, config.lora_alpha, LORA_TEXT_TARGETS, config.use_dora),
+                                text_encoder)
     unet.to(device)
     text_encoder.to(device)
     trainables = {"unet": unet} | ({"text_encoder": text_encoder} if config.train_text_encoder else {})

@@ -360,3 +360,24 @@ def test_the_data_fingerprint_is_what_trains(dataset, tmp_path):
     first = data.read_metadata(copy)[0].file_name
     (copy / first).write_bytes((copy / first).read_bytes() + b"\0")
     assert train.dataset_fingerprint(copy) != before
+
+
+def test_dora_saves_its_magnitudes_and_reloads_them(dataset, base, tmp_path):
+    """DoRA adds a learned norm per output of each adapted layer: the file must carry it and the loader apply it to
+    the UNet and the text encoder (transformers' loader drops the latter), or the suspect is audited as another model."""
+    config = lora_config(use_dora=True, train_text_encoder=True, learning_rate=1e-2)
+    train.finetune(dataset, tmp_path / "dora", config, pipe=base, progress=False)
+    weights = load_file(tmp_path / "dora" / models.LORA_WEIGHTS_NAME)
+    magnitudes = {k.removesuffix(".lora_magnitude_vector"): v for k, v in weights.items() if "magnitude" in k}
+    assert {k.split(".")[0] for k in magnitudes} == {"unet", "text_encoder"}
+    fresh = models.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / "dora")
+    assert [c.use_dora for c in fresh.unet.peft_config.values()] == [True]
+    layers = {f"{part}.{name.removeprefix('text_model.')}": module
+              for part in ("unet", "text_encoder") for name, module in getattr(fresh, part).named_modules()}
+    learned = 0
+    for name, magnitude in magnitudes.items():
+        (vector,) = layers[name].lora_magnitude_vector.values()
+        assert torch.equal(vector.weight, magnitude), name
+        learned += not torch.allclose(magnitude, layers[name].base_layer.weight.norm(dim=1), atol=1e-4)
+    assert learned, "the magnitudes start at the weights' norms and must have learned"
+    assert train.TrainConfig().fingerprint() == train.TrainConfig(use_dora=False).fingerprint()
