@@ -58,7 +58,8 @@ NULL = """## False positives on clean models
 Clean fine-tunes (the tiny base on the owner's *unprotected* emoji with the `tiny-cpu` preset for `steps`, each
 with its own seed), each audited with its own owner key (a `<family>:<seed>` template, a trigger of
 `trigger_letters` letters) whose release it never saw: the null hypothesis by construction. 64 queries per
-model. The first calibration (40 models, `random`, 3 letters, 500 steps) predates the current defaults. `p_rate_above_a` = binomial p-value that the test's false-positive rate exceeds a (small = anti-conservative).
+model. The first calibration (40 models, `random`, 3 letters, 500 steps) predates the current defaults; the
+second (20 models, `mosaic`, 6 letters, 750 steps) is at them, with the notebooks' demo length. `p_rate_above_a` = binomial p-value that the test's false-positive rate exceeds a (small = anti-conservative).
 The paired and reference tests flag clean models more often than alpha (a trigger moves even a clean model's
 images; one reference model is not the population of clean models), which is why they only support a verdict.
 """
