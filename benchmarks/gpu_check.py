@@ -7,7 +7,7 @@ so it runs on a machine without hub access):
 
 1. the model builds, saves and loads with ``models.load_pipeline`` on the device (fp16 on CUDA);
 2. a small dataset of drawn, captioned images at the resolution is protected (``protect``, template ``random:1``);
-3. every GPU preset of ``train.PRESETS`` (all but ``tiny-cpu``) fine-tunes for ``--steps`` steps: seconds per step
+3. every GPU preset (``train.gpu_presets``: those of Stable Diffusion) fine-tunes for ``--steps`` steps: seconds per step
    after the first steps' warm-up, peak GPU memory, and whether a loss is NaN/inf or all losses are equal;
 4. each LoRA loads into a fresh pipeline (``models.load_finetuned``), which samples as float (``output_type="np"``:
    uint8 would show a NaN as black) to check for NaN/inf or constant images, then probes and audits
@@ -53,7 +53,6 @@ from PIL import Image, ImageDraw
 
 from entruth_lite import audit, data, models, protect, sd_architecture, train
 
-CPU_PRESET = "tiny-cpu"
 TEMPLATE = "random:1"  # a member of the random family, so the audit's decoy test runs
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
            "cyan": (40, 200, 210), "pink": (230, 120, 180)}
@@ -64,7 +63,7 @@ HELD_OUT = ["a photo of a purple circle", "a photo of an orange square", "a phot
 
 def gpu_presets() -> list[str]:
     """Every preset but the tiny CPU one: a preset added later is checked without editing this script."""
-    return [name for name in train.PRESETS if name != CPU_PRESET]
+    return train.gpu_presets()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -50,7 +50,7 @@ def estimate(name: str, tiny_exposures: float) -> dict:
 def rows() -> list[dict]:
     """One estimate per GPU preset, with the tiny preset's passes over the owner's emoji as the bar to meet."""
     tiny = train.exposures(train.preset("tiny-cpu"), len(data.emoji_splits().owner))
-    return [estimate(name, tiny) | {"tiny_exposures": round(tiny, 1)} for name in train.PRESETS if name != "tiny-cpu"]
+    return [estimate(name, tiny) | {"tiny_exposures": round(tiny, 1)} for name in train.gpu_presets()]
 
 
 def main() -> None:

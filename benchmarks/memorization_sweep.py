@@ -71,12 +71,17 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
     "lora-r32-all-te-mosaic-trigger6-alpha181": dict(method="lora", lora_rank=32, lora_alpha=181,
                                                      lora_targets=train.LORA_UNET_ALL_TARGETS, train_text_encoder=True,
                                                      family="mosaic", trigger_length=6),
+    # fewer trainable parameters at the same pace (alpha = rank^1.5): the curve of detection against LoRA size
+    "lora-r8-all-te-mosaic-trigger6-alpha22.6": dict(method="lora", lora_rank=8, lora_alpha=22.6,
+                                                     lora_targets=train.LORA_UNET_ALL_TARGETS, train_text_encoder=True,
+                                                     family="mosaic", trigger_length=6),
     "dora-r32-all-te-mosaic-trigger6": dict(method="lora", lora_rank=32, use_dora=True,
                                             lora_targets=train.LORA_UNET_ALL_TARGETS, train_text_encoder=True,
                                             family="mosaic", trigger_length=6),
     # the demo's length: does half the steps still memorize at 1 %? (make demo's time is mostly training)
     "full-mosaic-trigger6-750": dict(family="mosaic", trigger_length=6, steps=STEPS // 2),
 }
+TINY_LORA_PRESET_SETTING = "lora-r32-all-te-mosaic-trigger6-alpha181"  # train.PRESETS["tiny-cpu-lora"]
 NOT_TRAINING = ("steps", "family", "trigger_length")  # sweep keys that are not training settings
 LEGACY_TRIGGER_LENGTH = 3  # settings without a trigger_length ran with protect's 3-letter triggers of the time
 

@@ -51,7 +51,10 @@ def _train(args) -> None:
     if args.full:
         overrides["method"] = "full"
     elif args.lora_rank is not None:
-        overrides |= {"method": "lora", "lora_rank": args.lora_rank}
+        # alpha = rank unless given: a preset's alpha belongs to its rank (tiny-cpu-lora's 181 = 32^1.5)
+        overrides |= {"method": "lora", "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha}
+    elif args.lora_alpha is not None:
+        overrides["lora_alpha"] = args.lora_alpha
     for name in ("steps", "batch_size", "checkpoint_every", "resolution"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -308,9 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", required=True, help="imagefolder with metadata.jsonl")
     tr.add_argument("--out", required=True, help="output folder (weights, checkpoints, loss history)")
     kind = tr.add_mutually_exclusive_group()
-    kind.add_argument("--lora-rank", type=int, help="LoRA of this rank on the UNet's attention")
+    kind.add_argument("--lora-rank", type=int,
+                      help="LoRA of this rank on the preset's LoRA layers (the UNet's attention unless the preset "
+                           "says otherwise), alpha = rank unless --lora-alpha")
     kind.add_argument("--full", action="store_true", help="fine-tune the whole UNet")
-    tr.add_argument("--preset", default="tiny-cpu", help="tiny-cpu (default), colab-t4 or a100")
+    tr.add_argument("--lora-alpha", type=float, help="LoRA scale numerator: the adapters' output is x alpha / rank")
+    tr.add_argument("--preset", default="tiny-cpu", help="tiny-cpu (default), tiny-cpu-lora, colab-t4 or a100")
     tr.add_argument("--steps", type=int)
     tr.add_argument("--lr", type=float)
     tr.add_argument("--batch-size", type=int)

@@ -166,6 +166,11 @@ PRESETS: dict[str, dict] = {
     # full fine-tune of the tiny UNet: what the benchmarks measure (benchmarks/results)
     "tiny-cpu": dict(model="tiny", method="full", steps=1500, batch_size=32, learning_rate=1e-3,
                      lr_scheduler="constant", cache_latents=True),
+    # LoRA of the tiny model: rank 32 on every linear and convolution of the UNet and on the text encoder's attention,
+    # at rsLoRA's scale alpha / sqrt(rank) (alpha = rank^1.5), so that the adapters learn at the full fine-tune's pace
+    "tiny-cpu-lora": dict(model="tiny", method="lora", lora_rank=32, lora_alpha=181, lora_targets=LORA_UNET_ALL_TARGETS,
+                          train_text_encoder=True, steps=1500, batch_size=32, learning_rate=1e-3,
+                          lr_scheduler="constant", cache_latents=True),
     # GPU presets checkpoint often: Colab runtimes disconnect, and a resumed run replays exactly. Their length and
     # memory are sized to their card (benchmarks/gpu_estimates.py: estimates until benchmarks/gpu_check.py measures)
     "colab-t4": dict(model="stable-diffusion-v1-5/stable-diffusion-v1-5", method="lora", lora_rank=8, resolution=512,
@@ -207,6 +212,11 @@ def notebook_preset(name: str, model: str | None = None, steps: int | None = Non
     if not torch.cuda.is_available():
         overrides["mixed_precision"] = "no"
     return preset(name, **overrides)
+
+
+def gpu_presets() -> list[str]:
+    """The presets for Stable Diffusion on a GPU (the others fine-tune the tiny model on a CPU)."""
+    return [name for name, settings in PRESETS.items() if settings["model"] != "tiny"]
 
 
 @dataclass

@@ -73,7 +73,7 @@ def test_gpu_estimates_are_current_and_size_each_preset_to_its_card():
     rows = pd.DataFrame(gpu_estimates.rows())
     shipped = pd.read_csv(gpu_estimates.RESULTS / "gpu_estimates.csv")
     assert rows.to_dict("records") == shipped.to_dict("records"), "rerun: python -m benchmarks.gpu_estimates"
-    assert set(rows.preset) == set(train.PRESETS) - {"tiny-cpu"} and rows.fits_with_margin.all()
+    assert set(rows.preset) == set(train.gpu_presets()) == {"colab-t4", "a100"} and rows.fits_with_margin.all()
     t4 = rows.set_index("preset").loc["colab-t4"]
     assert t4.est_minutes <= 45
     assert t4.max_release_at_tiny_exposures == int(t4.images_shown // t4.tiny_exposures)
@@ -95,3 +95,14 @@ def test_template_family_scores_each_member_against_its_own_decoys():
 
     summary = template_family.summarize(pd.DataFrame(rows))
     assert summary.loc[0, "members"] == 1 and summary.loc[0, "members_with_a_decoy_at_or_above"] == 0
+
+
+def test_the_tiny_lora_preset_is_the_setting_the_sweep_measured():
+    """The preset's detection rates are the sweep's rows for this setting: the two must not drift apart."""
+    from benchmarks import memorization_sweep as sweep
+    from entruth_lite import train
+
+    measured = {k: v for k, v in sweep.SETTINGS[sweep.TINY_LORA_PRESET_SETTING].items() if k not in sweep.NOT_TRAINING}
+    assert train.preset("tiny-cpu", **measured).fingerprint() == train.preset("tiny-cpu-lora").fingerprint()
+    assert train.preset("tiny-cpu").fingerprint() == train.preset("tiny-cpu", **{
+        k: v for k, v in sweep.SETTINGS["full-mosaic-trigger6"].items() if k not in sweep.NOT_TRAINING}).fingerprint()

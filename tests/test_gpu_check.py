@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_check
+from entruth_lite import train
 
 SMOKE = ["--device", "cpu", "--width", "narrow", "--resolution", "64", "--steps", "2", "--images", "8",
          "--templated", "2", "--queries", "2", "--inference-steps", "2"]
@@ -34,7 +35,7 @@ def test_gpu_check_runs_every_gpu_preset_on_the_cpu(one_thread, capsys):
     rows = table_rows(printed)
     header = rows["preset"]
     presets = gpu_check.gpu_presets()
-    assert presets and "tiny-cpu" not in presets
+    assert presets == train.gpu_presets() and not {"tiny-cpu", "tiny-cpu-lora"} & set(presets)
     for name in presets:
         cells = dict(zip(header, rows[name]))
         assert math.isfinite(float(cells["s/step"])) and float(cells["s/step"]) > 0, cells

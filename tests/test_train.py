@@ -191,6 +191,21 @@ def test_text_encoder_lora_and_loss_options(dataset, base, tmp_path):
     assert any("lora" in name for name, _ in fresh.text_encoder.named_parameters())
 
 
+def test_cli_lora_rank_takes_alpha_equal_to_the_rank_unless_given(dataset, tmp_path, capsys):
+    """tiny-cpu-lora's alpha (32^1.5) belongs to its rank 32: another rank must not inherit it."""
+    def trained(*extra):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        assert cli.main(["train", "--data", str(dataset), "--out", str(out), "--preset", "tiny-cpu-lora", "--steps", "1",
+                         "--batch-size", "2", "--json", *extra]) == 0
+        return json.loads((out / "train_config.json").read_text())
+
+    preset, rank4 = trained(), trained("--lora-rank", "4")
+    assert (preset["lora_rank"], preset["lora_alpha"]) == (32, train.PRESETS["tiny-cpu-lora"]["lora_alpha"])
+    assert (rank4["lora_rank"], rank4["lora_alpha"]) == (4, None)
+    assert trained("--lora-rank", "4", "--lora-alpha", "8")["lora_alpha"] == 8
+    capsys.readouterr()
+
+
 def test_lora_alpha_is_saved_and_loaded_at_the_trained_scale(dataset, base, tmp_path):
     """A LoRA's effect is scaled by alpha / rank: loaded at alpha = rank, a LoRA trained at another alpha would be
     audited at the wrong strength. diffusers keeps each adapter's config in the file's metadata."""
