@@ -74,7 +74,10 @@ notebooks' demo). `lora-r32-wide-te`: LoRA rank 32 on the attention, convolution
 LoRA on the text encoder (`train_text_encoder`), at the preset's learning rate; `-3000`: twice the steps; `-lr3x`:
 three times the learning rate with 100 warm-up steps (final loss 0.35-0.36 on seeds 1 and 2 against 0.18 at the
 preset's rate: unstable over 1,500 steps, though stable in a 300-step check); `lora-r32-all-te`: rank 32 on every linear and convolution
-of the UNet (also resamplers, shortcuts, time embedding, outer convolutions). `lora-diffusers-example-mosaic`: an
+of the UNet (also resamplers, shortcuts, time embedding, outer convolutions); `-alpha181`: the same at alpha =
+181 = 32^1.5, rsLoRA's scale alpha / sqrt(rank), under which the adapters' product moves at about the full
+fine-tune's pace (at alpha = rank about sqrt(rank) times slower; the `tiny-cpu-lora` preset); `lora-r8-all-te-alpha22.6`:
+rank 8 at the same pace. `lora-diffusers-example-mosaic`: an
 infringer's usual LoRA (diffusers' example script's defaults: rank 4 on the attention projections, cosine schedule,
 UNet only) at the preset's learning rate. Trigger design: settings without `-trigger6` ran with the 3-letter
 triggers of the time (2-3 tokens under the tiny tokenizer); `-trigger6` draws a 6-letter trigger from the seed (4-5
