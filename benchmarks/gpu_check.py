@@ -62,7 +62,7 @@ HELD_OUT = ["a photo of a purple circle", "a photo of an orange square", "a phot
 
 
 def gpu_presets() -> list[str]:
-    """Every preset but the tiny CPU one: a preset added later is checked without editing this script."""
+    """``train.gpu_presets()``: a Stable Diffusion preset added later is checked without editing this script."""
     return train.gpu_presets()
 
 

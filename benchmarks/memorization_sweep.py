@@ -66,8 +66,7 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
     # the same LoRA learning as fast as the full fine-tune without a larger learning rate. With A drawn at 1/rank and
     # alpha = rank, Adam moves each entry of B A by about lr / sqrt(rank) per step, 5.7x slower than the full
     # fine-tune's weights at rank 32; a larger learning rate also moves the small A faster (3x: unstable). rsLoRA's
-    # scale alpha / sqrt(rank) (alpha = rank^1.5 = 181 here) moves B A at the full fine-tune's pace; DoRA learns
-    # each adapted weight's norm apart from its direction, closer to a full fine-tune's updates
+    # scale alpha / sqrt(rank) (alpha = rank^1.5 = 181 here) moves B A at the full fine-tune's pace
     "lora-r32-all-te-mosaic-trigger6-alpha181": dict(method="lora", lora_rank=32, lora_alpha=181,
                                                      lora_targets=train.LORA_UNET_ALL_TARGETS, train_text_encoder=True,
                                                      family="mosaic", trigger_length=6),
@@ -75,6 +74,7 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
     "lora-r8-all-te-mosaic-trigger6-alpha22.6": dict(method="lora", lora_rank=8, lora_alpha=22.6,
                                                      lora_targets=train.LORA_UNET_ALL_TARGETS, train_text_encoder=True,
                                                      family="mosaic", trigger_length=6),
+    # DoRA learns each adapted weight's norm apart from its direction, closer to a full fine-tune's updates
     "dora-r32-all-te-mosaic-trigger6": dict(method="lora", lora_rank=32, use_dora=True,
                                             lora_targets=train.LORA_UNET_ALL_TARGETS, train_text_encoder=True,
                                             family="mosaic", trigger_length=6),
