@@ -61,11 +61,6 @@ HELD_OUT = ["a photo of a purple circle", "a photo of an orange square", "a phot
             "a photo of a black triangle"]  # colours the dataset never shows
 
 
-def gpu_presets() -> list[str]:
-    """``train.gpu_presets()``: a Stable Diffusion preset added later is checked without editing this script."""
-    return train.gpu_presets()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of the same path)")
@@ -77,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--templated", type=int, default=4, help="of them, templated by protect")
     parser.add_argument("--queries", type=int, default=4, help="audit queries (trigger + control images each)")
     parser.add_argument("--inference-steps", type=int, default=10, help="sampling steps of probes and checks")
-    parser.add_argument("--preset", action="append", choices=gpu_presets(), help="check only this preset (repeatable)")
+    parser.add_argument("--preset", action="append", choices=train.gpu_presets(), help="check only this preset (repeatable)")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2: a step time needs one step after the first")
@@ -347,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         model, base, key = prepare(work, args)
         rows = [check_base(base, args)]
-        for name in dict.fromkeys(args.preset or gpu_presets()):  # once each, even if named twice
+        for name in dict.fromkeys(args.preset or train.gpu_presets()):  # once each, even if named twice
             rows.append(check_preset(name, model, work / "protected", key, work, base, args))
             free_memory()
     print(f"\n{describe(args)}; {time.perf_counter() - started:.0f} s in all\n")

@@ -34,8 +34,8 @@ def test_gpu_check_runs_every_gpu_preset_on_the_cpu(one_thread, capsys):
     printed = capsys.readouterr().out
     rows = table_rows(printed)
     header = rows["preset"]
-    presets = gpu_check.gpu_presets()
-    assert presets == train.gpu_presets() and not {"tiny-cpu", "tiny-cpu-lora"} & set(presets)
+    presets = train.gpu_presets()
+    assert presets and not {"tiny-cpu", "tiny-cpu-lora"} & set(presets)
     for name in presets:
         cells = dict(zip(header, rows[name]))
         assert math.isfinite(float(cells["s/step"])) and float(cells["s/step"]) > 0, cells
