@@ -33,9 +33,17 @@ def run_folder(root: Path, name: str, seed: int) -> Path:
     return Path(root) / f"{name}-seed{seed}"
 
 
+LEGACY_FAMILY, LEGACY_TRIGGER_LENGTH = "random", 3  # the first tables' key design: their runs keep their names
+
+
 def rate_name(rate: float, steps: int) -> str:
     """The name of an unattacked run at ``rate`` (0: a clean model) and ``steps`` (power and null benchmarks)."""
     return f"rate{rate:g}-steps{steps}"
+
+
+def design_suffix(family: str, trigger_length: int) -> str:
+    """What a run name adds for a key design other than the first tables' (``random`` family, 3-letter triggers)."""
+    return "" if (family, trigger_length) == (LEGACY_FAMILY, LEGACY_TRIGGER_LENGTH) else f"-{family}-trigger{trigger_length}"
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from entruth_lite import audit, train
 
-from .common import FPR, Run, add_run_arguments, fit_and_probe, projection_scores, write_table
+from .common import FPR, LEGACY_FAMILY, LEGACY_TRIGGER_LENGTH, Run, add_run_arguments, fit_and_probe, projection_scores, write_table
 
 STEPS = 1500
 SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
@@ -83,7 +83,6 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
 }
 TINY_LORA_PRESET_SETTING = "lora-r32-all-te-mosaic-trigger6-alpha181"  # train.PRESETS["tiny-cpu-lora"]
 NOT_TRAINING = ("steps", "family", "trigger_length")  # sweep keys that are not training settings
-LEGACY_TRIGGER_LENGTH = 3  # settings without a trigger_length ran with protect's 3-letter triggers of the time
 
 
 def tag(setting: str, rate: float) -> str:
@@ -106,7 +105,8 @@ def main() -> None:
                     overrides = {k: v for k, v in SETTINGS[setting].items() if k not in NOT_TRAINING}
                     fit_and_probe(root, rate, seed, SETTINGS[setting].get("steps", STEPS), template_seed=seed,
                                   queries=args.queries, overrides=overrides, name=tag(setting, rate),
-                                  family=SETTINGS[setting].get("family", "random"),
+                                  family=SETTINGS[setting].get("family", LEGACY_FAMILY),
+                                  # settings without a trigger_length ran with protect's 3-letter triggers of the time
                                   trigger_length=SETTINGS[setting].get("trigger_length", LEGACY_TRIGGER_LENGTH))
     if args.train_only:
         return

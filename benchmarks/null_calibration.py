@@ -20,14 +20,14 @@ from pathlib import Path
 
 from entruth_lite import protect, templates, train
 
-from .common import Run, add_run_arguments, fit_and_probe, rate_name
+from .common import Run, add_run_arguments, design_suffix, fit_and_probe, rate_name
 
 NULL_SEED_OFFSET = 100  # clean models use seeds 100, 101, ...: disjoint from the detection-power runs
 
 
 def run_name(family: str, steps: int, trigger_length: int) -> str:
     """Folder name of a clean model's run; the first calibration's (random family, 3 letters) keeps its own."""
-    if family == "random" and trigger_length == 3:
+    if not design_suffix(family, trigger_length):
         return rate_name(0.0, steps)
     return f"null-{family}-trigger{trigger_length}-steps{steps}"
 

@@ -1,12 +1,13 @@
 """What survives an infringer's attacks: dataset (before training), training settings, outputs (before the audit).
 
     python -m benchmarks.robustness [--rate 0.02] [--seeds 0 1 2] [--only dedup-phash jpeg ...]
-        [--out runs/bench] [--train-only | --report-only]
+        [--family mosaic] [--trigger-length 6] [--out runs/bench] [--train-only | --report-only]
 
-Every dataset and training attack is run at 2-3 strengths and each seed with ``verification_runs.fit_and_probe``
-(protect with ``random:<seed>``, attack the release, fine-tune with the ``tiny-cpu`` preset plus the attack's
-overrides, probe 64 held-out captions with and without the trigger). Output attacks need no training: they corrupt
-the stored probe images of ``detection_power.py``'s runs at the same rate. The report prints one table (attack,
+Every dataset and training attack is run at 2-3 strengths and each seed with ``common.fit_and_probe`` (protect
+with ``<family>:<seed>`` and a trigger of ``--trigger-length`` letters, attack the release, fine-tune with the
+``tiny-cpu`` preset plus the attack's overrides, probe 64 held-out captions with and without the trigger). Output
+attacks need no training: they corrupt the stored probe images of the unattacked run at the same rate (trained
+first, for each seed). The report prints one table (attack,
 strength, templated images kept and how many of them are still captioned with the trigger, TPR at alpha = 0.01
 with 64 queries and median p-value of the decoy and binomial tests; as the quality cost, the held-out denoising
 loss and the KID of the 64 control images against the owner data on the offline feature network,
@@ -16,7 +17,10 @@ The default rate is 2 %, not the demo's 1 %: ``detection_power.py`` finds the un
 every 2 % run but only in some 1 % runs, and an attack can only be judged where the unattacked protection works
 (at 1 % a miss would not say whether the attack or the low rate caused it). ``--rate 0.01`` runs the same grid there.
 The full grid (30 settings x 3 seeds, one fine-tune each) is a long background job,
-resumable at any point.
+resumable at any point. The defaults are the collection's key design (``templates.DEFAULT_FAMILY``, triggers of
+``protect.TRIGGER_LENGTH`` letters); the first table's design (``--family random --trigger-length 3``) keeps its run
+names and ``robustness.csv``, its no-attack runs being ``detection_power.py``'s. Other designs add
+``-<family>-trigger<n>`` to run and table names.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ import json
 from functools import partial
 from pathlib import Path
 
-from entruth_lite import attacks, audit, data, probe
+from entruth_lite import attacks, audit, data, probe, protect, templates
 
-from .common import (Run, add_run_arguments, base_pipeline, fit_and_probe, markdown_table, owner_dataset,
-                     owner_negatives, projection_scores, rate_name, seeded_attack)
+from .common import (Run, add_run_arguments, base_pipeline, design_suffix, fit_and_probe, markdown_table,
+                     owner_dataset, owner_negatives, projection_scores, rate_name, seeded_attack)
 
 STEPS = 1500
 DATASET = {  # name: (strengths, attack(strength) -> callable(released, out, key) -> AttackReport)
@@ -76,21 +80,29 @@ def settings(only=None):
     return [g for g in grid if not only or g[1] in only]
 
 
-def _tag(kind: str, name: str, strength: float, rate: float) -> str:
-    """The run's name; ``fit_and_probe`` adds ``-seed<seed>`` for its folder."""
-    return f"attack-{kind}-{name}-{strength:g}-rate{rate:g}"
+def _tag(kind: str, name: str, strength: float, rate: float, design: str = "") -> str:
+    """The run's name (``design``: ``common.design_suffix``); ``fit_and_probe`` adds ``-seed<seed>`` for its folder."""
+    if kind == "none":  # the unattacked run: the power benchmark's name
+        return rate_name(rate, STEPS) + design
+    return f"attack-{kind}-{name}-{strength:g}-rate{rate:g}{design}"
 
 
-def run_setting(root: Path, kind: str, name: str, strength: float, seed: int, rate: float, queries: int = 64) -> Run | None:
-    tag = _tag(kind, name, strength, rate)
+def run_setting(root: Path, kind: str, name: str, strength: float, seed: int, rate: float, queries: int = 64,
+                family: str = templates.DEFAULT_FAMILY, trigger_length: int = protect.TRIGGER_LENGTH) -> Run | None:
+    """Fine-tune and probe one attacked setting (``kind`` "none": the unattacked run); None for output attacks,
+    which are evaluated on the unattacked run's stored probes."""
+    tag = _tag(kind, name, strength, rate, design_suffix(family, trigger_length))
+    design = dict(family=family, trigger_length=trigger_length)
+    if kind == "none":
+        return fit_and_probe(root, rate, seed, STEPS, template_seed=seed, name=tag, queries=queries, **design)
     if kind == "dataset":
         return fit_and_probe(root, rate, seed, STEPS, template_seed=seed, name=tag, queries=queries,
-                             attack=seeded_attack(DATASET[name][1](strength), seed))
+                             attack=seeded_attack(DATASET[name][1](strength), seed), **design)
     if kind == "training":
         overrides = attacks.training_overrides(name, strength)
         return fit_and_probe(root, rate, seed, overrides.get("steps", STEPS), template_seed=seed, name=tag,
-                             queries=queries, overrides=overrides)
-    return None  # output attacks: evaluated on the stored probes, nothing to train
+                             queries=queries, overrides=overrides, **design)
+    return None
 
 
 def _kid(run: Run, root: Path, corruption: tuple[str, float] | None = None, seed: int = 0) -> float:
@@ -107,18 +119,18 @@ def _kid(run: Run, root: Path, corruption: tuple[str, float] | None = None, seed
     return json.loads(cache.read_text())["kid"]
 
 
-def report(root: Path, seeds, rate: float, only=None, queries: int = 64) -> None:
+def report(root: Path, seeds, rate: float, only=None, queries: int = 64, design: str = "") -> None:
     import pandas as pd
 
     rows = []
-    baseline = [Run.named(root, rate_name(rate, STEPS), rate, s, STEPS) for s in seeds]
+    baseline = [Run.named(root, _tag("none", "", 0, rate, design), rate, s, STEPS) for s in seeds]
     grid = [("none", "no attack", 0)] + settings(only)
     for kind, name, strength in grid:
         for seed in seeds:
             if kind in ("none", "output"):
                 run = baseline[seeds.index(seed)]
             else:
-                run = Run.named(root, _tag(kind, name, strength, rate), rate, seed, STEPS)
+                run = Run.named(root, _tag(kind, name, strength, rate, design), rate, seed, STEPS)
             if not run.done:
                 continue
             scores = projection_scores(root, run, (name, strength) if kind == "output" else None, seed)
@@ -135,7 +147,7 @@ def report(root: Path, seeds, rate: float, only=None, queries: int = 64) -> None
         print("no finished runs yet")
         return
     table = pd.DataFrame(rows)
-    stem = "robustness" if not only else "robustness-only-" + "-".join(only)  # a partial report keeps the full table
+    stem = "robustness" + design + ("-only-" + "-".join(only) if only else "")  # a partial report keeps the full table
     table.to_csv(root / f"{stem}.csv", index=False)
     summary = attacks.summarize_robustness(table)
     print(f"\nRobustness at rate {rate:g} ({queries} queries, alpha = 0.01); templated/trigger counts are means over seeds\n")
@@ -162,18 +174,21 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.02)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", help="only these attacks (names as in the table)")
+    parser.add_argument("--family", default=templates.DEFAULT_FAMILY, choices=sorted(templates.FAMILIES))
+    parser.add_argument("--trigger-length", type=int, default=protect.TRIGGER_LENGTH)
     add_run_arguments(parser)
     args = parser.parse_args()
     root = Path(args.out)
     owner_dataset(root)
+    design = dict(family=args.family, trigger_length=args.trigger_length)
     if not args.report_only:
         for seed in args.seeds:  # seed-major: an interrupted sweep still covers every attack
-            for kind, name, strength in settings(args.only):
+            for kind, name, strength in [("none", "no attack", 0)] + settings(args.only):
                 if kind != "output":
                     print(f"{kind} attack {name} {strength:g}, seed {seed}", flush=True)
-                    run_setting(root, kind, name, strength, seed, args.rate, args.queries)
+                    run_setting(root, kind, name, strength, seed, args.rate, args.queries, **design)
     if not args.train_only:
-        report(root, args.seeds, args.rate, args.only, args.queries)
+        report(root, args.seeds, args.rate, args.only, args.queries, design_suffix(**design))
 
 
 if __name__ == "__main__":

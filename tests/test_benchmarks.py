@@ -17,6 +17,19 @@ def test_every_run_folder_is_named_by_one_rule(tmp_path):
     assert run.done
 
 
+def test_runs_of_the_first_key_design_keep_their_names_and_other_designs_get_their_own():
+    from benchmarks import null_calibration, robustness
+
+    assert robustness._tag("none", "no attack", 0, 0.02) == common.rate_name(0.02, robustness.STEPS)  # power's runs
+    assert robustness._tag("training", "lora_rank", 8, 0.02) == "attack-training-lora_rank-8-rate0.02"
+    assert null_calibration.run_name("random", 750, 3) == "rate0-steps750"
+    design = common.design_suffix("mosaic", 6)
+    assert design == "-mosaic-trigger6" and common.design_suffix("random", 3) == ""
+    assert robustness._tag("none", "no attack", 0, 0.02, design) == "rate0.02-steps1500-mosaic-trigger6"
+    assert robustness._tag("training", "lora_rank", 8, 0.02, design) == "attack-training-lora_rank-8-rate0.02-mosaic-trigger6"
+    assert null_calibration.run_name("mosaic", 750, 6) == "null-mosaic-trigger6-steps750"
+
+
 def test_seeded_attack_gives_each_seed_its_own_draws():
     calls = []
 
