@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 
@@ -75,8 +76,9 @@ def _train(args) -> None:
 def _notebooks_run(args) -> None:
     from . import notebooks
 
+    start = time.time()
     runs = notebooks.run_all(Path(args.out), smoke=args.smoke, only=args.only, recorded=args.recorded)
-    print(f"{len(runs)} notebooks in {sum(r.seconds for r in runs):.0f} s")
+    print(f"{len(runs)} notebooks in {time.time() - start:.0f} s")  # wall clock: some ran side by side
 
 
 def _notebooks_record_class(args) -> None:

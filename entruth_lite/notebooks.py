@@ -125,48 +125,75 @@ def inject_parameters(notebook, parameters: dict) -> None:
 
 
 def run_notebook(path: Path, out_dir: Path, smoke: bool, timeout: int = 3600,
-                 parameters: dict | None = None, recorded: bool = False) -> NotebookRun:
+                 parameters: dict | None = None, recorded: bool = False, threads: int | None = None) -> NotebookRun:
     """Execute one notebook in its own folder and write the executed copy to ``out_dir``; ``parameters``
-    override the values of its parameters cell; ``recorded``: class mode (``classroom``)."""
+    override the values of its parameters cell; ``recorded``: class mode (``classroom``); ``threads`` caps the
+    kernel's math threads (when notebooks run side by side, each gets a share of the cores)."""
     import nbformat
     from nbclient import NotebookClient
 
     notebook = nbformat.read(path, as_version=4)
     if parameters:
         inject_parameters(notebook, parameters)
-    # the kernel inherits this environment: smoke switch, offline hub, and inline figures (a headless
-    # MPLBACKEND=Agg would keep figures out of the executed notebook)
-    settings = {SMOKE_ENV: "1" if smoke else "0", CLASS_ENV: "1" if recorded else "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                "MPLBACKEND": "module://matplotlib_inline.backend_inline", HEADLESS_ENV: "1"}
-    previous = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
+    # the kernel's environment (this process's is left alone: notebooks may run side by side): smoke and class
+    # switches, offline hub, and inline figures (a headless MPLBACKEND=Agg would keep figures out of the copy)
+    env = os.environ | {SMOKE_ENV: "1" if smoke else "0", CLASS_ENV: "1" if recorded else "0",
+                        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                        "MPLBACKEND": "module://matplotlib_inline.backend_inline", HEADLESS_ENV: "1"}
+    if threads:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.time()
+    client = NotebookClient(
+        notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     try:
-        client = NotebookClient(
-            notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-        )
-        try:
-            client.execute()
-        finally:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            nbformat.write(notebook, out_dir / path.name)
+        client.execute(env=env)
     finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        out_dir.mkdir(parents=True, exist_ok=True)
+        nbformat.write(notebook, out_dir / path.name)
     return NotebookRun(path.name, time.time() - start, out_dir / path.name)
 
 
-def run_all(out_dir: Path, smoke: bool, only: list[str] | None = None, recorded: bool = False) -> list[NotebookRun]:
-    runs = []
+# Notebooks that may run at the same time (``run_all``): neither writes what the other reads. 01 writes the release
+# that 02 trains on, and 03-05 read 02's models and probes, so 02 runs alone between the two groups.
+SIDE_BY_SIDE = (("00_quickstart", "00b_diffusion_primer", "01_template_design"),
+                ("03_memorization_probing", "04_robustness_attacks", "05_baselines_and_quality"))
+
+
+def stages(paths: list[Path], side_by_side=SIDE_BY_SIDE) -> list[list[Path]]:
+    """``paths`` in order, cut into stages: consecutive notebooks of one ``side_by_side`` group share a stage,
+    any other notebook is a stage of its own."""
+    group_of = {name: i for i, group in enumerate(side_by_side) for name in group}
+    result: list[list[Path]] = []
+    for path in paths:
+        group = group_of.get(path.stem)
+        if result and group is not None and group_of.get(result[-1][-1].stem) == group:
+            result[-1].append(path)
+        else:
+            result.append([path])
+    return result
+
+
+def run_all(out_dir: Path, smoke: bool, only: list[str] | None = None, recorded: bool = False,
+            folder: Path = NOTEBOOK_DIR, side_by_side=SIDE_BY_SIDE) -> list[NotebookRun]:
+    """Run the notebooks in order, the independent ones of a stage (``stages``) side by side, each kernel with
+    an equal share of the cores: small lessons leave cores idle (imports, plotting, one-image steps), so the
+    demo finishes sooner. A failing notebook stops the run once its stage is done, with its error."""
+    from concurrent.futures import ThreadPoolExecutor
+
     mode = ("smoke " if smoke else "") + ("class" if recorded else "full")
-    for path in list_notebooks():
-        if only and not any(key in path.name for key in only):
-            continue
+    paths = [p for p in list_notebooks(folder) if not only or any(key in p.name for key in only)]
+    runs = []
+
+    def run(path: Path, threads: int | None) -> NotebookRun:
         print(f"running {path.name} ({mode}) ...", flush=True)
-        result = run_notebook(path, out_dir, smoke, recorded=recorded)
+        result = run_notebook(path, out_dir, smoke, recorded=recorded, threads=threads)
         print(f"  done in {result.seconds:.0f} s -> {result.output}", flush=True)
-        runs.append(result)
+        return result
+
+    for stage in stages(paths, side_by_side):
+        threads = max(1, (os.cpu_count() or 1) // len(stage)) if len(stage) > 1 else None
+        with ThreadPoolExecutor(max_workers=len(stage)) as pool:
+            futures = [pool.submit(run, path, threads) for path in stage]
+        runs += [future.result() for future in futures]  # raises the first failure, after the whole stage ran
     return runs

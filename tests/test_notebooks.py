@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +82,54 @@ def test_strip_outputs_removes_outputs(tmp_path):
     assert notebooks.strip_outputs(path) is True
     assert notebooks.notebooks_with_outputs(tmp_path) == []
     assert notebooks.strip_outputs(path) is False
+
+
+def test_stages_group_the_notebooks_that_may_run_side_by_side():
+    names = [p.stem for p in NOTEBOOKS]
+    assert all(name in names for group in notebooks.SIDE_BY_SIDE for name in group), "SIDE_BY_SIDE names a notebook"
+    staged = [[p.stem for p in stage] for stage in notebooks.stages(NOTEBOOKS)]
+    assert [p for stage in staged for p in stage] == names  # every notebook once, in order
+    assert ["02_lora_finetuning"] in staged  # it trains what 03-05 read, on the release 01 writes
+    assert ["00_quickstart", "00b_diffusion_primer", "01_template_design"] in staged
+    paths = [Path(f"{n}.ipynb") for n in ("a", "b", "c", "d")]
+    assert notebooks.stages(paths, side_by_side=(("a", "b"),)) == [paths[:2], [paths[2]], [paths[3]]]
+    assert notebooks.stages(paths, side_by_side=(("a", "c"),)) == [[p] for p in paths]  # only neighbours pair up
+
+
+def _timed_notebook(folder: Path, name: str, body: str = "") -> None:
+    import nbformat
+
+    source = (f"import json, os, time\nstart = time.time()\n{body}\ntime.sleep(1)\n"
+              f"json.dump(dict(start=start, end=time.time(), threads=os.environ.get('OMP_NUM_THREADS'), "
+              f"smoke=os.environ.get('{notebooks.SMOKE_ENV}')), open(r'{folder / name}.json', 'w'))")
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)]), folder / f"{name}.ipynb")
+
+
+def test_run_all_runs_a_stage_side_by_side_and_the_next_stage_after_it(tmp_path):
+    import os
+
+    for name in ("a", "b", "c"):
+        _timed_notebook(tmp_path, name)
+    runs = notebooks.run_all(tmp_path / "out", smoke=True, folder=tmp_path, side_by_side=(("a", "b"),))
+    assert [r.name for r in runs] == ["a.ipynb", "b.ipynb", "c.ipynb"] and all(r.output.is_file() for r in runs)
+    times = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in "abc"}
+    assert times["a"]["start"] < times["b"]["end"] and times["b"]["start"] < times["a"]["end"]  # overlapped
+    assert times["c"]["start"] > max(times["a"]["end"], times["b"]["end"])
+    assert times["a"]["threads"] == times["b"]["threads"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert times["c"]["threads"] == os.environ.get("OMP_NUM_THREADS")  # alone: the runner's own setting
+    assert all(t["smoke"] == "1" for t in times.values()) and os.environ.get(notebooks.SMOKE_ENV) != "1"
+
+
+def test_run_all_stops_after_a_stage_with_a_failing_notebook(tmp_path):
+    from nbclient.exceptions import CellExecutionError
+
+    _timed_notebook(tmp_path, "a", body="raise ValueError('broken lesson')")
+    _timed_notebook(tmp_path, "b")
+    _timed_notebook(tmp_path, "c")
+    with pytest.raises(CellExecutionError, match="broken lesson"):
+        notebooks.run_all(tmp_path / "out", smoke=True, folder=tmp_path, side_by_side=(("a", "b"),))
+    assert (tmp_path / "b.json").is_file() and not (tmp_path / "c.json").is_file()  # its stage finished, no more
+    assert (tmp_path / "out" / "a.ipynb").is_file()  # the failed copy is kept, with the error in it
 
 
 @pytest.mark.notebooks
