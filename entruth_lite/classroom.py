@@ -168,7 +168,7 @@ def write_pack(out: str | os.PathLike, config, key, losses: dict[str, list[float
 
 
 def record_lab(lab, key, captions: Sequence[str], quality_captions: Sequence[str], out: str | os.PathLike,
-               queries: int = 64, sample_steps: int = 25, quality_samples: int = 256, guidance_scale: float = 3.0,
+               queries: int = 64, sample_steps: int = 25, quality_samples: int = 128, guidance_scale: float = 3.0,
                seed: int = 0) -> ClassPack:
     """Record a full-mode ``demo.Lab`` as a pack: the three models' answers to ``queries`` probe queries on
     ``captions`` (probe seed 1, as the notebooks send them), both fine-tunes' samples of ``quality_samples`` of
@@ -193,7 +193,7 @@ def record_lab(lab, key, captions: Sequence[str], quality_captions: Sequence[str
 
 def record(runs: str | os.PathLike = "runs", out: str | os.PathLike = PACK_DIR, preset: str = "tiny-cpu",
            rate: float = 0.01, template: str = "mosaic:0", seed: int = 0, steps: int | None = 750, queries: int = 64,
-           sample_steps: int = 25, quality_samples: int = 256) -> ClassPack:
+           sample_steps: int = 25, quality_samples: int = 128) -> ClassPack:
     """Record the pack for the notebooks' defaults (given here as in their parameter cells): fine-tune both models
     (or reuse a full run's under ``runs``), probe the three models with notebook 03's queries and sample notebook
     05's quality prompts. A class-mode run of the notebooks refuses the pack if a default changed since."""

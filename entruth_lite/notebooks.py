@@ -186,9 +186,9 @@ def run_all(out_dir: Path, smoke: bool, only: list[str] | None = None, recorded:
     runs = []
 
     def run(path: Path, threads: int | None) -> NotebookRun:
-        print(f"running {path.name} ({mode}) ...", flush=True)
+        print(f"running {path.name} ({mode}) ...\n", end="", flush=True)  # one write: threads share the line
         result = run_notebook(path, out_dir, smoke, recorded=recorded, threads=threads)
-        print(f"  done in {result.seconds:.0f} s -> {result.output}", flush=True)
+        print(f"  done in {result.seconds:.0f} s -> {result.output}\n", end="", flush=True)
         return result
 
     for stage in stages(paths, side_by_side):
