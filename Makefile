@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - run every notebook end to end on the tiny CPU model (executed copies in runs/notebooks)
+#   make demo   - run every notebook end to end on the tiny CPU model, independent ones side by side (executed
+#                 copies in runs/notebooks)
 #   make test   - unit tests + every notebook in smoke mode
 #   make class  - every notebook in class mode: the models as recorded in data/class, no training (a few minutes)
 # Both create .venv when missing and install a CPU torch pinned to 2.13.0 when no torch is present
