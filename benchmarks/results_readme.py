@@ -125,9 +125,12 @@ ROBUSTNESS_DESIGN = """### At the collection's key design
 
 The table above ran with the first key design (`random` family, 3-letter triggers: `--family random
 --trigger-length 3`). At the defaults that the memorization sweep chose (`mosaic` family, 6-letter triggers), the
-same benchmark (`python -m benchmarks.robustness --only lora_rank lora_attention_only lora_higher_lr`; output
-attacks need no training) has run the settings below so far; the rest of the grid at this design has not run yet.
-`seeds` says how many finished.
+same benchmark has run the settings below so far: no attack and the LoRA rows (`python -m benchmarks.robustness
+--only lora_rank lora_attention_only lora_higher_lr --train-only`), and the output attacks, which need no training
+(`--report-only --only lora_rank lora_attention_only lora_higher_lr jpeg blur resize noise flip`: the dataset
+attacks of those names have not run at this design, so only their output rows appear). `seeds` says how many
+finished. The LoRA attacks are an infringer's usual LoRAs (`attacks.TRAINING_ATTACKS`: the UNet only, alpha =
+rank), not `tiny-cpu-lora` (the text encoder too, alpha = rank^1.5), which the memorization table measures.
 """
 
 LORA_LR = """### Which LoRA learning rate the robustness grid runs

@@ -221,6 +221,21 @@ def test_shipped_robustness_results_cover_the_benchmarks_grid():
     assert (summary.seeds == 3).all(), "every setting of the shipped robustness table has 3 seeds"
 
 
+def test_shipped_robustness_rows_at_the_key_design_are_grid_settings_with_their_no_attack_run():
+    import pandas as pd
+
+    from benchmarks import robustness
+
+    table = pd.read_csv(notebooks.SHIPPED_RESULTS / "robustness-mosaic-trigger6.csv")
+    grid = {(kind, name, float(strength)) for kind, name, strength in robustness.settings()}
+    rows = {(kind, attack, float(strength)) for kind, attack, strength in
+            table[["kind", "attack", "strength"]].itertuples(index=False)}
+    assert rows - {("none", "no attack", 0.0)} <= grid
+    assert {"lora_rank", "lora_attention_only", "lora_higher_lr"} <= set(table.attack)  # the LoRA rows
+    # every seed with an attacked row has its no-attack row (the run its output attacks corrupt)
+    assert set(table.seed) == set(table[table.kind == "none"].seed)
+
+
 def test_shipped_baseline_results_have_every_method_and_seed():
     import pandas as pd
 
