@@ -36,6 +36,7 @@ when you have no run of your own.
 | `compare_baselines.csv` | `benchmarks.compare_baselines` | one per method and seed |
 | `robustness.csv`, `robustness-mosaic-trigger6.csv` | `benchmarks.robustness` (first key design; the defaults) | one per attack, strength and seed |
 | `lora_lr_check.csv` | a one-off 300-step check (not a module) | one per learning rate |
+| `cpu_step_options.csv` | one-off timing checks (not a module) | one per task and option |
 | `gpu_estimates.csv` | `benchmarks.gpu_estimates` (estimates, not measurements) | one per GPU preset |
 """
 
@@ -140,6 +141,15 @@ at 1x, 3x and 10x the preset's learning rate, and the full fine-tune for compari
 loss over the first and last 50 steps; the grid runs 3x, the highest multiple that trained stably.
 """
 
+CPU_STEP = """## Where the CPU's time goes (shortening `make demo`)
+
+One-off checks (not a module), each alone on the 2 cores. A full fine-tune step of the tiny UNet (batch 32, one
+thread, as each of the demo's two side-by-side runs; mean of 20 steps after 3 warm-up steps) is compute-bound
+(torch.profiler: convolution backward, matrix products and attention take most of it), and no option sped it up
+beyond noise. Sampling uses two threads poorly, so two processes side by side finish sooner than one after the
+other. `seconds`: wall clock; `vs_default`: against the 2-thread default of the same work.
+"""
+
 GPU = """## GPU presets: estimates, not measurements
 
 No GPU has run these presets yet. `benchmarks.gpu_estimates` derives time and peak memory from the presets and
@@ -187,6 +197,7 @@ def render(folder: Path = RESULTS) -> str:
     parts.append(_section(folder, "robustness-mosaic-trigger6.csv", ROBUSTNESS_DESIGN, lambda t: markdown_table(
         attacks.summarize_robustness(t), ROBUSTNESS_FORMATS)))
     parts.append(_section(folder, "lora_lr_check.csv", LORA_LR, markdown_table))
+    parts.append(_section(folder, "cpu_step_options.csv", CPU_STEP, lambda t: markdown_table(t, dict(seconds="g"))))
     parts.append(_section(folder, "gpu_estimates.csv", GPU, markdown_table))
     return "\n".join(parts)
 
