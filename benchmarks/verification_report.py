@@ -90,9 +90,10 @@ def null_report(runs: list[Run], root: Path, setting: dict | None = None) -> Non
                                                          "median_p": ".2g"})
 
 
-def power_report(runs: list[Run], root: Path, queries=(8, 16, 32, 64), alpha: float = 0.01) -> None:
+def power_report(runs: list[Run], root: Path, queries=(8, 16, 32, 64), alpha: float = 0.01, design: str = "") -> None:
     """TPR at ``alpha`` and median p-value per rate, method and number of queries; AUC of each detector
-    (trigger images of protected models vs trigger images of clean models at the same settings)."""
+    (trigger images of protected models vs trigger images of clean models at the same settings). ``design``
+    (``common.design_suffix``) is added to the tables' names."""
     import pandas as pd
 
     clean = {r.seed: r for r in runs if r.rate == 0}
@@ -108,12 +109,12 @@ def power_report(runs: list[Run], root: Path, queries=(8, 16, 32, 64), alpha: fl
                 auc = verify.roc_curve(scores[f"{detector}_trigger"], reference)[2]
                 auc_rows.append(dict(rate=run.rate, seed=run.seed, detector=detector, auc=auc))
     table = pd.DataFrame(records)
-    table.to_csv(root / "detection_power_runs.csv", index=False)
+    table.to_csv(root / f"detection_power_runs{design}.csv", index=False)
     protected = table[table.rate > 0]
     summary = protected.groupby(["rate", "method", "n"]).p.agg(
         detected=lambda p: int((p < alpha).sum()), seeds="count", median_p="median").reset_index()
     summary = summary.rename(columns={"method": "test"})
-    summary.to_csv(root / "detection_power.csv", index=False)
+    summary.to_csv(root / f"detection_power{design}.csv", index=False)
     summary["tpr"] = summary.detected / summary.seeds
     print(f"\nDetection power: TPR at alpha = {alpha} (share of seeds flagged) and median p-value\n")
     methods = _method_order(summary.test)
@@ -130,13 +131,13 @@ def power_report(runs: list[Run], root: Path, queries=(8, 16, 32, 64), alpha: fl
         auc = pd.DataFrame(auc_rows).groupby(["rate", "detector"]).auc.agg(
             mean_auc="mean", min_auc="min", seeds="count").reset_index()
         print("\nPer-image AUC, trigger images of the protected model vs the clean model's on the same prompts\n")
-        write_table(auc.to_dict("records"), root / "detection_power_auc.csv", dict(mean_auc=".3f", min_auc=".3f"))
+        write_table(auc.to_dict("records"), root / f"detection_power_auc{design}.csv", dict(mean_auc=".3f", min_auc=".3f"))
     clean_rows = table[table.rate == 0]
     if not clean_rows.empty:
         flagged = clean_rows[(clean_rows.n == max(queries))].groupby("method").p.agg(lambda p: f"{(p < alpha).sum()}/{len(p)}")
         print("\nClean models at the same settings flagged at alpha = 0.01 (64 queries): "
               + ", ".join(f"{m} {v}" for m, v in flagged.items()))
-    _plot_power(summary, root / "detection_power.png", alpha)
+    _plot_power(summary, root / f"detection_power{design}.png", alpha)
 
 
 def _plot_power(summary, path: Path, alpha: float) -> None:

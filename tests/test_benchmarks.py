@@ -30,6 +30,20 @@ def test_runs_of_the_first_key_design_keep_their_names_and_other_designs_get_the
     assert null_calibration.run_name("mosaic", 750, 6) == "null-mosaic-trigger6-steps750"
 
 
+def test_the_power_benchmark_names_its_runs_and_tables_by_key_design(tmp_path, monkeypatch):
+    """Its runs at another design are the robustness benchmark's no-attack runs, and its tables stay apart."""
+    import sys
+
+    from benchmarks import detection_power, robustness
+
+    seen = []
+    monkeypatch.setattr(detection_power, "fit_and_probe", lambda root, rate, seed, steps, **kw: seen.append(kw["name"]))
+    monkeypatch.setattr(sys, "argv", ["detection_power", "--rates", "0.02", "--seeds", "0", "--family", "mosaic",
+                                      "--trigger-length", "6", "--train-only", "--out", str(tmp_path)])
+    detection_power.main()
+    assert seen == [robustness._tag("none", "no attack", 0, 0.02, common.design_suffix("mosaic", 6))]
+
+
 def test_seeded_attack_gives_each_seed_its_own_draws():
     calls = []
 
