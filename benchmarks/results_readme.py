@@ -29,7 +29,7 @@ when you have no run of your own.
 
 | file | written by | rows |
 |---|---|---|
-| `detection_power.csv`, `detection_power_auc.csv` | `benchmarks.detection_power` | rate x test x queries; rate x detector |
+| `detection_power.csv`, `detection_power_auc.csv` (and `-mosaic-trigger6`) | `benchmarks.detection_power` (first key design; the defaults) | rate x test x queries; rate x detector |
 | `null_calibration.csv` | `benchmarks.null_calibration` | one per test |
 | `memorization.csv` | `benchmarks.memorization_sweep` | one per setting, rate and seed |
 | `template_family.csv` | `benchmarks.template_family` | one per family, member and detector |
@@ -52,6 +52,17 @@ numbers (see the null calibration below for why).
 AUC = """Per-image AUC: trigger images of the protected model against the clean model's on the same prompts and seeds. An
 AUC near 0.5 with a detected model means the evidence comes from a minority of strongly templated images,
 which is why pooling more queries helps.
+"""
+
+POWER_DESIGN = """### Power at the collection's key design
+
+The tables above ran with the first key design (`random` family, 3-letter triggers). At the defaults that the
+memorization sweep chose (`python -m benchmarks.detection_power --family mosaic --trigger-length 6`: `mosaic:<seed>`
+templates, 6-letter triggers), the same benchmark at 2 %, 1 % and 0.5 %, with its own clean models (seeds 0-2) for
+the reference test and the AUC. Its 2 % runs are the robustness benchmark's no-attack runs, and its 1 % and 0.5 %
+runs are the memorization sweep's `full-mosaic-trigger6` runs: the same `common.fit_and_probe` call (the same
+preset, seeds, template and trigger), linked by name rather than trained twice. 5 % is not rerun: every seed is
+detected at 2 %.
 """
 
 NULL = """## False positives on clean models
@@ -177,11 +188,12 @@ def _section(folder: Path, name: str, text: str, make) -> str:
 def render(folder: Path = RESULTS) -> str:
     """The results README for the CSVs in ``folder``."""
     parts = [INTRO]
-    parts.append(_section(folder, "detection_power.csv", POWER, lambda t: markdown_table(
-        t.pivot_table(index=["rate", "test"], columns="n", values=["detected", "seeds", "median_p"], sort=False)
-        .pipe(_power_cells).reset_index().sort_values("rate", ascending=False, kind="stable"))))
+    parts.append(_section(folder, "detection_power.csv", POWER, _power_table))
     parts.append(_section(folder, "detection_power_auc.csv", AUC, lambda t: markdown_table(
         t, dict(mean_auc=".3f", min_auc=".3f"))))
+    parts.append(_section(folder, "detection_power-mosaic-trigger6.csv", POWER_DESIGN, _power_table))
+    parts.append(_section(folder, "detection_power_auc-mosaic-trigger6.csv", "Per-image AUC at this design:\n",
+                          lambda t: markdown_table(t, dict(mean_auc=".3f", min_auc=".3f"))))
     parts.append(_section(folder, "null_calibration.csv", NULL, lambda t: markdown_table(
         t, {"p_rate_above_0.05": ".2g", "p_rate_above_0.01": ".2g", "median_p": ".2g"})))
     parts.append(_section(folder, "memorization.csv", MEMORIZATION, _memorization))
@@ -200,6 +212,12 @@ def render(folder: Path = RESULTS) -> str:
     parts.append(_section(folder, "cpu_step_options.csv", CPU_STEP, lambda t: markdown_table(t, dict(seconds="g"))))
     parts.append(_section(folder, "gpu_estimates.csv", GPU, markdown_table))
     return "\n".join(parts)
+
+
+def _power_table(table: pd.DataFrame) -> str:
+    return markdown_table(
+        table.pivot_table(index=["rate", "test"], columns="n", values=["detected", "seeds", "median_p"], sort=False)
+        .pipe(_power_cells).reset_index().sort_values("rate", ascending=False, kind="stable"))
 
 
 def _power_cells(wide: pd.DataFrame) -> pd.DataFrame:
