@@ -1,6 +1,7 @@
 """The benchmarks' shared helpers (``benchmarks.common``): run naming, seeded attacks, cached scores, tables."""
 
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -87,6 +88,19 @@ def test_results_readme_is_generated_from_the_shipped_csvs():
     assert results_readme.render() == shipped, "regenerate it: python -m benchmarks.results_readme"
     for name in ("detection_power.csv", "null_calibration.csv", "compare_baselines.csv", "robustness.csv"):
         assert (results_readme.RESULTS / name).is_file(), name
+
+
+def test_every_table_a_notebook_reads_is_shipped():
+    """A fresh clone has no runs/bench: each ``benchmark_results("...")`` in a notebook must find a shipped copy."""
+    import re
+
+    from benchmarks import results_readme
+    from entruth_lite.notebooks import list_notebooks
+
+    read = {Path(name).name for nb in list_notebooks()
+            for name in re.findall(r'benchmark_results\(\\?"([^"\\]+)', nb.read_text(encoding="utf-8"))}
+    assert "detection_power-mosaic-trigger6.csv" in read and "memorization.csv" in read
+    assert sorted(n for n in read if not (results_readme.RESULTS / n).is_file()) == []
 
 
 def test_gpu_estimates_are_current_and_size_each_preset_to_its_card():
