@@ -71,7 +71,8 @@ Clean fine-tunes (the tiny base on the owner's *unprotected* emoji with the `tin
 with its own seed), each audited with its own owner key (a `<family>:<seed>` template, a trigger of
 `trigger_letters` letters) whose release it never saw: the null hypothesis by construction. 64 queries per
 model. The first calibration (40 models, `random`, 3 letters, 500 steps) predates the current defaults; the
-second (20 models, `mosaic`, 6 letters, 750 steps) is at them, with the notebooks' demo length. `p_rate_above_a` = binomial p-value that the test's false-positive rate exceeds a (small = anti-conservative).
+others (20 models each, `mosaic`, 6 letters) are at them: 1,500 steps (the `tiny-cpu` preset, as the power and
+memorization tables train) and 750 (the notebooks' demo length). `p_rate_above_a` = binomial p-value that the test's false-positive rate exceeds a (small = anti-conservative).
 The paired and reference tests flag clean models more often than alpha (a trigger moves even a clean model's
 images; one reference model is not the population of clean models), which is why they only support a verdict.
 """
