@@ -190,11 +190,10 @@ def render(folder: Path = RESULTS) -> str:
     """The results README for the CSVs in ``folder``."""
     parts = [INTRO]
     parts.append(_section(folder, "detection_power.csv", POWER, _power_table))
-    parts.append(_section(folder, "detection_power_auc.csv", AUC, lambda t: markdown_table(
-        t, dict(mean_auc=".3f", min_auc=".3f"))))
+    parts.append(_section(folder, "detection_power_auc.csv", AUC, _auc_table))
     parts.append(_section(folder, "detection_power-mosaic-trigger6.csv", POWER_DESIGN, _power_table))
     parts.append(_section(folder, "detection_power_auc-mosaic-trigger6.csv", "Per-image AUC at this design:\n",
-                          lambda t: markdown_table(t, dict(mean_auc=".3f", min_auc=".3f"))))
+                          _auc_table))
     parts.append(_section(folder, "null_calibration.csv", NULL, lambda t: markdown_table(
         t, {"p_rate_above_0.05": ".2g", "p_rate_above_0.01": ".2g", "median_p": ".2g"})))
     parts.append(_section(folder, "memorization.csv", MEMORIZATION, _memorization))
@@ -219,6 +218,10 @@ def _power_table(table: pd.DataFrame) -> str:
     return markdown_table(
         table.pivot_table(index=["rate", "test"], columns="n", values=["detected", "seeds", "median_p"], sort=False)
         .pipe(_power_cells).reset_index().sort_values("rate", ascending=False, kind="stable"))
+
+
+def _auc_table(table: pd.DataFrame) -> str:
+    return markdown_table(table, dict(mean_auc=".3f", min_auc=".3f"))
 
 
 def _power_cells(wide: pd.DataFrame) -> pd.DataFrame:
