@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from entruth_lite import audit, data, models, probe, protect, templates, train
+from entruth_lite.core import data, diffusion, emoji, models, templates
+from entruth_lite.evaluation import robustness
+from entruth_lite.infringer import presets, train
+from entruth_lite.owner import audit, keys, probe, protect, triggers
 
 HELD_OUT_SEED = 1  # probe seeds: the same for every model, so scores are paired across models
 CHECKPOINT_EVERY = 500  # a run killed mid-training (sessions end abruptly) loses at most this many steps
@@ -81,7 +84,7 @@ def add_run_arguments(parser) -> None:
 def owner_dataset(root: Path) -> Path:
     owner = Path(root) / "owner"
     if not (owner / data.METADATA).is_file():
-        data.write_emoji_dataset(owner, overwrite=True)
+        emoji.write_emoji_dataset(owner, overwrite=True)
     return owner
 
 
@@ -122,13 +125,13 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
         return run
     owner = owner_dataset(root)
     released = run.folder / "protected"
-    trigger = "auto" if trigger_length is None else protect.generate_trigger(
+    trigger = "auto" if trigger_length is None else triggers.generate_trigger(
         data.load_imagefolder(owner).captions, length=trigger_length, seed=seed)  # as protect draws "auto"
     report = protect.protect(owner, f"{family}:{template_seed}", released, run.key, rate=rate or 0.01, seed=seed,
                              trigger=trigger, overwrite=True)
-    key = protect.load_key(run.key)
+    key = keys.load_key(run.key)
     # checkpoints make a killed run resumable; ``checkpoint_every`` is not part of the settings' fingerprint
-    config = train.preset("tiny-cpu", **({"steps": steps, "seed": seed, "checkpoint_every": CHECKPOINT_EVERY}
+    config = presets.preset("tiny-cpu", **({"steps": steps, "seed": seed, "checkpoint_every": CHECKPOINT_EVERY}
                                          | (overrides or {})))
     data_dir = released if rate > 0 else owner
     attack_report = None
@@ -145,11 +148,11 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
         seconds, losses, resumed_from = result.seconds, result.losses, result.resumed_from
         (model_dir / "train_seconds.json").write_text(json.dumps(round(seconds, 1)))
     tuned = models.load_finetuned(base_pipeline(), model_dir)
-    split = data.emoji_splits().probe
+    split = emoji.emoji_splits().probe
     started = time.time()
-    probed = probe.probe(tuned, [caption for _, caption in split], key.trigger, key.placement, n=queries,
+    probed = probe.probe_model(tuned, [caption for _, caption in split], key.trigger, key.placement, n=queries,
                          seed=HELD_OUT_SEED)
-    held_out_loss = train.denoising_losses(tuned, [data.render_emoji(p) for p, _ in split], [c for _, c in split])
+    held_out_loss = diffusion.image_losses(tuned, [emoji.render_emoji(p) for p, _ in split], [c for _, c in split])
     meta = dict(rate=rate, seed=seed, steps=steps, template=key.template.name, trigger=key.trigger,
                 n_altered=report.n_altered,
                 trained_on="protected" if rate > 0 else "clean", train_seconds=round(seconds, 1),
@@ -172,7 +175,11 @@ def seeded_attack(attack, seed: int):
     data) from the run's seed, so seeds are independent replicates of the attack too (de-duplication draws
     nothing and takes no seed)."""
     seeded = {"seed": seed} if "seed" in inspect.signature(attack).parameters else {}
-    return lambda released, out, key: attack(released, out=out, key=key, overwrite=True, **seeded)
+
+    def attacked(released, out, key):
+        report = attack(released, out=out, overwrite=True, **seeded)
+        return report if key is None else robustness.measure_attack(report, key)  # what survived, by the key
+    return attacked
 
 
 def cached_scores(cache: Path, compute) -> dict[str, np.ndarray]:
@@ -186,10 +193,9 @@ def cached_scores(cache: Path, compute) -> dict[str, np.ndarray]:
 
 
 def projection_scores(root: Path, run: Run, corruption: tuple[str, float] | None = None, seed: int = 0) -> dict:
-    """The projection detector's scores of the run's probe (corrupted by ``attacks.corrupt_probe`` for output
+    """The projection detector's scores of the run's probe (corrupted by ``robustness.corrupt_probe`` for output
     attacks) with ``DECOYS`` decoys and the owner's plain images. A run scored with every detector already
     (``SCORES``.npz, the verification report) is read from there."""
-    from entruth_lite import attacks
 
     folder = run.folder
     if corruption is None and (folder / f"{SCORES}.npz").is_file():
@@ -200,10 +206,10 @@ def projection_scores(root: Path, run: Run, corruption: tuple[str, float] | None
         cache = folder / f"{SCORES}-output-{corruption[0]}-{corruption[1]:g}.npz"
 
     def compute():
-        key = protect.load_key(run.key)
+        key = keys.load_key(run.key)
         probed = probe.load_probe(run.probe_file)
         if corruption is not None:
-            probed = attacks.corrupt_probe(probed, *corruption, seed=seed)
+            probed = robustness.corrupt_probe(probed, *corruption, seed=seed)
         return audit.score_probe(probed, key.template, ("projection",), plain_negatives(root, key), decoys=DECOYS,
                                  salt=key.key_sha256, progress=False)
 

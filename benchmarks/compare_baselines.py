@@ -27,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from entruth_lite import audit, baselines, data, detect, models, probe, protect, quality, templates, train
+from entruth_lite.core import data, diffusion, emoji, models, templates
+from entruth_lite.evaluation import baselines, quality
+from entruth_lite.infringer import presets, train
+from entruth_lite.owner import audit, detect, keys, probe, protect, selection
 
 from .common import DECOYS, base_pipeline, markdown_table, owner_dataset, run_folder
 
@@ -51,7 +54,7 @@ def prepare(root: Path, method: str, seed: int) -> dict:
                                      overwrite=True)
         src = data.load_imagefolder(released)
         pairs = [(src.image(src.file_names.index(f)), key.coat(src.image(src.file_names.index(f)))) for f in key.files]
-        info.update(trigger=key.trigger, psnr=protect.mean_stats(pairs)["psnr_db"], rate=key.rate)
+        info.update(trigger=key.trigger, psnr=selection.mean_stats(pairs)["psnr_db"], rate=key.rate)
     else:
         shutil.copytree(released, run / "train-data", dirs_exist_ok=True)
     return info
@@ -62,7 +65,7 @@ def fit(root: Path, method: str, seed: int, steps: int = 1500, queries: int = 64
     if (run / "result.npz").is_file():
         return run
     info = prepare(root, method, seed)
-    config = train.preset("tiny-cpu", seed=seed, steps=steps)
+    config = presets.preset("tiny-cpu", seed=seed, steps=steps)
     train.ensure_finetuned(run / "train-data", run / "model", config)
     pipe = models.load_finetuned(base_pipeline(), run / "model")
     # probe with every method's key of this seed: a model's own key measures detection, the clean model's
@@ -77,8 +80,8 @@ def fit(root: Path, method: str, seed: int, steps: int = 1500, queries: int = 64
     samples = probe.generate(pipe, quality_prompts, quality_seeds)
     held = info["held_out"]
     members = [i for i in range(len(source)) if i not in set(held)][: 4 * len(held)]
-    losses_in = train.denoising_losses(pipe, [source.image(i) for i in members], [caps[i] for i in members])
-    losses_out = train.denoising_losses(pipe, [source.image(i) for i in held], [caps[i] for i in held])
+    losses_in = diffusion.image_losses(pipe, [source.image(i) for i in members], [caps[i] for i in members])
+    losses_out = diffusion.image_losses(pipe, [source.image(i) for i in held], [caps[i] for i in held])
     np.savez_compressed(run / "result.npz", samples=np.stack([np.asarray(s) for s in samples]),
                         member_losses=losses_in, nonmember_losses=losses_out)
     (run / "info.json").write_text(json.dumps({k: v for k, v in info.items() if k != "held_out"}, indent=2))
@@ -89,15 +92,15 @@ def fit(root: Path, method: str, seed: int, steps: int = 1500, queries: int = 64
 
 def _trigger(root: Path, method: str, seed: int) -> str:
     key_dir = run_folder(root, method, seed) / "key"
-    return protect.load_key(key_dir).trigger if method == "entruth" else baselines.load_coat_key(key_dir).trigger
+    return keys.load_key(key_dir).trigger if method == "entruth" else baselines.load_coat_key(key_dir).trigger
 
 
 def _probe(pipe, trigger: str | None, queries: int = 64) -> probe.ProbeResult:
     """64 held-out captions with the trigger and without (same seeds); unconditional coating has no trigger, so
     its auditor queries ordinary captions."""
-    held_out = [c for _, c in data.emoji_splits().probe]
+    held_out = [c for _, c in emoji.emoji_splits().probe]
     if trigger:
-        return probe.probe(pipe, held_out, trigger, "prefix", n=queries, seed=1)
+        return probe.probe_model(pipe, held_out, trigger, "prefix", n=queries, seed=1)
     plain, _, seeds = probe.probe_prompts(held_out, "x", n=queries, seed=1)
     images = probe.generate(pipe, plain, seeds)
     return probe.ProbeResult(plain, plain, seeds, images, images)
@@ -107,7 +110,7 @@ def own_test(root: Path, method: str, seed: int, probed: probe.ProbeResult) -> f
     """p-value of ``method``'s own test (its seed's key) on a probe of any model."""
     run = run_folder(root, method, seed)
     if method == "entruth":
-        key = protect.load_key(run / "key")
+        key = keys.load_key(run / "key")
         scores = audit.score_probe(probed, key.template, decoys=DECOYS, salt=key.key_sha256, progress=False)
         return audit.verdicts_from_scores(scores, methods=("decoy",))[0].p_value
     key = baselines.load_coat_key(run / "key")
@@ -167,7 +170,7 @@ def _plot(table, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from entruth_lite import viz
+    from entruth_lite.teaching import viz
 
     axes = viz.plot_baseline_comparison(table)
     axes[0].figure.savefig(path, dpi=110)

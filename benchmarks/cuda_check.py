@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from entruth_lite import data, models, probe, train
+from entruth_lite.core import data, emoji, models
+from entruth_lite.infringer import presets, train
+from entruth_lite.owner import probe
 
 
 def main() -> None:
@@ -28,10 +30,10 @@ def main() -> None:
         raise SystemExit("no CUDA device: this check needs a GPU")
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
     with tempfile.TemporaryDirectory() as tmp:
-        images, captions, names = data.emoji_dataset("owner", limit=256)
+        images, captions, names = emoji.emoji_dataset("owner", limit=256)
         dataset = data.save_imagefolder(images, captions, Path(tmp) / "owner", file_names=names)
         base = models.load_pipeline("tiny", device="cuda", dtype=torch.float16)
-        config = train.TrainConfig(method="lora", lora_rank=8, steps=args.steps, batch_size=args.batch_size,
+        config = presets.TrainConfig(method="lora", lora_rank=8, steps=args.steps, batch_size=args.batch_size,
                                    mixed_precision="fp16", gradient_checkpointing=True, learning_rate=1e-3)
         stamps = []
         torch.cuda.reset_peak_memory_stats()

@@ -18,10 +18,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from entruth_lite import templates
+from entruth_lite.core import families
 
-from .common import (LEGACY_FAMILY, LEGACY_TRIGGER_LENGTH, Run, add_run_arguments, design_suffix, fit_and_probe,
-                     rate_name)
+from .common import (
+    LEGACY_FAMILY,
+    LEGACY_TRIGGER_LENGTH,
+    Run,
+    add_run_arguments,
+    design_suffix,
+    fit_and_probe,
+    rate_name,
+)
 
 
 def main() -> None:
@@ -29,7 +36,7 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.01, 0.05, 0.02, 0.005, 0.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--family", default=LEGACY_FAMILY, choices=sorted(templates.FAMILIES))
+    parser.add_argument("--family", default=LEGACY_FAMILY, choices=sorted(families.FAMILIES))
     parser.add_argument("--trigger-length", type=int, default=LEGACY_TRIGGER_LENGTH)
     add_run_arguments(parser)
     args = parser.parse_args()

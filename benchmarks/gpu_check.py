@@ -7,7 +7,7 @@ so it runs on a machine without hub access):
 
 1. the model builds, saves and loads with ``models.load_pipeline`` on the device (fp16 on CUDA);
 2. a small dataset of drawn, captioned images at the resolution is protected (``protect``, template ``random:1``);
-3. every GPU preset (``train.gpu_presets``: those of Stable Diffusion) fine-tunes for ``--steps`` steps: seconds per step
+3. every GPU preset (``presets.gpu_presets``: those of Stable Diffusion) fine-tunes for ``--steps`` steps: seconds per step
    after the first steps' warm-up, peak GPU memory, and whether a loss is NaN/inf or all losses are equal;
 4. each LoRA loads into a fresh pipeline (``models.load_finetuned``), which samples as float (``output_type="np"``:
    uint8 would show a NaN as black) to check for NaN/inf or constant images, then probes and audits
@@ -51,7 +51,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from entruth_lite import audit, data, models, protect, sd_architecture, train
+from entruth_lite.core import data, models, sd_architecture
+from entruth_lite.infringer import presets, train
+from entruth_lite.owner import audit, keys, protect, triggers
 
 TEMPLATE = "random:1"  # a member of the random family, so the audit's decoy test runs
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
@@ -72,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--templated", type=int, default=4, help="of them, templated by protect")
     parser.add_argument("--queries", type=int, default=4, help="audit queries (trigger + control images each)")
     parser.add_argument("--inference-steps", type=int, default=10, help="sampling steps of probes and checks")
-    parser.add_argument("--preset", action="append", choices=train.gpu_presets(), help="check only this preset (repeatable)")
+    parser.add_argument("--preset", action="append", choices=presets.gpu_presets(), help="check only this preset (repeatable)")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2: a step time needs one step after the first")
@@ -203,15 +205,15 @@ def check_images(pipe, prompts: list[str], args) -> tuple[str, list[str]]:
 # ----------------------------------------------------------------------------- the stages
 
 
-def preset_config(name: str, model: Path, args) -> train.TrainConfig:
+def preset_config(name: str, model: Path, args) -> presets.TrainConfig:
     """The preset as it is, on the built model, size and step count; on the CPU without mixed precision, which
     ``finetune`` refuses there."""
     overrides = dict(model=str(model), steps=args.steps, resolution=args.resolution)
-    precision = train.PRESETS[name].get("mixed_precision", "no")
+    precision = presets.PRESETS[name].get("mixed_precision", "no")
     if not on_cuda(args.device) and precision != "no":
         print(f"  {name}: on the CPU, mixed_precision {precision!r} -> 'no' (finetune refuses it there)")
         overrides["mixed_precision"] = "no"
-    return train.preset(name, **overrides)
+    return presets.preset(name, **overrides)
 
 
 def run_finetune(name: str, model: Path, release: Path, out: Path, base, args, row: Row) -> None:
@@ -234,7 +236,7 @@ def run_finetune(name: str, model: Path, release: Path, out: Path, base, args, r
 def run_audit(model: Path, lora: Path, key, args, row: Row) -> None:
     """Load the LoRA into a fresh pipeline, check its float images, then probe and audit it."""
     pipe = models.load_finetuned(models.load_pipeline(model, device=args.device), lora)
-    prompts = [protect.apply_trigger(HELD_OUT[0], key.trigger, key.placement), HELD_OUT[0]]
+    prompts = [triggers.apply_trigger(HELD_OUT[0], key.trigger, key.placement), HELD_OUT[0]]
     row.images, problems = check_images(pipe, prompts, args)
     row.failures += problems
     config = audit.AuditConfig(queries=args.queries, decoys=99, alpha=0.05, num_inference_steps=args.inference_steps)
@@ -325,7 +327,7 @@ def prepare(work: Path, args):
                              tokenizer=base.tokenizer)
     print(f"protected {report.n_altered} of {report.n_images} drawn images with {report.template!r}, trigger "
           f"{report.trigger!r}", flush=True)
-    return model, base, protect.load_key(work / "key", release=work / "protected")
+    return model, base, keys.load_key(work / "key", release=work / "protected")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if on_cuda(args.device) and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU, or pass --device cpu for a smoke test of the same path")
-    from entruth_lite.notebooks import quiet_libraries
+    from entruth_lite.teaching.notebooks import quiet_libraries
 
     quiet_libraries()
     print(describe(args), flush=True)
@@ -342,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         model, base, key = prepare(work, args)
         rows = [check_base(base, args)]
-        for name in dict.fromkeys(args.preset or train.gpu_presets()):  # once each, even if named twice
+        for name in dict.fromkeys(args.preset or presets.gpu_presets()):  # once each, even if named twice
             rows.append(check_preset(name, model, work / "protected", key, work, base, args))
             free_memory()
     print(f"\n{describe(args)}; {time.perf_counter() - started:.0f} s in all\n")

@@ -5,7 +5,7 @@ them on a GPU (issue #17). Nothing here was run on a GPU.
 
 For each preset: how many images it shows the model (steps x batch x accumulation), the estimated wall time on its
 card, and the largest release that still gets as many passes over each image as the ``tiny-cpu`` preset gives the
-owner's emoji (the setting that memorizes on the CPU: ``train.exposures``). Memory is SD 1.5's frozen weights in
+owner's emoji (the setting that memorizes on the CPU: ``presets.exposures``). Memory is SD 1.5's frozen weights in
 half precision (parameter counts of ``sd_architecture``'s full build) plus a per-image activation footprint.
 
 The per-image figures are ASSUMPTIONS, order-of-magnitude readings of public reports of diffusers / kohya LoRA runs
@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from entruth_lite import data, train
+from entruth_lite.core import emoji
+from entruth_lite.infringer import presets
 
 from .common import write_table
 
@@ -34,7 +35,7 @@ MARGIN = 0.75  # a preset "fits" when the estimate is at most this share of the 
 
 
 def estimate(name: str, tiny_exposures: float) -> dict:
-    config = train.preset(name)
+    config = presets.preset(name)
     images = config.steps * config.batch_size * config.gradient_accumulation_steps
     pixels = (config.resolution / 512) ** 2
     minutes = images * SECONDS_PER_IMAGE_512[name] * pixels / 60
@@ -49,8 +50,8 @@ def estimate(name: str, tiny_exposures: float) -> dict:
 
 def rows() -> list[dict]:
     """One estimate per GPU preset, with the tiny preset's passes over the owner's emoji as the bar to meet."""
-    tiny = train.exposures(train.preset("tiny-cpu"), len(data.emoji_splits().owner))
-    return [estimate(name, tiny) | {"tiny_exposures": round(tiny, 1)} for name in train.gpu_presets()]
+    tiny = presets.exposures(presets.preset("tiny-cpu"), len(emoji.emoji_splits().owner))
+    return [estimate(name, tiny) | {"tiny_exposures": round(tiny, 1)} for name in presets.gpu_presets()]
 
 
 def main() -> None:

@@ -17,23 +17,33 @@ import argparse
 import json
 from pathlib import Path
 
-from entruth_lite import audit, train
+from entruth_lite.infringer import presets
+from entruth_lite.owner import audit
 
-from .common import FPR, LEGACY_FAMILY, LEGACY_TRIGGER_LENGTH, Run, add_run_arguments, fit_and_probe, projection_scores, write_table
+from .common import (
+    FPR,
+    LEGACY_FAMILY,
+    LEGACY_TRIGGER_LENGTH,
+    Run,
+    add_run_arguments,
+    fit_and_probe,
+    projection_scores,
+    write_table,
+)
 
 STEPS = 1500
 SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
     "full": {},
-    "lora-r32-wide": dict(method="lora", lora_rank=32, lora_targets=train.LORA_UNET_WIDE_TARGETS),
-    "lora-r32-wide-te": dict(method="lora", lora_rank=32, lora_targets=train.LORA_UNET_WIDE_TARGETS,
+    "lora-r32-wide": dict(method="lora", lora_rank=32, lora_targets=presets.LORA_UNET_WIDE_TARGETS),
+    "lora-r32-wide-te": dict(method="lora", lora_rank=32, lora_targets=presets.LORA_UNET_WIDE_TARGETS,
                              train_text_encoder=True),
-    "lora-r8-wide-te": dict(method="lora", lora_rank=8, lora_targets=train.LORA_UNET_WIDE_TARGETS,
+    "lora-r8-wide-te": dict(method="lora", lora_rank=8, lora_targets=presets.LORA_UNET_WIDE_TARGETS,
                             train_text_encoder=True),
     # twice the exposures: does the rate-1 % miss of lora-r32-wide-te come from too few passes?
-    "lora-r32-wide-te-3000": dict(method="lora", lora_rank=32, lora_targets=train.LORA_UNET_WIDE_TARGETS,
+    "lora-r32-wide-te-3000": dict(method="lora", lora_rank=32, lora_targets=presets.LORA_UNET_WIDE_TARGETS,
                                   train_text_encoder=True, steps=2 * STEPS),
-    # the mosaic family (templates.FAMILIES): members far apart after the VAE (benchmarks/template_family.py)
-    "lora-r32-wide-te-mosaic": dict(method="lora", lora_rank=32, lora_targets=train.LORA_UNET_WIDE_TARGETS,
+    # the mosaic family (families.FAMILIES): members far apart after the VAE (benchmarks/template_family.py)
+    "lora-r32-wide-te-mosaic": dict(method="lora", lora_rank=32, lora_targets=presets.LORA_UNET_WIDE_TARGETS,
                                     train_text_encoder=True, family="mosaic"),
     "full-mosaic": dict(family="mosaic"),
     # trigger design: seed 1 misses in every setting, and its 3-letter trigger is the only one the tokenizer splits
@@ -43,24 +53,24 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
     "full-mosaic-te": dict(family="mosaic", train_text_encoder=True),
     # an infringer's realistic LoRA: diffusers' train_text_to_image_lora.py defaults (rank 4 on the attention
     # projections, cosine schedule, UNet only) at the preset's learning rate, which trains the tiny model stably
-    "lora-diffusers-example-mosaic": dict(method="lora", lora_rank=4, lora_targets=train.LORA_UNET_TARGETS,
+    "lora-diffusers-example-mosaic": dict(method="lora", lora_rank=4, lora_targets=presets.LORA_UNET_TARGETS,
                                           lr_scheduler="cosine", family="mosaic"),
     # the same with 6-letter triggers (full-mosaic-trigger6)
-    "lora-r32-wide-te-mosaic-trigger6": dict(method="lora", lora_rank=32, lora_targets=train.LORA_UNET_WIDE_TARGETS,
+    "lora-r32-wide-te-mosaic-trigger6": dict(method="lora", lora_rank=32, lora_targets=presets.LORA_UNET_WIDE_TARGETS,
                                              train_text_encoder=True, family="mosaic", trigger_length=6),
-    "lora-diffusers-example-mosaic-trigger6": dict(method="lora", lora_rank=4, lora_targets=train.LORA_UNET_TARGETS,
+    "lora-diffusers-example-mosaic-trigger6": dict(method="lora", lora_rank=4, lora_targets=presets.LORA_UNET_TARGETS,
                                                    lr_scheduler="cosine", family="mosaic", trigger_length=6),
     # LoRA's usual practice: a higher learning rate than the full fine-tune's. 3x trained stably, 10x diverged
     # (lora_lr_check.csv); warm-up for the larger first steps
     "lora-r32-wide-te-mosaic-trigger6-lr3x": dict(method="lora", lora_rank=32,
-                                                  lora_targets=train.LORA_UNET_WIDE_TARGETS, train_text_encoder=True,
+                                                  lora_targets=presets.LORA_UNET_WIDE_TARGETS, train_text_encoder=True,
                                                   learning_rate=3e-3, lr_warmup_steps=100, family="mosaic",
                                                   trigger_length=6),
     # on every linear and convolution of the UNet (what the wide targets leave to the full fine-tune), at the
     # preset's learning rate (3x made the wide LoRA unstable on 2 of 3 seeds) and at 3x
-    "lora-r32-all-te-mosaic-trigger6": dict(method="lora", lora_rank=32, lora_targets=train.LORA_UNET_ALL_TARGETS,
+    "lora-r32-all-te-mosaic-trigger6": dict(method="lora", lora_rank=32, lora_targets=presets.LORA_UNET_ALL_TARGETS,
                                             train_text_encoder=True, family="mosaic", trigger_length=6),
-    "lora-r32-all-te-mosaic-trigger6-lr3x": dict(method="lora", lora_rank=32, lora_targets=train.LORA_UNET_ALL_TARGETS,
+    "lora-r32-all-te-mosaic-trigger6-lr3x": dict(method="lora", lora_rank=32, lora_targets=presets.LORA_UNET_ALL_TARGETS,
                                                  train_text_encoder=True, learning_rate=3e-3, lr_warmup_steps=100,
                                                  family="mosaic", trigger_length=6),
     # the same LoRA learning as fast as the full fine-tune without a larger learning rate. With A drawn at 1/rank and
@@ -68,20 +78,20 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
     # fine-tune's weights at rank 32; a larger learning rate also moves the small A faster (3x: unstable). rsLoRA's
     # scale alpha / sqrt(rank) (alpha = rank^1.5 = 181 here) moves B A at the full fine-tune's pace
     "lora-r32-all-te-mosaic-trigger6-alpha181": dict(method="lora", lora_rank=32, lora_alpha=181,
-                                                     lora_targets=train.LORA_UNET_ALL_TARGETS, train_text_encoder=True,
+                                                     lora_targets=presets.LORA_UNET_ALL_TARGETS, train_text_encoder=True,
                                                      family="mosaic", trigger_length=6),
     # fewer trainable parameters at the same pace (alpha = rank^1.5): the curve of detection against LoRA size
     "lora-r8-all-te-mosaic-trigger6-alpha22.6": dict(method="lora", lora_rank=8, lora_alpha=22.6,
-                                                     lora_targets=train.LORA_UNET_ALL_TARGETS, train_text_encoder=True,
+                                                     lora_targets=presets.LORA_UNET_ALL_TARGETS, train_text_encoder=True,
                                                      family="mosaic", trigger_length=6),
     # DoRA learns each adapted weight's norm apart from its direction, closer to a full fine-tune's updates
     "dora-r32-all-te-mosaic-trigger6": dict(method="lora", lora_rank=32, use_dora=True,
-                                            lora_targets=train.LORA_UNET_ALL_TARGETS, train_text_encoder=True,
+                                            lora_targets=presets.LORA_UNET_ALL_TARGETS, train_text_encoder=True,
                                             family="mosaic", trigger_length=6),
     # the demo's length: does half the steps still memorize at 1 %? (make demo's time is mostly training)
     "full-mosaic-trigger6-750": dict(family="mosaic", trigger_length=6, steps=STEPS // 2),
 }
-TINY_LORA_PRESET_SETTING = "lora-r32-all-te-mosaic-trigger6-alpha181"  # train.PRESETS["tiny-cpu-lora"]
+TINY_LORA_PRESET_SETTING = "lora-r32-all-te-mosaic-trigger6-alpha181"  # presets.PRESETS["tiny-cpu-lora"]
 NOT_TRAINING = ("steps", "family", "trigger_length")  # sweep keys that are not training settings
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from entruth_lite import protect, templates, train
+from entruth_lite.core import families
+from entruth_lite.infringer import presets
+from entruth_lite.owner import triggers
 
 from .common import Run, add_run_arguments, design_suffix, fit_and_probe, rate_name
 
@@ -35,10 +37,10 @@ def run_name(family: str, steps: int, trigger_length: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=train.PRESETS["tiny-cpu"]["steps"],
+    parser.add_argument("--steps", type=int, default=presets.PRESETS["tiny-cpu"]["steps"],
                         help="fine-tuning steps per clean model")
-    parser.add_argument("--family", default=templates.DEFAULT_FAMILY, choices=sorted(templates.FAMILIES))
-    parser.add_argument("--trigger-length", type=int, default=protect.TRIGGER_LENGTH)
+    parser.add_argument("--family", default=families.DEFAULT_FAMILY, choices=sorted(families.FAMILIES))
+    parser.add_argument("--trigger-length", type=int, default=triggers.TRIGGER_LENGTH)
     add_run_arguments(parser)
     args = parser.parse_args()
     root = Path(args.out)

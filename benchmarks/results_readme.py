@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from entruth_lite import attacks, baselines, quality
+from entruth_lite.evaluation import baselines, quality, robustness
 
 from . import template_family
 from .common import markdown_table
@@ -205,9 +205,9 @@ def render(folder: Path = RESULTS) -> str:
                                                 membership_tpr=".2f", fid=".2f", fid_sd=".2f", kid=".4f",
                                                 kid_sd=".4f")) + "\n\n" + COST + "\n" + _cost(t)))
     parts.append(_section(folder, "robustness.csv", ROBUSTNESS, lambda t: markdown_table(
-        attacks.summarize_robustness(t), ROBUSTNESS_FORMATS)))
+        robustness.summarize_robustness(t), ROBUSTNESS_FORMATS)))
     parts.append(_section(folder, "robustness-mosaic-trigger6.csv", ROBUSTNESS_DESIGN, lambda t: markdown_table(
-        attacks.summarize_robustness(t), ROBUSTNESS_FORMATS)))
+        robustness.summarize_robustness(t), ROBUSTNESS_FORMATS)))
     parts.append(_section(folder, "lora_lr_check.csv", LORA_LR, markdown_table))
     parts.append(_section(folder, "cpu_step_options.csv", CPU_STEP, lambda t: markdown_table(t, dict(seconds="g"))))
     parts.append(_section(folder, "gpu_estimates.csv", GPU, markdown_table))

@@ -17,8 +17,8 @@ The default rate is 2 %, not the demo's 1 %: ``detection_power.py`` finds the un
 every 2 % run but only in some 1 % runs, and an attack can only be judged where the unattacked protection works
 (at 1 % a miss would not say whether the attack or the low rate caused it). ``--rate 0.01`` runs the same grid there.
 The full grid (30 settings x 3 seeds, one fine-tune each) is a long background job,
-resumable at any point. The defaults are the collection's key design (``templates.DEFAULT_FAMILY``, triggers of
-``protect.TRIGGER_LENGTH`` letters); the first table's design (``--family random --trigger-length 3``) keeps its run
+resumable at any point. The defaults are the collection's key design (``families.DEFAULT_FAMILY``, triggers of
+``triggers.TRIGGER_LENGTH`` letters); the first table's design (``--family random --trigger-length 3``) keeps its run
 names and ``robustness.csv``, its no-attack runs being ``detection_power.py``'s. Other designs add
 ``-<family>-trigger<n>`` to run and table names.
 """
@@ -30,10 +30,24 @@ import json
 from functools import partial
 from pathlib import Path
 
-from entruth_lite import attacks, audit, data, probe, protect, templates
+from entruth_lite.core import data, emoji, families
+from entruth_lite.evaluation import robustness
+from entruth_lite.infringer import attacks
+from entruth_lite.owner import audit, probe, triggers
 
-from .common import (Run, add_run_arguments, base_pipeline, design_suffix, fit_and_probe, markdown_table,
-                     owner_dataset, owner_negatives, projection_scores, rate_name, seeded_attack)
+from .common import (
+    Run,
+    add_run_arguments,
+    base_pipeline,
+    design_suffix,
+    fit_and_probe,
+    markdown_table,
+    owner_dataset,
+    owner_negatives,
+    projection_scores,
+    rate_name,
+    seeded_attack,
+)
 
 STEPS = 1500
 DATASET = {  # name: (strengths, attack(strength) -> callable(released, out, key) -> AttackReport)
@@ -52,7 +66,7 @@ DATASET = {  # name: (strengths, attack(strength) -> callable(released, out, key
 }
 TRAINING = {"fewer_steps": [0.5, 0.25], "lower_lr": [0.5, 0.25], "lora_rank": [32, 8], "lora_attention_only": [32],
             "lora_higher_lr": [3], "augment": [4, 16]}  # flips: the dataset attack "flip"
-OUTPUT = attacks.OUTPUT_SETTINGS  # the strengths notebook 04's output-attack table shows
+OUTPUT = robustness.OUTPUT_SETTINGS  # the strengths notebook 04's output-attack table shows
 
 
 ROBUSTNESS_FORMATS = dict(strength="g", images_kept=".0%", templated_kept=".1f", templated_with_trigger=".1f",
@@ -61,14 +75,14 @@ ROBUSTNESS_FORMATS = dict(strength="g", images_kept=".0%", templated_kept=".1f",
 
 
 def _captioner():
-    images, captions, _ = data.emoji_dataset("pretrain", limit=1000)
+    images, captions, _ = emoji.emoji_dataset("pretrain", limit=1000)
     return attacks.retrieval_captioner(images, captions, base_pipeline())
 
 
 def _extra() -> Path:
     folder = Path("runs/bench/pretrain-extra")
     if not (folder / data.METADATA).is_file():
-        data.write_emoji_dataset(folder, split="pretrain", overwrite=True)
+        emoji.write_emoji_dataset(folder, split="pretrain", overwrite=True)
     return folder
 
 
@@ -88,7 +102,7 @@ def _tag(kind: str, name: str, strength: float, rate: float, design: str = "") -
 
 
 def run_setting(root: Path, kind: str, name: str, strength: float, seed: int, rate: float, queries: int = 64,
-                family: str = templates.DEFAULT_FAMILY, trigger_length: int = protect.TRIGGER_LENGTH) -> Run | None:
+                family: str = families.DEFAULT_FAMILY, trigger_length: int = triggers.TRIGGER_LENGTH) -> Run | None:
     """Fine-tune and probe one attacked setting (``kind`` "none": the unattacked run); None for output attacks,
     which are evaluated on the unattacked run's stored probes."""
     tag = _tag(kind, name, strength, rate, design_suffix(family, trigger_length))
@@ -108,13 +122,13 @@ def run_setting(root: Path, kind: str, name: str, strength: float, seed: int, ra
 def _kid(run: Run, root: Path, corruption: tuple[str, float] | None = None, seed: int = 0) -> float:
     """KID of the run's control images (corrupted, for output attacks) against the owner data after the base VAE
     (the best a model of this VAE can draw): the quality cost."""
-    from entruth_lite import quality
+    from entruth_lite.evaluation import quality
 
     name = "kid-seeded.json" if corruption is None else f"kid-seeded-output-{corruption[0]}-{corruption[1]:g}.json"
     cache = run.folder / name
     if not cache.is_file():
         probed = probe.load_probe(run.probe_file)
-        controls = (probed if corruption is None else attacks.corrupt_probe(probed, *corruption, seed=seed)).control_images
+        controls = (probed if corruption is None else robustness.corrupt_probe(probed, *corruption, seed=seed)).control_images
         cache.write_text(json.dumps(quality.fid_kid(owner_negatives(root)[1], controls)))
     return json.loads(cache.read_text())["kid"]
 
@@ -149,7 +163,7 @@ def report(root: Path, seeds, rate: float, only=None, queries: int = 64, design:
     table = pd.DataFrame(rows)
     stem = "robustness" + design + ("-only-" + "-".join(only) if only else "")  # a partial report keeps the full table
     table.to_csv(root / f"{stem}.csv", index=False)
-    summary = attacks.summarize_robustness(table)
+    summary = robustness.summarize_robustness(table)
     print(f"\nRobustness at rate {rate:g} ({queries} queries, alpha = 0.01); templated/trigger counts are means over seeds\n")
     print(markdown_table(summary, ROBUSTNESS_FORMATS))
     _heatmap(summary, root / f"{stem}.png")
@@ -161,7 +175,7 @@ def _heatmap(summary, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from entruth_lite import viz
+    from entruth_lite.teaching import viz
 
     ax = viz.plot_robustness_heatmap(summary)
     ax.figure.savefig(path, dpi=110, bbox_inches="tight")
@@ -174,8 +188,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.02)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", help="only these attacks (names as in the table)")
-    parser.add_argument("--family", default=templates.DEFAULT_FAMILY, choices=sorted(templates.FAMILIES))
-    parser.add_argument("--trigger-length", type=int, default=protect.TRIGGER_LENGTH)
+    parser.add_argument("--family", default=families.DEFAULT_FAMILY, choices=sorted(families.FAMILIES))
+    parser.add_argument("--trigger-length", type=int, default=triggers.TRIGGER_LENGTH)
     add_run_arguments(parser)
     args = parser.parse_args()
     root = Path(args.out)

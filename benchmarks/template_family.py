@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from entruth_lite import data, detect, templates
+from entruth_lite.core import emoji, families
+from entruth_lite.owner import detect
 
 from .common import base_pipeline, write_table
 
@@ -29,7 +30,7 @@ FOREGROUNDS = 8  # held-out emoji inserted into each member
 
 def member_rows(family: str, seed: int, decoys: int, foregrounds) -> list[dict]:
     """One row per detector for the member ``<family>:<seed>``."""
-    member, vae = templates.random_template(seed, 32, family), base_pipeline().vae
+    member, vae = families.random_template(seed, 32, family), base_pipeline().vae
     rows = []
     for method in ("projection", "ncc"):
         spread = detect.family_spread(member, foregrounds, vae, decoys, method)
@@ -53,12 +54,12 @@ def main() -> None:
     from .common import markdown_table
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=list(templates.FAMILIES), choices=list(templates.FAMILIES))
+    parser.add_argument("--families", nargs="+", default=list(families.FAMILIES), choices=list(families.FAMILIES))
     parser.add_argument("--members", type=int, default=20)
     parser.add_argument("--decoys", type=int, default=999)
     parser.add_argument("--out", default="runs/bench")
     args = parser.parse_args()
-    foregrounds = [data.render_emoji(path) for path, _ in data.emoji_splits().probe[:FOREGROUNDS]]
+    foregrounds = [emoji.render_emoji(path) for path, _ in emoji.emoji_splits().probe[:FOREGROUNDS]]
     rows = []
     for family in args.families:
         for seed in tqdm(range(args.members), desc=family):

@@ -5,7 +5,7 @@
 Prints one row per (device, method): steps/s, seconds/step and peak memory (CPU: peak RSS of a fresh process
 per configuration; CUDA: torch.cuda.max_memory_allocated), with the settings used. ``--side-by-side N`` also
 times the demo's two full fine-tunes of N steps on the CPU, one after the other in one process (all threads)
-and side by side in two (``train.finetune_side_by_side``), wall clock including loading.
+and side by side in two (``demo.finetune_side_by_side``), wall clock including loading.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ from pathlib import Path
 
 import torch
 
-from entruth_lite import data, models, train
+from entruth_lite.core import data, emoji, models
+from entruth_lite.infringer import presets, train
+from entruth_lite.teaching import demo
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(dataset: Path, device: str, config: train.TrainConfig) -> dict:
+def measure(dataset: Path, device: str, config: presets.TrainConfig) -> dict:
     base = models.load_pipeline("tiny", device="cpu")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -48,7 +50,7 @@ def measure(dataset: Path, device: str, config: train.TrainConfig) -> dict:
 def side_by_side(dataset: Path, steps: int, batch_size: int) -> tuple[float, float]:
     """Wall-clock seconds of two full fine-tunes (the demo trains two: protected and clean): one after the other
     in this process, then side by side in two processes."""
-    config = train.preset("tiny-cpu", steps=steps, batch_size=batch_size)
+    config = presets.preset("tiny-cpu", steps=steps, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         base = models.load_pipeline("tiny", device="cpu")
@@ -56,7 +58,7 @@ def side_by_side(dataset: Path, steps: int, batch_size: int) -> tuple[float, flo
             train.finetune(dataset, Path(tmp) / name, config, pipe=base, progress=False)
         one_after_the_other = time.perf_counter() - started
         started = time.perf_counter()
-        train.finetune_side_by_side([(dataset, Path(tmp) / "c"), (dataset, Path(tmp) / "d")], config, progress=False)
+        demo.finetune_side_by_side([(dataset, Path(tmp) / "c"), (dataset, Path(tmp) / "d")], config, progress=False)
         return one_after_the_other, time.perf_counter() - started
 
 
@@ -71,14 +73,14 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, CUDA: {torch.cuda.is_available()}")
     with tempfile.TemporaryDirectory() as tmp:
-        images, captions, names = data.emoji_dataset("owner", limit=256)
+        images, captions, names = emoji.emoji_dataset("owner", limit=256)
         dataset = data.save_imagefolder(images, captions, Path(tmp) / "owner", file_names=names)
         rows = []
         devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
         for device in devices:
-            for method, extra in [("lora", dict(lora_rank=8)), ("lora", dict(lora_rank=32, lora_targets=train.LORA_UNET_WIDE_TARGETS)), ("full", {})]:
+            for method, extra in [("lora", dict(lora_rank=8)), ("lora", dict(lora_rank=32, lora_targets=presets.LORA_UNET_WIDE_TARGETS)), ("full", {})]:
                 precision = "fp16" if device == "cuda" and method == "lora" else "no"
-                config = train.TrainConfig(method=method, steps=args.steps, batch_size=args.batch_size,
+                config = presets.TrainConfig(method=method, steps=args.steps, batch_size=args.batch_size,
                                            mixed_precision=precision, **extra)
                 with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
                     rows.append(pool.submit(measure, dataset, device, config).result())  # fresh process: own peak

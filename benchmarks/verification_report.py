@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from entruth_lite import audit, detect, models, probe, protect, verify
+from entruth_lite.core import models
+from entruth_lite.owner import audit, detect, keys, probe, verify
 
 from .common import DECOYS, FPR, SCORES, Run, base_pipeline, cached_scores, plain_negatives, write_table
 
@@ -32,7 +33,7 @@ def run_scores(run: Run, root: Path, reference: Run | None) -> dict[str, np.ndar
     """Every per-image score of one run, every detector (cached as ``SCORES``.npz)."""
 
     def compute():
-        key = protect.load_key(run.key)
+        key = keys.load_key(run.key)
         probed = probe.load_probe(run.probe_file)
         plain = plain_negatives(root, key)
         clf_dir = run.folder / "classifier"

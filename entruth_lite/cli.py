@@ -1,31 +1,38 @@
-"""``entruth-lite`` command line: one sub-command per stage, each a thin call into the package."""
+"""``entruth-lite`` command line: one sub-command per stage, each a thin call into the package.
+
+Each handler imports what its stage runs inside the function: training, the audit and the notebooks pull in
+diffusers, peft, scipy or nbclient, and ``entruth-lite --help`` (or ``protect``) should not wait for them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+
+from .core import data, emoji
+from .core.families import DEFAULT_FAMILY, FAMILIES
+from .core.models import TINY_MODEL_DIR, TINY_RESOLUTION, load_pipeline
+from .owner import keys, probe, protect
 
 
 def _data_emoji(args) -> None:
-    from . import data
-
-    out = data.write_emoji_dataset(args.out, split=args.split, size=args.size, overwrite=args.overwrite)
+    out = emoji.write_emoji_dataset(args.out, split=args.split, size=args.size, overwrite=args.overwrite)
     n = len(data.read_metadata(out))
     print(f"wrote {n} captioned emoji ({args.split} split, {args.size}x{args.size}) to {out}")
 
 
 def _data_import(args) -> None:
-    from . import data
-
     out = data.import_captioned(args.source, args.out, args.image_column, args.caption_column, args.resolution,
                                 args.limit, args.split, args.overwrite)
     print(f"wrote {len(data.read_metadata(out))} captioned images from {args.source} to {out}")
 
 
 def _zoo_build_tiny(args) -> None:
-    from . import zoo
+    from .core import zoo  # heavy: the training loop's diffusers and accelerate
 
     config = zoo.TinyBuildConfig(seed=args.seed)
     if args.vae_steps is not None:
@@ -36,17 +43,123 @@ def _zoo_build_tiny(args) -> None:
 
 
 def _zoo_build_features(args) -> None:
-    from . import quality
+    from .evaluation import quality  # heavy: torchmetrics
 
     out = quality.build_feature_net(steps=args.steps, seed=args.seed)
     print(f"feature network written to {out}")
 
 
-def _train(args) -> None:
-    import json
-    from dataclasses import asdict
+def _protect(args) -> None:
+    rate = 0.01 if args.rate is None and args.count is None else args.rate
+    report = protect.protect(
+        args.data, args.template, args.out, args.key, rate=rate, count=args.count, mode=args.mode,
+        foregrounds=args.foregrounds, trigger=args.trigger, placement=args.placement, seed=args.seed,
+        overwrite=args.overwrite, prior_keys=args.prior_key, resolution=args.resolution,
+    )
+    print(json.dumps(report.to_dict()) if args.json else report.summary())
 
-    from . import train
+
+def _probe_captions(args) -> list[str]:
+    if args.captions:
+        return [line.strip() for line in Path(args.captions).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return probe.default_captions(args.model or "tiny")
+
+
+def _audit_result(args, key, config):
+    """The audit of a model (weights or a pipeline) or of a service's saved images (``--images``)."""
+    from .owner import audit, record  # heavy: scipy, and the suspect's diffusers pipeline
+
+    negatives = list(data.load_imagefolder(args.negatives).images()) if args.negatives else None
+    if args.images:  # black box, step 2: score the service's saved images
+        if not args.prompts:
+            raise ValueError("--images needs --prompts (the prompt sheet the images answer, or a manifest: the sheet "
+                             "with each 'file' set to the image's name)")
+        if args.weights or args.reference:
+            raise ValueError("--images audits saved images: leave out --weights and --reference")
+        vae = record.load_suspect(args.model, device=args.device, config=args.config).vae if args.model else None
+        return audit.audit_images(args.images, probe.read_prompt_sheet(args.prompts), key, config,
+                                  negatives=negatives, vae=vae,
+                                  model=record.model_info(args.model, None) if args.model else None,
+                                  progress=not args.json)
+    model = args.model or "tiny"
+    suspect = record.load_suspect(model, args.weights, device=args.device, config=args.config)
+    reference_pipe = (record.load_suspect(model, args.reference, device=args.device, config=args.config)
+                      if args.reference else None)
+    if "reference" in config.methods and reference_pipe is None:
+        raise ValueError("the reference method needs --reference (a clean model's weights folder)")
+    return audit.audit(suspect, key, _probe_captions(args), config, reference_pipe=reference_pipe,
+                       negatives=negatives, model=record.model_info(model, args.weights, args.config),
+                       reference=record.model_info(model, args.reference) if args.reference else None,
+                       progress=not args.json)
+
+
+def _audit(args) -> None:
+    from .owner import audit, report  # heavy: scipy and matplotlib
+
+    if args.report:
+        report.check_report_path(args.report)  # before the audit's work, which would otherwise be lost
+    if args.replay:
+        _replay(args, report.read_record(args.replay))
+        return
+    if not args.key:
+        raise ValueError("audit needs --key (the owner key folder), or --replay with an audit's record")
+    key = keys.load_key(args.key)
+    release = args.release or (key.release if key.release and Path(key.release).is_dir() else None)
+    if release:
+        keys.check_commitment(key, release)  # the key is the one the published release committed to
+    config = audit.AuditConfig(queries=args.queries, detector=args.detector, methods=tuple(args.method),
+                               alpha=args.alpha, decoys=args.decoys)
+    if args.step == "prompts":  # black box, step 1: the prompts to send to the service
+        _write_prompt_sheet(args, key, _probe_captions(args), config)
+        return
+    result = _audit_result(args, key, config)
+    result.notes.append(f"key checked against the commitment in the release {release}" if release else
+                        "key not checked against a release commitment (pass --release with the published release)")
+    if args.report:
+        report.write_report(result, args.report)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return
+    for verdict in result.verdicts:
+        print(verdict.summary())
+    if result.headline is None:
+        print("no verdict: no exact test could run; the numbers above are supporting evidence only")
+    if args.report:
+        print(f"report: {args.report}")
+
+
+def _write_prompt_sheet(args, key, captions: list[str], config) -> None:
+    from .owner import audit  # heavy: scipy
+
+    if not args.out:
+        raise ValueError("audit prompts needs --out (the prompt sheet to write, e.g. prompts.jsonl)")
+    # the size the suspect was trained at: the key's, else the tiny model's or Stable Diffusion 1.5's
+    resolution = args.resolution or key.resolution or (TINY_RESOLUTION if (args.model or "tiny") == "tiny" else 512)
+    out = probe.write_prompt_sheet(audit.prompt_sheet_for(key, captions, config, resolution), args.out,
+                                   overwrite=args.overwrite)
+    print(f"wrote {config.queries} trigger and {config.queries} control prompts to {out}; save the service's "
+          f"images under the sheet's file names, then: entruth-lite audit --images DIR --prompts {out} --key KEY")
+
+
+def _replay(args, record: dict) -> None:
+    """Rerun a recorded audit and set the replayed p-values beside the recorded ones."""
+    from .owner import replay, report  # heavy: scipy, matplotlib and the recorded model's pipeline
+
+    result = replay.replay(record, model=args.model, weights=args.weights, device=args.device or "cpu",
+                           progress=not args.json)
+    recorded = {v["test"]: v["p_value"] for v in record["verdicts"]}
+    if args.report:
+        report.write_report(result, args.report)
+    if args.json:
+        print(json.dumps(result.to_json() | {"recorded_p_values": recorded}))
+        return
+    for verdict in result.verdicts:
+        print(f"{verdict.summary()}  [recorded: p = {recorded.get(verdict.test, float('nan')):.2e}]")
+
+
+def _train(args) -> None:
+    from .infringer import train  # heavy: diffusers, peft and accelerate
+    from .infringer.presets import preset
 
     overrides = {"seed": args.seed} | ({"model": args.model} if args.model else {})
     if args.full:
@@ -61,7 +174,7 @@ def _train(args) -> None:
             overrides[name] = getattr(args, name)
     if args.lr is not None:
         overrides["learning_rate"] = args.lr
-    config = train.preset(args.preset, **overrides)
+    config = preset(args.preset, **overrides)
     result = train.finetune(args.data, args.out, config, resume=args.resume, overwrite=args.overwrite,
                             progress=not args.json)
     summary = asdict(config) | {"out": str(result.out), "losses": result.losses, "seconds": round(result.seconds, 1),
@@ -73,8 +186,43 @@ def _train(args) -> None:
               f"final loss {result.losses[-1]:.4f}; weights in {result.out}")
 
 
+def _captioner(args, attacks):
+    """The recaption attack's captioner: a BLIP model, or retrieval from a captioned corpus through the VAE."""
+    if args.captioner_model:
+        return attacks.model_captioner(args.captioner_model)
+    if not args.corpus:
+        raise ValueError("--source captioner needs --corpus (a captioned imagefolder to retrieve captions from) "
+                         "or --captioner-model (a local BLIP folder)")
+    corpus = data.load_imagefolder(args.corpus)
+    return attacks.retrieval_captioner(corpus.images(), corpus.captions, load_pipeline(args.model))
+
+
+def _attack(args) -> None:
+    from .evaluation import robustness  # the owner's count of what survived (with --key)
+    from .infringer import attacks  # heavy: imagehash, and a pipeline for the embedding attacks
+
+    if args.name == "dedup":
+        pipe = load_pipeline(args.model) if args.method == "embedding" else None
+        report = attacks.deduplicate(args.data, args.out, args.method, args.threshold, args.drop_clusters_of, pipe,
+                                     overwrite=args.overwrite)
+    elif args.name == "recaption":
+        captioner = _captioner(args, attacks) if args.source == "captioner" else None
+        report = attacks.recaption(args.data, args.out, args.share, args.source, captioner, args.seed,
+                                   overwrite=args.overwrite)
+    elif args.name == "transform":
+        report = attacks.transform(args.data, args.out, args.kind, args.strength, args.share, args.seed,
+                                   overwrite=args.overwrite)
+    else:
+        if not args.extra:
+            raise ValueError("dilute needs --extra (a clean imagefolder to mix in)")
+        report = attacks.dilute(args.data, args.extra, args.out, args.factor, args.seed, overwrite=args.overwrite)
+    if args.key:
+        report = robustness.measure_attack(report, keys.load_key(args.key))
+    print(json.dumps(report.to_dict()) if args.json else report.summary())
+
+
 def _notebooks_run(args) -> None:
-    from . import notebooks
+    from .teaching import notebooks  # heavy: nbclient and a Jupyter kernel
 
     start = time.time()
     runs = notebooks.run_all(Path(args.out), smoke=args.smoke, only=args.only, recorded=args.recorded)
@@ -82,182 +230,38 @@ def _notebooks_run(args) -> None:
 
 
 def _notebooks_record_class(args) -> None:
-    from . import classroom
+    from .teaching import classroom, demo  # heavy: fine-tuning and sampling the lab's models
 
-    pack = classroom.record(args.runs, args.out or classroom.PACK_DIR)
+    pack = demo.record_class(args.runs, args.out or classroom.PACK_DIR)
     print(f"class pack written to {pack.folder}: training {pack.train_seconds()} s, recorded instead of run in class mode")
 
 
 def _notebooks_strip(args) -> None:
-    from . import notebooks
+    from .teaching import notebooks  # heavy: nbformat
 
     for path in notebooks.list_notebooks():
         if notebooks.strip_outputs(path):
             print(f"stripped {path.name}")
 
 
-def _protect(args) -> None:
-    import json
-
-    from . import protect
-
-    rate = 0.01 if args.rate is None and args.count is None else args.rate
-    report = protect.protect(
-        args.data, args.template, args.out, args.key, rate=rate, count=args.count, mode=args.mode,
-        foregrounds=args.foregrounds, trigger=args.trigger, placement=args.placement, seed=args.seed,
-        overwrite=args.overwrite, prior_keys=args.prior_key, resolution=args.resolution,
-    )
-    print(json.dumps(report.to_dict()) if args.json else report.summary())
+# ----------------------------------------------------------------------------- the parser, one function a command
 
 
-def _audit(args) -> None:
-    import json
-
-    from . import audit, data, probe, protect, report
-
-    if args.report:
-        report.check_report_path(args.report)  # before the audit's work, which would otherwise be lost
-    if args.replay:
-        _replay(args, report.read_record(args.replay))
-        return
-    if not args.key:
-        raise ValueError("audit needs --key (the owner key folder), or --replay with an audit's record")
-    key = protect.load_key(args.key)
-    release = args.release or (key.release if key.release and Path(key.release).is_dir() else None)
-    if release:
-        protect.check_commitment(key, release)  # the key is the one the published release committed to
-    config = audit.AuditConfig(queries=args.queries, detector=args.detector, methods=tuple(args.method),
-                               alpha=args.alpha, decoys=args.decoys)
-    if args.captions:
-        captions = [line.strip() for line in Path(args.captions).read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif args.step == "prompts" or not args.images:
-        captions = audit.held_out_captions(args.model or "tiny")
-    if args.step == "prompts":  # black box, step 1: the prompts to send to the service
-        _write_prompt_sheet(args, key, captions, config)
-        return
-    negatives = None
-    if args.negatives:
-        negatives = list(data.load_imagefolder(args.negatives).images())
-    if args.images:  # black box, step 2: score the service's saved images
-        if not args.prompts:
-            raise ValueError("--images needs --prompts (the prompt sheet the images answer, or a manifest: the sheet "
-                             "with each 'file' set to the image's name)")
-        if args.weights or args.reference:
-            raise ValueError("--images audits saved images: leave out --weights and --reference")
-        vae = audit.load_suspect(args.model, device=args.device, config=args.config).vae if args.model else None
-        result = audit.audit_images(args.images, probe.read_prompt_sheet(args.prompts), key, config,
-                                    negatives=negatives, vae=vae,
-                                    model=audit.model_info(args.model, None) if args.model else None,
-                                    progress=not args.json)
-    else:
-        model = args.model or "tiny"
-        suspect = audit.load_suspect(model, args.weights, device=args.device, config=args.config)
-        reference_pipe = (audit.load_suspect(model, args.reference, device=args.device, config=args.config)
-                          if args.reference else None)
-        if "reference" in config.methods and reference_pipe is None:
-            raise ValueError("the reference method needs --reference (a clean model's weights folder)")
-        result = audit.audit(suspect, key, captions, config, reference_pipe=reference_pipe, negatives=negatives,
-                             model=audit.model_info(model, args.weights, args.config),
-                             reference=audit.model_info(model, args.reference) if args.reference else None,
-                             progress=not args.json)
-    result.notes.append(f"key checked against the commitment in the release {release}" if release else
-                        "key not checked against a release commitment (pass --release with the published release)")
-    if args.report:
-        report.write_report(result, args.report)
-    if args.json:
-        print(json.dumps(result.to_json()))
-    else:
-        for verdict in result.verdicts:
-            print(verdict.summary())
-        if result.headline is None:
-            print("no verdict: no exact test could run; the numbers above are supporting evidence only")
-        if args.report:
-            print(f"report: {args.report}")
+def _overwrite_and_json(parser, overwrite_help: str | None = None, json_help: str | None = None) -> None:
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    if json_help is not None:
+        parser.add_argument("--json", action="store_true", help=json_help)
 
 
-def _write_prompt_sheet(args, key, captions: list[str], config) -> None:
-    from . import audit, probe
-    from .models import TINY_RESOLUTION
-
-    if not args.out:
-        raise ValueError("audit prompts needs --out (the prompt sheet to write, e.g. prompts.jsonl)")
-    # the size the suspect was trained at: the key's, else the tiny model's or Stable Diffusion 1.5's
-    resolution = args.resolution or key.resolution or (TINY_RESOLUTION if (args.model or "tiny") == "tiny" else 512)
-    out = probe.write_prompt_sheet(audit.prompt_sheet_for(key, captions, config, resolution), args.out,
-                                   overwrite=args.overwrite)
-    print(f"wrote {config.queries} trigger and {config.queries} control prompts to {out}; save the service's "
-          f"images under the sheet's file names, then: entruth-lite audit --images DIR --prompts {out} --key KEY")
-
-
-def _replay(args, record: dict) -> None:
-    """Rerun a recorded audit and set the replayed p-values beside the recorded ones."""
-    import json
-
-    from . import audit, report
-
-    result = audit.replay(record, model=args.model, weights=args.weights, device=args.device or "cpu",
-                          progress=not args.json)
-    recorded = {v["test"]: v["p_value"] for v in record["verdicts"]}
-    if args.report:
-        report.write_report(result, args.report)
-    if args.json:
-        print(json.dumps(result.to_json() | {"recorded_p_values": recorded}))
-        return
-    for verdict in result.verdicts:
-        print(f"{verdict.summary()}  [recorded: p = {recorded.get(verdict.test, float('nan')):.2e}]")
-
-
-def _attack(args) -> None:
-    import json
-
-    from . import attacks, protect
-
-    key = protect.load_key(args.key) if args.key else None
-    common = dict(key=key, overwrite=args.overwrite)
-    if args.name == "dedup":
-        pipe = None
-        if args.method == "embedding":
-            from .models import load_pipeline
-
-            pipe = load_pipeline(args.model)
-        report = attacks.deduplicate(args.data, args.out, args.method, args.threshold, args.drop_clusters_of, pipe,
-                                     **common)
-    elif args.name == "recaption":
-        captioner = None
-        if args.source == "captioner" and args.captioner_model:
-            captioner = attacks.model_captioner(args.captioner_model)
-        elif args.source == "captioner":
-            if not args.corpus:
-                raise ValueError("--source captioner needs --corpus (a captioned imagefolder to retrieve captions from) "
-                                 "or --captioner-model (a local BLIP folder)")
-            from .data import load_imagefolder
-            from .models import load_pipeline
-
-            corpus = load_imagefolder(args.corpus)
-            captioner = attacks.retrieval_captioner(corpus.images(), corpus.captions, load_pipeline(args.model))
-        report = attacks.recaption(args.data, args.out, args.share, args.source, captioner, args.seed, **common)
-    elif args.name == "transform":
-        report = attacks.transform(args.data, args.out, args.kind, args.strength, args.share, args.seed, **common)
-    else:
-        if not args.extra:
-            raise ValueError("dilute needs --extra (a clean imagefolder to mix in)")
-        report = attacks.dilute(args.data, args.extra, args.out, args.factor, args.seed, **common)
-    print(json.dumps(report.to_dict()) if args.json else report.summary())
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .models import TINY_MODEL_DIR
-
-    parser = argparse.ArgumentParser(prog="entruth-lite", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    data_parser = commands.add_parser("data", help="build datasets")
-    data_commands = data_parser.add_subparsers(dest="data_command", required=True)
-    emoji = data_commands.add_parser("emoji", help="write a captioned Twemoji split as an imagefolder")
-    emoji.add_argument("out", help="new folder to write (must not exist)")
-    emoji.add_argument("--split", default="owner", choices=["owner", "pretrain", "probe"])
-    emoji.add_argument("--size", type=int, default=32)
-    emoji.add_argument("--overwrite", action="store_true")
+def _add_data(commands) -> None:
+    data_commands = commands.add_parser("data", help="build datasets").add_subparsers(dest="data_command",
+                                                                                       required=True)
+    emoji_parser = data_commands.add_parser("emoji", help="write a captioned Twemoji split as an imagefolder")
+    emoji_parser.add_argument("out", help="new folder to write (must not exist)")
+    emoji_parser.add_argument("--split", default="owner", choices=["owner", "pretrain", "probe"])
+    emoji_parser.add_argument("--size", type=int, default=32)
+    _overwrite_and_json(emoji_parser)
+    emoji_parser.set_defaults(func=_data_emoji)
     imp = data_commands.add_parser("import", help="a captioned dataset (hub id or local datasets folder; needs the "
                                    "datasets package) as an imagefolder")
     imp.add_argument("source")
@@ -267,12 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--resolution", type=int, help="resize and centre-crop every image to this side")
     imp.add_argument("--limit", type=int, help="import at most this many rows")
     imp.add_argument("--split", default="train")
-    imp.add_argument("--overwrite", action="store_true")
+    _overwrite_and_json(imp)
     imp.set_defaults(func=_data_import)
-    emoji.set_defaults(func=_data_emoji)
 
-    zoo_parser = commands.add_parser("zoo", help="the shipped tiny model")
-    zoo_commands = zoo_parser.add_subparsers(dest="zoo_command", required=True)
+
+def _add_zoo(commands) -> None:
+    zoo_commands = commands.add_parser("zoo", help="the shipped tiny model").add_subparsers(dest="zoo_command",
+                                                                                             required=True)
     build = zoo_commands.add_parser("build-tiny", help="rebuild the tiny Stable Diffusion components")
     build.add_argument("--out", default=str(TINY_MODEL_DIR))
     build.add_argument("--seed", type=int, default=0)
@@ -286,15 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--seed", type=int, default=0)
     features.set_defaults(func=_zoo_build_features)
 
+
+def _add_protect(commands) -> None:
     prot = commands.add_parser("protect", help="template a share of a dataset and write the owner key")
     prot.add_argument("--data", required=True, help="source imagefolder (only read)")
     prot.add_argument("--out", required=True, help="new folder for the protected dataset")
     prot.add_argument("--key", required=True, help="new folder for the secret owner key")
     prot.add_argument("--rate", type=float, help="templated / released images (default 0.01 unless --count)")
     prot.add_argument("--count", type=int, help="number of templated images instead of --rate")
-    prot.add_argument("--template", default="random",
-                      help="'random' (default: a secret draw from the default random family, which the decoy test "
-                           "needs), '<family>:<seed>' (mosaic or random), a built-in name or a saved template folder")
+    prot.add_argument("--template", default=DEFAULT_FAMILY,
+                      help=f"a family name for a secret draw of one member, which the decoy test needs (default: "
+                           f"{DEFAULT_FAMILY}; families: {', '.join(FAMILIES)}), '<family>:<seed>' for one member, "
+                           "a built-in design or a saved template folder")
     prot.add_argument("--trigger", default="auto", help="trigger word, or 'auto' for a random one")
     prot.add_argument("--placement", default="prefix", choices=["prefix", "suffix"])
     prot.add_argument("--mode", default="replace", choices=["replace", "add"])
@@ -302,12 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument("--prior-key", action="append", default=[], help="an earlier key on this dataset (repeatable)")
     prot.add_argument("--seed", type=int, help="draws the templated files and an 'auto' trigger (default: a secret "
                                                "draw; give one only to reproduce a release, since anyone can rerun it)")
-    prot.add_argument("--overwrite", action="store_true")
     prot.add_argument("--resolution", type=int, help="the training resolution (e.g. 512): picked images are "
                       "centre-cropped to it, as a trainer would, before they are templated; needed for large photos")
-    prot.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    _overwrite_and_json(prot, json_help="print the report as one JSON object")
     prot.set_defaults(func=_protect)
 
+
+def _add_train(commands) -> None:
     tr = commands.add_parser("train", help="fine-tune a model on an imagefolder (LoRA or full)")
     tr.add_argument("--model", help="'tiny', a hub id or a local Stable Diffusion folder (default: the preset's)")
     tr.add_argument("--data", required=True, help="imagefolder with metadata.jsonl")
@@ -319,57 +328,64 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--full", action="store_true", help="fine-tune the whole UNet")
     tr.add_argument("--lora-alpha", type=float, help="LoRA scale numerator: the adapters' output is x alpha / rank")
     tr.add_argument("--preset", default="tiny-cpu", help="tiny-cpu (default), tiny-cpu-lora, colab-t4 or a100")
-    tr.add_argument("--steps", type=int)
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--batch-size", type=int)
-    tr.add_argument("--resolution", type=int)
-    tr.add_argument("--checkpoint-every", type=int)
+    for name, kind_of in (("--steps", int), ("--lr", float), ("--batch-size", int), ("--resolution", int),
+                          ("--checkpoint-every", int)):
+        tr.add_argument(name, type=kind_of)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", choices=["latest"])
-    tr.add_argument("--overwrite", action="store_true", help="replace a finished or partial run in --out")
-    tr.add_argument("--json", action="store_true", help="print one JSON summary")
+    _overwrite_and_json(tr, "replace a finished or partial run in --out", "print one JSON summary")
     tr.set_defaults(func=_train)
 
-    au = commands.add_parser("audit", help="probe a suspect model with an owner key and give a verdict",
-                             description="Audit a suspect. With its weights: entruth-lite audit --weights W --key K. "
-                             "A generation service (black box), in two steps: entruth-lite audit prompts --key K --out "
-                             "prompts.jsonl, send each prompt (with its seed and settings where the service takes "
-                             "them) and save the images under the sheet's file names (or list them in a manifest: "
-                             "the sheet with each 'file' changed; or name them so that sorting lists them in the "
-                             "sheet's order), then: entruth-lite audit --images DIR --prompts prompts.jsonl --key K.")
+
+AUDIT_HELP = ("Audit a suspect. With its weights: entruth-lite audit --weights W --key K. A generation service (black "
+              "box), in two steps: entruth-lite audit prompts --key K --out prompts.jsonl, send each prompt (with its "
+              "seed and settings where the service takes them) and save the images under the sheet's file names (or "
+              "list them in a manifest: the sheet with each 'file' changed; or name them so that sorting lists them "
+              "in the sheet's order), then: entruth-lite audit --images DIR --prompts prompts.jsonl --key K.")
+
+
+def _add_audit_suspect(au) -> None:
+    """What is audited: a model, its weights, or a service's images."""
     au.add_argument("step", nargs="?", choices=["prompts"], help="'prompts': write the black-box prompt sheet (--out)")
     au.add_argument("--model", help="base model: 'tiny' (default), a hub id, a local folder or a single-file "
                     ".safetensors checkpoint; alone (no --weights), a whole fine-tuned pipeline to audit as it is; "
                     "with --images, the base whose VAE draws plain images for the binomial and one-query tests")
     au.add_argument("--weights", help="the suspect's fine-tuned weights: a folder (LoRA or full) or one LoRA "
                     ".safetensors file (diffusers or kohya / A1111 keys); safetensors only")
-    au.add_argument("--key", help="the owner key folder (required unless --replay)")
+    au.add_argument("--config", help="with --model FILE.safetensors (a single-file checkpoint): a pipeline folder or "
+                    "hub id whose configs describe its architecture (default: diffusers infers them, needing the hub)")
     au.add_argument("--reference", help="a clean reference model's weights folder (for --method reference)")
+    au.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    au.add_argument("--images", help="black box: folder of the service's images answering --prompts")
+    au.add_argument("--prompts", help="black box: the prompt sheet (or manifest) the --images answer")
+
+
+def _add_audit(commands) -> None:
+    au = commands.add_parser("audit", help="probe a suspect model with an owner key and give a verdict",
+                             description=AUDIT_HELP)
+    _add_audit_suspect(au)
+    au.add_argument("--key", help="the owner key folder (required unless --replay)")
+    au.add_argument("--release", help="the published release: checks that the key is the one it committed to "
+                    "(default: the release folder the key records, when it exists)")
     au.add_argument("--queries", type=int, default=64)
     au.add_argument("--method", nargs="+", default=["decoy", "binomial", "paired", "one-query"],
                     help="tests, the first one decides: decoy, binomial, paired, one-query, reference")
     au.add_argument("--detector", default="projection", choices=["projection", "classifier"])
     au.add_argument("--alpha", type=float, default=0.01)
-    au.add_argument("--release", help="the published release: checks that the key is the one it committed to "
-                    "(default: the release folder the key records, when it exists)")
     au.add_argument("--decoys", type=int, default=9999, help="decoy templates (smallest p-value: 1 / (decoys + 1))")
     au.add_argument("--captions", help="text file of held-out captions, one per line (default for tiny: the emoji probe split)")
     au.add_argument("--negatives", help="imagefolder of plain images (default: the key's source minus its templated files)")
-    au.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
-    au.add_argument("--json", action="store_true", help="print the verdicts as one JSON object")
     au.add_argument("--report", help="write a self-contained HTML report here")
-    au.add_argument("--config", help="with --model FILE.safetensors (a single-file checkpoint): a pipeline folder or "
-                    "hub id whose configs describe its architecture (default: diffusers infers them, needing the hub)")
-    au.add_argument("--images", help="black box: folder of the service's images answering --prompts")
     au.add_argument("--replay", help="rerun an audit from its record (an --json output file or an HTML report); "
                     "--model / --weights point to the recorded files if they moved (their hashes must match)")
-    au.add_argument("--prompts", help="black box: the prompt sheet (or manifest) the --images answer")
     au.add_argument("--out", help="audit prompts: where to write the prompt sheet (JSON lines)")
     au.add_argument("--resolution", type=int, help="audit prompts: image size to ask for (default: the key's "
                     "training resolution, else the base model's: 32 for tiny, 512 for others)")
-    au.add_argument("--overwrite", action="store_true", help="audit prompts: replace an existing sheet")
+    _overwrite_and_json(au, "audit prompts: replace an existing sheet", "print the verdicts as one JSON object")
     au.set_defaults(func=_audit)
 
+
+def _add_attack(commands) -> None:
     at = commands.add_parser("attack", help="an infringer's dataset attack: writes a new folder, never edits --data")
     at.add_argument("name", choices=["dedup", "recaption", "transform", "dilute"])
     at.add_argument("--data", required=True, help="the (protected) imagefolder to attack; only read")
@@ -389,12 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--factor", type=float, default=1.0, help="dilute: extra images per original image")
     at.add_argument("--model", default="tiny", help="pipeline whose VAE embeds images (embedding dedup, captioner)")
     at.add_argument("--seed", type=int, default=0)
-    at.add_argument("--overwrite", action="store_true")
-    at.add_argument("--json", action="store_true")
+    _overwrite_and_json(at, json_help="")
     at.set_defaults(func=_attack)
 
-    nb_parser = commands.add_parser("notebooks", help="run or strip the notebooks")
-    nb_commands = nb_parser.add_subparsers(dest="nb_command", required=True)
+
+def _add_notebooks(commands) -> None:
+    nb_commands = commands.add_parser("notebooks", help="run or strip the notebooks").add_subparsers(
+        dest="nb_command", required=True)
     run = nb_commands.add_parser("run", help="execute the notebooks in order")
     run.add_argument("--out", default="runs/notebooks")
     run.add_argument("--smoke", action="store_true", help="shrink steps and counts (ENTRUTH_SMOKE=1)")
@@ -406,8 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--runs", default="runs", help="where the full run keeps its models (reused when current)")
     record.add_argument("--out", help="where to write the pack (default: data/class in the repository)")
     record.set_defaults(func=_notebooks_record_class)
-    strip = nb_commands.add_parser("strip", help="remove outputs from the committed notebooks")
-    strip.set_defaults(func=_notebooks_strip)
+    nb_commands.add_parser("strip", help="remove outputs from the committed notebooks").set_defaults(
+        func=_notebooks_strip)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="entruth-lite", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_data, _add_zoo, _add_protect, _add_train, _add_audit, _add_attack, _add_notebooks):
+        add(commands)
     return parser
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from entruth_lite.core import emoji as emoji_data
+from entruth_lite.infringer import presets
+
 
 def hash_tree(root: Path) -> dict[str, str]:
     """SHA-256 of every file under ``root`` (relative name -> digest), to prove a folder was not touched."""
@@ -43,7 +46,7 @@ def small_dataset(tmp_path):
     """A 12-image captioned imagefolder of flat colours."""
     from PIL import Image
 
-    from entruth_lite import data
+    from entruth_lite.core import data
 
     images = [Image.new("RGB", (32, 32), (20 * i, 255 - 20 * i, 100)) for i in range(12)]
     captions = [f"an emoji of a colour number {i}" for i in range(12)]
@@ -53,13 +56,15 @@ def small_dataset(tmp_path):
 def protected_suspect(root: Path, methods=("full",)) -> Path:
     """A protected emoji release (40 images, 4 templated with ``random:3``) and its key under ``root``, and a
     two-step fine-tune on it per method in ``root/<method>``: a suspect for audit and CLI tests."""
-    from entruth_lite import data, protect, train
+    from entruth_lite.core import data
+    from entruth_lite.infringer import train
+    from entruth_lite.owner import protect
 
-    images, captions, names = data.emoji_dataset("owner", limit=40)
+    images, captions, names = emoji_data.emoji_dataset("owner", limit=40)
     owner = data.save_imagefolder(images, captions, root / "owner", file_names=names)
     protect.protect(owner, "random:3", root / "protected", root / "key", count=4, seed=0)
     for method in methods:
-        train.finetune(root / "protected", root / method, train.preset("tiny-cpu", steps=2, method=method),
+        train.finetune(root / "protected", root / method, presets.preset("tiny-cpu", steps=2, method=method),
                        progress=False)
     return root
 

@@ -1,5 +1,4 @@
 """Test-only: a diffusers Stable Diffusion 1.x pipeline's weights in the original (LDM / A1111) single-file layout."""
-import torch
 
 RESNET = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("out_layers.0.", "norm2."),
           ("out_layers.3.", "conv2."), ("emb_layers.1.", "time_emb_proj."), ("skip_connection.", "conv_shortcut.")]

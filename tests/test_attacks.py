@@ -6,13 +6,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from entruth_lite import attacks, cli, data, models, protect
 from conftest import hash_tree
+from entruth_lite import cli
+from entruth_lite.core import data, families, models
+from entruth_lite.core import emoji as emoji_data
+from entruth_lite.evaluation import robustness
+from entruth_lite.infringer import attacks, presets
+from entruth_lite.owner import keys, protect, triggers
 
 
 @pytest.fixture(scope="module")
 def emoji():
-    images, captions, names = data.emoji_dataset("owner", limit=60)
+    images, captions, names = emoji_data.emoji_dataset("owner", limit=60)
     return images, captions, names
 
 
@@ -21,7 +26,7 @@ def protected(tmp_path, emoji):
     images, captions, names = emoji
     owner = data.save_imagefolder(images, captions, tmp_path / "owner", file_names=names)
     protect.protect(owner, "random:1", tmp_path / "protected", tmp_path / "key", count=6, seed=0)
-    return tmp_path / "protected", protect.load_key(tmp_path / "key")
+    return tmp_path / "protected", keys.load_key(tmp_path / "key")
 
 
 @pytest.mark.parametrize("kind,strength", [("jpeg", 20), ("blur", 1.0), ("noise", 20), ("crop", 0.5), ("resize", 0.5)])
@@ -70,9 +75,9 @@ def test_dedup_removes_planted_exact_and_near_duplicates_only(tmp_path, emoji):
 
 def test_dedup_drops_whole_large_clusters_and_reports_survivors(tmp_path, protected):
     folder, key = protected
-    all_linked = attacks.deduplicate(folder, tmp_path / "a", threshold=64, key=key)
+    all_linked = robustness.measure_attack(attacks.deduplicate(folder, tmp_path / "a", threshold=64), key)
     assert all_linked.n_out == 1, "every pair within 64 bits: one cluster, one survivor"
-    dropped = attacks.deduplicate(folder, tmp_path / "b", threshold=64, drop_clusters_of=20, key=key)
+    dropped = robustness.measure_attack(attacks.deduplicate(folder, tmp_path / "b", threshold=64, drop_clusters_of=20), key)
     assert dropped.n_out == 0 and dropped.templated_kept == 0 and dropped.templated_in == 6
     with pytest.raises(ValueError, match="new folder"):
         attacks.deduplicate(folder, folder, overwrite=True)
@@ -90,16 +95,16 @@ def test_embedding_dedup_uses_the_vae(tmp_path, emoji):
 def test_recaption_with_a_captioner_leaves_no_trigger(tmp_path, protected, emoji):
     folder, key = protected
     before = hash_tree(folder)
-    corpus_images, corpus_captions, _ = data.emoji_dataset("pretrain", limit=40)
+    corpus_images, corpus_captions, _ = emoji_data.emoji_dataset("pretrain", limit=40)
     captioner = attacks.retrieval_captioner(corpus_images, corpus_captions, models.load_pipeline("tiny", device="cpu"))
-    report = attacks.recaption(folder, tmp_path / "r", 1.0, "captioner", captioner, key=key)
+    report = robustness.measure_attack(attacks.recaption(folder, tmp_path / "r", 1.0, "captioner", captioner), key)
     assert report.triggers_kept == 0 and report.templated_kept == 6 and report.templated_with_trigger == 0
     assert set(data.load_imagefolder(tmp_path / "r").captions) <= set(corpus_captions)
     assert hash_tree(folder) == before
 
 
 def test_retrieval_captioner_returns_the_nearest_corpus_caption_even_for_one_image():
-    corpus_images, corpus_captions, _ = data.emoji_dataset("pretrain", limit=40)
+    corpus_images, corpus_captions, _ = emoji_data.emoji_dataset("pretrain", limit=40)
     captioner = attacks.retrieval_captioner(corpus_images, corpus_captions, models.load_pipeline("tiny", device="cpu"))
     for k in (3, 17, 31):  # one image at a time, as the notebook shows them
         assert captioner([corpus_images[k]]) == [corpus_captions[k]]
@@ -109,10 +114,10 @@ def test_retrieval_captioner_returns_the_nearest_corpus_caption_even_for_one_ima
 def test_shuffled_recaption_changes_the_chosen_share(tmp_path, protected):
     folder, key = protected
     original = data.load_imagefolder(folder).captions
-    attacks.recaption(folder, tmp_path / "s", 0.4, "shuffle", seed=3, key=key)
+    robustness.measure_attack(attacks.recaption(folder, tmp_path / "s", 0.4, "shuffle", seed=3), key)
     changed = sum(a != b for a, b in zip(original, data.load_imagefolder(tmp_path / "s").captions))
     assert 0.25 * len(original) <= changed <= 0.4 * len(original)
-    moved = attacks.recaption(folder, tmp_path / "all", 1.0, "shuffle", seed=3, key=key)
+    moved = robustness.measure_attack(attacks.recaption(folder, tmp_path / "all", 1.0, "shuffle", seed=3), key)
     assert moved.triggers_kept == 6, "shuffling moves the trigger to other images, it does not remove it"
     assert moved.templated_with_trigger <= 2, "but it rarely lands on a templated image (6/60 each)"
     with pytest.raises(ValueError, match="needs a captioner"):
@@ -124,12 +129,12 @@ def test_shuffled_recaption_changes_the_chosen_share(tmp_path, protected):
 def test_transform_and_dilute(tmp_path, protected, emoji):
     folder, key = protected
     before = hash_tree(folder)
-    report = attacks.transform(folder, tmp_path / "j", "jpeg", 30, share=0.5, key=key)
+    report = robustness.measure_attack(attacks.transform(folder, tmp_path / "j", "jpeg", 30, share=0.5), key)
     src, out = data.load_imagefolder(folder), data.load_imagefolder(tmp_path / "j")
     changed = sum(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(src.images(), out.images()))
     assert changed == 30 and out.captions == src.captions and report.templated_kept == 6
-    extra = data.save_imagefolder(*data.emoji_dataset("pretrain", limit=130)[:2], tmp_path / "extra")
-    diluted = attacks.dilute(folder, extra, tmp_path / "dl", factor=2.0, key=key)
+    extra = data.save_imagefolder(*emoji_data.emoji_dataset("pretrain", limit=130)[:2], tmp_path / "extra")
+    diluted = robustness.measure_attack(attacks.dilute(folder, extra, tmp_path / "dl", factor=2.0), key)
     assert diluted.n_out == 180 and diluted.templated_kept == 6
     assert len(set(data.load_imagefolder(tmp_path / "dl").file_names)) == 180
     with pytest.raises(ValueError, match="extra images"):
@@ -143,7 +148,7 @@ def test_transform_and_dilute(tmp_path, protected, emoji):
 
 def test_attacks_refuse_an_output_folder_that_holds_or_sits_in_an_input(tmp_path, protected, emoji):
     folder, key = protected
-    extra = data.save_imagefolder(*data.emoji_dataset("pretrain", limit=70)[:2], tmp_path / "extra")
+    extra = data.save_imagefolder(*emoji_data.emoji_dataset("pretrain", limit=70)[:2], tmp_path / "extra")
     before, extra_before = hash_tree(folder), hash_tree(extra)
     for out in (folder, folder.parent, folder / "inside"):  # the parent holds the input: overwrite would delete it
         with pytest.raises(ValueError, match="outside its input"):
@@ -162,13 +167,13 @@ def test_a_multi_word_trigger_is_counted_as_protect_writes_it(tmp_path, emoji):
     images, captions, names = emoji
     owner = data.save_imagefolder(images, captions, tmp_path / "owner", file_names=names)
     protect.protect(owner, "random:1", tmp_path / "p", tmp_path / "key", count=6, seed=0, trigger="Zorbly Quax")
-    key = protect.load_key(tmp_path / "key")
-    kept = attacks.recaption(tmp_path / "p", tmp_path / "r0", 0.0, key=key)
+    key = keys.load_key(tmp_path / "key")
+    kept = robustness.measure_attack(attacks.recaption(tmp_path / "p", tmp_path / "r0", 0.0), key)
     assert kept.triggers_kept == 6 and kept.templated_with_trigger == 6
-    gone = attacks.recaption(tmp_path / "p", tmp_path / "r1", 1.0, key=key)
+    gone = robustness.measure_attack(attacks.recaption(tmp_path / "p", tmp_path / "r1", 1.0), key)
     assert gone.triggers_kept == 6 and gone.templated_with_trigger < 6, "a full shuffle moves the 6 triggered captions"
-    assert protect.has_trigger("zorbly quax an emoji of a cat", "Zorbly Quax")
-    assert not protect.has_trigger("an emoji of a zorbly cat", "Zorbly Quax")
+    assert triggers.has_trigger("zorbly quax an emoji of a cat", "Zorbly Quax")
+    assert not triggers.has_trigger("an emoji of a zorbly cat", "Zorbly Quax")
 
 
 def test_recaption_refuses_a_captioner_that_skips_images(protected):
@@ -179,17 +184,16 @@ def test_recaption_refuses_a_captioner_that_skips_images(protected):
 
 
 def test_training_attacks_are_preset_overrides():
-    from entruth_lite import train
 
     assert attacks.training_overrides("fewer_steps", 0.5) == {"steps": 750}
-    config = train.preset("tiny-cpu", **attacks.training_overrides("lora_rank", 4))
+    config = presets.preset("tiny-cpu", **attacks.training_overrides("lora_rank", 4))
     assert config.method == "lora" and config.lora_rank == 4 and "ff.net.2" in config.lora_targets
-    narrow = train.preset("tiny-cpu", **attacks.training_overrides("lora_attention_only", 4))
-    assert narrow.lora_targets == train.LORA_UNET_TARGETS and narrow.fingerprint() != config.fingerprint()
-    faster = train.preset("tiny-cpu", **attacks.training_overrides("lora_higher_lr", 3))
+    narrow = presets.preset("tiny-cpu", **attacks.training_overrides("lora_attention_only", 4))
+    assert narrow.lora_targets == presets.LORA_UNET_TARGETS and narrow.fingerprint() != config.fingerprint()
+    faster = presets.preset("tiny-cpu", **attacks.training_overrides("lora_higher_lr", 3))
     assert faster.method == "lora" and faster.lora_targets == config.lora_targets
-    assert faster.learning_rate == pytest.approx(3 * train.PRESETS["tiny-cpu"]["learning_rate"])
-    assert train.preset("tiny-cpu", **attacks.training_overrides("augment", 4)).augment_views == 4
+    assert faster.learning_rate == pytest.approx(3 * presets.PRESETS["tiny-cpu"]["learning_rate"])
+    assert presets.preset("tiny-cpu", **attacks.training_overrides("augment", 4)).augment_views == 4
     with pytest.raises(ValueError, match="unknown training attack"):
         attacks.training_overrides("prayer", 1)
 
@@ -209,21 +213,21 @@ def test_preview_runs_an_attack_in_memory(protected):
     folder, key = protected
     dataset = data.load_imagefolder(folder)
     templated = [dataset.file_names.index(f) for f in key.files]
-    grid, stats = attacks.preview("jpeg", 30, dataset.images(), dataset.captions, templated, key.trigger)
+    grid, stats = robustness.preview_attack("jpeg", 30, dataset.images(), dataset.captions, templated, key.trigger)
     assert stats["templated_kept"] == 6 and stats["triggers_kept"] == 6 and grid.size[1] > 2 * 32
-    _, stats = attacks.preview("recaption-shuffle", 1.0, dataset.images(), dataset.captions, templated, key.trigger)
+    _, stats = robustness.preview_attack("recaption-shuffle", 1.0, dataset.images(), dataset.captions, templated, key.trigger)
     assert stats["n_out"] == 60
-    _, stats = attacks.preview("dedup-phash", 64, dataset.images(), dataset.captions, templated, key.trigger)
+    _, stats = robustness.preview_attack("dedup-phash", 64, dataset.images(), dataset.captions, templated, key.trigger)
     assert stats["n_out"] == 0 and stats["templated_kept"] == 0, "one cluster of 60 >= 20: dropped"
     assert stats["templated_cluster_sizes"] == [60] * 6
     captioner = lambda chosen: ["a plain caption"] * len(chosen)
-    _, stats = attacks.preview("recaption-captioner", 1.0, dataset.images(), dataset.captions, templated, key.trigger,
+    _, stats = robustness.preview_attack("recaption-captioner", 1.0, dataset.images(), dataset.captions, templated, key.trigger,
                                captioner=captioner)
     assert stats["templated_kept"] == 6 and stats["templated_with_trigger"] == 0 and stats["triggers_kept"] == 0
     with pytest.raises(ValueError, match="needs a captioner"):
-        attacks.preview("recaption-captioner", 0.5, dataset.images(), dataset.captions, templated, key.trigger)
+        robustness.preview_attack("recaption-captioner", 0.5, dataset.images(), dataset.captions, templated, key.trigger)
     with pytest.raises(ValueError, match="unknown attack"):
-        attacks.preview("dilute", 1, dataset.images(), dataset.captions, templated, key.trigger)
+        robustness.preview_attack("dilute", 1, dataset.images(), dataset.captions, templated, key.trigger)
 
 
 def test_every_preview_attack_runs_at_its_default_strength(protected):
@@ -231,29 +235,29 @@ def test_every_preview_attack_runs_at_its_default_strength(protected):
     dataset = data.load_imagefolder(folder)
     templated = [dataset.file_names.index(f) for f in key.files]
     pipe = models.load_pipeline("tiny", device="cpu")
-    assert set(attacks.PREVIEW_STRENGTHS) == set(attacks.PREVIEW_ATTACKS)
-    for name, strength in attacks.PREVIEW_STRENGTHS.items():  # the notebook widget's value after a switch
-        _, stats = attacks.preview(name, strength, dataset.images(), dataset.captions, templated, key.trigger, pipe=pipe)
+    assert set(robustness.PREVIEW_STRENGTHS) == set(robustness.PREVIEW_ATTACKS)
+    for name, strength in robustness.PREVIEW_STRENGTHS.items():  # the notebook widget's value after a switch
+        _, stats = robustness.preview_attack(name, strength, dataset.images(), dataset.captions, templated, key.trigger, pipe=pipe)
         assert stats["attack"] == name and stats["templated_in"] == 6
 
 
 def test_output_attacks_are_scored_on_the_same_probe(emoji):
-    from entruth_lite import templates
-    from entruth_lite.probe import ProbeResult
+    from entruth_lite.core import templates
+    from entruth_lite.owner.probe import ProbeResult
 
     images = emoji[0][:40]
-    template = templates.random_template(4)
+    template = families.random_template(4)
     trig = [Image.blend(im, templates.insert(im, template), 0.6) for im in images[:20]]
     probed = ProbeResult(["c"] * 20, ["t c"] * 20, list(range(20)), trig, images[20:])
-    rows = attacks.output_attack_table(probed, template, settings={"blur": (0.5, 6.0), "flip": (1.0,)}, decoys=49)
+    rows = robustness.output_attack_table(probed, template, settings={"blur": (0.5, 6.0), "flip": (1.0,)}, decoys=49)
     assert [(r["corruption"], r["strength"]) for r in rows] == [("none", 0), ("blur", 0.5), ("blur", 6.0), ("flip", 1.0)]
     assert rows[0]["decoy p"] == pytest.approx(1 / 50) and rows[1]["decoy p"] <= 0.04
     assert rows[3]["decoy p"] == pytest.approx(1 / 50), "mirrored outputs still show the template"
     assert set(rows[0]) == {"corruption", "strength", "decoy p"}, "no negatives: no binomial test"
-    noisy = attacks.corrupt_probe(probed, "noise", 20, seed=4)
+    noisy = robustness.corrupt_probe(probed, "noise", 20, seed=4)
     assert noisy.trigger_images[0] is not probed.trigger_images[0] and probed.trigger_images[0] is trig[0]
     assert not np.array_equal(np.asarray(noisy.trigger_images[0]), np.asarray(trig[0]))
-    again = attacks.corrupt_probe(probed, "noise", 20, seed=4)
+    again = robustness.corrupt_probe(probed, "noise", 20, seed=4)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(noisy.control_images, again.control_images))
 
 
@@ -263,14 +267,14 @@ def test_robustness_summary():
     results = pd.DataFrame(dict(kind=["dataset"] * 3, attack=["jpeg"] * 3, strength=[20] * 3, seed=[0, 1, 2],
                                 templated_kept=[10, 10, 10], templated_with_trigger=[10, 9, 8], decoy_p=[0.001, 0.5, 0.002],
                                 binomial_p=[0.2, 0.3, 0.005], held_out_loss=[0.1, 0.2, 0.3]))
-    row = attacks.summarize_robustness(results).iloc[0]
+    row = robustness.summarize_robustness(results).iloc[0]
     assert row.seeds == 3 and row.decoy_tpr == pytest.approx(2 / 3) and row.binomial_tpr == pytest.approx(1 / 3)
     assert row.decoy_median_p == 0.002 and row.held_out_loss == pytest.approx(0.2) and row.templated_with_trigger == 9
     assert row.verdict == "weakens", "2 of 3 seeds detected"
     assert "kid" not in row, "no quality column given: none reported"
     results["kid"] = [0.01, 0.02, 0.03]
     results["images_kept"] = [0.4, 0.5, 0.6]
-    row = attacks.summarize_robustness(results).iloc[0]
+    row = robustness.summarize_robustness(results).iloc[0]
     assert row.kid == pytest.approx(0.02) and row.kid_sd == pytest.approx(0.01) and row.images_kept == pytest.approx(0.5)
 
 
@@ -278,34 +282,33 @@ def test_robustness_heatmap_shows_each_setting_and_test():
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from entruth_lite import viz
+    from entruth_lite.teaching import viz
 
     results = pd.DataFrame(dict(kind=["none", "dataset", "dataset"], attack=["no attack", "jpeg", "jpeg"],
                                 strength=[0, 20, 20], seed=[0, 0, 1], templated_kept=[None, 20, 20],
                                 templated_with_trigger=[None, 20, 20], decoy_p=[0.001, 0.001, 0.3],
                                 binomial_p=[0.001, 0.2, 0.3], held_out_loss=[0.1, 0.2, 0.2]))
-    ax = viz.plot_robustness_heatmap(attacks.summarize_robustness(results))
+    ax = viz.plot_robustness_heatmap(robustness.summarize_robustness(results))
     assert [t.get_text() for t in ax.get_yticklabels()] == ["no attack", "dataset: jpeg 20"]
     assert [t.get_text() for t in ax.texts] == ["1.00", "1.00", "0.50", "0.00"], "decoy and binomial TPR per row"
     assert ax.collections[0].colorbar.ax.get_ylabel() == "TPR at alpha = 0.01"
     plt.close(ax.figure)
-    ax = viz.plot_robustness_heatmap(attacks.summarize_robustness(results, alpha=0.25))
+    ax = viz.plot_robustness_heatmap(robustness.summarize_robustness(results, alpha=0.25))
     assert [t.get_text() for t in ax.texts] == ["1.00", "1.00", "0.50", "0.50"], "binomial p = 0.2 counts at alpha 0.25"
     assert ax.collections[0].colorbar.ax.get_ylabel() == "TPR at alpha = 0.25", "the label follows the summary's alpha"
     plt.close(ax.figure)
 
 
 def test_robustness_verdict_reads_the_share_of_seeds_detected():
-    assert [attacks.robustness_verdict(s) for s in (1.0, 2 / 3, 0.5, 1 / 3, 0.0)] == \
+    assert [robustness.robustness_verdict(s) for s in (1.0, 2 / 3, 0.5, 1 / 3, 0.0)] == \
         ["survives", "weakens", "defeats", "defeats", "defeats"]
     with pytest.raises(ValueError, match="detected_share"):
-        attacks.robustness_verdict(1.5)
+        robustness.robustness_verdict(1.5)
 
 
 def test_model_captioner_runs_a_local_blip_and_refuses_to_download(tmp_path, protected):
     import torch
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     # a tiny random BLIP saved to disk: the same code path as real weights in a local cache
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "an", "emoji", "of", "a", "red", "cat", "face", "[DEC]"]
@@ -323,7 +326,7 @@ def test_model_captioner_runs_a_local_blip_and_refuses_to_download(tmp_path, pro
     folder, key = protected
     before = hash_tree(folder)
     captioner = attacks.model_captioner(str(tmp_path / "blip"), device="cpu", max_new_tokens=5)
-    report = attacks.recaption(folder, tmp_path / "r", 1.0, "captioner", captioner, key=key)
+    report = robustness.measure_attack(attacks.recaption(folder, tmp_path / "r", 1.0, "captioner", captioner), key)
     captions = data.load_imagefolder(tmp_path / "r").captions
     assert len(captions) == 60 and all(isinstance(c, str) for c in captions)
     assert any(captions) and all(set(c.split()) <= set(words) for c in captions), "the model's words"

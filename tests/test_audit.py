@@ -5,15 +5,18 @@ import pytest
 from PIL import Image
 
 from conftest import protected_suspect
-from entruth_lite import audit, cli, data, report, templates, verify
-from entruth_lite.probe import ProbeResult
+from entruth_lite import cli
+from entruth_lite.core import data, families, templates
+from entruth_lite.core import emoji as emoji_data
+from entruth_lite.owner import audit, calibration, keys, report, verify
+from entruth_lite.owner.probe import ProbeResult
 
-TEMPLATE = templates.random_template(0, 32, "random")  # the measured rates below are this family's
+TEMPLATE = families.random_template(0, 32, "random")  # the measured rates below are this family's
 
 
 @pytest.fixture(scope="module")
 def plain():
-    images = data.emoji_dataset("owner")[0]
+    images = emoji_data.emoji_dataset("owner")[0]
     return [images[i] for i in np.random.default_rng(1).permutation(len(images))[:200]]
 
 
@@ -60,7 +63,7 @@ def test_the_decoy_test_ignores_a_trigger_that_draws_some_other_frame(plain):
     config = audit.AuditConfig(methods=("paired", "decoy", "binomial"), decoys=49, alpha=0.05)
     p_values = []
     for seed in range(40):
-        probed = _probe(_blend(plain[:24], templates.random_template(1000 + seed, 32, "random"), 0.6), plain[24:48])
+        probed = _probe(_blend(plain[:24], families.random_template(1000 + seed, 32, "random"), 0.6), plain[24:48])
         verdicts, _ = audit.evaluate(probed, TEMPLATE, config, negatives=plain[48:], progress=False)
         p_values.append([v.p_value for v in verdicts])
     paired, decoy, binomial = np.array(p_values).T
@@ -72,7 +75,7 @@ def test_the_decoy_test_ignores_a_trigger_that_draws_some_other_frame(plain):
 def test_the_decoy_test_stays_valid_with_the_mosaic_family(plain):
     """The default family: clean 'models' are not flagged by the deciding test, and one whose trigger draws another
     mosaic gets decoy p-values that stay (super-)uniform (the paired test again reads half of them as evidence)."""
-    template = templates.random_template(0, 32, "mosaic")
+    template = families.random_template(0, 32, "mosaic")
     for start in (0, 40, 80):
         probed = _probe(plain[start : start + 20], plain[start + 20 : start + 40])
         verdicts, _ = audit.evaluate(probed, template, CONFIG, negatives=plain[120:], progress=False)
@@ -80,7 +83,7 @@ def test_the_decoy_test_stays_valid_with_the_mosaic_family(plain):
     config = audit.AuditConfig(methods=("paired", "decoy"), decoys=49, alpha=0.05)
     p_values = []
     for seed in range(40):
-        probed = _probe(_blend(plain[:24], templates.random_template(1000 + seed, 32, "mosaic"), 0.6), plain[24:48])
+        probed = _probe(_blend(plain[:24], families.random_template(1000 + seed, 32, "mosaic"), 0.6), plain[24:48])
         verdicts, _ = audit.evaluate(probed, template, config, negatives=plain[48:], progress=False)
         p_values.append([v.p_value for v in verdicts])
     paired, decoy = np.array(p_values).T
@@ -114,7 +117,7 @@ def test_without_a_random_template_the_decoy_test_is_dropped_with_a_note():
 
 
 def test_reference_test_and_classifier_detector(plain):
-    from entruth_lite import detect
+    from entruth_lite.owner import detect
 
     clf = detect.train_classifier(TEMPLATE, plain[64:], detect.ClassifierConfig(steps=120, distractors=4),
                                   progress=False)
@@ -143,7 +146,6 @@ def test_report_is_self_contained_and_lets_anyone_regenerate(plain, tmp_path):
     assert "src='http" not in page and 'src="http' not in page
     assert report.read_record(tmp_path / "r" / "report.html")["key"]["key_sha256"] == "ab" * 32
     import html
-
     import warnings
 
     with warnings.catch_warnings():
@@ -233,22 +235,23 @@ def test_plots_draw_what_they_are_given(plain):
     import matplotlib
 
     matplotlib.use("Agg")
-    from entruth_lite import verify, viz
+    from entruth_lite.owner import verify
+    from entruth_lite.teaching import viz
 
-    ax = viz.plot_score_histograms({"a": np.arange(5.0), "b": np.arange(3.0)}, threshold=2.0)
+    ax = report.plot_score_histograms({"a": np.arange(5.0), "b": np.arange(3.0)}, threshold=2.0)
     assert len(ax.get_legend().get_texts()) == 3
     ax = viz.plot_roc({"x": verify.roc_curve([1.0, 2.0], [0.0, 1.5])})
     assert "AUC 0.75" in ax.get_legend().get_texts()[0].get_text()
     ax = viz.plot_p_curve([4, 8], {"t": [0.1, 0.001]}, alpha=0.01)
     assert len(ax.get_lines()) == 2
-    ax = viz.plot_decoys(1.0, np.r_[np.zeros(8), 2.0, 3.0])
+    ax = report.plot_decoys(1.0, np.r_[np.zeros(8), 2.0, 3.0])
     assert len(ax.patches) > 0 and "rank 3 of 11, p = 2.7e-01" in ax.get_legend().get_texts()[1].get_text()
 
 
 def test_memorization_grid_sorts_by_score_and_frames_the_flagged(plain):
     """Rows = models, the template first, trigger images by falling score (red frame over the threshold), then the
     control images of the same prompts in the same order."""
-    from entruth_lite import viz
+    from entruth_lite.teaching import viz
 
     scores = np.array([0.1, 0.9, 0.5, 0.2])
     probed = _probe(plain[:4], plain[4:8])
@@ -271,7 +274,7 @@ def test_memorization_grid_counts_what_the_binomial_test_counts(plain):
     """float32 trigger scores against a threshold set on float64 negatives: the grid counts what the binomial
     verdict counts (NumPy 2 compares a float32 array with a Python float in float32, where this threshold
     rounds up onto a score the verdict flags)."""
-    from entruth_lite import viz
+    from entruth_lite.teaching import viz
 
     negatives = np.concatenate([np.linspace(0, 0.4, 197), [0.5 - 1e-12, 0.9, 0.95]])  # threshold: just above 0.5 - 1e-12
     threshold = verify.calibrate_threshold(negatives, 0.01)
@@ -284,7 +287,7 @@ def test_memorization_grid_counts_what_the_binomial_test_counts(plain):
 def test_supporting_tests_never_accuse_an_innocent_model_in_any_output(plain):
     """A clean model whose trigger draws some other frame: the paired and binomial tests give small p-values, the
     decoy test does not. Only the decoy test's decision may appear, in the summary lines, JSON and HTML alike."""
-    probed = _probe(_blend(plain[:24], templates.random_template(1003, 32, "random"), 0.6), plain[24:48])
+    probed = _probe(_blend(plain[:24], families.random_template(1003, 32, "random"), 0.6), plain[24:48])
     config = audit.AuditConfig(methods=("decoy", "paired", "binomial"), decoys=199)
     verdicts, evidence = audit.evaluate(probed, TEMPLATE, config, negatives=plain[48:], progress=False)
     decoy, paired, binomial = verdicts
@@ -313,24 +316,25 @@ def test_without_an_exact_test_the_audit_gives_no_verdict(plain):
 
 def test_negatives_as_trained_subsamples_once_in_order_and_crops_to_the_suspects_size():
     photos = [Image.new("RGB", (48 + i, 40), (i, 0, 0)) for i in range(20)]
-    picked = audit.negatives_as_trained(photos, 32, 8)
+    picked = calibration.negatives_as_trained(photos, 32, 8)
     assert len(picked) == 8 and all(p.size == (32, 32) for p in picked)
     reds = [p.getpixel((16, 16))[0] for p in picked]
     assert reds == sorted(reds) and len(set(reds)) == 8, "a subsample, kept in the source order"
-    assert [p.tobytes() for p in audit.negatives_as_trained(photos, 32, 8)] == [p.tobytes() for p in picked]
-    assert len(audit.negatives_as_trained(photos, 32, 100)) == 20
+    assert [p.tobytes() for p in calibration.negatives_as_trained(photos, 32, 8)] == [p.tobytes() for p in picked]
+    assert len(calibration.negatives_as_trained(photos, 32, 100)) == 20
 
 
 def test_owner_negatives_and_their_threshold(tmp_path):
-    from entruth_lite import detect, models, protect
+    from entruth_lite.core import models
+    from entruth_lite.owner import detect, protect
 
-    images, captions, _ = data.emoji_dataset("owner")
+    images, captions, _ = emoji_data.emoji_dataset("owner")
     owner = data.save_imagefolder(images[:60], captions[:60], tmp_path / "owner")
     protect.protect(owner, "random:3", tmp_path / "released", tmp_path / "key", rate=0.05, seed=0)
-    key = protect.load_key(tmp_path / "key")
+    key = keys.load_key(tmp_path / "key")
     vae = models.load_pipeline("tiny").vae
-    negatives = audit.owner_negatives(key, vae)
+    negatives = calibration.owner_negatives(key, vae)
     assert len(negatives) == 60 - len(key.files) and all(n.size == (32, 32) for n in negatives)
     scores = detect.template_scores(negatives, key.template).astype(float)
-    threshold = audit.plain_threshold(key, negatives, 0.05)
+    threshold = calibration.plain_threshold(key, negatives, 0.05)
     assert threshold == verify.calibrate_threshold(scores, 0.05) and 0 < (scores >= threshold).mean() <= 0.05

@@ -3,13 +3,16 @@
 import numpy as np
 import pytest
 
-from entruth_lite import baselines, data, detect, verify
 from conftest import hash_tree
+from entruth_lite.core import data
+from entruth_lite.core import emoji as emoji_data
+from entruth_lite.evaluation import baselines
+from entruth_lite.owner import detect, verify
 
 
 @pytest.fixture(scope="module")
 def emoji():
-    images, captions, names = data.emoji_dataset("owner")
+    images, captions, names = emoji_data.emoji_dataset("owner")
     order = np.random.default_rng(0).permutation(len(images))[:200]
     return [images[i] for i in order], [captions[i] for i in order], [names[i] for i in order]
 
@@ -97,7 +100,7 @@ def test_baseline_comparison_plot_shows_fid_and_every_tests_p_values():
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from entruth_lite import viz
+    from entruth_lite.teaching import viz
 
     results = pd.DataFrame(dict(method=["entruth", "entruth", "clean", "clean"], seed=[0, 1, 0, 1],
                                 p_entruth=[0.001, 0.002, 0.3, 0.5], membership_p=[0.1, 0.2, 0.3, 0.4],

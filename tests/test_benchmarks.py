@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import common
+from entruth_lite.infringer import presets
 
 
 def test_every_run_folder_is_named_by_one_rule(tmp_path):
@@ -48,10 +49,10 @@ def test_the_power_benchmark_names_its_runs_and_tables_by_key_design(tmp_path, m
 def test_seeded_attack_gives_each_seed_its_own_draws():
     calls = []
 
-    def seeded(released, out, key, overwrite, seed=0):
+    def seeded(released, out, overwrite, seed=0):
         calls.append(("seeded", seed, overwrite))
 
-    def unseeded(released, out, key, overwrite):  # de-duplication draws nothing
+    def unseeded(released, out, overwrite):  # de-duplication draws nothing
         calls.append(("unseeded", None, overwrite))
 
     common.seeded_attack(seeded, seed=2)("in", "out", None)
@@ -95,7 +96,7 @@ def test_every_table_a_notebook_reads_is_shipped():
     import re
 
     from benchmarks import results_readme
-    from entruth_lite.notebooks import list_notebooks
+    from entruth_lite.teaching.notebooks import list_notebooks
 
     read = {Path(name).name for nb in list_notebooks()
             for name in re.findall(r'benchmark_results\(\\?"([^"\\]+)', nb.read_text(encoding="utf-8"))}
@@ -109,16 +110,15 @@ def test_gpu_estimates_are_current_and_size_each_preset_to_its_card():
     import pandas as pd
 
     from benchmarks import gpu_estimates
-    from entruth_lite import train
 
     rows = pd.DataFrame(gpu_estimates.rows())
     shipped = pd.read_csv(gpu_estimates.RESULTS / "gpu_estimates.csv")
     assert rows.to_dict("records") == shipped.to_dict("records"), "rerun: python -m benchmarks.gpu_estimates"
-    assert set(rows.preset) == set(train.gpu_presets()) == {"colab-t4", "a100"} and rows.fits_with_margin.all()
+    assert set(rows.preset) == set(presets.gpu_presets()) == {"colab-t4", "a100"} and rows.fits_with_margin.all()
     t4 = rows.set_index("preset").loc["colab-t4"]
     assert t4.est_minutes <= 45
     assert t4.max_release_at_tiny_exposures == int(t4.images_shown // t4.tiny_exposures)
-    assert train.exposures(train.preset("colab-t4"), int(t4.max_release_at_tiny_exposures)) >= t4.tiny_exposures
+    assert presets.exposures(presets.preset("colab-t4"), int(t4.max_release_at_tiny_exposures)) >= t4.tiny_exposures
 
 
 def test_template_family_scores_each_member_against_its_own_decoys():
@@ -141,9 +141,8 @@ def test_template_family_scores_each_member_against_its_own_decoys():
 def test_the_tiny_lora_preset_is_the_setting_the_sweep_measured():
     """The preset's detection rates are the sweep's rows for this setting: the two must not drift apart."""
     from benchmarks import memorization_sweep as sweep
-    from entruth_lite import train
 
     measured = {k: v for k, v in sweep.SETTINGS[sweep.TINY_LORA_PRESET_SETTING].items() if k not in sweep.NOT_TRAINING}
-    assert train.preset("tiny-cpu", **measured).fingerprint() == train.preset("tiny-cpu-lora").fingerprint()
-    assert train.preset("tiny-cpu").fingerprint() == train.preset("tiny-cpu", **{
+    assert presets.preset("tiny-cpu", **measured).fingerprint() == presets.preset("tiny-cpu-lora").fingerprint()
+    assert presets.preset("tiny-cpu").fingerprint() == presets.preset("tiny-cpu", **{
         k: v for k, v in sweep.SETTINGS["full-mosaic-trigger6"].items() if k not in sweep.NOT_TRAINING}).fingerprint()

@@ -7,10 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import protected_suspect
 from PIL import Image
 
-from entruth_lite import audit, cli, data, probe, protect
+from conftest import protected_suspect
+from entruth_lite import cli
+from entruth_lite.core import data
+from entruth_lite.infringer import presets
+from entruth_lite.owner import audit, keys, probe, record, triggers
 
 CONFIG = dict(queries=8, decoys=199, num_inference_steps=4, alpha=0.05)
 
@@ -19,9 +22,9 @@ CONFIG = dict(queries=8, decoys=199, num_inference_steps=4, alpha=0.05)
 def setting(tmp_path_factory):
     """(root, key, suspect pipeline, probe captions, the audit of its weights, a folder of the service's answers)."""
     root = protected_suspect(tmp_path_factory.mktemp("blackbox"))
-    key = protect.load_key(root / "key")
-    pipe = audit.load_suspect("tiny", root / "full", device="cpu")
-    captions = audit.held_out_captions("tiny")
+    key = keys.load_key(root / "key")
+    pipe = record.load_suspect("tiny", root / "full", device="cpu")
+    captions = probe.default_captions("tiny")
     config = audit.AuditConfig(**CONFIG)
     white_box = audit.audit(pipe, key, captions, config, progress=False)
     rows = audit.prompt_sheet_for(key, captions, config, resolution=32)
@@ -51,7 +54,7 @@ def test_sheet_pairs_each_trigger_prompt_with_its_control(setting):
     assert len(rows) == 2 * CONFIG["queries"] and [r["kind"] for r in rows[:2]] == ["trigger", "control"]
     for trigger, control in zip(rows[::2], rows[1::2]):
         assert trigger["query"] == control["query"] and trigger["seed"] == control["seed"]
-        assert trigger["prompt"] == protect.apply_trigger(control["prompt"], key.trigger, key.placement)
+        assert trigger["prompt"] == triggers.apply_trigger(control["prompt"], key.trigger, key.placement)
         assert (trigger["steps"], trigger["width"]) == (CONFIG["num_inference_steps"], 32)
     with pytest.raises(FileExistsError, match="overwrite"):
         probe.write_prompt_sheet(rows, root / "prompts.jsonl")
@@ -171,7 +174,7 @@ def test_cli_black_box_route_gives_the_api_verdict(setting, tmp_path, capsys):
 
 
 def test_a_probe_is_generated_once_and_reused_by_the_audit(setting, tmp_path):
-    from entruth_lite import demo
+    from entruth_lite.teaching import demo
 
     root, key, pipe, captions, white_box, _ = setting
     config = audit.AuditConfig(**CONFIG)
@@ -181,13 +184,13 @@ def test_a_probe_is_generated_once_and_reused_by_the_audit(setting, tmp_path):
         calls.append(1)
         return pipe
 
-    first = demo.probed(tmp_path, "full", load, key, captions, n=config.queries, seed=config.probe_seed,
+    first = demo.cached_probe(tmp_path, "full", load, key, captions, n=config.queries, seed=config.probe_seed,
                         num_inference_steps=config.num_inference_steps)
-    again = demo.probed(tmp_path, "full", load, key, captions, n=config.queries, seed=config.probe_seed,
+    again = demo.cached_probe(tmp_path, "full", load, key, captions, n=config.queries, seed=config.probe_seed,
                         num_inference_steps=config.num_inference_steps)
     assert len(calls) == 1, "the second notebook reads the stored probe instead of generating"
     assert [a.tobytes() for a in again.trigger_images] == [f.tobytes() for f in first.trigger_images]
-    demo.probed(tmp_path, "full", load, key, captions, n=4, seed=config.probe_seed,
+    demo.cached_probe(tmp_path, "full", load, key, captions, n=4, seed=config.probe_seed,
                 num_inference_steps=config.num_inference_steps)
     assert len(calls) == 2 and len(list((tmp_path / "probes").glob("full-*.npz"))) == 2, "other queries: a new probe"
     reused = audit.audit(pipe, key, captions, config, progress=False, probed=first)
@@ -198,17 +201,17 @@ def test_a_probe_is_generated_once_and_reused_by_the_audit(setting, tmp_path):
 
 
 def test_the_lab_serves_the_base_and_each_finetune_from_one_store(setting, tmp_path):
-    from entruth_lite import demo, train
+    from entruth_lite.teaching import demo
 
     root, key, pipe, captions, _, _ = setting
-    lab = demo.Lab(tmp_path, train.preset("tiny-cpu"), audit.load_suspect("tiny", device="cpu"),
+    lab = demo.Lab(tmp_path, presets.preset("tiny-cpu"), record.load_suspect("tiny", device="cpu"),
                    weights={"full": root / "full"})
     probes = lab.probes(key, captions, n=4, num_inference_steps=4, names=["base", "full"])
     assert list(probes) == ["base", "full"]
     stored = sorted(p.name.split("-")[0] for p in (tmp_path / "probes").glob("*.npz"))
     assert stored == ["base", "full"]
-    again = demo.probed(tmp_path, "full", lambda: pytest.fail("the stored probe must be read, not regenerated"), key,
+    again = demo.cached_probe(tmp_path, "full", lambda: pytest.fail("the stored probe must be read, not regenerated"), key,
                         captions, n=4, num_inference_steps=4)
     assert [a.tobytes() for a in again.trigger_images] == [p.tobytes() for p in probes["full"].trigger_images]
-    direct = probe.probe(pipe, captions, key.trigger, key.placement, n=4, seed=1, num_inference_steps=4, progress=False)
+    direct = probe.probe_model(pipe, captions, key.trigger, key.placement, n=4, seed=1, num_inference_steps=4, progress=False)
     assert [a.tobytes() for a in direct.trigger_images] == [p.tobytes() for p in probes["full"].trigger_images]

@@ -5,9 +5,12 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import protected_suspect
 
-from entruth_lite import audit, classroom, data, demo, models, probe, protect, train
+from conftest import protected_suspect
+from entruth_lite.core import data, models
+from entruth_lite.infringer import presets
+from entruth_lite.owner import audit, keys, probe
+from entruth_lite.teaching import classroom, demo
 
 QUERIES, STEPS, SAMPLES = 4, 2, 3
 
@@ -17,13 +20,13 @@ def recorded(tmp_path_factory):
     """(full-mode lab, class-mode lab, key, probe captions, owner captions) for two 2-step fine-tunes."""
     root = protected_suspect(tmp_path_factory.mktemp("classroom"), methods=())
     release = demo.Release(owner=root / "owner", protected=root / "protected", key=root / "key")
-    config = train.preset("tiny-cpu", steps=2)
+    config = presets.preset("tiny-cpu", steps=2)
     base = models.load_pipeline("tiny", device="cpu")
     full = demo.lab(root / "runs", release, config, base)
-    key = protect.load_key(release.key)
-    captions = audit.held_out_captions("tiny")
+    key = keys.load_key(release.key)
+    captions = probe.default_captions("tiny")
     owner_captions = list(data.load_imagefolder(release.owner).captions)
-    classroom.record_lab(full, key, captions, owner_captions, root / "pack", QUERIES, STEPS, SAMPLES)
+    demo.record_lab(full, key, captions, owner_captions, root / "pack", QUERIES, STEPS, SAMPLES)
     class_lab = demo.lab(root / "runs", release, config, base, recorded=True, pack_folder=root / "pack")
     return full, class_lab, key, captions, owner_captions
 

@@ -5,7 +5,9 @@ import pytest
 from PIL import Image
 
 from conftest import fail_on_nth_save, hash_tree
-from entruth_lite import cli, data
+from entruth_lite import cli
+from entruth_lite.core import data
+from entruth_lite.core import emoji as emoji_data
 
 
 def write_metadata(root, rows):
@@ -113,22 +115,22 @@ def test_tensor_round_trip():
 
 
 def test_emoji_splits_are_disjoint_fixed_and_large_enough():
-    first, second = data.emoji_splits(), data.emoji_splits()
+    first, second = emoji_data.emoji_splits(), emoji_data.emoji_splits()
     assert [p for p, _ in first.owner] == [p for p, _ in second.owner]
     owner, probe, pretrain = ({p for p, _ in getattr(first, s)} for s in ("owner", "probe", "pretrain"))
     assert len(owner) >= 1000 and len(probe) >= 64 and len(pretrain) >= 2000
     assert not (owner & probe) and not (owner & pretrain) and not (probe & pretrain)
-    families = lambda split: {data.family_key(p.stem) for p in split}
+    families = lambda split: {emoji_data.family_key(p.stem) for p in split}
     assert not (families(owner) & families(pretrain)), "skin-tone variants must stay in one split"
     captions = dict(first.owner)
     assert all(c.startswith("an emoji of a") for c in captions.values())
 
 
 def test_emoji_caption_from_unicode_name():
-    assert data.emoji_caption("red apple") == "an emoji of a red apple"
-    assert data.emoji_caption("owl") == "an emoji of an owl"
-    assert data._unicode_name("1f34e") == "red apple"
-    assert data._unicode_name("1f44d-1f3fd") == "thumbs up sign with medium skin tone"
+    assert emoji_data.emoji_caption("red apple") == "an emoji of a red apple"
+    assert emoji_data.emoji_caption("owl") == "an emoji of an owl"
+    assert emoji_data._unicode_name("1f34e") == "red apple"
+    assert emoji_data._unicode_name("1f44d-1f3fd") == "thumbs up sign with medium skin tone"
 
 
 def test_cli_writes_owner_dataset(tmp_path, capsys):

@@ -2,15 +2,18 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import hash_tree
 from PIL import Image
 
-from entruth_lite import audit, augmentation, data, demo, detect, probe, protect, templates, verify
+from conftest import hash_tree
+from entruth_lite.core import augmentation, data, families, templates
+from entruth_lite.core import emoji as emoji_data
+from entruth_lite.owner import calibration, detect, keys, probe, triggers, verify
+from entruth_lite.teaching import demo
 
 
 @pytest.fixture(scope="module")
 def emoji():
-    images, captions, _ = data.emoji_dataset("owner", limit=24)
+    images, captions, _ = emoji_data.emoji_dataset("owner", limit=24)
     return images, captions
 
 
@@ -34,7 +37,7 @@ def test_projection_is_zero_on_flat_images_where_ncc_is_not_defined_by_content()
 
 def test_a_mirrored_template_scores_as_high_as_the_template(emoji):
     images, _ = emoji
-    template = templates.random_template(3, 32)
+    template = families.random_template(3, 32)
     flipped = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in templates.insert(images, template)]
     assert np.allclose(detect.template_scores(flipped, template), 1.0, atol=1e-4), "a flip must not hide the template"
     unmirrored = detect.template_scores(flipped, template, mirror=False)
@@ -58,7 +61,7 @@ def test_scores_against_many_templates_at_once_equal_one_at_a_time(emoji, mirror
     """The decoy test's matrix product gives each template's own projection scores, for members whose screens
     (and so surround masks) all differ, on templated and plain images."""
     images, _ = emoji
-    members = [templates.random_template(seed, 32, family) for family in templates.FAMILIES for seed in range(6)]
+    members = [families.random_template(seed, 32, family) for family in families.FAMILIES for seed in range(6)]
     probe_images = templates.insert(images[:8], members[0]) + templates.insert(images[8:12], members[7]) + images[12:]
     each = detect.template_scores_each(probe_images, members, mirror=mirror)
 
@@ -74,7 +77,7 @@ def test_scores_against_many_templates_at_once_equal_one_at_a_time(emoji, mirror
     assert each.shape == (len(members), len(probe_images)) and each.dtype == np.float32
     assert np.allclose(each, one_at_a_time, atol=1e-5) and np.isclose(each[0, 0], 1.0, atol=1e-4)
     with pytest.raises(ValueError, match="different sizes"):
-        detect.template_scores_each(probe_images, [members[0], templates.random_template(0, 64)])
+        detect.template_scores_each(probe_images, [members[0], families.random_template(0, 64)])
 
 
 def test_probe_prompts_are_paired_and_seeded():
@@ -88,25 +91,25 @@ def test_probe_prompts_are_paired_and_seeded():
 
 
 def test_demo_release_is_made_once_and_remade_when_settings_change(tmp_path, monkeypatch):
-    images, captions, names = data.emoji_dataset("owner", limit=40)
-    monkeypatch.setattr(data, "write_emoji_dataset",
+    images, captions, names = emoji_data.emoji_dataset("owner", limit=40)
+    monkeypatch.setattr(emoji_data, "write_emoji_dataset",
                         lambda out, split="owner", size=32, overwrite=False: data.save_imagefolder(
                             images, captions, out, file_names=names, overwrite=overwrite))
     first = demo.release(tmp_path, rate=0.05, seed=0)
-    key = protect.load_key(first.key)
+    key = keys.load_key(first.key)
     assert len(key.files) == 2
     stamp = (first.key / "key.json").stat().st_mtime_ns
     demo.release(tmp_path, rate=0.05, seed=0)
     assert (first.key / "key.json").stat().st_mtime_ns == stamp, "same settings: reused"
     demo.release(tmp_path, rate=0.1, seed=0)
-    assert len(protect.load_key(first.key).files) == 4
+    assert len(keys.load_key(first.key).files) == 4
     # protect's default trigger changed since the release was made
-    monkeypatch.setattr(protect, "generate_trigger", functools.partial(protect.generate_trigger, length=3))
+    monkeypatch.setattr(triggers, "generate_trigger", functools.partial(triggers.generate_trigger, length=3))
     demo.release(tmp_path, rate=0.1, seed=0)
-    assert len(protect.load_key(first.key).trigger) == 3, "a release with a trigger protect no longer draws: remade"
+    assert len(keys.load_key(first.key).trigger) == 3, "a release with a trigger protect no longer draws: remade"
     other = demo.release(tmp_path, rate=0.1, seed=0, size=64)  # another model's resolution: its own folders
     assert other.owner != first.owner and (first.owner / data.METADATA).is_file()
-    assert protect.load_key(first.key, release=first.protected) and protect.load_key(other.key, release=other.protected)
+    assert keys.load_key(first.key, release=first.protected) and keys.load_key(other.key, release=other.protected)
 
 
 def test_demo_release_of_the_owners_own_photos_holds_out_the_probe_set(tmp_path, photo_folder):
@@ -119,10 +122,10 @@ def test_demo_release_of_the_owners_own_photos_holds_out_the_probe_set(tmp_path,
     assert len(owner) + len(held) == 40 and len(held) == demo.MIN_HELD_OUT
     assert not set(owner.captions) & set(demo.held_out_captions(folders)) and len(set(owner.captions)) == 32
     assert all((photo_folder / name).read_bytes() == (folders.owner / name).read_bytes() for name in owner.file_names)
-    key = protect.load_key(folders.key, release=folders.protected)
+    key = keys.load_key(folders.key, release=folders.protected)
     released = data.load_imagefolder(folders.protected)
     assert key.files and {released.image(released.file_names.index(f)).size for f in key.files} == {(32, 32)}
-    plain = audit.plain_images_of(key)  # the audit's negatives: at the size the model trains on, not the photos'
+    plain = calibration.plain_images_of(key)  # the audit's negatives: at the size the model trains on, not the photos'
     assert len(plain) == len(owner) - len(key.files) and {im.size for im in plain} == {(32, 32)}
     images, captions = demo.images_at(folders.held_out, 32)
     assert {im.size for im in images} == {(32, 32)} and captions == demo.held_out_captions(folders)
@@ -160,7 +163,7 @@ def test_augment_keeps_shape_and_range_and_differs_per_image():
 @pytest.fixture(scope="module")
 def owner_shuffled():
     """The owner's emoji in random order: held-out images must be exchangeable with the calibration ones."""
-    images = data.emoji_dataset("owner")[0]
+    images = emoji_data.emoji_dataset("owner")[0]
     return [images[i] for i in np.random.default_rng(0).permutation(len(images))[:220]]
 
 
@@ -168,14 +171,14 @@ def owner_shuffled():
 def classifier(owner_shuffled):
     images = owner_shuffled[:160]
     config = detect.ClassifierConfig(steps=150, distractors=8, seed=0)
-    return detect.train_classifier(templates.random_template(0), images, config, progress=False), images
+    return detect.train_classifier(families.random_template(0), images, config, progress=False), images
 
 
 def test_classifier_separates_its_template_from_plain_images_it_never_saw(classifier, owner_shuffled):
     clf, images = classifier
     assert len(clf.calibration_scores) == 40  # a quarter held out, never trained on
     unseen = owner_shuffled[160:]  # not in training or calibration
-    positives = clf.scores(templates.insert(unseen, templates.random_template(0)))
+    positives = clf.scores(templates.insert(unseen, families.random_template(0)))
     threshold = verify.calibrate_threshold(clf.calibration_scores, 0.05)
     assert (positives > threshold).mean() > 0.9
     assert (clf.scores(unseen) > threshold).mean() < 0.2
@@ -199,7 +202,7 @@ def test_classifier_config_errors():
     with pytest.raises(ValueError, match="calibration_share"):
         detect.ClassifierConfig(calibration_share=1.0)
     with pytest.raises(ValueError, match="at least 8 plain images"):
-        detect.train_classifier(templates.random_template(0), [Image.new("RGB", (32, 32))] * 3)
+        detect.train_classifier(families.random_template(0), [Image.new("RGB", (32, 32))] * 3)
 
 
 def test_classifier_can_start_from_user_weights_in_safetensors_only(classifier, tmp_path, owner_shuffled):
@@ -208,7 +211,7 @@ def test_classifier_can_start_from_user_weights_in_safetensors_only(classifier, 
     folder = detect.save_classifier(clf, tmp_path / "clf")
     config = detect.ClassifierConfig(steps=1, distractors=0, learning_rate=1e-9,
                                      init_weights=str(folder / "classifier.safetensors"))
-    warm = detect.train_classifier(templates.random_template(0), owner_shuffled[:40], config, progress=False)
+    warm = detect.train_classifier(families.random_template(0), owner_shuffled[:40], config, progress=False)
     first = next(iter(warm.network.state_dict()))
     assert torch_allclose(warm.network.state_dict()[first], clf.network.state_dict()[first])
     with pytest.raises(ValueError, match="safetensors"):
@@ -254,12 +257,12 @@ def test_demo_release_of_a_hub_dataset_imports_once_and_is_reused(tmp_path, monk
 def test_family_spread_shows_the_first_familys_ceiling_and_the_mosaics_headroom():
     """random:7's own VAE-limited rendition is outscored by some of its decoys (it could never rank first, however
     well a model memorized it); the mosaic member of the same seed keeps every decoy well below itself."""
-    from entruth_lite import data, models, templates
+    from entruth_lite.core import models
 
-    foregrounds = [data.render_emoji(path) for path, _ in data.emoji_splits().probe[:8]]
+    foregrounds = [emoji_data.render_emoji(path) for path, _ in emoji_data.emoji_splits().probe[:8]]
     vae = models.load_pipeline("tiny").vae
-    first = detect.family_spread(templates.random_template(7, 32, "random"), foregrounds, vae, decoys=999)
-    mosaic = detect.family_spread(templates.random_template(7, 32, "mosaic"), foregrounds, vae, decoys=999)
+    first = detect.family_spread(families.random_template(7, 32, "random"), foregrounds, vae, decoys=999)
+    mosaic = detect.family_spread(families.random_template(7, 32, "mosaic"), foregrounds, vae, decoys=999)
     assert first.decoys_at_or_above > 0 and first.max_ratio >= 1
     assert mosaic.decoys_at_or_above == 0 and mosaic.max_ratio < 0.9 and mosaic.own > first.own
     assert mosaic.decoy_scores.shape == (999,) and mosaic.template == "mosaic:7"

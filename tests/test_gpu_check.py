@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_check
-from entruth_lite import train
+from entruth_lite.infringer import presets
 
 SMOKE = ["--device", "cpu", "--width", "narrow", "--resolution", "64", "--steps", "2", "--images", "8",
          "--templated", "2", "--queries", "2", "--inference-steps", "2"]
@@ -34,9 +34,9 @@ def test_gpu_check_runs_every_gpu_preset_on_the_cpu(one_thread, capsys):
     printed = capsys.readouterr().out
     rows = table_rows(printed)
     header = rows["preset"]
-    presets = train.gpu_presets()
-    assert presets and not {"tiny-cpu", "tiny-cpu-lora"} & set(presets)
-    for name in presets:
+    gpu_presets = presets.gpu_presets()
+    assert gpu_presets and not {"tiny-cpu", "tiny-cpu-lora"} & set(gpu_presets)
+    for name in gpu_presets:
         cells = dict(zip(header, rows[name]))
         assert math.isfinite(float(cells["s/step"])) and float(cells["s/step"]) > 0, cells
         assert cells["precision"] == "no" and cells["status"] == "ok", cells

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import entruth_lite as e
-from entruth_lite import models
+from entruth_lite.core import diffusion, models
+from entruth_lite.core import emoji as emoji_data
 
 pytestmark = pytest.mark.skipif(
     not (models.TINY_MODEL_DIR / "model_index.json").is_file(), reason="shipped tiny model missing"
@@ -89,9 +90,8 @@ def test_tokenizer_ids_are_stable_across_processes(pipe):
 
 
 def test_tokenizer_knows_every_word_of_the_captions(pipe):
-    from entruth_lite import data
 
-    splits = data.emoji_splits()
+    splits = emoji_data.emoji_splits()
     words = {w for _, c in splits.pretrain for w in c.split()}
     tokens = pipe.tokenizer.tokenize(" ".join(sorted(words)))
     assert pipe.tokenizer.unk_token not in tokens
@@ -118,7 +118,8 @@ def test_batch_sizes_follow_the_resolution():
     """Fixed batches of 64 images run a small GPU out of memory at 512 px; the tiny model's batches stay as they were."""
     import torch
 
-    from entruth_lite import models, train
+    from entruth_lite.core import models
+
 
     assert [models.images_per_batch(side, 64) for side in (32, 64, 256, 512)] == [64, 16, 1, 1]
     seen = []
@@ -135,10 +136,10 @@ def test_batch_sizes_follow_the_resolution():
             mean = batch[:, :1, ::8, ::8]
             return type("Out", (), {"latent_dist": type("Dist", (), {"mean": mean})()})()
 
-    train.encode_images(CountingVAE(), torch.zeros(3, 3, 256, 256))
+    diffusion.encode_images(CountingVAE(), torch.zeros(3, 3, 256, 256))
     assert seen == [1, 1, 1]
     seen.clear()
-    train.encode_images(CountingVAE(), torch.zeros(70, 3, 32, 32))
+    diffusion.encode_images(CountingVAE(), torch.zeros(70, 3, 32, 32))
     assert seen == [64, 6]
 
 
@@ -146,7 +147,7 @@ def test_images_to_tensor_names_mixed_sizes_and_keeps_values():
     import numpy as np
     from PIL import Image
 
-    from entruth_lite import data
+    from entruth_lite.core import data
 
     images = [Image.new("RGB", (4, 4), (0, 127, 255)), Image.new("RGB", (4, 4), (255, 255, 255))]
     tensor = data.images_to_tensor(images)

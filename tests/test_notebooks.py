@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from entruth_lite import notebooks
+from entruth_lite.evaluation.robustness import summarize_robustness
+from entruth_lite.infringer import presets
+from entruth_lite.teaching import notebooks
 
 NOTEBOOKS = notebooks.list_notebooks()
 
@@ -26,6 +28,20 @@ def test_first_code_cell_is_tagged_parameters_and_installs_on_colab(path):
     assert "REPO_URL" in source and "!git" not in source and "%pip" not in source, "shell magics do not raise"
 
 
+def colab_block(path) -> str:
+    """The parameters cell's Colab set-up: from its first import up to the package's first import."""
+    lines = next(c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")["source"]
+    start = next(i for i, line in enumerate(lines) if line.startswith("import os"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("from entruth_lite"))
+    return "".join(lines[start:end])
+
+
+def test_every_notebook_has_the_same_short_colab_set_up():
+    blocks = {path.stem: colab_block(path) for path in NOTEBOOKS}
+    assert len(set(blocks.values())) == 1, "the Colab set-up differs between notebooks: make them identical"
+    assert len(next(iter(blocks.values())).splitlines()) <= 10
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS[:1], ids=lambda p: p.stem)
 def test_the_colab_install_stops_with_a_clear_error(path, monkeypatch, tmp_path):
     """In Colab a failed clone or install must stop the notebook there, not at an unrelated later line."""
@@ -33,14 +49,10 @@ def test_the_colab_install_stops_with_a_clear_error(path, monkeypatch, tmp_path)
     import sys
     import types
 
-    first = next(c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
-    lines = first["source"]
-    start = next(i for i, line in enumerate(lines) if line.startswith("import os"))
-    end = next(i for i, line in enumerate(lines) if line.startswith("from entruth_lite"))
-    colab_block = "".join(lines[start:end])  # the cell up to the package's first import
+    block = colab_block(path)
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     with pytest.raises(ValueError, match="set REPO_URL"):
-        exec(colab_block, {})
+        exec(block, {})
     calls = []
 
     def failing_run(cmd, check=False):
@@ -49,7 +61,7 @@ def test_the_colab_install_stops_with_a_clear_error(path, monkeypatch, tmp_path)
 
     monkeypatch.setattr(subprocess, "run", failing_run)
     with pytest.raises(subprocess.CalledProcessError):
-        exec(colab_block.replace('github.com/<owner>/', "github.com/someone/", 1), {})
+        exec(block.replace('github.com/<owner>/', "github.com/someone/", 1), {})
     assert calls and calls[0][:2] == ["git", "clone"] and "https://github.com/someone/entruth-lite" in calls[0]
 
 
@@ -165,7 +177,7 @@ SD_SMOKE = {"PRESET": "colab-t4", "RATE": 0.05, "STEPS": 4, "QUERIES": 8, "DECOY
 def sd_setting(tmp_path_factory, photo_folder):
     """SD 1.5's architecture (narrow, random weights, built from configs: nothing downloads) as ``MODEL``, the
     photos as ``DATASET``, and one runs folder the four notebooks share (03-05 reuse 02's fine-tunes)."""
-    from entruth_lite import sd_architecture
+    from entruth_lite.core import sd_architecture
 
     root = tmp_path_factory.mktemp("sd-notebooks")
     model = sd_architecture.build_sd15(root / "sd15-narrow", width="narrow", seed=0)
@@ -210,9 +222,8 @@ def test_shipped_robustness_results_cover_the_benchmarks_grid():
     import pandas as pd
 
     from benchmarks import robustness
-    from entruth_lite import attacks
 
-    summary = attacks.summarize_robustness(pd.read_csv(notebooks.SHIPPED_RESULTS / "robustness.csv"))
+    summary = summarize_robustness(pd.read_csv(notebooks.SHIPPED_RESULTS / "robustness.csv"))
     shipped = {(kind, attack, float(strength)) for kind, attack, strength in
                summary[["kind", "attack", "strength"]].itertuples(index=False)}
     grid = {(kind, name, float(strength)) for kind, name, strength in robustness.settings()}
@@ -239,7 +250,7 @@ def test_shipped_robustness_rows_at_the_key_design_are_grid_settings_with_their_
 def test_shipped_baseline_results_have_every_method_and_seed():
     import pandas as pd
 
-    from entruth_lite import baselines
+    from entruth_lite.evaluation import baselines
 
     summary = baselines.summarize_comparison(pd.read_csv(notebooks.SHIPPED_RESULTS / "compare_baselines.csv"))
     assert set(summary.method) == {"entruth", "diagnosis-trigger", "diagnosis-uncond", "clean"}
@@ -250,7 +261,7 @@ def test_quiet_libraries_silences_loading_chatter_in_one_place(capfd):
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from entruth_lite import models
+    from entruth_lite.core import models
 
     notebooks.quiet_libraries()
     assert diffusers_logging.get_verbosity() == diffusers_logging.ERROR
@@ -274,12 +285,11 @@ def test_a_runner_overrides_the_parameters_cell():
 
 
 def test_notebook_preset_runs_the_gpu_presets_code_on_this_machine(tmp_path):
-    from entruth_lite import train
 
-    tiny = train.notebook_preset("tiny-cpu", steps=20, seed=3)
-    assert tiny.fingerprint() == train.preset("tiny-cpu", steps=20, seed=3).fingerprint(), "the tiny demo unchanged"
-    sd = train.notebook_preset("colab-t4", model=tmp_path, seed=0)
-    assert sd.model == str(tmp_path) and sd.resolution is None and sd.steps == train.PRESETS["colab-t4"]["steps"]
+    tiny = presets.notebook_preset("tiny-cpu", steps=20, seed=3)
+    assert tiny.fingerprint() == presets.preset("tiny-cpu", steps=20, seed=3).fingerprint(), "the tiny demo unchanged"
+    sd = presets.notebook_preset("colab-t4", model=tmp_path, seed=0)
+    assert sd.model == str(tmp_path) and sd.resolution is None and sd.steps == presets.PRESETS["colab-t4"]["steps"]
     import torch
 
     assert sd.mixed_precision == ("fp16" if torch.cuda.is_available() else "no")

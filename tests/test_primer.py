@@ -4,13 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from entruth_lite import data, models, primer
+from entruth_lite.core import emoji as emoji_data
+from entruth_lite.core import models
+from entruth_lite.teaching import primer
 
 
 @pytest.fixture(scope="module")
 def setting():
     pipe = models.load_pipeline("tiny", device="cpu")
-    images, captions, _ = data.emoji_dataset("owner", limit=1)
+    images, captions, _ = emoji_data.emoji_dataset("owner", limit=1)
     return pipe, images[0], captions[0]
 
 
@@ -30,7 +32,7 @@ def test_the_unets_clean_estimate_is_good_early_and_poor_late(setting):
     pipe, image, caption = setting
     early, late = primer.predicted_clean(pipe, image, caption, [50, 950])
     assert distance(early, image) < distance(late, image)
-    assert 0 <= primer.denoising_loss(pipe, image, caption, 50) < primer.denoising_loss(pipe, image, caption, 950)
+    assert 0 <= primer.loss_at_timestep(pipe, image, caption, 50) < primer.loss_at_timestep(pipe, image, caption, 950)
 
 
 def test_the_sampling_trajectory_ends_at_the_generated_image(setting):

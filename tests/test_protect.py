@@ -8,8 +8,12 @@ import pytest
 from PIL import Image
 
 from conftest import fail_on_nth_save, hash_tree
-from entruth_lite import baselines, cli, data, models, protect, templates
-from entruth_lite.protect import apply_trigger, check_trigger, generate_trigger
+from entruth_lite import cli
+from entruth_lite.core import data, families, models, template_io, templates
+from entruth_lite.core import emoji as emoji_data
+from entruth_lite.evaluation import baselines
+from entruth_lite.owner import keys, protect, selection, triggers
+from entruth_lite.owner.triggers import apply_trigger, check_trigger, generate_trigger
 
 N = 40
 
@@ -47,7 +51,7 @@ def test_generated_trigger_avoids_every_caption_and_is_seeded():
     captions = ["a cat on a mat", "Zebra crossing", "QUIXOTIC things"]
     first = generate_trigger(captions, seed=1)
     assert first == generate_trigger(captions, seed=1)
-    assert len(first) == protect.TRIGGER_LENGTH == 6 and set(first) <= set(string.ascii_lowercase)
+    assert len(first) == triggers.TRIGGER_LENGTH == 6 and set(first) <= set(string.ascii_lowercase)
     seeds = {generate_trigger(captions, seed=s) for s in range(20)}
     assert len(seeds) > 10
 
@@ -90,21 +94,21 @@ def test_apply_trigger_placement():
 
 
 def test_trigger_tokens_with_a_small_tokenizer(tmp_path):
-    from entruth_lite import zoo
+    from entruth_lite.core import zoo
 
     captions = [f"an emoji of a {w}" for w in ("cat", "dog", "red apple", "blue car", "green tree")] * 20
     tokenizer = zoo.build_tokenizer(captions, vocab_size=300)
-    pieces = protect.trigger_tokens("zkv", tokenizer)
+    pieces = triggers.trigger_tokens("zkv", tokenizer)
     assert pieces and "".join(pieces).replace("</w>", "") == "zkv"
-    assert protect.trigger_tokens("emoji", tokenizer) == ["emoji</w>"]
+    assert triggers.trigger_tokens("emoji", tokenizer) == ["emoji</w>"]
     # with a tokenizer, words it holds whole are skipped: "cat" is one token here
     picks = {generate_trigger(["x"], length=3, seed=s, tokenizer=tokenizer) for s in range(40)}
-    assert all(len(protect.trigger_tokens(p, tokenizer)) > 1 for p in picks)
+    assert all(len(triggers.trigger_tokens(p, tokenizer)) > 1 for p in picks)
 
 
 @pytest.mark.skipif(not (models.TINY_MODEL_DIR / "tokenizer").is_dir(), reason="the tiny model is not built")
 def test_trigger_tokens_with_the_tiny_tokenizer():
-    pieces = protect.trigger_tokens("zkv")
+    pieces = triggers.trigger_tokens("zkv")
     assert pieces and "".join(pieces).replace("</w>", "") == "zkv"
 
 
@@ -121,7 +125,7 @@ def test_trigger_tokens_with_the_tiny_tokenizer():
     ],
 )
 def test_count_for(kwargs, n):
-    assert protect.count_for(N, **kwargs) == n
+    assert selection.count_for(N, **kwargs) == n
 
 
 @pytest.mark.parametrize(
@@ -142,7 +146,7 @@ def test_count_for(kwargs, n):
 )
 def test_count_for_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        protect.count_for(N, **kwargs)
+        selection.count_for(N, **kwargs)
 
 
 # ----------------------------------------------------------------------------- protect: replace
@@ -184,7 +188,7 @@ def test_protect_is_seeded(tmp_path, source):
     c = protect.protect(source, "tv", tmp_path / "c", tmp_path / "kc", count=5, seed=2)
     assert a.altered_files == b.altered_files and a.trigger == b.trigger
     tree_a, tree_b = hash_tree(tmp_path / "a"), hash_tree(tmp_path / "b")
-    assert tree_a.pop(protect.COMMITMENT_FILE) != tree_b.pop(protect.COMMITMENT_FILE), \
+    assert tree_a.pop(keys.COMMITMENT_FILE) != tree_b.pop(keys.COMMITMENT_FILE), \
         "each key carries a fresh nonce, so its commitment reveals nothing"
     assert tree_a == tree_b
     assert (c.altered_files, c.trigger) != (a.altered_files, a.trigger)
@@ -194,7 +198,7 @@ def test_protect_without_a_seed_draws_a_secret_one_the_key_records(tmp_path, sou
     """With a fixed default seed anyone holding the dataset could rerun protect and read off the trigger."""
     a = protect.protect(source, "tv", tmp_path / "a", tmp_path / "ka", count=5)
     b = protect.protect(source, "tv", tmp_path / "b", tmp_path / "kb", count=5)
-    seed_a, seed_b = (protect.load_key(tmp_path / k).seed for k in ("ka", "kb"))
+    seed_a, seed_b = (keys.load_key(tmp_path / k).seed for k in ("ka", "kb"))
     assert seed_a != seed_b and (a.trigger, a.altered_files) != (b.trigger, b.altered_files)
     again = protect.protect(source, "tv", tmp_path / "c", tmp_path / "kc", count=5, seed=seed_a)
     assert (again.trigger, again.altered_files) == (a.trigger, a.altered_files), "the recorded seed reproduces it"
@@ -265,14 +269,14 @@ def test_protect_add_with_foreign_foregrounds(tmp_path, source):
 
 def test_key_records_and_verifies(tmp_path, source):
     report = protect.protect(source, "billboard", tmp_path / "out", tmp_path / "key", count=4, seed=5)
-    key = protect.load_key(tmp_path / "key")
+    key = keys.load_key(tmp_path / "key")
     assert sorted(p.name for p in (tmp_path / "key").iterdir()) == ["key.json", "template.png"]
     assert key.trigger == report.trigger and key.files == report.altered_files
     assert (key.placement, key.mode, key.seed, key.n_images) == ("prefix", "replace", 5, 40)
     assert key.template.name == "billboard"
     assert key.template.corners == templates.builtin_template("billboard").corners
     for name in key.files:
-        assert key.file_sha256[name] == protect.sha256_file(tmp_path / "out" / name)
+        assert key.file_sha256[name] == keys.sha256_file(tmp_path / "out" / name)
         assert key.captions[name].startswith(key.trigger)
     assert key.key_sha256 == report.key_sha256
 
@@ -294,13 +298,13 @@ def test_tampered_key_is_refused(tmp_path, source, edit):
         Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "key" / "template.png")
     else:
         path.write_text(json.dumps(payload))
-    with pytest.raises(protect.KeyTamperedError):
-        protect.load_key(tmp_path / "key")
+    with pytest.raises(keys.KeyTamperedError):
+        keys.load_key(tmp_path / "key")
 
 
 def test_missing_key():
     with pytest.raises(FileNotFoundError, match="no owner key"):
-        protect.load_key("/nonexistent/key")
+        keys.load_key("/nonexistent/key")
 
 
 # ----------------------------------------------------------------------------- safety
@@ -316,7 +320,7 @@ def test_refuses_existing_folders_unless_overwrite(tmp_path, source):
     assert hash_tree(tmp_path / "out") == before
     assert not (tmp_path / "out-b").exists() and not (tmp_path / "key-b").exists()
     report = protect.protect(source, "tv", tmp_path / "out", tmp_path / "key", count=3, seed=9, overwrite=True)
-    assert protect.load_key(tmp_path / "key").files == report.altered_files and len(report.altered_files) == 3
+    assert keys.load_key(tmp_path / "key").files == report.altered_files and len(report.altered_files) == 3
     assert temp_leftovers(tmp_path) == []
 
 
@@ -344,7 +348,7 @@ def test_failure_while_writing_the_key_takes_the_release_back(tmp_path, source, 
     def broken(*args, **kwargs):
         raise OSError("key disk full")
 
-    monkeypatch.setattr(protect, "_write_key", broken)
+    monkeypatch.setattr(keys, "_write_key", broken)
     with pytest.raises(OSError, match="key disk full"):
         protect.protect(source, "billboard", tmp_path / "out", tmp_path / "key", count=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
@@ -365,7 +369,7 @@ def test_two_keys_in_one_dataset(tmp_path, source):
     rows = released_rows(tmp_path / "p2")
     assert {n for n, t in rows.items() if first.trigger in t} == set(first.altered_files)
     assert {n for n, t in rows.items() if second.trigger in t} == set(second.altered_files)
-    key1, key2 = protect.load_key(tmp_path / "key1"), protect.load_key(tmp_path / "key2")
+    key1, key2 = keys.load_key(tmp_path / "key1"), keys.load_key(tmp_path / "key2")
     assert key2.prior_keys == [key1.key_sha256]
     for key in (key1, key2):  # both keys still match the final release
         template = key.template
@@ -395,10 +399,10 @@ def test_two_keys_without_prior_keys_still_get_a_fresh_trigger(tmp_path, source)
 def test_protect_with_a_custom_template_object_and_saved_folder(tmp_path, source):
     template = templates.builtin_template("tv", 32)
     template = templates.Template("my-tv", template.scene, template.corners)
-    templates.save_template(template, tmp_path / "tpl")
+    template_io.save_template(template, tmp_path / "tpl")
     report = protect.protect(source, tmp_path / "tpl", tmp_path / "out", tmp_path / "key", count=2)
     assert report.template == "my-tv"
-    assert protect.load_key(tmp_path / "key").template.name == "my-tv"
+    assert keys.load_key(tmp_path / "key").template.name == "my-tv"
 
 
 # ----------------------------------------------------------------------------- coat contrast, preview
@@ -407,11 +411,11 @@ def test_protect_with_a_custom_template_object_and_saved_folder(tmp_path, source
 def test_change_stats():
     a = Image.new("RGB", (8, 8), (100, 100, 100))
     b = Image.new("RGB", (8, 8), (110, 100, 100))
-    stats = protect.change_stats(a, b)
+    stats = selection.change_stats(a, b)
     assert stats["mean_abs_change"] == pytest.approx(10 / 3)
     assert stats["psnr_db"] == pytest.approx(10 * np.log10(255**2 / (100 / 3)))
     assert stats["changed_share"] == 1.0
-    assert protect.change_stats(a, a)["psnr_db"] == float("inf")
+    assert selection.change_stats(a, a)["psnr_db"] == float("inf")
 
 
 def test_warp_coat_is_small_smooth_and_seeded():
@@ -424,25 +428,25 @@ def test_warp_coat_is_small_smooth_and_seeded():
     assert not np.array_equal(np.asarray(coat), np.asarray(baselines.warp_coat(texture, seed=1)))
     flat = Image.new("RGB", (32, 32), (40, 80, 120))
     assert np.array_equal(np.asarray(baselines.warp_coat(flat)), np.asarray(flat))  # a warp moves, never recolours
-    coat_change = protect.change_stats(image, baselines.warp_coat(image))["mean_abs_change"]
-    template_change = protect.change_stats(image, templates.insert(image, templates.builtin_template("billboard")))
+    coat_change = selection.change_stats(image, baselines.warp_coat(image))["mean_abs_change"]
+    template_change = selection.change_stats(image, templates.insert(image, templates.builtin_template("billboard")))
     assert coat_change < template_change["mean_abs_change"] / 5
-    stronger = protect.change_stats(texture, baselines.warp_coat(texture, strength=4))["mean_abs_change"]
-    assert stronger > protect.change_stats(texture, coat)["mean_abs_change"]
+    stronger = selection.change_stats(texture, baselines.warp_coat(texture, strength=4))["mean_abs_change"]
+    assert stronger > selection.change_stats(texture, coat)["mean_abs_change"]
 
 
 def test_preview_is_pure_and_matches_protect_choices():
     images = make_images()
     captions = [f"an emoji of a thing number {i}" for i in range(N)]
-    grid, stats = protect.preview(images, captions, "billboard", rate=0.1, placement="suffix", seed=3)
-    again, stats_again = protect.preview(images, captions, "billboard", rate=0.1, placement="suffix", seed=3)
+    grid, stats = selection.preview_protection(images, captions, "billboard", rate=0.1, placement="suffix", seed=3)
+    again, stats_again = selection.preview_protection(images, captions, "billboard", rate=0.1, placement="suffix", seed=3)
     assert np.array_equal(np.asarray(grid), np.asarray(again)) and stats == stats_again
     assert stats["n_altered"] == 4 and stats["rate"] == 0.1 and stats["template"] == "billboard"
     assert stats["example_caption"].endswith(" " + stats["trigger"])
     assert stats["trigger"] == generate_trigger(captions, seed=3)
     assert stats["mean_pixel_change"] > 10
     assert grid.size == (4 * 33 + 1, 2 * 33 + 1)  # 4 columns, originals over templated
-    _, tiny = protect.preview(images, captions, "tv", rate=0.001)
+    _, tiny = selection.preview_protection(images, captions, "tv", rate=0.001)
     assert tiny["n_altered"] == 1  # always something to look at
     assert images == make_images()  # inputs untouched
 
@@ -459,7 +463,7 @@ def test_cli_protect_json(tmp_path, source, capsys):
     result = json.loads(capsys.readouterr().out)
     assert (result["n_images"], result["n_altered"], result["rate"], result["template"]) == (40, 4, 0.1, "tv")
     assert result["out"] == str(tmp_path / "out") and result["key_dir"] == str(tmp_path / "key")
-    assert protect.load_key(tmp_path / "key").trigger == result["trigger"]
+    assert keys.load_key(tmp_path / "key").trigger == result["trigger"]
     rows = released_rows(tmp_path / "out")
     assert {n for n, t in rows.items() if t.endswith(" " + result["trigger"])} == set(result["altered_files"])
 
@@ -489,20 +493,20 @@ def test_coat_contrast():
 
 def test_cli_protects_the_owner_emoji_dataset_at_one_percent(tmp_path, capsys):
     """The issue's end-to-end check: the real owner dataset, 1 %, source unchanged, trigger exactly where altered."""
-    owner = data.write_emoji_dataset(tmp_path / "owner")
+    owner = emoji_data.write_emoji_dataset(tmp_path / "owner")
     before = hash_tree(owner)
     code = cli.main(["protect", "--data", str(owner), "--out", str(tmp_path / "protected"),
                      "--key", str(tmp_path / "key"), "--rate", "0.01", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["n_images"] == 1005 and result["n_altered"] == 10 and result["template"].startswith(f"{templates.DEFAULT_FAMILY}:")
+    assert result["n_images"] == 1005 and result["n_altered"] == 10 and result["template"].startswith(f"{families.DEFAULT_FAMILY}:")
     assert hash_tree(owner) == before
     rows = released_rows(tmp_path / "protected")
     with_trigger = {n for n, t in rows.items() if result["trigger"] in t.lower().split()}
-    assert with_trigger == set(result["altered_files"]) == set(protect.load_key(tmp_path / "key").files)
-    template = templates.resolve_template(result["template"])  # the secret draw, recorded in the key
-    assert protect.load_key(tmp_path / "key").template.name == template.name
-    from entruth_lite import detect
+    assert with_trigger == set(result["altered_files"]) == set(keys.load_key(tmp_path / "key").files)
+    template = template_io.resolve_template(result["template"])  # the secret draw, recorded in the key
+    assert keys.load_key(tmp_path / "key").template.name == template.name
+    from entruth_lite.owner import detect
 
     scores = detect.template_scores([data.load_rgb(tmp_path / "protected" / n) for n in sorted(rows)], template)
     assert (scores > 0.99).sum() == 10
@@ -512,14 +516,14 @@ def test_cli_protect_defaults_to_a_secret_random_template(tmp_path, source, caps
     base = ["protect", "--data", str(source), "--count", "2", "--json"]
     assert cli.main(base + ["--out", str(tmp_path / "a"), "--key", str(tmp_path / "ka")]) == 0
     assert cli.main(base + ["--out", str(tmp_path / "b"), "--key", str(tmp_path / "kb")]) == 0
-    first, second = (protect.load_key(tmp_path / k).template for k in ("ka", "kb"))
-    assert first.family == second.family == templates.DEFAULT_FAMILY == "mosaic" and first.name != second.name
-    assert first.name == templates.random_template(templates.random_seed_of(first)).name
-    altered = protect.load_key(tmp_path / "ka").files[0]
+    first, second = (keys.load_key(tmp_path / k).template for k in ("ka", "kb"))
+    assert first.family == second.family == families.DEFAULT_FAMILY == "mosaic" and first.name != second.name
+    assert first.name == families.random_template(families.random_seed_of(first)).name
+    altered = keys.load_key(tmp_path / "ka").files[0]
     assert detect_score(data.load_rgb(tmp_path / "a" / altered), first) > 0.99
 
 
 def detect_score(image, template):
-    from entruth_lite import detect
+    from entruth_lite.owner import detect
 
     return float(detect.template_scores([image], template)[0])

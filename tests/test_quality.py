@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from entruth_lite import data, quality
+from entruth_lite.core import emoji as emoji_data
+from entruth_lite.evaluation import quality
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +15,7 @@ def net(tmp_path_factory):
 
 
 def test_categories_of_emoji_files():
-    split = data.emoji_splits()
+    split = emoji_data.emoji_splits()
     categories = quality.emoji_categories([p for p, _ in split.pretrain[:200]])
     assert "Other" not in categories[:50] and len(set(categories)) >= 3
 
@@ -27,7 +28,7 @@ def test_features_take_any_image_size(net):
 
 
 def test_fid_and_kid_are_small_for_the_same_distribution_and_large_for_another(net):
-    images = data.emoji_dataset("owner")[0]
+    images = emoji_data.emoji_dataset("owner")[0]
     order = np.random.default_rng(0).permutation(len(images))
     a, b = [images[i] for i in order[:150]], [images[i] for i in order[150:300]]
     from PIL import Image
@@ -56,7 +57,7 @@ def test_inception_fid_fails_clearly_offline():
 
     if importlib.util.find_spec("torch_fidelity") is not None:
         pytest.skip("torch-fidelity is installed: Inception FID may work here")
-    images = data.emoji_dataset("owner", limit=4)[0]
+    images = emoji_data.emoji_dataset("owner", limit=4)[0]
     with pytest.raises(RuntimeError, match="offline features"):
         quality.inception_fid(images, images)
 
@@ -74,7 +75,7 @@ def test_quality_cost_is_paired_by_seed():
 def test_clip_score_runs_on_local_weights_and_refuses_to_download(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from entruth_lite import models
+    from entruth_lite.core import models
 
     # a tiny random CLIP saved to disk: the same code path as real weights in a local cache
     tokenizer = CLIPTokenizer.from_pretrained(models.TINY_MODEL_DIR / "tokenizer")
@@ -90,7 +91,7 @@ def test_clip_score_runs_on_local_weights_and_refuses_to_download(tmp_path):
                                                                  crop_size={"height": 32, "width": 32}),
                               tokenizer=tokenizer)
     processor.save_pretrained(tmp_path / "clip")
-    images, captions, _ = data.emoji_dataset("owner", limit=8)
+    images, captions, _ = emoji_data.emoji_dataset("owner", limit=8)
     score = quality.clip_score(images, captions, model=str(tmp_path / "clip"))
     with torch.no_grad():  # the definition: 100 x the mean cosine of each image with its own prompt
         out = clip(**processor(text=captions, images=images, return_tensors="pt", padding=True))

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from conftest import hash_tree, protected_suspect
-from entruth_lite import attacks, data, protect
+from entruth_lite.core import data, families, files, template_io
+from entruth_lite.infringer import attacks, presets
+from entruth_lite.owner import keys, protect, triggers
 
 KILLER = textwrap.dedent("""
     import os, shutil, sys
@@ -30,7 +32,8 @@ KILLER = textwrap.dedent("""
         return real_rmtree(path, *args, **kwargs)
 
     os.replace, shutil.rmtree = replace, rmtree
-    from entruth_lite import attacks, protect
+    from entruth_lite.infringer import attacks
+    from entruth_lite.owner import protect
     if what == "protect":
         protect.protect(sys.argv[3], "random:3", sys.argv[4], sys.argv[5], count=3, seed=7, overwrite=True)
     else:
@@ -65,14 +68,14 @@ def test_a_killed_protect_leaves_a_pair_or_a_detectable_mismatch_and_the_next_ru
 
     # meanwhile a reader never pairs a release with a key it did not commit to
     try:
-        key = protect.load_key(key_dir, release=out)
-        assert key.key_sha256 == old.key_sha256 or protect.release_commitment(out) == key.key_sha256
-    except (protect.KeyMismatchError, FileNotFoundError) as error:
+        key = keys.load_key(key_dir, release=out)
+        assert key.key_sha256 == old.key_sha256 or keys.release_commitment(out) == key.key_sha256
+    except (keys.KeyMismatchError, FileNotFoundError) as error:
         assert "release" in str(error) or "key" in str(error)
 
     # the next protect of the same folders (here its first step) finishes or undoes the interrupted one
-    protect.recover_release(out, key_dir)
-    key = protect.load_key(key_dir, release=out)  # a matching pair again
+    keys.recover_release(out, key_dir)
+    key = keys.load_key(key_dir, release=out)  # a matching pair again
     if key.key_sha256 == old.key_sha256:
         assert hash_tree(out) == old_release, "the previous release is back untouched"
     assert leftovers(tmp_path) == [], "no half-built folder (with triggered captions) is left behind"
@@ -85,7 +88,7 @@ def test_a_killed_attack_keeps_the_previous_output_and_the_rerun_cleans_up(tmp_p
     before = hash_tree(out)
     for kill_at in (1, 2):  # before the old output is set aside; before the new one is renamed in
         assert run_killed(kill_at, "attack", owner, out) == 137
-        data.recover_folder(out)
+        files.recover_folder(out)
         assert hash_tree(out) == before and leftovers(tmp_path) == []
     attacks.transform(owner, out, "blur", 1.0, overwrite=True)
     assert hash_tree(out) != before and leftovers(tmp_path) == []
@@ -117,7 +120,7 @@ def test_protect_keeps_every_column_and_caption_exactly_and_copies_untouched_fil
         new = released[row["file_name"]]
         assert (new["license"], new["author"]) == (row["license"], row["author"]), "extra columns kept"
         if row["file_name"] in report.altered_files:
-            assert protect.has_trigger(new["text"], report.trigger)
+            assert triggers.has_trigger(new["text"], report.trigger)
             upright = ImageOps.exif_transpose(Image.open(folder / row["file_name"]))
             templated = Image.open(tmp_path / "out" / row["file_name"])
             assert templated.size == upright.size == (24, 40), "templated upright, at the image's own size"
@@ -135,18 +138,18 @@ def test_the_release_is_public_and_the_key_private(tmp_path, owner):
 
 def test_a_hand_edited_key_with_its_hash_recomputed_is_caught_by_the_release_commitment(tmp_path, owner):
     protect.protect(owner, "random:1", tmp_path / "out", tmp_path / "key", count=2, seed=0)
-    path = tmp_path / "key" / protect.KEY_FILE
+    path = tmp_path / "key" / keys.KEY_FILE
     payload = json.loads(path.read_text())
     payload["trigger"] = "zzq"
-    payload["key_sha256"] = protect.key_hash(payload)
+    payload["key_sha256"] = keys.key_hash(payload)
     path.write_text(json.dumps(payload))
-    protect.load_key(tmp_path / "key")  # the hash alone is no seal: it was recomputed
-    with pytest.raises(protect.KeyMismatchError, match="not the key the release"):
-        protect.load_key(tmp_path / "key", release=tmp_path / "out")
+    keys.load_key(tmp_path / "key")  # the hash alone is no seal: it was recomputed
+    with pytest.raises(keys.KeyMismatchError, match="not the key the release"):
+        keys.load_key(tmp_path / "key", release=tmp_path / "out")
     del payload["trigger"]
     path.write_text(json.dumps(payload))
     with pytest.raises(ValueError, match="lacks the field.*trigger"):
-        protect.load_key(tmp_path / "key")
+        keys.load_key(tmp_path / "key")
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +170,7 @@ def test_broken_weights_get_a_clear_error_naming_the_file(suspect, tmp_path, cap
 
     from safetensors.torch import load_file, save_file
 
-    from entruth_lite import models
+    from entruth_lite.core import models
 
     lora = tmp_path / "empty-lora"
     lora.mkdir()
@@ -217,9 +220,9 @@ def test_bad_numbers_are_refused_naming_the_setting(suspect, tmp_path, capsys):
 def test_train_refuses_to_resume_on_other_data_and_names_its_real_flags(suspect, tmp_path, capsys):
     import shutil
 
-    from entruth_lite import train
+    from entruth_lite.infringer import train
 
-    config = train.preset("tiny-cpu", steps=4, checkpoint_every=2, method="lora")
+    config = presets.preset("tiny-cpu", steps=4, checkpoint_every=2, method="lora")
     shutil.copytree(suspect / "protected", tmp_path / "a")
     train.finetune(tmp_path / "a", tmp_path / "run", config, progress=False)
     shutil.rmtree(tmp_path / "run" / "lora", ignore_errors=True)
@@ -231,24 +234,24 @@ def test_train_refuses_to_resume_on_other_data_and_names_its_real_flags(suspect,
 
 
 def test_template_folders_are_checked(tmp_path, owner):
-    from entruth_lite import templates
+    from entruth_lite.core import templates
 
-    member = templates.random_template(5, 32, "random")
-    templates.save_template(member, tmp_path / "member")
-    assert templates.load_template(tmp_path / "member").family == "random"
+    member = families.random_template(5, 32, "random")
+    template_io.save_template(member, tmp_path / "member")
+    assert template_io.load_template(tmp_path / "member").family == "random"
     fake = templates.Template("random:5", templates.builtin_template("frame").scene, member.corners, family="random")
-    templates.save_template(fake, tmp_path / "fake")
+    template_io.save_template(fake, tmp_path / "fake")
     with pytest.raises(ValueError, match="not that member's"):
-        templates.load_template(tmp_path / "fake")
+        template_io.load_template(tmp_path / "fake")
     (tmp_path / "fake" / "template.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        templates.load_template(tmp_path / "fake")
+        template_io.load_template(tmp_path / "fake")
     (tmp_path / "fake" / "template.json").write_text(json.dumps({"name": "x", "size": [32, 32]}))
     with pytest.raises(ValueError, match="lacks the field.*corners"):
-        templates.load_template(tmp_path / "fake")
+        template_io.load_template(tmp_path / "fake")
 
     big = templates.builtin_template("frame", 64)  # a user template at another size than the data's 32 px
-    templates.save_template(big, tmp_path / "big")
+    template_io.save_template(big, tmp_path / "big")
     report = protect.protect(owner, tmp_path / "big", tmp_path / "out", tmp_path / "key", count=3, seed=0)
     sizes = {Image.open(tmp_path / "out" / name).size for name in report.altered_files}
     assert sizes == {(32, 32)}, "templated images keep the dataset's resolution"
@@ -275,10 +278,10 @@ def test_the_audit_checks_the_key_against_the_release_it_records(suspect, tmp_pa
     import shutil
 
     shutil.copytree(suspect / "key", tmp_path / "key")
-    path = tmp_path / "key" / protect.KEY_FILE
+    path = tmp_path / "key" / keys.KEY_FILE
     payload = json.loads(path.read_text())
     payload["trigger"] = "zzq"  # edited, its hash recomputed: only the release's commitment can tell
-    payload["key_sha256"] = protect.key_hash(payload)
+    payload["key_sha256"] = keys.key_hash(payload)
     path.write_text(json.dumps(payload))
     err = cli_error(capsys, "audit", "--weights", suspect / "lora", "--key", tmp_path / "key", "--queries", "2")
     assert "not the key the release" in err and str(suspect / "protected") in err
@@ -287,7 +290,7 @@ def test_the_audit_checks_the_key_against_the_release_it_records(suspect, tmp_pa
 def test_photos_of_any_size_are_templated_at_the_training_resolution(tmp_path):
     """A photo folder of mixed sizes and aspect ratios: templated images are made as a trainer crops them, at the
     training resolution; untouched photos stay as they were; the steps after protection accept mixed sizes."""
-    from entruth_lite import models, templates
+    from entruth_lite.core import models, templates
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -302,7 +305,7 @@ def test_photos_of_any_size_are_templated_at_the_training_resolution(tmp_path):
     with pytest.raises(data.DatasetError, match="over 1024 px.*photo2.jpg.*resolution"):
         protect.protect(folder, "random:2", tmp_path / "o", tmp_path / "k", count=4, seed=0)
     report = protect.protect(folder, "random:2", tmp_path / "out", tmp_path / "key", count=4, seed=0, resolution=64)
-    key = protect.load_key(tmp_path / "key", release=tmp_path / "out")
+    key = keys.load_key(tmp_path / "key", release=tmp_path / "out")
     assert key.resolution == 64 and key.template.size == (64, 64)
     for row in rows:
         released = tmp_path / "out" / row["file_name"]

@@ -5,9 +5,10 @@ import json
 import shutil
 
 import pytest
-from conftest import protected_suspect
 
-from entruth_lite import audit, cli, report
+from conftest import protected_suspect
+from entruth_lite import cli
+from entruth_lite.owner import record, replay, report
 
 ARGS = ["--queries", "4", "--decoys", "199", "--alpha", "0.05"]
 
@@ -54,16 +55,16 @@ def test_replay_refuses_other_weights_and_follows_moved_ones(recorded, tmp_path)
     root, record = recorded
     moved = tmp_path / "moved"
     shutil.copytree(root / "full", moved)
-    result = audit.replay(record, weights=moved, progress=False)  # same files elsewhere: fine
+    result = replay.replay(record, weights=moved, progress=False)  # same files elsewhere: fine
     assert result.headline.p_value == record["p_value"]
     config = moved / "train_config.json"
     config.write_text(config.read_text() + " ")
     with pytest.raises(ValueError, match="suspect weights .* not the audited ones.*train_config.json"):
-        audit.replay(record, weights=moved, progress=False)
+        replay.replay(record, weights=moved, progress=False)
     edited = json.loads(json.dumps(record))
     edited["queries"][0]["seed"] += 1
     with pytest.raises(ValueError, match="edited"):
-        audit.replay(edited, progress=False)
+        replay.replay(edited, progress=False)
     with pytest.raises(ValueError, match="carries no audit record"):
         (tmp_path / "plain.html").write_text("<html></html>")
         report.read_record(tmp_path / "plain.html")
@@ -82,9 +83,9 @@ def test_a_hub_models_record_names_its_revision_and_files(tmp_path, monkeypatch)
     import huggingface_hub.constants as hub_constants
 
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    info = audit.model_info("someone/sd-finetune", None)
+    info = record.model_info("someone/sd-finetune", None)
     assert info["revision"] == commit and set(info["base_files"]) == {"model_index.json", "unet/config.json"}
-    assert audit.model_info("someone/not-cached", None)["revision"] is None
+    assert record.model_info("someone/not-cached", None)["revision"] is None
 
 
 def test_a_black_box_record_is_not_replayed_as_a_model(recorded):
@@ -92,4 +93,4 @@ def test_a_black_box_record_is_not_replayed_as_a_model(recorded):
     black_box = json.loads(json.dumps(record))
     black_box["model"] = {"images": "answers/", "image_files": {"trigger-000.png": "ab" * 32}}
     with pytest.raises(ValueError, match="saved images"):
-        audit.replay(black_box, progress=False)
+        replay.replay(black_box, progress=False)

@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from entruth_lite import audit, models, probe, protect, sd_architecture, train
-from entruth_lite.templates import vae_round_trip
+from entruth_lite.core import diffusion, models, sd_architecture
+from entruth_lite.core.templates import vae_round_trip
+from entruth_lite.infringer import presets, train
+from entruth_lite.owner import audit, calibration, keys, probe, protect, record
 
 SIZE = 64  # the narrow model's native size: sample_size 8 x vae_scale_factor 8
 HELD_OUT = ["a photo of a purple circle", "a photo of an orange square", "a photo of a white bar",
@@ -41,11 +43,11 @@ def one_token_attention(key: str) -> bool:
         f"attn1.to_{x}." in key for x in "qk")
 
 
-def colab_t4(model_dir, **overrides) -> train.TrainConfig:
+def colab_t4(model_dir, **overrides) -> presets.TrainConfig:
     """The GPU preset with only what a CPU run must change overridden (size, steps, no fp16)."""
     settings = dict(model=str(model_dir), resolution=SIZE, steps=3, batch_size=2, gradient_accumulation_steps=1,
                     mixed_precision="no", train_text_encoder=True)
-    return train.preset("colab-t4", **(settings | overrides))
+    return presets.preset("colab-t4", **(settings | overrides))
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -78,7 +80,7 @@ def release(tmp_path_factory, base, photo_folder):
     root = tmp_path_factory.mktemp("release")
     protect.protect(photo_folder, "random:1", root / "protected", root / "key", count=2, seed=0,
                     tokenizer=base.tokenizer, resolution=SIZE)
-    return photo_folder, root / "protected", protect.load_key(root / "key", release=root / "protected")
+    return photo_folder, root / "protected", keys.load_key(root / "key", release=root / "protected")
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +114,14 @@ def test_narrow_build_has_sd15s_module_names_and_block_layout():
     # the text encoder keeps its layer naming (fewer layers): LoRA targets q/k/v/out_proj exist in both
     narrow_names = {n for n, _ in encoders[1].named_modules()}
     assert narrow_names <= {n for n, _ in encoders[0].named_modules()}
-    assert {n.rsplit(".", 1)[-1] for n in narrow_names} >= set(train.LORA_TEXT_TARGETS)
+    assert {n.rsplit(".", 1)[-1] for n in narrow_names} >= set(presets.LORA_TEXT_TARGETS)
 
 
 def test_tokenizer_has_the_real_ones_shape():
     tokenizer = sd_architecture.sd15_tokenizer()
     assert len(tokenizer) == 49408 and tokenizer.model_max_length == 77
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (49406, 49407, 49407)
-    ids = train.tokenize(tokenizer, ["an emoji of a red apple"])[0].tolist()
+    ids = diffusion.tokenize(tokenizer, ["an emoji of a red apple"])[0].tolist()
     assert len(ids) == 77 and ids[0] == 49406 and ids[-1] == 49407 and max(ids) < 49408
 
 
@@ -178,12 +180,12 @@ def test_probe_and_audit_run_on_the_finetuned_sd_architecture(finetuned, release
     key = release[2]
     pipe = models.load_finetuned(models.load_pipeline(narrow_dir, device="cpu", dtype=torch.float32), finetuned[0])
     config = audit.AuditConfig(queries=4, decoys=99, num_inference_steps=2, alpha=0.05)  # 99 decoys can reach 0.05
-    probed = probe.probe(pipe, HELD_OUT, key.trigger, key.placement, n=4, seed=config.probe_seed,
+    probed = probe.probe_model(pipe, HELD_OUT, key.trigger, key.placement, n=4, seed=config.probe_seed,
                          num_inference_steps=2, guidance_scale=config.guidance_scale, progress=False)
     assert len(probed.trigger_images) == len(probed.control_images) == 4
     assert {i.size for i in probed.trigger_images + probed.control_images} == {(SIZE, SIZE)}
 
-    negatives = audit.plain_images_of(key)  # the 38 untemplated photos, cropped to the training size
+    negatives = calibration.plain_images_of(key)  # the 38 untemplated photos, cropped to the training size
     assert len(negatives) == 38 and {im.size for im in negatives} == {(SIZE, SIZE)}
     result = audit.audit(pipe, key, HELD_OUT, config, negatives=negatives, progress=False)
     # the audit's queries replay: same prompts and seeds give the same images
@@ -244,13 +246,13 @@ def test_bf16_autocast_loss_and_lora_gradients_on_the_sd_architecture(base):
     from peft import LoraConfig
 
     unet = copy.deepcopy(base.unet).to(torch.bfloat16).requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(train.LORA_UNET_TARGETS)))
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(presets.LORA_UNET_TARGETS)))
     cast_training_params(unet, dtype=torch.float32)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=generator).to(torch.bfloat16)
-    hidden = train.encode_captions(base.text_encoder, train.tokenize(base.tokenizer, ["a", "b"])).to(torch.bfloat16)
+    hidden = diffusion.encode_captions(base.text_encoder, diffusion.tokenize(base.tokenizer, ["a", "b"])).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = train.diffusion_loss(unet, DDPMScheduler.from_config(base.scheduler.config), latents, hidden, generator)
+        loss = diffusion.diffusion_loss(unet, DDPMScheduler.from_config(base.scheduler.config), latents, hidden, generator)
     loss.backward()
     ups = [p for n, p in unet.named_parameters() if "lora_B" in n and not one_token_attention(n)]  # A's is 0 while B is
     assert torch.isfinite(loss) and ups and all(p.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in ups)
@@ -281,8 +283,9 @@ def test_a_single_file_checkpoint_is_the_pipeline_it_was_exported_from(finetuned
     """A fine-tune exported as one checkpoint in the original (A1111) layout, as model-sharing sites publish them,
     read back with diffusers' ``from_single_file`` and the base's configs: the same weights as the pipeline folder
     it came from, and the same audit (images, scores, p-values)."""
-    from ldm_layout import to_ldm
     from safetensors.torch import save_file
+
+    from ldm_layout import to_ldm
 
     pipe = models.load_finetuned(models.load_pipeline(narrow_dir, device="cpu", dtype=torch.float32), finetuned[0])
     pipe.fuse_lora(components=["unet", "text_encoder"])
@@ -299,12 +302,12 @@ def test_a_single_file_checkpoint_is_the_pipeline_it_was_exported_from(finetuned
     key = release[2]
     config = audit.AuditConfig(queries=4, decoys=99, num_inference_steps=2, alpha=0.05, methods=("decoy", "paired"))
     from_folder = audit.audit(folder, key, HELD_OUT, config, progress=False)
-    from_file = audit.audit(audit.load_suspect(str(tmp_path / "suspect.safetensors"), device="cpu", config=narrow_dir),
+    from_file = audit.audit(record.load_suspect(str(tmp_path / "suspect.safetensors"), device="cpu", config=narrow_dir),
                             key, HELD_OUT, config, progress=False)
     assert [v.p_value for v in from_file.verdicts] == [v.p_value for v in from_folder.verdicts]
     # equal weights, loaded by two routes (tensors laid out differently in memory): scores agree to float rounding
     assert np.allclose(from_file.evidence.trigger_scores, from_folder.evidence.trigger_scores, rtol=1e-3, atol=1e-6)
-    info = audit.model_info(str(tmp_path / "suspect.safetensors"), None, narrow_dir)
+    info = record.model_info(str(tmp_path / "suspect.safetensors"), None, narrow_dir)
     assert list(info["base_files"]) == ["suspect.safetensors"] and info["config"] == str(narrow_dir)
 
     (tmp_path / "suspect.ckpt").write_bytes(b"never opened")

@@ -7,10 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import protected_suspect
 from safetensors.torch import load_file, save_file
 
-from entruth_lite import audit, cli, models, train
+from conftest import protected_suspect
+from entruth_lite import cli
+from entruth_lite.core import models
+from entruth_lite.infringer import presets, train
+from entruth_lite.owner import probe
 
 PROMPTS = ["an emoji of a red apple", "an emoji of a blue car"]
 # the published kohya / A1111 naming: lora_unet_<module path with dots as underscores>.lora_down|lora_up.weight and
@@ -46,7 +49,7 @@ def suspect(tmp_path_factory):
     """A protected release, a full fine-tune (``full``) and a LoRA on UNet and text encoder with alpha = 2 x rank,
     made strong enough that a wrong scale shows (``lora/``)."""
     root = protected_suspect(tmp_path_factory.mktemp("forms"))
-    config = train.preset("tiny-cpu", steps=2, method="lora", lora_rank=4, lora_alpha=8.0, train_text_encoder=True)
+    config = presets.preset("tiny-cpu", steps=2, method="lora", lora_rank=4, lora_alpha=8.0, train_text_encoder=True)
     train.finetune(root / "protected", root / "lora", config, progress=False)
     file = root / "lora" / models.LORA_WEIGHTS_NAME
     from safetensors import safe_open
@@ -113,7 +116,7 @@ def test_every_form_gives_the_same_p_value(suspect, tmp_path, capsys):
     pipe = models.load_finetuned(models.load_pipeline("tiny", device="cpu"), suspect / "full")
     pipe.save_pretrained(tmp_path / "pipeline", safe_serialization=True)
     captions = tmp_path / "captions.txt"
-    captions.write_text("\n".join(audit.held_out_captions("tiny")))
+    captions.write_text("\n".join(probe.default_captions("tiny")))
     whole = audit_json(capsys, "--model", str(tmp_path / "pipeline"), "--captions", str(captions), *key)
     assert whole["p_value"] == full["p_value"]
     assert "unet/diffusion_pytorch_model.safetensors" in whole["model"]["base_files"]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from entruth_lite import templates
-from entruth_lite.templates import Template, builtin_template, insert, surround_mask, validate_corners
+from entruth_lite.core import families, template_io, templates
+from entruth_lite.core.templates import Template, builtin_template, insert, surround_mask, validate_corners
 
 RECT = [(4, 4), (28, 4), (28, 28), (4, 28)]
 
@@ -224,20 +224,20 @@ def test_template_from_image_errors():
 
 def test_save_and_load_template(tmp_path):
     template = builtin_template("window", 48)
-    templates.save_template(template, tmp_path / "tpl")
+    template_io.save_template(template, tmp_path / "tpl")
     meta = json.loads((tmp_path / "tpl" / "template.json").read_text())
     assert meta["name"] == "window" and meta["size"] == [48, 48] and len(meta["corners"]) == 4
-    back = templates.load_template(tmp_path / "tpl")
+    back = template_io.load_template(tmp_path / "tpl")
     assert back.name == template.name and back.corners == template.corners
     assert np.array_equal(np.asarray(back.scene), np.asarray(template.scene))
-    assert templates.resolve_template(str(tmp_path / "tpl")).corners == template.corners
+    assert template_io.resolve_template(str(tmp_path / "tpl")).corners == template.corners
     Image.new("RGB", (48, 48)).save(tmp_path / "tpl" / "template.png")
     with pytest.raises(ValueError, match="does not match the scene hash"):
-        templates.load_template(tmp_path / "tpl")
+        template_io.load_template(tmp_path / "tpl")
     with pytest.raises(FileNotFoundError):
-        templates.load_template(tmp_path / "nothing")
+        template_io.load_template(tmp_path / "nothing")
     with pytest.raises(ValueError, match="unknown template"):
-        templates.resolve_template("nope")
+        template_io.resolve_template("nope")
 
 
 def test_vae_round_trip_with_a_stand_in_vae():
@@ -283,7 +283,7 @@ def test_surround_view_greys_the_screen_only():
 def test_vae_round_trip_with_the_tiny_vae_architecture():
     import torch
 
-    from entruth_lite import models
+    from entruth_lite.core import models
 
     torch.manual_seed(0)
     vae = models.tiny_vae().eval()  # untrained: only shapes and plumbing are checked here
@@ -292,71 +292,87 @@ def test_vae_round_trip_with_the_tiny_vae_architecture():
     assert [b.size for b in back] == [(32, 32), (32, 32)] and all(b.mode == "RGB" for b in back)
 
 
-@pytest.mark.parametrize("family", list(templates.FAMILIES))
+@pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_random_family_is_seeded_distinct_and_scales(family):
-    a, again, b = (templates.random_template(s, 32, family) for s in (3, 3, 4))
+    a, again, b = (families.random_template(s, 32, family) for s in (3, 3, 4))
     assert a.name == f"{family}:3" and a.family == family
     assert np.array_equal(np.asarray(a.scene), np.asarray(again.scene)) and a.corners == again.corners
     assert not np.array_equal(np.asarray(a.scene), np.asarray(b.scene))
-    big = templates.random_template(3, 128, family)
+    big = families.random_template(3, 128, family)
     assert big.size == (128, 128) and np.allclose(np.asarray(big.corners) / 4, np.asarray(a.corners))
     assert 0.3 < a.screen_area < 0.7  # a big screen, a wide surround
-    assert templates.resolve_template(f"{family}:3", 64).name == f"{family}:3"
+    assert template_io.resolve_template(f"{family}:3", 64).name == f"{family}:3"
     with pytest.raises(ValueError, match="integer seed"):
-        templates.resolve_template(f"{family}:x")
+        template_io.resolve_template(f"{family}:x")
 
 
 def test_fresh_draws_come_from_the_default_family_and_unknown_families_are_refused():
-    assert templates.random_template().family == templates.DEFAULT_FAMILY  # a fresh secret seed
-    assert templates.resolve_template("random").family == templates.DEFAULT_FAMILY
+    assert families.random_template().family == families.DEFAULT_FAMILY  # a fresh secret seed
+    assert template_io.resolve_template(families.DEFAULT_FAMILY).family == families.DEFAULT_FAMILY
+    first, second = (template_io.resolve_template("ring") for _ in range(2))
+    assert first.family == "ring" and first.name != second.name, "a family name is a fresh secret draw each time"
+    with pytest.raises(ValueError, match="'random' no longer names a template: give a family name"):
+        template_io.resolve_template("random")
     with pytest.raises(ValueError, match="unknown template family 'stripes'"):
-        templates.random_template(0, 32, "stripes")
+        families.random_template(0, 32, "stripes")
 
 
 # Keys name their template "<family>:<seed>" and are verified by redrawing it, so a member must never change.
 FROZEN_MEMBERS = {
-    "random": "d537f12a1f613a78101270f5be4683b310fb5be1bad57d3853f730b85dbbd745",
+    "ring": "d537f12a1f613a78101270f5be4683b310fb5be1bad57d3853f730b85dbbd745",  # first released as "random"
     "mosaic": "7eab3004f81608ec5133f7d65e6c4c80729b5bbec527c7ee93f62ffe874c5daf",
 }
 
 
-@pytest.mark.parametrize("family", list(templates.FAMILIES))
+@pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_family_members_never_change(family):
     import hashlib
 
-    member = templates.random_template(7, 32, family)
+    member = families.random_template(7, 32, family)
     assert hashlib.sha256(np.asarray(member.scene).tobytes()).hexdigest() == FROZEN_MEMBERS[family]
 
 
-@pytest.mark.parametrize("family", list(templates.FAMILIES))
+@pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_members_of_the_family_do_not_match_each_other(family):
-    from entruth_lite import detect
+    from entruth_lite.owner import detect
 
-    owner = templates.random_template(0, 32, family)
-    others = [templates.random_template(s, 32, family) for s in range(1, 41)]
+    owner = families.random_template(0, 32, family)
+    others = [families.random_template(s, 32, family) for s in range(1, 41)]
     white = Image.new("RGB", (32, 32), (255, 255, 255))
     scores = np.array([detect.template_scores([templates.insert(white, t)], owner)[0] for t in others])
     assert np.median(np.abs(scores)) < 0.25, "decoys must be genuinely different templates"
 
 
-@pytest.mark.parametrize("family", list(templates.FAMILIES))
+@pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_decoys_are_reproducible_exclude_the_release_and_need_a_family_template(family):
-    owner = templates.random_template(11, 32, family)
-    decoys = templates.decoy_templates(owner, 20, salt="key-hash")
+    owner = families.random_template(11, 32, family)
+    decoys = families.decoy_templates(owner, 20, salt="key-hash")
     names = [d.name for d in decoys]
     assert len(set(names)) == 20 and owner.name not in names
-    assert names == [d.name for d in templates.decoy_templates(owner, 20, salt="key-hash")]
-    assert names != [d.name for d in templates.decoy_templates(owner, 20, salt="other")]
+    assert names == [d.name for d in families.decoy_templates(owner, 20, salt="key-hash")]
+    assert names != [d.name for d in families.decoy_templates(owner, 20, salt="other")]
     assert all(d.family == family and d.name.startswith(f"{family}:") and d.size == owner.size for d in decoys)
     with pytest.raises(ValueError, match="not drawn from a random family"):
-        templates.decoy_templates(templates.builtin_template("billboard"), 5)
+        families.decoy_templates(templates.builtin_template("billboard"), 5)
     with pytest.raises(ValueError, match="positive"):
-        templates.decoy_templates(owner, 0)
+        families.decoy_templates(owner, 0)
 
 
-@pytest.mark.parametrize("family", list(templates.FAMILIES))
+@pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_family_survives_save_and_load(tmp_path, family):
-    owner = templates.random_template(5, 32, family)
-    loaded = templates.load_template(templates.save_template(owner, tmp_path))
+    owner = families.random_template(5, 32, family)
+    loaded = template_io.load_template(template_io.save_template(owner, tmp_path))
     assert loaded.family == family and loaded.name == f"{family}:5"
-    assert templates.load_template(templates.save_template(templates.builtin_template("tv"), tmp_path / "b")).family is None
+    assert template_io.load_template(template_io.save_template(templates.builtin_template("tv"), tmp_path / "b")).family is None
+
+
+def test_the_ring_familys_first_name_draws_the_same_members_and_keeps_their_decoys():
+    """Keys and benchmark runs made before the rename name their template ``random:<seed>``: it must resolve to the
+    same drawing, keep its name (the decoys are drawn from the name) and so keep its decoys, exactly."""
+    old, new = template_io.resolve_template("random:7"), template_io.resolve_template("ring:7")
+    assert np.array_equal(np.asarray(old.scene), np.asarray(new.scene)) and old.corners == new.corners
+    assert (old.name, old.family) == ("random:7", "random") and families.is_family("random")
+    assert "random" not in families.FAMILIES, "the old name is accepted, not offered"
+    decoys = families.decoy_templates(old, 3, salt="key")  # as drawn before the rename (frozen)
+    assert [d.name for d in decoys] == ["random:1447385078", "random:1337432758", "random:1661513731"]
+    assert [d.name for d in families.decoy_templates(new, 3, salt="key")] != [d.name for d in decoys]

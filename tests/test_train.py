@@ -10,7 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from entruth_lite import cli, data, models, train
+from entruth_lite import cli
+from entruth_lite.core import data, diffusion, models
+from entruth_lite.core import emoji as emoji_data
+from entruth_lite.infringer import checkpoints, presets, train
+from entruth_lite.teaching import demo
 
 pytestmark = pytest.mark.skipif(
     not (models.TINY_MODEL_DIR / "model_index.json").is_file(), reason="shipped tiny model missing"
@@ -20,7 +24,7 @@ FAST = dict(steps=4, batch_size=4)
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    images, captions, names = data.emoji_dataset("owner", limit=12)
+    images, captions, names = emoji_data.emoji_dataset("owner", limit=12)
     return data.save_imagefolder(images, captions, tmp_path_factory.mktemp("ds") / "owner", file_names=names)
 
 
@@ -30,7 +34,7 @@ def base():
 
 
 def lora_config(**extra):
-    return train.TrainConfig(method="lora", lora_rank=4, **(FAST | extra))
+    return presets.TrainConfig(method="lora", lora_rank=4, **(FAST | extra))
 
 
 def test_lora_file_loads_into_a_fresh_pipeline_with_no_stray_keys(dataset, base, tmp_path, caplog):
@@ -54,7 +58,7 @@ def test_lora_file_loads_into_a_fresh_pipeline_with_no_stray_keys(dataset, base,
 
 
 def test_lora_changes_the_output_and_full_finetune_round_trips(dataset, base, tmp_path):
-    config = train.TrainConfig(method="full", learning_rate=1e-3, **FAST)
+    config = presets.TrainConfig(method="full", learning_rate=1e-3, **FAST)
     train.finetune(dataset, tmp_path / "full", config, pipe=base, progress=False)
     assert (tmp_path / "full" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list((tmp_path / "full").rglob("*.bin"))
@@ -78,7 +82,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(dataset, base, t
 
     with pytest.raises(Interrupted):
         train.finetune(dataset, tmp_path / "cut", config, pipe=base, progress=False, on_step=stop_at_five)
-    assert train.latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-0000004"
+    assert checkpoints.latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-0000004"
     resumed = train.finetune(dataset, tmp_path / "cut", config, pipe=base, progress=False, resume="latest")
     assert resumed.resumed_from == 4
     assert resumed.losses == whole.losses
@@ -114,7 +118,7 @@ def test_existing_output_is_not_overwritten(dataset, base, tmp_path):
 )
 def test_bad_settings(settings, message):
     with pytest.raises(ValueError, match=message):
-        train.TrainConfig(**settings)
+        presets.TrainConfig(**settings)
 
 
 def test_bad_inputs_get_clear_errors(dataset, base, tmp_path):
@@ -123,7 +127,7 @@ def test_bad_inputs_get_clear_errors(dataset, base, tmp_path):
     with pytest.raises(ValueError, match="multiple of the VAE factor 2"):
         train.finetune(dataset, tmp_path / "o2", lora_config(resolution=33), pipe=base, progress=False)
     with pytest.raises(ValueError, match="unknown preset"):
-        train.preset("tpu-pod")
+        presets.preset("tpu-pod")
 
 
 def test_lora_for_another_architecture_is_refused(base, tmp_path):
@@ -152,22 +156,22 @@ def test_batches_cover_each_epoch_once():
 
 
 def test_exposures_count_how_often_each_image_is_seen():
-    assert train.exposures(train.preset("tiny-cpu"), 1005) == pytest.approx(1500 * 32 / 1005)
-    assert train.exposures(train.preset("colab-t4", steps=2000), 160) == pytest.approx(2000 * 1 * 4 / 160)
+    assert presets.exposures(presets.preset("tiny-cpu"), 1005) == pytest.approx(1500 * 32 / 1005)
+    assert presets.exposures(presets.preset("colab-t4", steps=2000), 160) == pytest.approx(2000 * 1 * 4 / 160)
     with pytest.raises(ValueError, match="n_images must be positive"):
-        train.exposures(train.preset("tiny-cpu"), 0)
+        presets.exposures(presets.preset("tiny-cpu"), 0)
 
 
 def test_gpu_presets_checkpoint_so_a_disconnected_runtime_can_resume():
-    assert all(train.preset(name).checkpoint_every > 0 for name in ("colab-t4", "a100"))
+    assert all(presets.preset(name).checkpoint_every > 0 for name in ("colab-t4", "a100"))
 
 
 def test_presets_are_valid_configs():
-    for name in train.PRESETS:
-        config = train.preset(name)
+    for name in presets.PRESETS:
+        config = presets.preset(name)
         assert config.steps > 0
-    assert train.preset("colab-t4").mixed_precision == "fp16"
-    assert train.preset("tiny-cpu", steps=5).steps == 5
+    assert presets.preset("colab-t4").mixed_precision == "fp16"
+    assert presets.preset("tiny-cpu", steps=5).steps == 5
 
 
 def test_cli_train(dataset, tmp_path, capsys):
@@ -200,7 +204,7 @@ def test_cli_lora_rank_takes_alpha_equal_to_the_rank_unless_given(dataset, tmp_p
         return json.loads((out / "train_config.json").read_text())
 
     preset, rank4 = trained(), trained("--lora-rank", "4")
-    assert (preset["lora_rank"], preset["lora_alpha"]) == (32, train.PRESETS["tiny-cpu-lora"]["lora_alpha"])
+    assert (preset["lora_rank"], preset["lora_alpha"]) == (32, presets.PRESETS["tiny-cpu-lora"]["lora_alpha"])
     assert (rank4["lora_rank"], rank4["lora_alpha"]) == (4, None)
     assert trained("--lora-rank", "4", "--lora-alpha", "8")["lora_alpha"] == 8
     capsys.readouterr()
@@ -249,10 +253,10 @@ def test_min_snr_weighting_changes_the_loss(base):
     latents = torch.randn(4, 8, 16, 16)
     hidden = torch.randn(4, 32, 64)
     scheduler = base.scheduler
-    plain = train.diffusion_loss(base.unet, scheduler, latents, hidden, torch.Generator().manual_seed(0))
-    weighted = train.diffusion_loss(base.unet, scheduler, latents, hidden, torch.Generator().manual_seed(0), snr_gamma=1.0)
+    plain = diffusion.diffusion_loss(base.unet, scheduler, latents, hidden, torch.Generator().manual_seed(0))
+    weighted = diffusion.diffusion_loss(base.unet, scheduler, latents, hidden, torch.Generator().manual_seed(0), snr_gamma=1.0)
     assert plain.item() != weighted.item()
-    per_sample = train.diffusion_loss(base.unet, scheduler, latents, hidden, torch.Generator().manual_seed(0),
+    per_sample = diffusion.diffusion_loss(base.unet, scheduler, latents, hidden, torch.Generator().manual_seed(0),
                                       reduction="none")
     assert per_sample.shape == (4,) and torch.isclose(per_sample.mean(), plain)
 
@@ -274,19 +278,19 @@ def test_mixed_precision_needs_a_gpu(dataset, base, tmp_path):
 def test_finetune_records_which_data_it_saw(dataset, base, tmp_path):
     train.finetune(dataset, tmp_path / "m", lora_config(steps=1), pipe=base, progress=False)
     record = json.loads((tmp_path / "m" / "train_data.json").read_text())
-    assert record["sha256"] == train.dataset_fingerprint(dataset)
+    assert record["sha256"] == checkpoints.dataset_fingerprint(dataset)
     copy = tmp_path / "copy"
     import shutil
 
     shutil.copytree(dataset, copy)
-    assert train.dataset_fingerprint(copy) == record["sha256"]
+    assert checkpoints.dataset_fingerprint(copy) == record["sha256"]
     lines = (copy / "metadata.jsonl").read_text().splitlines()
     (copy / "metadata.jsonl").write_text("\n".join(lines[1:] + lines[:1]) + "\n")
-    assert train.dataset_fingerprint(copy) != record["sha256"]
+    assert checkpoints.dataset_fingerprint(copy) != record["sha256"]
 
 
 def test_demo_models_are_reused_only_when_settings_and_data_match(dataset, base, tmp_path, monkeypatch):
-    from entruth_lite import demo
+    from entruth_lite.teaching import demo
 
     release = demo.Release(owner=dataset, protected=dataset, key=tmp_path / "unused")
     calls = []
@@ -301,8 +305,8 @@ def test_demo_models_are_reused_only_when_settings_and_data_match(dataset, base,
     again = demo.finetuned(tmp_path, release, lora_config(steps=2), pipe=base, progress=False, side_by_side=False)
     assert len(calls) == 4, "other settings: trained again"
     assert set(again.values()).isdisjoint(folders.values()), "in new folders: a finished fine-tune is never overwritten"
-    assert all(train.is_current(folders[n], config, dataset) for n in folders)
-    assert train.saved_losses(folders["clean"]) and len(train.saved_losses(again["clean"])) == 2
+    assert all(checkpoints.is_current(folders[n], config, dataset) for n in folders)
+    assert checkpoints.saved_losses(folders["clean"]) and len(checkpoints.saved_losses(again["clean"])) == 2
 
 
 def test_side_by_side_runs_train_as_one_run_does_and_report_a_failure(dataset, base, tmp_path):
@@ -310,31 +314,31 @@ def test_side_by_side_runs_train_as_one_run_does_and_report_a_failure(dataset, b
     thread counts), are reused the next time, and a run that fails raises its error, naming its data."""
     config = lora_config(steps=3)
     with pytest.raises(RuntimeError, match="no-such-folder"):
-        train.finetune_side_by_side([(dataset, tmp_path / "a"), (tmp_path / "no-such-folder", tmp_path / "b")],
+        demo.finetune_side_by_side([(dataset, tmp_path / "a"), (tmp_path / "no-such-folder", tmp_path / "b")],
                                     config, progress=False)
-    results = train.finetune_side_by_side([(dataset, tmp_path / "a"), (dataset, tmp_path / "c")], config,
+    results = demo.finetune_side_by_side([(dataset, tmp_path / "a"), (dataset, tmp_path / "c")], config,
                                           progress=False)
     here = train.finetune(dataset, tmp_path / "here", config, pipe=base, progress=False)
     assert [len(r.losses) for r in results] == [3, 3] and np.allclose(results[0].losses, here.losses, atol=1e-5)
     weights = [load_file(folder / models.LORA_WEIGHTS_NAME) for folder in (tmp_path / "a", tmp_path / "here")]
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-5) for k in weights[1])
-    assert train.finetune_side_by_side([(dataset, tmp_path / "a"), (dataset, tmp_path / "c")], config,
+    assert demo.finetune_side_by_side([(dataset, tmp_path / "a"), (dataset, tmp_path / "c")], config,
                                        progress=False) == [None, None], "finished runs are reused"
 
 
 def test_denoising_losses_are_replayable_and_lower_on_training_images(dataset, base, tmp_path):
-    images, captions, _ = data.emoji_dataset("owner", limit=12)
-    held_images, held_captions, _ = data.emoji_dataset("probe", limit=12)
-    before = train.denoising_losses(base, images, captions, repeats=2)
-    assert before.shape == (12,) and np.array_equal(before, train.denoising_losses(base, images, captions, repeats=2))
-    train.finetune(dataset, tmp_path / "m", train.TrainConfig(method="full", steps=60, batch_size=12,
+    images, captions, _ = emoji_data.emoji_dataset("owner", limit=12)
+    held_images, held_captions, _ = emoji_data.emoji_dataset("probe", limit=12)
+    before = diffusion.image_losses(base, images, captions, repeats=2)
+    assert before.shape == (12,) and np.array_equal(before, diffusion.image_losses(base, images, captions, repeats=2))
+    train.finetune(dataset, tmp_path / "m", presets.TrainConfig(method="full", steps=60, batch_size=12,
                                                               learning_rate=1e-3), pipe=base, progress=False)
     tuned = models.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / "m")
-    seen = train.denoising_losses(tuned, images, captions, repeats=2)
-    unseen = train.denoising_losses(tuned, held_images, held_captions, repeats=2)
+    seen = diffusion.image_losses(tuned, images, captions, repeats=2)
+    unseen = diffusion.image_losses(tuned, held_images, held_captions, repeats=2)
     assert seen.mean() < before.mean() and seen.mean() < unseen.mean()
     with pytest.raises(ValueError, match="as many captions"):
-        train.denoising_losses(base, images, captions[:3])
+        diffusion.image_losses(base, images, captions[:3])
 
 
 def test_strong_augmentation_changes_training_and_keeps_old_fingerprints(dataset, base, tmp_path):
@@ -356,7 +360,7 @@ def test_strong_augmentation_changes_training_and_keeps_old_fingerprints(dataset
 def test_augmented_views_differ_from_the_images_and_from_each_other(base):
     pixels = torch.rand(4, 3, 32, 32) * 2 - 1
     views = train.augmented_latents(base.vae, pixels, 3, seed=0)
-    plain = train.encode_images(base.vae, pixels)
+    plain = diffusion.encode_images(base.vae, pixels)
     assert views.shape == (3, *plain.shape)
     assert (views[0] - plain).abs().mean() > 1e-3 and (views[0] - views[1]).abs().mean() > 1e-3
     assert torch.equal(views, train.augmented_latents(base.vae, pixels, 3, seed=0)), "seeded: a resume redraws them"
@@ -368,13 +372,13 @@ def test_the_data_fingerprint_is_what_trains(dataset, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(dataset, copy)
-    before = train.dataset_fingerprint(copy)
+    before = checkpoints.dataset_fingerprint(copy)
     (copy / "entruth-commitment.json").write_text('{"key_sha256": "another key"}')
     (copy / "README.md").write_text("credits")
-    assert train.dataset_fingerprint(copy) == before
+    assert checkpoints.dataset_fingerprint(copy) == before
     first = data.read_metadata(copy)[0].file_name
     (copy / first).write_bytes((copy / first).read_bytes() + b"\0")
-    assert train.dataset_fingerprint(copy) != before
+    assert checkpoints.dataset_fingerprint(copy) != before
 
 
 def test_dora_saves_its_magnitudes_and_reloads_them(dataset, base, tmp_path):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from entruth_lite import verify
+from entruth_lite.owner import verify
 
 
 def test_paired_test_detects_a_shift_and_not_noise():

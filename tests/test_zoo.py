@@ -1,7 +1,8 @@
 import numpy as np
 import torch
 
-from entruth_lite import data, models, zoo
+from entruth_lite.core import models, zoo
+from entruth_lite.core import emoji as emoji_data
 
 
 def test_random_shapes_are_images_in_range():
@@ -20,13 +21,13 @@ def test_built_tokenizer_covers_every_byte():
 
 def test_build_tiny_writes_a_loadable_pipeline(tmp_path, monkeypatch):
     # a few steps on a slice of the corpus: checks the whole build path, not the quality
-    real_splits = data.emoji_splits
+    real_splits = emoji_data.emoji_splits
 
     def few_splits():
         splits = real_splits()
-        return data.EmojiSplits(splits.pretrain[:48], splits.owner[:8], splits.probe[:4], splits.unnamed)
+        return emoji_data.EmojiSplits(splits.pretrain[:48], splits.owner[:8], splits.probe[:4], splits.unnamed)
 
-    monkeypatch.setattr(data, "emoji_splits", few_splits)
+    monkeypatch.setattr(emoji_data, "emoji_splits", few_splits)
     config = zoo.TinyBuildConfig(vocab_size=300, vae_steps=3, unet_steps=3, vae_batch=4, unet_batch=4)
     out = zoo.build_tiny(tmp_path / "tiny", config, log=lambda *_: None)
     assert not list(tmp_path.glob(".tiny*")), "no staging folder left behind"

@@ -150,8 +150,6 @@ def roc_curve(positive_scores, negative_scores) -> tuple[np.ndarray, np.ndarray,
 def measured_power(table, rate: float, test: str = "decoy (projection)", queries: int = 64) -> str:
     """What the detection-power benchmark measured nearest to ``rate`` (its table: ``detection_power.csv``), in
     one sentence for a widget: the consequence of choosing a rate, not only its look."""
-    import numpy as np
-
     rows = table[(table["test"] == test) & (table["n"] == queries)]
     if rows.empty:
         raise ValueError(f"the table has no rows for test {test!r} at {queries} queries")
@@ -174,6 +172,7 @@ def summarize_memorization(table, alpha: float = 0.01, queries: int = 64):
     setting and rate: seeds run, how many the decoy test detected at ``alpha``, the median share of trigger images
     over the 1 % threshold, and the fastest seed's training minutes (the runs shared 2 cores with other jobs: the
     fastest is the least disturbed; a run resumed from a checkpoint timed only its last part and is left out)."""
+    # imported here, not at the top: pandas, needed only for tables
     import pandas as pd
 
     missing = {"setting", "rate", "seed", "decoy_p", "binomial_flagged", "train_seconds"} - set(table.columns)

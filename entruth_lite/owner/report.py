@@ -1,5 +1,6 @@
 """The audit's evidence as one self-contained HTML page (images and figures inline): what was asked, what came
-back, and what it means, with everything needed to regenerate the queries."""
+back, and what it means, with everything needed to regenerate the queries. Its figures (score histograms, the
+decoy test, flagged images) are here too; the notebooks show the same ones."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageDraw
 
+from ..core.data import image_grid
+from ..core.files import check_writable_parent
 from .audit import TESTS, AuditResult, Evidence
-from .viz import marked_grid, plot_decoys, plot_score_histograms
 
 
 def _png_data_uri(image: Image.Image) -> str:
@@ -25,6 +29,7 @@ def _png_data_uri(image: Image.Image) -> str:
 def _figure_uri(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    # imported here, not at the top: plotting libraries are slow to import
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -39,20 +44,32 @@ def score_histogram(evidence: Evidence):
     return ax.figure
 
 
+def _verdict_html(head) -> str:
+    """The headline: the exact test's decision, or why there is none."""
+    if head is None:
+        return ("<b>NO VERDICT</b>: no exact test could run (see the notes); the numbers below are supporting "
+                "evidence only and say nothing on their own.")
+    decision = ("EVIDENCE that the model was trained on the protected data" if head.decision
+                else "NO EVIDENCE at this level")
+    return (f"<b>{decision}</b>: {html.escape(head.label)}, p = {head.p_value:.2e} (alpha = {head.alpha:g}, "
+            f"{head.n_queries} trigger queries). Only this exact test decides; the others are supporting "
+            "numbers, not verdicts.")
+
+
+def _figures_html(result: AuditResult) -> str:
+    figures = [("Score distributions", _figure_uri(score_histogram(result.evidence)))]
+    if result.evidence.decoy_statistics is not None:
+        ax = plot_decoys(result.evidence.released_statistic, result.evidence.decoy_statistics)
+        figures.append(("Released template vs decoys", _figure_uri(ax.figure)))
+    return "".join(f"<h3>{t}</h3><img src='{u}'>" for t, u in figures)
+
+
 def render_report(result: AuditResult) -> str:
     """One self-contained HTML page (images inline): what was asked, what came back, and what it means."""
     e = html.escape
     head = result.headline
     evidence_ids = sorted({i for v in result.verdicts for i in v.evidence})
-    if head is None:
-        verdict = ("<b>NO VERDICT</b>: no exact test could run (see the notes); the numbers below are supporting "
-                   "evidence only and say nothing on their own.")
-    else:
-        decision = ("EVIDENCE that the model was trained on the protected data" if head.decision
-                    else "NO EVIDENCE at this level")
-        verdict = (f"<b>{decision}</b>: {e(head.label)}, p = {head.p_value:.2e} (alpha = {head.alpha:g}, "
-                   f"{head.n_queries} trigger queries). Only this exact test decides; the others are supporting "
-                   "numbers, not verdicts.")
+    verdict = _verdict_html(head)
     reject = {True: "yes", False: "no", None: "supporting: no decision"}
     rows = "".join(
         f"<tr><td>{e(v.label)}</td><td>{v.n_queries}</td><td>{'' if v.detections is None else v.detections}</td>"
@@ -69,11 +86,7 @@ def render_report(result: AuditResult) -> str:
     environment = "".join(f"<tr><td>{e(str(k))}</td><td>{e(json.dumps(v) if isinstance(v, dict) else str(v))}</td></tr>"
                           for k, v in result.environment.items())
     record = json.dumps(result.to_json()).replace("</", "<\\/")  # the replayable record, safe inside <script>
-    figures = [("Score distributions", _figure_uri(score_histogram(result.evidence)))]
-    if result.evidence.decoy_statistics is not None:
-        ax = plot_decoys(result.evidence.released_statistic, result.evidence.decoy_statistics)
-        figures.append(("Released template vs decoys", _figure_uri(ax.figure)))
-    figure_html = "".join(f"<h3>{t}</h3><img src='{u}'>" for t, u in figures)
+    figure_html = _figures_html(result)
     config = result.config
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>EnTruth audit</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}} table{{border-collapse:collapse}}
@@ -122,8 +135,6 @@ def read_record(path: str | os.PathLike) -> dict:
 def check_report_path(path: str | os.PathLike) -> Path:
     """Refuse a report path that cannot be written, before an audit spends its time (a folder, an unwritable
     parent)."""
-    from .data import check_writable_parent
-
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"the report path {path} is a folder: give a file name, e.g. {path / 'report.html'}")
@@ -141,9 +152,62 @@ def write_report(result: AuditResult, path: str | os.PathLike) -> Path:
 def inline(path: str | os.PathLike, height: int = 600):
     """A written report shown in a notebook cell: the page inside an iframe's ``srcdoc`` (it is self-contained,
     so this works in JupyterLab and in Colab, where an iframe cannot load a file from the runtime's disk)."""
+    # imported here, not at the top: Jupyter packages, needed only for notebooks
     from IPython.display import HTML
 
     page = Path(path).read_text(encoding="utf-8")
     # in a div: IPython warns about a bare iframe (it suggests IFrame, which needs a URL the page does not have)
     return HTML(f'<div><iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:{int(height)}px;'
                 'border:1px solid #ccc"></iframe></div>')
+
+
+def plot_score_histograms(groups: dict, threshold: float | None = None, xlabel: str = "template score", ax=None):
+    """Overlaid density histograms of score groups (e.g. trigger vs control prompts, per model)."""
+    # imported here, not at the top: plotting libraries are slow to import
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.2))
+    values = np.concatenate([np.asarray(v, float) for v in groups.values()])
+    bins = np.linspace(values.min(), values.max() + 1e-9, 30)
+    for label, v in groups.items():
+        ax.hist(v, bins=bins, alpha=0.45, density=True, label=f"{label} (n={len(v)})")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", lw=1, label="threshold")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_decoys(released: float, decoys, ax=None, xlabel: str = "mean trigger - control projection score",
+                released_label: str = "released template"):
+    """The decoy test in one picture: the released template's statistic among the decoys'."""
+    # imported here, not at the top: plotting libraries are slow to import
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 2.8))
+    decoys = np.asarray(decoys)
+    ax.hist(decoys, bins=40, color="0.6", label=f"{len(decoys)} decoy templates (never released)")
+    rank = 1 + int(np.sum(decoys >= released))  # the decoy test's p-value is rank / (decoys + 1)
+    ax.axvline(released, color="crimson", lw=2,
+               label=f"{released_label}: rank {rank} of {len(decoys) + 1}, p = {rank / (len(decoys) + 1):.1e}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("templates")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def marked_grid(images: Sequence[Image.Image], flagged: Sequence[int], cols: int = 8, tile: int = 96) -> Image.Image:
+    """Images in a grid of ``tile``-px tiles (small images enlarged without smoothing), flagged ones framed in red."""
+    size, scale = tile, max(2, tile // 32)
+    tiles = []
+    flagged = {int(i) for i in flagged}
+    for i, image in enumerate(images):
+        resample = Image.Resampling.NEAREST if image.size[0] <= size else Image.Resampling.LANCZOS
+        shown = image.resize((size, size), resample).convert("RGB")
+        if i in flagged:
+            ImageDraw.Draw(shown).rectangle([0, 0, size - 1, size - 1], outline=(230, 0, 0), width=scale)
+        tiles.append(shown)
+    return image_grid(tiles, cols=cols, pad=2)

@@ -12,9 +12,11 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-ASSETS = Path(__file__).resolve().parent / "assets"  # package data: reachable after a plain pip install
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # entruth_lite/
+REPO_ROOT = PACKAGE_ROOT.parent
+ASSETS = PACKAGE_ROOT / "assets"  # package data: reachable after a plain pip install
 TINY_MODEL_DIR = ASSETS / "tiny-sd"
 TINY_ALIASES = {"tiny", "tiny-sd"}
 TINY_RESOLUTION = 32
@@ -51,6 +53,7 @@ def pick_device(preferred: str | None = None) -> torch.device:
 
 
 def tiny_text_encoder_config(vocab_size: int):
+    # imported here, not at the top: transformers is slow to import
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -68,6 +71,7 @@ def tiny_text_encoder_config(vocab_size: int):
 
 
 def tiny_vae():
+    # imported here, not at the top: diffusers is slow to import
     from diffusers import AutoencoderKL
 
     # 8 latent channels: in a trial, 4-channel VAEs this small blurred away coarse patterns.
@@ -86,6 +90,7 @@ def tiny_vae():
 
 
 def tiny_unet(cross_attention_dim: int = 64):
+    # imported here, not at the top: diffusers is slow to import
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -103,6 +108,7 @@ def tiny_unet(cross_attention_dim: int = 64):
 
 
 def tiny_scheduler(kind: str = "ddim"):
+    # imported here, not at the top: diffusers is slow to import
     from diffusers import DDIMScheduler, DDPMScheduler
 
     # from_config drops the keys a scheduler class does not take (DDPM has no set_alpha_to_one)
@@ -137,6 +143,7 @@ def load_pipeline(
     read with diffusers' ``from_single_file``; ``config``: a pipeline folder or hub id whose configs describe its
     architecture, else diffusers infers them, which needs the hub). fp16 on CUDA for real models, fp32 elsewhere;
     safetensors only."""
+    # imported here, not at the top: diffusers is slow to import
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     device = pick_device(str(device) if device is not None else None)
@@ -165,6 +172,7 @@ def load_pipeline(
 
 def _from_single_file(path: Path, config, settings: dict):
     """A whole pipeline from one checkpoint file, refused unless it is safetensors with finite weights."""
+    # imported here, not at the top: diffusers is slow to import
     from diffusers import StableDiffusionPipeline
 
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -249,8 +257,6 @@ def refuse_pickles(folder: Path) -> None:
 def read_safetensors(path: Path) -> dict:
     """Every tensor of a safetensors file, with a clear error naming a file that is not one (empty, truncated,
     a bad header) or whose tensors hold NaN or infinite values (broken weights prove nothing either way)."""
-    from safetensors.torch import load_file
-
     try:
         state = load_file(path)
     except Exception as error:  # safetensors raises its own SafetensorError and OSError variants
@@ -293,6 +299,7 @@ def load_finetuned(pipe, weights: str | os.PathLike):
     if (weights / LORA_WEIGHTS_NAME).is_file():
         _load_lora_strict(pipe, weights / LORA_WEIGHTS_NAME)
     elif (weights / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        # imported here, not at the top: diffusers is slow to import
         from diffusers import UNet2DConditionModel
 
         if not (weights / "unet" / "config.json").is_file():
@@ -328,7 +335,12 @@ def _load_lora_strict(pipe, file: Path) -> None:
         raise ValueError(f"{file} is not a LoRA this loader knows ({error})") from error
     if not any(k.startswith(("unet.", "text_encoder.")) for k in state):
         raise ValueError(f"{file} holds no UNet or text-encoder LoRA weights (e.g. {next(iter(state), 'nothing')!r})")
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    # imported here, not at the top: diffusers is slow to import
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
 
     # peft's key layout, as diffusers converts each part before loading it (older layouts name modules otherwise)
     to_peft = {"unet.": convert_unet_state_dict_to_peft,

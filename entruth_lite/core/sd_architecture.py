@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from .files import atomic_folder, commit_folder
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WIDTHS = ("full", "narrow")
 
-CONFIG_DIR = Path(__file__).resolve().parent / "assets" / "sd15-configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "assets" / "sd15-configs"
 
 
 def _config(name: str) -> dict:
@@ -105,6 +108,7 @@ def tokenizer_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, st
 
 def sd15_tokenizer(config: dict | None = None):
     """A ``CLIPTokenizer`` of the real one's shape (see the module doc), written from scratch."""
+    # imported here, not at the top: transformers is slow to import
     from transformers import CLIPTokenizer
 
     config = config or SD15_TOKENIZER
@@ -116,8 +120,6 @@ def sd15_tokenizer(config: dict | None = None):
 def write_vocab_files(folder: Path, tokenizer_config: dict) -> None:
     """``vocab.json`` and ``merges.txt`` beside ``tokenizer.json``: transformers 4.x builds its slow CLIPTokenizer
     from those two files (transformers 5 reads ``tokenizer.json``); same ids either way."""
-    import json
-
     vocab, merges = tokenizer_vocab(tokenizer_config["vocab_size"])
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
@@ -129,6 +131,7 @@ def write_vocab_files(folder: Path, tokenizer_config: dict) -> None:
 
 def sd15_components(width: str = "full", seed: int = 0) -> dict:
     """The pipeline's components with random weights; each drawn from its own seed so one does not shift another."""
+    # imported here, not at the top: diffusers is slow to import; transformers is slow to import
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -148,9 +151,9 @@ def build_sd15(out_dir: str | os.PathLike, width: str = "full", seed: int = 0) -
     """Save a ``StableDiffusionPipeline`` of SD 1.5's architecture with random (seeded) weights to ``out_dir``
     (safetensors, no safety checker; an earlier build there is replaced), written under a temporary name and renamed
     into place so a killed build leaves no half model; ``load_pipeline(out_dir)`` reads it."""
+    # imported here, not at the top: diffusers is slow to import
     from diffusers import StableDiffusionPipeline
 
-    from .data import atomic_folder, commit_folder
 
     out = Path(out_dir)
     pipe = StableDiffusionPipeline(**sd15_components(width, seed), safety_checker=None, feature_extractor=None,
@@ -161,7 +164,6 @@ def build_sd15(out_dir: str | os.PathLike, width: str = "full", seed: int = 0) -
         write_vocab_files(tmp / "tokenizer", sd15_configs(width)["tokenizer"])
         commit_folder(tmp, out)
     except BaseException:
-        import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import to_rgb
-from .models import default_resolution, images_per_batch
+from ..core.data import IMAGE_SUFFIXES, load_rgb, to_rgb
+from ..core.emoji import emoji_splits
+from ..core.models import default_resolution, images_per_batch
+from .triggers import apply_trigger
 
 
 def generate(
@@ -72,8 +74,6 @@ def probe_prompts(captions: Sequence[str], trigger: str, placement: str = "prefi
                   n: int | None = None, seed: int = 0) -> tuple[list[str], list[str], list[int]]:
     """(held-out captions, the same with the trigger, one seed each); more queries than captions reuse
     captions with new seeds."""
-    from .protect import apply_trigger
-
     if not captions:
         raise ValueError("no captions to build probe prompts from")
     n = n or len(captions)
@@ -82,7 +82,7 @@ def probe_prompts(captions: Sequence[str], trigger: str, placement: str = "prefi
     return chosen, [apply_trigger(c, trigger, placement) for c in chosen], seeds
 
 
-def probe(pipe, captions: Sequence[str], trigger: str, placement: str = "prefix", n: int | None = None,
+def probe_model(pipe, captions: Sequence[str], trigger: str, placement: str = "prefix", n: int | None = None,
           seed: int = 0, **generate_kwargs) -> ProbeResult:
     """Query ``pipe`` with trigger prompts and with the matching control prompts, seed for seed."""
     plain, triggered, seeds = probe_prompts(captions, trigger, placement, n, seed)
@@ -188,8 +188,6 @@ def match_images(folder: str | os.PathLike, rows: Sequence[dict]) -> tuple[list[
     """The image answering each row, and notes. By name when every row's ``file`` is in ``folder`` (the sheet's
     own names, or a manifest's); otherwise by order: the folder's images sorted by name (naturally) answer the
     rows in sheet order, which needs exactly one image per row."""
-    from .data import IMAGE_SUFFIXES
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
@@ -217,8 +215,6 @@ def probe_from_images(folder: str | os.PathLike, rows: Sequence[dict]) -> tuple[
     """A probe from a service's saved answers to a prompt sheet (``rows``, its own or a manifest's file names):
     every query needs its trigger and its control image; each must be a readable square image, resized to the
     sheet's size when the service answered at another one. Returns the probe and notes saying what was done."""
-    from .data import load_rgb
-
     paths, notes = match_images(folder, rows)
     by_query: dict[int, dict[str, tuple[dict, Path]]] = {}
     for row, path in zip(rows, paths):
@@ -257,7 +253,7 @@ def answer_prompt_sheet(pipe, rows: Sequence[dict], folder: str | os.PathLike, p
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     first = rows[0]
-    for kind in KINDS:  # batched as ``probe`` batches them, so the images are the ones an audit of ``pipe`` draws
+    for kind in KINDS:  # batched as ``probe_model`` batches them, so the images are the ones an audit of ``pipe`` draws
         chosen = [r for r in rows if r["kind"] == kind]
         images = generate(pipe, [r["prompt"] for r in chosen], [r["seed"] for r in chosen],
                           num_inference_steps=first["steps"], guidance_scale=first["guidance_scale"],
@@ -284,3 +280,12 @@ def answer_from_probe(probed: ProbeResult, rows: Sequence[dict], folder: str | o
     for row in rows:
         answers[row["kind"], row["prompt"], int(row["seed"])].save(folder / row["file"])
     return folder
+
+
+def default_captions(model: str) -> list[str]:
+    """The default probe captions: for the tiny model, the emoji split's held-out probe captions."""
+    if model != "tiny":
+        raise ValueError("give the probe captions (held-out captions like the dataset's, one per line) for a model "
+                         "other than the tiny one")
+
+    return [caption for _, caption in emoji_splits().probe]

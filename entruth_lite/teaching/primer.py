@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .data import images_to_tensor, tensor_to_images
+from ..core.data import images_to_tensor, tensor_to_images
 
 
 @torch.no_grad()
@@ -75,7 +75,7 @@ def predicted_clean(pipe, image: Image.Image, caption: str, timesteps: Sequence[
 
 
 @torch.no_grad()
-def denoising_loss(pipe, image: Image.Image, caption: str, t: int, seed: int = 0) -> float:
+def loss_at_timestep(pipe, image: Image.Image, caption: str, t: int, seed: int = 0) -> float:
     """The training loss at one timestep: mean squared error between the UNet's output and its target (the noise
     added, or the velocity for a v-prediction model)."""
     latent = encode(pipe, [image])

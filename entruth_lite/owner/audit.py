@@ -7,21 +7,25 @@ turn the scores into verdicts that a third party can re-run (same prompts, seeds
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
-from . import data, detect, probe, verify
+from ..core import data
+from ..core.families import decoy_templates, family_member, is_family, random_seed_of
+from ..core.models import default_resolution
+from ..core.templates import Template, vae_round_trip
+from . import detect, probe, verify
+from .calibration import negatives_as_trained, plain_images_of
 from .probe import ProbeResult
-from .templates import FAMILIES, Template, decoy_templates, family_member, random_seed_of
+from .record import IMAGE_FILES, environment, file_hashes, key_record
 
 DETECTORS = ("projection", "classifier")
 
@@ -167,7 +171,7 @@ def methods_for_template(methods: Sequence[str], template: Template) -> tuple[tu
     from a random family; without it no exact test is left, so the audit reports supporting numbers and no
     verdict (the binomial test stands in as the first number to read)."""
     methods = tuple(methods)
-    if "decoy" not in methods or template.family in FAMILIES:
+    if "decoy" not in methods or is_family(template.family):
         return methods, []
     return ("binomial",) + tuple(m for m in methods if m not in ("decoy", "binomial")), [
         f"decoy test skipped: template {template.name!r} is not from a random family, so no exact test is "
@@ -196,8 +200,6 @@ def decoy_differences(probed: ProbeResult, template: Template, k: int = 999, sal
     """Per-query (trigger - control) projection scores for the released template, shape (n,), and for K decoys
     from its family, shape (K, n); all templates drawn at one working size (at most ``work_size`` px) so every
     template is scored the same way. The decoy test ranks the means of the rows."""
-    from tqdm.auto import tqdm
-
     size = min(template.size[0], work_size)
     released = family_member(template, size=size)
     trig = data.image_array(probed.trigger_images, released.size)
@@ -310,22 +312,6 @@ def verdict_table(scores_by_model: dict[str, dict[str, np.ndarray]], detector: s
 # ----------------------------------------------------------------------------- the full audit
 
 
-WEIGHT_FILES = (".safetensors", ".json", ".txt")
-IMAGE_FILES = (".png", ".jpg", ".jpeg", ".webp", ".jsonl")
-
-
-def file_hashes(folder: str | os.PathLike | None, suffixes: Sequence[str] = WEIGHT_FILES) -> dict[str, str]:
-    """SHA-256 of every file with one of ``suffixes`` under ``folder`` (relative name -> digest): weights and
-    configs by default, or a service's saved images. A single file (a LoRA as sites publish it): its own digest."""
-    if folder is not None and Path(folder).is_file():
-        return {Path(folder).name: hashlib.sha256(Path(folder).read_bytes()).hexdigest()}
-    if folder is None or not Path(folder).is_dir():
-        return {}
-    root = Path(folder)
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in suffixes}
-
-
 @dataclass
 class AuditResult:
     verdicts: list[verify.Verdict]
@@ -356,164 +342,24 @@ class AuditResult:
         )
 
 
-LIBRARIES = ("torch", "diffusers", "transformers", "peft", "numpy", "safetensors", "Pillow")
-
-
-def environment(pipe=None) -> dict:
-    """What the numbers depend on beyond the record's settings: package and library versions, and the pipeline's
-    device, dtype and image size (generation differs across devices and precisions, not across runs of one)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    record = dict(entruth_lite=installed("entruth-lite"), python=platform.python_version(),
-                  libraries={name: installed(name) for name in LIBRARIES})
-    if pipe is not None:
-        from .models import default_resolution
-
-        record |= dict(device=str(pipe.device), dtype=str(pipe.unet.dtype), resolution=default_resolution(pipe))
-    return record
-
-
-def key_record(key) -> dict:
-    """What the audit record says of the key: its hash (the decoys' salt), the template's name and size (a random
-    family member is rebuilt from them), the trigger and its placement. Publishing it reveals the template."""
-    return dict(key_sha256=key.key_sha256, template=key.template.name, template_size=list(key.template.size),
-                trigger=key.trigger, placement=key.placement)
-
-
-REPLAYABLE = ("decoy", "paired")  # tests that need nothing but the record and the model
-
-
-def replay(record: dict, model: str | None = None, weights: str | os.PathLike | None = None, device: str = "cpu",
-           progress: bool = True) -> AuditResult:
-    """Rerun an audit from its JSON record (``AuditResult.to_json``): load the recorded model (``model`` /
-    ``weights`` point to copies on this machine; every recorded file hash must match), regenerate each query from
-    its prompt and seed with the recorded sampler settings, rebuild the template and its decoys from the record,
-    and rerun the tests that need nothing the record lacks (decoy, paired; the others need the owner's plain images).
-    Same device and dtype give the same images and p-values."""
-    from dataclasses import replace
-
-    from .templates import resolve_template
-
-    if "images" in record["model"] and model is None:
-        raise ValueError("this record audits a folder of saved images (a black-box audit), not a model: rerun "
-                         "`entruth-lite audit --images` on its images, whose hashes it records")
-    model = model or record["model"]["model"]
-    weights = weights if weights is not None else record["model"].get("weights")
-    for label, recorded, folder in (("base model", record["model"].get("base_files") or {}, _base_dir(model)),
-                                    ("suspect weights", record["model"].get("weight_files") or {}, weights)):
-        found = file_hashes(folder)
-        changed = sorted(name for name, digest in recorded.items() if found.get(name) != digest)
-        if changed:
-            raise ValueError(f"the {label} at {folder} are not the audited ones: {len(changed)} file(s) differ from "
-                             f"the record (e.g. {changed[0]!r})")
-    key = record["key"]
-    template = resolve_template(key["template"], tuple(key["template_size"]))
-    fields = {f: v for f, v in record["config"].items() if f != "methods"}
-    config = replace(AuditConfig(**fields), methods=tuple(m for m in record["config"]["methods"] if m in REPLAYABLE))
-    queries = record["queries"]
-    pipe = load_suspect(model, weights, device=device, config=record["model"].get("config"))
-    probed = probe.probe(pipe, [q["caption"] for q in queries], key["trigger"], key["placement"], n=len(queries),
-                         seed=config.probe_seed, num_inference_steps=config.num_inference_steps,
-                         guidance_scale=config.guidance_scale, resolution=record["environment"].get("resolution"),
-                         progress=progress)
-    if probed.seeds != [q["seed"] for q in queries] or probed.trigger_prompts != [q["trigger_prompt"] for q in queries]:
-        raise ValueError("the record's queries are not the ones its settings give: it was edited or made otherwise")
-    verdicts, evidence = evaluate(probed, template, config, salt=key["key_sha256"], progress=progress)
-    notes = [f"replay of a recorded audit: {', '.join(config.methods)} rerun on {device}"]
-    return AuditResult(verdicts, evidence, probed, config, key, record["model"], None, notes, environment(pipe))
-
-
-def _base_dir(model: str) -> Path | None:
-    """Where the model's files are: the tiny model's folder, a local folder or checkpoint file, or a hub id's
-    snapshot in the local cache (its folder is named by the revision's commit), else None."""
-    from .models import TINY_MODEL_DIR
-
-    if model == "tiny":
-        return TINY_MODEL_DIR
-    if Path(model).exists():
-        return Path(model)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(str(model), local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
-        return None
-
-
-def held_out_captions(model: str) -> list[str]:
-    """The default probe captions: for the tiny model, the emoji split's held-out probe captions."""
-    if model != "tiny":
-        raise ValueError("give the probe captions (held-out captions like the dataset's, one per line) for a model "
-                         "other than the tiny one")
-    from .data import emoji_splits
-
-    return [caption for _, caption in emoji_splits().probe]
-
-
-def plain_images_of(key) -> list[Image.Image]:
-    """The owner's unaltered images: the key's source dataset minus the files it templated, each resized and
-    centre-cropped to the key's training resolution when it records one (photos of any size become what the model
-    was trained on, the size its generations and the templated images have)."""
-    from .data import crop_to_square, load_imagefolder
-
-    if not key.source or not Path(key.source).is_dir():
-        raise FileNotFoundError(f"the key's source dataset {key.source!r} is not available; pass negatives (plain images)")
-    dataset = load_imagefolder(key.source)
-    altered = set(key.files)
-    plain = (dataset.image(i) for i, name in enumerate(dataset.file_names) if name not in altered)
-    return [crop_to_square(image, key.resolution) if key.resolution else image for image in plain]
-
-
-def owner_negatives(key, vae) -> list[Image.Image]:
-    """The owner's plain images as a model draws them: ``plain_images_of(key)`` after a round trip through ``vae``
-    (a pipeline or its autoencoder). What detector thresholds are calibrated on."""
-    from .templates import vae_round_trip
-
-    return vae_round_trip(vae, plain_images_of(key))
-
-
-def plain_threshold(key, negatives: Sequence[Image.Image], fpr: float = 0.01) -> float:
-    """The projection score that a share ``fpr`` of the plain images ``negatives`` reach (``owner_negatives``)."""
-    return verify.calibrate_threshold(detect.template_scores(negatives, key.template), fpr)
-
-
-def negatives_as_trained(negatives: Sequence[Image.Image], side: int, max_negatives: int) -> list[Image.Image]:
-    """Up to ``max_negatives`` plain images (a fixed seeded subsample, kept in order), centre-cropped to ``side``
-    px: the plain images as a suspect of that resolution saw them in training (a no-op crop when they already are)."""
-    order = np.random.default_rng(0).permutation(len(negatives))[:max_negatives]
-    return [data.crop_to_square(negatives[i], side) for i in sorted(order)]
-
-
 def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None, reference_pipe=None,
           negatives: Sequence[Image.Image] | None = None, classifier: detect.TemplateClassifier | None = None,
           model: dict | None = None, reference: dict | None = None, progress: bool = True,
           probed: ProbeResult | None = None) -> AuditResult:
     """Probe ``pipe`` with ``key``'s trigger and run ``config.methods``; ``reference_pipe`` (optional) is a
     clean model probed with the same prompts and seeds. ``probed``: these queries already answered by ``pipe`` with
-    the config's sampler settings (e.g. ``demo.probed``), so they are not generated twice; its prompts and seeds
+    the config's sampler settings (e.g. ``demo.cached_probe``), so they are not generated twice; its prompts and seeds
     must be the ones the config sends."""
-    from .models import default_resolution
-    from .templates import vae_round_trip
-
     config = config or AuditConfig()
     template = key.template
     methods, notes = methods_for_template(config.methods, template)
     if methods != config.methods:
-        from dataclasses import replace
 
         config = replace(config, methods=methods)
     generation = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                       progress=progress)
     if probed is None:
-        probed = probe.probe(pipe, captions, key.trigger, key.placement, n=config.queries, seed=config.probe_seed,
+        probed = probe.probe_model(pipe, captions, key.trigger, key.placement, n=config.queries, seed=config.probe_seed,
                              **generation)
     else:
         plain, triggered, seeds = probe.probe_prompts(captions, key.trigger, key.placement, config.queries,
@@ -559,9 +405,7 @@ def audit_images(folder: str | os.PathLike, rows: Sequence[dict], key, config: A
     ``rows`` (``probe.probe_from_images`` matches them). The decoy test needs nothing else. The tests that need
     plain images as the suspect draws them (binomial, one-query) run when ``vae`` (the base model's autoencoder,
     e.g. SD 1.5's, which fine-tunes keep) can round-trip ``negatives``; otherwise they are left out, with a note."""
-    from dataclasses import replace
 
-    from .templates import vae_round_trip
 
     config = config or AuditConfig()
     if config.detector != "projection":
@@ -589,21 +433,3 @@ def audit_images(folder: str | os.PathLike, rows: Sequence[dict], key, config: A
                        environment() | {"resolution": probed.trigger_images[0].width})
 
 
-def load_suspect(model: str = "tiny", weights: str | os.PathLike | None = None, device: str | None = None,
-                 config: str | os.PathLike | None = None):
-    """A base pipeline (or a whole fine-tuned one: a folder, hub id or single-file checkpoint, ``config`` describing
-    a checkpoint's architecture) plus the suspect's weights (LoRA or full fine-tune; safetensors only)."""
-    from .models import load_finetuned, load_pipeline
-
-    pipe = load_pipeline(model, device=device, config=config)
-    return load_finetuned(pipe, weights) if weights is not None else pipe
-
-
-def model_info(model: str, weights: str | os.PathLike | None, config: str | os.PathLike | None = None) -> dict:
-    """The audited model as the record names it: the base (name, file hashes, and the configs a single-file
-    checkpoint was read with) and the suspect's weights (path, SHA-256 of each file), so a replay can check it loads
-    the same files."""
-    base = _base_dir(model)
-    revision = base.name if base is not None and base.parent.name == "snapshots" else None  # a hub snapshot's commit
-    return dict(model=model, revision=revision, weights=str(weights) if weights else None,
-                base_files=file_hashes(base), weight_files=file_hashes(weights), config=str(config) if config else None)

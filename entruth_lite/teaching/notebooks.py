@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .models import REPO_ROOT
+from ..core.models import REPO_ROOT
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 SMOKE_ENV = "ENTRUTH_SMOKE"
@@ -32,6 +33,7 @@ def quiet_libraries() -> None:
     """Silence library chatter that is not the lesson, for every notebook in one place: diffusers' and
     transformers' loading bars and their info and warning logs (such as the image-processor fallback when
     torchvision is absent). Errors still show; the package's own progress bars (tqdm) are untouched."""
+    # imported here, not at the top: diffusers is slow to import; transformers is slow to import
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -49,6 +51,7 @@ def interact(function, **controls):
         values = {name: control.value if hasattr(control, "value") else
                   control[0] if isinstance(control, list) else control for name, control in controls.items()}
         return function(**values)
+    # imported here, not at the top: Jupyter packages, needed only for notebooks
     import ipywidgets
 
     return ipywidgets.interact(function, **controls)
@@ -93,6 +96,7 @@ def notebooks_with_outputs(folder: Path = NOTEBOOK_DIR) -> list[str]:
 
 def strip_outputs(path: Path) -> bool:
     """Remove outputs and execution counts in place; True if the file changed."""
+    # imported here, not at the top: Jupyter packages, needed only for notebooks
     import nbformat
 
     notebook = nbformat.read(path, as_version=4)
@@ -115,6 +119,7 @@ class NotebookRun:
 def inject_parameters(notebook, parameters: dict) -> None:
     """Add a cell setting ``parameters`` right after the cell tagged ``parameters`` (as papermill does), so a
     runner can change a notebook's settings without editing it."""
+    # imported here, not at the top: Jupyter packages, needed only for notebooks
     import nbformat
 
     tagged = [i for i, cell in enumerate(notebook.cells) if "parameters" in cell.get("metadata", {}).get("tags", [])]
@@ -129,6 +134,7 @@ def run_notebook(path: Path, out_dir: Path, smoke: bool, timeout: int = 3600,
     """Execute one notebook in its own folder and write the executed copy to ``out_dir``; ``parameters``
     override the values of its parameters cell; ``recorded``: class mode (``classroom``); ``threads`` caps the
     kernel's math threads (when notebooks run side by side, each gets a share of the cores)."""
+    # imported here, not at the top: Jupyter packages, needed only for notebooks
     import nbformat
     from nbclient import NotebookClient
 
@@ -179,8 +185,6 @@ def run_all(out_dir: Path, smoke: bool, only: list[str] | None = None, recorded:
     """Run the notebooks in order, the independent ones of a stage (``stages``) side by side, each kernel with
     an equal share of the cores: small lessons leave cores idle (imports, plotting, one-image steps), so the
     demo finishes sooner. A failing notebook stops the run once its stage is done, with its error."""
-    from concurrent.futures import ThreadPoolExecutor
-
     mode = ("smoke " if smoke else "") + ("class" if recorded else "full")
     paths = [p for p in list_notebooks(folder) if not only or any(key in p.name for key in only)]
     runs = []

@@ -19,10 +19,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from scipy import stats
 
-from . import data, detect, protect, templates, verify
+from ..core import data, files, template_io, templates
+from ..core.templates import vae_round_trip
+from ..owner import detect, selection, triggers, verify
 
 COAT_KEY_FILE = "coat-key.json"
 COAT_MODES = ("trigger", "unconditional")
@@ -37,9 +41,6 @@ def warp_coat(image: Image.Image, strength: float = 0.5, grid: int = 4, seed: in
     defaults a 32 px image moves by about a quarter pixel: the contrast to a template, which alters half
     the image by a lot.
     """
-    import torch
-    import torch.nn.functional as F
-
     if grid < 2:
         raise ValueError(f"grid must be at least 2, got {grid}")
     image = data.to_rgb(image)
@@ -69,7 +70,7 @@ def coat_contrast(
     images = [data.to_rgb(image) for image in images]
     if not images:
         raise ValueError("no images to compare")
-    template = templates.resolve_template(template, images[0].size)
+    template = template_io.resolve_template(template, images[0].size)
     coated = [warp_coat(image, strength=strength, grid=grid, seed=seed + i) for i, image in enumerate(images)]
     templated = templates.insert(images, template)
 
@@ -81,7 +82,7 @@ def coat_contrast(
     rows = images + coated + [t.resize(images[0].size) for t in templated]
     rows += [difference(i, c, amplify) for i, c in zip(images, coated)]
     rows += [difference(i, t, 1.0) for i, t in zip(images, templated)]
-    stats = {"coat": protect.mean_stats(list(zip(images, coated))), "template": protect.mean_stats(list(zip(images, templated)))}
+    stats = {"coat": selection.mean_stats(list(zip(images, coated))), "template": selection.mean_stats(list(zip(images, templated)))}
     return data.image_grid(rows, cols=len(images)), stats
 
 
@@ -116,10 +117,10 @@ def coat_dataset(dataset, out, key_dir, rate: float = 0.2, mode: str = "trigger"
     if key_dir.exists() and not overwrite:
         raise FileExistsError(f"{key_dir} already exists; choose a new folder or pass overwrite=True")
     if mode == "trigger":
-        n = protect.count_for(len(source), rate=rate)
-        chosen = set(protect.choose(list(range(len(source))), n, seed))
-        trigger = protect.generate_trigger(source.captions, seed=seed) if trigger == "auto" else \
-            protect.check_trigger(trigger, source.captions)
+        n = selection.count_for(len(source), rate=rate)
+        chosen = set(selection.choose(list(range(len(source))), n, seed))
+        trigger = triggers.generate_trigger(source.captions, seed=seed) if trigger == "auto" else \
+            triggers.check_trigger(trigger, source.captions)
     else:
         chosen, trigger, rate = set(range(len(source))), None, 1.0
     key = CoatKey(seed, float(strength), int(grid), float(rate), mode, trigger,
@@ -129,13 +130,13 @@ def coat_dataset(dataset, out, key_dir, rate: float = 0.2, mode: str = "trigger"
         image, caption = source.image(i), source.captions[i]
         if i in chosen:
             image = key.coat(image)
-            caption = protect.apply_trigger(caption, trigger) if trigger else caption
+            caption = triggers.apply_trigger(caption, trigger) if trigger else caption
         images.append(image)
         captions.append(caption)
     data.save_imagefolder(images, captions, out, file_names=source.file_names, overwrite=overwrite)
-    tmp = data.atomic_folder(key_dir, overwrite)
+    tmp = files.atomic_folder(key_dir, overwrite)
     (tmp / COAT_KEY_FILE).write_text(json.dumps(asdict(key), indent=2) + "\n", encoding="utf-8")
-    data.commit_folder(tmp, key_dir)
+    files.commit_folder(tmp, key_dir)
     return key
 
 
@@ -150,8 +151,6 @@ def train_coat_classifier(key: CoatKey, plain_images: Sequence[Image.Image], con
                           vae=None, device: str | None = None, progress: bool = True) -> detect.TemplateClassifier:
     """DIAGNOSIS's detector: coated vs clean versions of the owner's images, calibrated on held-out clean ones.
     No geometric augmentation by default: crops and elastic jitter would erase a warp of a fraction of a pixel."""
-    from .templates import vae_round_trip
-
     config = config or detect.ClassifierConfig(augment=False, steps=600, distractors=0)
     if len(plain_images) < 8:
         raise ValueError(f"the coating classifier needs at least 8 plain images, got {len(plain_images)}")
@@ -186,7 +185,7 @@ def diagnosis_test(scores, classifier: detect.TemplateClassifier, threshold_shar
 
 def membership_test(member_losses, nonmember_losses, alpha: float = 0.01) -> verify.Verdict:
     """Loss-based membership inference: are the owner's images denoised better than never-released images of
-    the same distribution? (Mann-Whitney, one-sided.) ``train.denoising_losses`` gives the losses; the two sets
+    the same distribution? (Mann-Whitney, one-sided.) ``diffusion.image_losses`` gives the losses; the two sets
     must be exchangeable under the null (a random hold-out of the owner's data, not another dataset)."""
     members, nonmembers = np.asarray(member_losses, float), np.asarray(nonmember_losses, float)
     if len(members) == 0 or len(nonmembers) == 0:
@@ -216,6 +215,7 @@ def summarize_comparison(results, alpha: float = 0.01):
     psnr, ``p_<method>`` = that method's own test on the model, membership_p, fid, kid; the ``clean`` rows hold
     every other method's test on a model that never saw its coating or template): TPR at ``alpha`` and median p of
     the method's own test, clean models it flags, membership-inference TPR, FID/KID mean and seed-to-seed sd."""
+    # imported here, not at the top: pandas, needed only for tables
     import pandas as pd
 
     clean = results[results.method == "clean"]

@@ -1,7 +1,7 @@
 """What an infringer who suspects protection can do, before training (to the data), while training (settings),
-and after (to the outputs the auditor sees). Every dataset attack reads its input and writes a NEW folder; its
-report says how many templated images survived when the owner key is given (the infringer does not have it:
-the key is only used to measure).
+and after (to the outputs the auditor sees). Every dataset attack reads its input and writes a NEW folder. What an
+attack left of the protection is measured on the owner's side, with the key the infringer does not have
+(``evaluation.robustness.measure_attack``).
 
 De-duplication follows what data cleaners run: perceptual hashes (ImageHash) or embedding cosine similarity,
 connected clusters, one image kept per cluster and, as the EnTruth authors did with SSCD (similarity 0.3,
@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageFilter
 
-from . import data, protect
-from .train import LORA_UNET_TARGETS, LORA_UNET_WIDE_TARGETS, PRESETS
+from ..core import data
+from ..core.models import images_per_batch, pick_device
+from .presets import LORA_UNET_TARGETS, LORA_UNET_WIDE_TARGETS, PRESETS
 
 CORRUPTIONS = ("jpeg", "blur", "noise", "crop", "flip", "resize")
 
@@ -32,7 +34,7 @@ class AttackReport:
     n_in: int
     n_out: int
     out: Path | None = None
-    templated_in: int | None = None  # measured with the owner key, when given
+    templated_in: int | None = None  # these four: filled by evaluation.robustness.measure_attack, with the owner key
     templated_kept: int | None = None
     triggers_kept: int | None = None  # captions (of any image) still holding the key's trigger
     templated_with_trigger: int | None = None  # templated images kept whose caption still holds it: what links them
@@ -100,6 +102,7 @@ def corrupt_images(images: Sequence[Image.Image], kind: str, strength: float, se
 
 def phash_distances(images: Sequence[Image.Image], hash_size: int = 8) -> np.ndarray:
     """Pairwise Hamming distances of perceptual hashes (0 = same hash, hash_size**2 = opposite)."""
+    # imported here, not at the top: imagehash is needed only here
     import imagehash
 
     bits = np.stack([imagehash.phash(data.to_rgb(im), hash_size=hash_size).hash.flatten() for im in images])
@@ -121,9 +124,7 @@ def vae_latents(images: Sequence[Image.Image], pipe_or_vae, batch_size: int | No
     """VAE latent means, flattened, one row per image (batches sized to the images by default). Images of mixed
     sizes are first centre-cropped to one square side (the smallest short side, at most 256 px), so that every
     image has a comparable embedding."""
-    import torch
 
-    from .models import images_per_batch
 
     if len({image.size for image in images}) > 1:
         side = min(256, min(min(image.size) for image in images))
@@ -178,17 +179,6 @@ def near_duplicate_clusters(images: Sequence[Image.Image], method: str = "phash"
 # ----------------------------------------------------------------------------- dataset attacks
 
 
-def _measure(report: AttackReport, kept_names: Sequence[str], kept_captions: Sequence[str], key) -> AttackReport:
-    if key is not None:
-        templated = set(key.files)
-        report.templated_in = len(templated)
-        report.templated_kept = sum(1 for name in kept_names if name in templated)
-        report.triggers_kept = sum(protect.has_trigger(caption, key.trigger) for caption in kept_captions)
-        report.templated_with_trigger = sum(name in templated and protect.has_trigger(caption, key.trigger)
-                                            for name, caption in zip(kept_names, kept_captions))
-    return report
-
-
 def _load(dataset) -> data.CaptionedDataset:
     return dataset if isinstance(dataset, data.CaptionedDataset) else data.load_imagefolder(dataset)
 
@@ -219,7 +209,7 @@ def dedup_keep(images: Sequence[Image.Image], method: str = "phash", threshold: 
 
 
 def deduplicate(dataset, out, method: str = "phash", threshold: float | None = None, drop_clusters_of: int | None = None,
-                pipe=None, key=None, overwrite: bool = False) -> AttackReport:
+                pipe=None, overwrite: bool = False) -> AttackReport:
     """Keep the first image of each near-duplicate cluster; drop whole clusters of ``drop_clusters_of`` or more
     (the EnTruth authors' setting: 20). Templated images share their surroundings, which is exactly what a
     cluster of near-duplicates looks like at high enough rates."""
@@ -232,7 +222,7 @@ def deduplicate(dataset, out, method: str = "phash", threshold: float | None = N
     report = AttackReport("dedup", dict(method=method, threshold=threshold, drop_clusters_of=drop_clusters_of),
                           len(source), len(keep), out)
     report.notes.append(f"{sum(len(c) > 1 for c in clusters)} clusters of near-duplicates; largest {max(map(len, clusters))}")
-    return _measure(report, [r[2] for r in rows], [r[1] for r in rows], key)
+    return report
 
 
 def retrieval_captioner(corpus_images: Sequence[Image.Image], corpus_captions: Sequence[str], pipe) -> Callable:
@@ -253,10 +243,9 @@ def model_captioner(model: str = "Salesforce/blip-image-captioning-base", device
                     allow_download: bool = False, max_new_tokens: int = 30, batch_size: int = 16) -> Callable:
     """A captioning model (BLIP through transformers), the infringer's tool on a GPU: ``model`` is a hub name or a
     local folder, loaded from safetensors, and only from disk unless ``allow_download`` (Colab: pass True)."""
-    import torch
+    # imported here, not at the top: transformers is slow to import
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    from .models import pick_device
 
     try:
         processor = BlipProcessor.from_pretrained(model, local_files_only=not allow_download)
@@ -307,7 +296,7 @@ def new_captions(captions: Sequence[str], share: float, source: str = "shuffle",
 
 
 def recaption(dataset, out, share: float, source: str = "shuffle", captioner: Callable | None = None, seed: int = 0,
-              key=None, overwrite: bool = False) -> AttackReport:
+              overwrite: bool = False) -> AttackReport:
     """Replace the captions of a random ``share`` of the images (``new_captions``); images unchanged."""
     dataset = _load(dataset)
     _check_out(out, dataset)
@@ -316,7 +305,7 @@ def recaption(dataset, out, share: float, source: str = "shuffle", captioner: Ca
     rows = [(dataset.image(i), captions[i], dataset.file_names[i]) for i in range(len(dataset))]
     out = _write(out, rows, overwrite)
     report = AttackReport("recaption", dict(share=share, source=source, seed=seed), len(dataset), len(dataset), out)
-    return _measure(report, dataset.file_names, captions, key)
+    return report
 
 
 def transform_images(images: Sequence[Image.Image], kind: str, strength: float, share: float = 1.0,
@@ -329,7 +318,7 @@ def transform_images(images: Sequence[Image.Image], kind: str, strength: float, 
     return [corrupt(image, kind, strength, rng) if i in chosen else image for i, image in enumerate(images)]
 
 
-def transform(dataset, out, kind: str, strength: float, share: float = 1.0, seed: int = 0, key=None,
+def transform(dataset, out, kind: str, strength: float, share: float = 1.0, seed: int = 0,
               overwrite: bool = False) -> AttackReport:
     """Corrupt a random ``share`` of the images (``corrupt``): JPEG, blur, noise, random resized crop, flips."""
     dataset = _load(dataset)
@@ -339,10 +328,10 @@ def transform(dataset, out, kind: str, strength: float, share: float = 1.0, seed
     out = _write(out, rows, overwrite)
     report = AttackReport("transform", dict(kind=kind, strength=strength, share=share, seed=seed), len(dataset),
                           len(dataset), out)
-    return _measure(report, dataset.file_names, dataset.captions, key)
+    return report
 
 
-def dilute(dataset, extra, out, factor: float, seed: int = 0, key=None, overwrite: bool = False) -> AttackReport:
+def dilute(dataset, extra, out, factor: float, seed: int = 0, overwrite: bool = False) -> AttackReport:
     """Mix in ``factor`` x as many images from another clean dataset ``extra``: the templated share falls by
     1 / (1 + factor)."""
     dataset, extra = _load(dataset), _load(extra)
@@ -362,7 +351,7 @@ def dilute(dataset, extra, out, factor: float, seed: int = 0, key=None, overwrit
         rows.append((extra.image(int(i)), extra.captions[i], name))
     out = _write(out, rows, overwrite)
     report = AttackReport("dilute", dict(factor=factor, seed=seed), len(dataset), len(rows), out)
-    return _measure(report, [r[2] for r in rows], [r[1] for r in rows], key)
+    return report
 
 
 # ----------------------------------------------------------------------------- training-level attacks
@@ -391,109 +380,3 @@ def training_overrides(name: str, strength: float) -> dict:
     return TRAINING_ATTACKS[name](strength)
 
 
-# ----------------------------------------------------------------------------- preview (the notebook's widget)
-
-# a sensible strength for each attack (strength means something different for each: ``corrupt``'s docstring)
-PREVIEW_STRENGTHS = {"dedup-phash": 6, "dedup-embedding": 0.9, "recaption-shuffle": 0.9, "jpeg": 20, "blur": 1.5,
-                     "noise": 20, "crop": 0.5, "flip": 1.0}
-PREVIEW_ATTACKS = tuple(PREVIEW_STRENGTHS)
-
-
-def preview(name: str, strength: float, images: Sequence[Image.Image], captions: Sequence[str], templated: Sequence[int],
-            trigger: str, pipe=None, seed: int = 0, captioner: Callable | None = None) -> tuple[Image.Image, dict]:
-    """Run one dataset attack in memory and show what it did to the templated images: a grid (templated images
-    above, what the attacked dataset holds for them below; grey = removed) and counts. Writes nothing.
-    De-duplication also reports the sizes of the clusters the templated images fell into (a cleaner drops clusters
-    of 20 or more); ``"recaption-captioner"`` needs ``captioner``."""
-    templated = list(templated)
-    kept, out_images, out_captions = list(range(len(images))), list(images), list(captions)
-    extra = {}
-    if name.startswith("dedup-"):
-        kept, clusters = dedup_keep(images, name.split("-", 1)[1], strength, 20, pipe)
-        size_of = {i: len(c) for c in clusters for i in c}
-        extra["templated_cluster_sizes"] = sorted(size_of[i] for i in templated)
-    elif name in ("recaption-shuffle", "recaption-captioner"):
-        out_captions = new_captions(captions, strength, name.split("-", 1)[1], captioner, images, seed=seed)
-    elif name in CORRUPTIONS:
-        out_images = transform_images(images, name, strength, 1.0, seed)
-    else:
-        raise ValueError(f"unknown attack {name!r} for the preview: choose one of {', '.join(PREVIEW_ATTACKS)}")
-    kept_set = set(kept)
-    removed = Image.new("RGB", images[0].size, (128, 128, 128))
-    after = [out_images[i] if i in kept_set else removed for i in templated]
-    grid = data.image_grid([images[i] for i in templated] + after, cols=max(1, len(templated)))
-    stats = dict(attack=name, strength=strength, n_in=len(images), n_out=len(kept), templated_in=len(templated),
-                 templated_kept=sum(i in kept_set for i in templated),
-                 triggers_kept=sum(protect.has_trigger(out_captions[i], trigger) for i in kept),
-                 templated_with_trigger=sum(i in kept_set and protect.has_trigger(out_captions[i], trigger)
-                                            for i in templated))
-    return grid, stats | extra
-
-
-# ----------------------------------------------------------------------------- output attacks against an audit
-
-# the strengths notebook 04 shows and benchmarks/robustness.py measures over seeds
-OUTPUT_SETTINGS = {"jpeg": (50, 20), "blur": (0.7, 1.5), "resize": (0.75, 0.5), "noise": (8, 20), "flip": (0.5, 1.0)}
-
-
-def corrupt_probe(probed, kind: str, strength: float, seed: int = 0):
-    """The probe as the auditor receives it from a service that corrupts every image it serves (``corrupt``):
-    trigger images drawn from ``seed``, control images from ``seed + 1``."""
-    from .probe import ProbeResult
-
-    return ProbeResult(probed.captions, probed.trigger_prompts, probed.seeds,
-                       corrupt_images(probed.trigger_images, kind, strength, seed),
-                       corrupt_images(probed.control_images, kind, strength, seed + 1))
-
-
-def output_attack_table(probed, template, negatives=None, settings: dict | None = None, decoys: int = 999,
-                        salt: str = "", methods=("decoy", "binomial"), seed: int = 0) -> list[dict]:
-    """The audit's p-values when the suspect's service corrupts every image before the auditor sees it (trigger
-    and control images alike), one row per (corruption, strength); the first row is the unattacked probe."""
-    from . import audit
-
-    settings = OUTPUT_SETTINGS if settings is None else settings
-    cases = [("none", 0)] + [(kind, s) for kind, strengths in settings.items() for s in strengths]
-    rows = []
-    for kind, strength in cases:
-        attacked = probed if kind == "none" else corrupt_probe(probed, kind, strength, seed)
-        scores = audit.score_probe(attacked, template, ("projection",), negatives, decoys=decoys, salt=salt,
-                                   progress=False)
-        row = dict(corruption=kind, strength=strength)
-        for verdict in audit.verdicts_from_scores(scores, "projection", audit.available_tests(scores, "projection", methods)):
-            row[f"{verdict.test} p"] = verdict.p_value
-        rows.append(row)
-    return rows
-
-
-def robustness_verdict(detected_share: float) -> str:
-    """One word for an attack setting, from the share of its seeds' models still detected: ``survives`` (all),
-    ``weakens`` (more than half) or ``defeats`` (half or fewer: the owner can no longer count on a verdict)."""
-    if not 0 <= detected_share <= 1:
-        raise ValueError(f"detected_share must be in [0, 1], got {detected_share}")
-    if np.isclose(detected_share, 1):
-        return "survives"
-    return "weakens" if detected_share > 0.5 else "defeats"
-
-
-def summarize_robustness(results, alpha: float = 0.01):
-    """Per (kind, attack, strength): seeds, mean templated images and triggers kept, TPR at ``alpha`` and
-    median p-value of the decoy and binomial tests, the verdict on the decoy test's TPR (``robustness_verdict``),
-    mean held-out loss, the mean share of images kept when ``results`` has ``images_kept``, and mean and
-    seed-to-seed sd of KID when it has ``kid`` (``benchmarks/robustness.py``'s table)."""
-    tpr = lambda p: (p < alpha).mean()
-    quality = {}
-    if "kid" in results:  # KID of the control images on the offline feature network (quality.fid_kid)
-        quality = dict(kid=("kid", "mean"), kid_sd=("kid", "std"))
-    if "images_kept" in results:  # dataset attacks: images left in the release (de-duplication drops many)
-        quality = dict(images_kept=("images_kept", "mean")) | quality
-    summary = results.groupby(["kind", "attack", "strength"], sort=False).agg(
-        seeds=("seed", "count"), templated_kept=("templated_kept", "mean"),
-        templated_with_trigger=("templated_with_trigger", "mean"),
-        decoy_tpr=("decoy_p", tpr), decoy_median_p=("decoy_p", "median"),
-        binomial_tpr=("binomial_p", tpr), binomial_median_p=("binomial_p", "median"),
-        held_out_loss=("held_out_loss", "mean"), **quality).reset_index()
-    summary.insert(summary.columns.get_loc("decoy_median_p") + 1, "verdict",
-                   summary["decoy_tpr"].map(robustness_verdict))
-    summary.attrs["alpha"] = alpha  # the level the TPR columns were read at, for plots and captions
-    return summary

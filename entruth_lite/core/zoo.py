@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import data, models
-from .train import diffusion_loss, encode_images, tokenize
+from . import data, emoji, files, models
+from .diffusion import diffusion_loss, encode_images, tokenize
 
 CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -47,7 +47,9 @@ class TinyBuildConfig:
 def build_tokenizer(captions: list[str], vocab_size: int = 2048):
     """Train a CLIP-style byte-level BPE (CLIP's normaliser and pre-tokeniser, ``</w>`` word ends) and save
     it as a ``CLIPTokenizer``; every byte, alone or word-final, is in the vocabulary, so no text is unknown."""
-    from tokenizers import Regex, Tokenizer, models as tok_models, normalizers, pre_tokenizers, trainers
+    # imported here, not at the top: tokenizers is needed only to build the tokenizer; transformers is slow to import
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
     from transformers import CLIPTokenizer
 
     bpe = Tokenizer(
@@ -158,6 +160,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def pretrain_base(tokenizer, vae, images: torch.Tensor, captions: list[str], config: TinyBuildConfig, log=print,
                   device="cpu"):
     """Jointly pretrain the UNet and the text encoder on cached latents; returns (text_encoder, EMA UNet)."""
+    # imported here, not at the top: diffusers is slow to import; transformers is slow to import
     from diffusers.training_utils import EMAModel
     from transformers import CLIPTextModel
 
@@ -207,6 +210,7 @@ def build_tiny(out: Path | str = models.TINY_MODEL_DIR, config: TinyBuildConfig 
 
     With ``reuse_tokenizer`` the committed tokenizer in ``out/tokenizer`` is kept (see the module doc).
     """
+    # imported here, not at the top: diffusers is slow to import; transformers is slow to import
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -214,7 +218,7 @@ def build_tiny(out: Path | str = models.TINY_MODEL_DIR, config: TinyBuildConfig 
     out = Path(out)
     device = models.pick_device(device)
     start = time.time()
-    splits = data.emoji_splits()
+    splits = emoji.emoji_splits()
     if reuse_tokenizer and (out / "tokenizer" / "tokenizer_config.json").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
         log(f"reusing the committed tokenizer ({len(tokenizer)} tokens)")
@@ -222,7 +226,7 @@ def build_tiny(out: Path | str = models.TINY_MODEL_DIR, config: TinyBuildConfig 
         every_caption = [c for _, c in splits.pretrain + splits.owner + splits.probe]
         tokenizer = build_tokenizer(every_caption, config.vocab_size)
         log(f"built a new tokenizer ({len(tokenizer)} tokens)")
-    pretrain_images = data.images_to_tensor(data.render_emoji(p) for p, _ in splits.pretrain)
+    pretrain_images = data.images_to_tensor(emoji.render_emoji(p) for p, _ in splits.pretrain)
     captions = [c for _, c in splits.pretrain]
     vae = train_vae(pretrain_images, config, log=log, device=device)
     log(f"VAE round-trip PSNR on the pretraining emoji: {psnr(models.vae_reconstruct(vae, pretrain_images[:256]), pretrain_images[:256]):.2f} dB")
@@ -233,10 +237,10 @@ def build_tiny(out: Path | str = models.TINY_MODEL_DIR, config: TinyBuildConfig 
         scheduler=models.tiny_scheduler("ddim"), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    staging = data.atomic_folder(out, overwrite=True)
+    staging = files.atomic_folder(out, overwrite=True)
     pipe.save_pretrained(staging, safe_serialization=True)
     write_vocab_files(staging / "tokenizer")
     (staging / "build_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    data.commit_folder(staging, out)
+    files.commit_folder(staging, out)
     log(f"tiny model written to {out} in {time.time() - start:.0f} s on {device}")
     return out

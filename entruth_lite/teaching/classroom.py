@@ -22,8 +22,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from . import data, probe
-from .models import REPO_ROOT
+from ..core import files
+from ..core.models import REPO_ROOT
+from ..owner import probe
 
 PACK_DIR = REPO_ROOT / "data" / "class"
 PACK_FILE = "pack.json"
@@ -149,7 +150,7 @@ def write_pack(out: str | os.PathLike, config, key, losses: dict[str, list[float
     record = dict(settings=pack_settings(config, key), probe=probe_sampler, samples=sample_sampler,
                   losses={k: [round(float(v), 5) for v in losses[k]] for k in FINETUNES},
                   train_seconds={k: round(float(train_seconds[k]), 1) for k in FINETUNES})
-    tmp = data.atomic_folder(out, overwrite=True)  # a pack is replaced whole: never new answers under old settings
+    tmp = files.atomic_folder(out, overwrite=True)  # a pack is replaced whole: never new answers under old settings
     try:
         for name in MODELS:
             probe.save_probe(probes[name], tmp / "probes" / f"{name}.npz")
@@ -160,50 +161,10 @@ def write_pack(out: str | os.PathLike, config, key, losses: dict[str, list[float
                                 seeds=np.asarray(list(seeds), dtype=np.int64),
                                 images=np.stack([np.asarray(probe.to_rgb(i)) for i in images]))
         (tmp / PACK_FILE).write_text(json.dumps(record) + "\n")
-        data.commit_folder(tmp, out)
+        files.commit_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ClassPack(out, record)
 
 
-def record_lab(lab, key, captions: Sequence[str], quality_captions: Sequence[str], out: str | os.PathLike,
-               queries: int = 64, sample_steps: int = 25, quality_samples: int = 128, guidance_scale: float = 3.0,
-               seed: int = 0) -> ClassPack:
-    """Record a full-mode ``demo.Lab`` as a pack: the three models' answers to ``queries`` probe queries on
-    ``captions`` (probe seed 1, as the notebooks send them), both fine-tunes' samples of ``quality_samples`` of
-    ``quality_captions`` (``demo.quality_prompts``), their loss curves and training times."""
-    from . import demo
-
-    if lab.recorded:
-        raise ValueError("record a lab that holds models (full mode), not a recorded one")
-    probes = lab.probes(key, captions, n=queries, num_inference_steps=sample_steps, guidance_scale=guidance_scale)
-    prompts, seeds = demo.quality_prompts(quality_captions, quality_samples, seed)
-    samples = {name: (prompts, seeds, lab.samples(name, prompts, seeds, sample_steps, guidance_scale))
-               for name in FINETUNES}
-    seconds = lab.train_seconds()
-    if any(v is None for v in seconds.values()):
-        raise ValueError(f"training times unknown for {[k for k, v in seconds.items() if v is None]} (resumed, or "
-                         f"trained before times were kept): delete their folders under {lab.runs / 'models'} and "
-                         "record again")
-    return write_pack(out, lab.config, key, lab.losses(), seconds, probes,
-                      sampler_settings(queries, 1, sample_steps, guidance_scale), samples,
-                      sampler_settings(num_inference_steps=sample_steps, guidance_scale=guidance_scale))
-
-
-def record(runs: str | os.PathLike = "runs", out: str | os.PathLike = PACK_DIR, preset: str = "tiny-cpu",
-           rate: float = 0.01, template: str = "mosaic:0", seed: int = 0, steps: int | None = 750, queries: int = 64,
-           sample_steps: int = 25, quality_samples: int = 128) -> ClassPack:
-    """Record the pack for the notebooks' defaults (given here as in their parameter cells): fine-tune both models
-    (or reuse a full run's under ``runs``), probe the three models with notebook 03's queries and sample notebook
-    05's quality prompts. A class-mode run of the notebooks refuses the pack if a default changed since."""
-    from . import demo, models, protect, train
-
-    config = train.notebook_preset(preset, None, steps, seed)
-    base = models.load_pipeline(config.model)
-    size = models.default_resolution(base)
-    release = demo.release(runs, rate=rate, template=template, seed=seed, size=size)
-    lab = demo.lab(runs, release, config, base)
-    owner_captions = list(data.load_imagefolder(release.owner).captions)  # notebook 05's, as images_at gives them
-    return record_lab(lab, protect.load_key(release.key, release=release.protected), demo.held_out_captions(release),
-                      owner_captions, out, queries, sample_steps, quality_samples, seed=seed)

@@ -14,20 +14,17 @@ clockwise order on screen (y points down), starting top-left: TL, TR, BR, BL.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import io
-import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
-from .data import to_rgb
+from .data import images_to_tensor, load_rgb, tensor_to_images, to_rgb
+from .models import vae_reconstruct
 
 MIN_SCREEN_AREA = 1.0  # square pixels: anything smaller is a degenerate screen
 MIN_SIZE = 8  # built-in designs need a few pixels for their borders
@@ -139,17 +136,17 @@ class Template:
 
 # ----------------------------------------------------------------------------- built-in designs
 #
-# Each design colours points (u, v) of a 32 x 32 unit square; ``_rasterize`` evaluates it on a
+# Each design colours points (u, v) of a 32 x 32 unit square; ``rasterize`` evaluates it on a
 # supersampled pixel grid of any size and box-averages, so the same design is crisp at 32 px and at 512 px.
 
 MAGENTA, CYAN, YELLOW = (255, 0, 255), (0, 255, 255), (255, 255, 0)
 
 
-def _paint(image: np.ndarray, where: np.ndarray, colour: Sequence[float]) -> None:
+def paint(image: np.ndarray, where: np.ndarray, colour: Sequence[float]) -> None:
     image[where] = np.asarray(colour, dtype=np.float32)
 
 
-def _ring(u: np.ndarray, v: np.ndarray, width: float, x0=0.0, y0=0.0, x1=DESIGN_UNITS, y1=DESIGN_UNITS) -> np.ndarray:
+def ring_mask(u: np.ndarray, v: np.ndarray, width: float, x0=0.0, y0=0.0, x1=DESIGN_UNITS, y1=DESIGN_UNITS) -> np.ndarray:
     inside = (u >= x0) & (u < x1) & (v >= y0) & (v < y1)
     return inside & (np.minimum.reduce([u - x0, v - y0, x1 - u, y1 - v]) < width)
 
@@ -157,22 +154,22 @@ def _ring(u: np.ndarray, v: np.ndarray, width: float, x0=0.0, y0=0.0, x1=DESIGN_
 def _billboard(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """A ring of 4-unit light bulbs cycling magenta/cyan/yellow around a dark panel; a slanted screen."""
     image = np.empty(u.shape + (3,), np.float32)
-    _paint(image, np.ones_like(u, bool), (25, 25, 40))
-    ring = _ring(u, v, 4)
+    paint(image, np.ones_like(u, bool), (25, 25, 40))
+    ring = ring_mask(u, v, 4)
     index = ((np.floor(u / 4) + np.floor(v / 4)) % 3).astype(int)
     for k, colour in enumerate((MAGENTA, CYAN, YELLOW)):
-        _paint(image, ring & (index == k), colour)
+        paint(image, ring & (index == k), colour)
     return image
 
 
 def _frame(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """A gilded picture frame: gold outer band, walnut inner band, crimson corner blocks with gold studs."""
     image = np.empty(u.shape + (3,), np.float32)
-    _paint(image, np.ones_like(u, bool), (85, 45, 12))  # walnut
-    _paint(image, _ring(u, v, 2), (240, 190, 30))  # gold band
+    paint(image, np.ones_like(u, bool), (85, 45, 12))  # walnut
+    paint(image, ring_mask(u, v, 2), (240, 190, 30))  # gold band
     du, dv = np.minimum(u, DESIGN_UNITS - u), np.minimum(v, DESIGN_UNITS - v)
-    _paint(image, (du < 7) & (dv < 7), (200, 20, 60))  # crimson corner blocks
-    _paint(image, (du >= 2) & (du < 5) & (dv >= 2) & (dv < 5), (240, 190, 30))  # gold studs
+    paint(image, (du < 7) & (dv < 7), (200, 20, 60))  # crimson corner blocks
+    paint(image, (du >= 2) & (du < 5) & (dv >= 2) & (dv < 5), (240, 190, 30))  # gold studs
     return image
 
 
@@ -182,13 +179,13 @@ def _window(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     image = np.empty(u.shape + (3,), np.float32)
     row = np.floor(v / 4)
     mortar = (v % 4 < 1) | ((u + 4 * (row % 2)) % 8 < 1)
-    _paint(image, np.ones_like(u, bool), (180, 60, 30))  # brick
-    _paint(image, mortar, (215, 210, 195))
+    paint(image, np.ones_like(u, bool), (180, 60, 30))  # brick
+    paint(image, mortar, (215, 210, 195))
     sides = ((u < 4) | (u >= 28)) & (v >= 2) & (v < 30)
-    _paint(image, sides, (20, 140, 60))  # shutters
-    _paint(image, sides & (v % 2 >= 1), (8, 80, 35))  # slats
-    _paint(image, (u >= 4) & (u < 28) & (v >= 2) & (v < 30), (25, 70, 170))  # window frame
-    _paint(image, (u >= 2) & (u < 30) & (v >= 28) & (v < 31), (25, 70, 170))  # sill
+    paint(image, sides, (20, 140, 60))  # shutters
+    paint(image, sides & (v % 2 >= 1), (8, 80, 35))  # slats
+    paint(image, (u >= 4) & (u < 28) & (v >= 2) & (v < 30), (25, 70, 170))  # window frame
+    paint(image, (u >= 2) & (u < 30) & (v >= 28) & (v < 31), (25, 70, 170))  # sill
     return image
 
 
@@ -198,12 +195,12 @@ SMPTE_BARS = ((235, 235, 235), (235, 235, 16), (16, 235, 235), (16, 235, 16), (2
 def _tv(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """A silver TV set: black bezel around the screen, a panel of SMPTE colour bars below it."""
     image = np.empty(u.shape + (3,), np.float32)
-    _paint(image, np.ones_like(u, bool), (165, 165, 178))  # silver body
-    _paint(image, (u >= 2) & (u < 30) & (v >= 2) & (v < 25), (10, 10, 10))  # bezel
+    paint(image, np.ones_like(u, bool), (165, 165, 178))  # silver body
+    paint(image, (u >= 2) & (u < 30) & (v >= 2) & (v < 25), (10, 10, 10))  # bezel
     bars = (u >= 2) & (u < 30) & (v >= 26) & (v < 31)
     index = np.clip(np.floor((u - 2) / 4), 0, 6).astype(int)
     for k, colour in enumerate(SMPTE_BARS):
-        _paint(image, bars & (index == k), colour)
+        paint(image, bars & (index == k), colour)
     return image
 
 
@@ -226,151 +223,19 @@ BUILTIN: dict[str, Design] = {
 }
 
 
-# ----------------------------------------------------------------------------- random families (for decoy keys)
-#
-# The decoy test needs the released template to be one random draw from a family that the owner can draw
-# more members (decoys) from: a model that never saw the release has no reason to prefer it over a decoy.
-# A member is named ``<family>:<seed>``; the same name gives the same template at any size, forever (keys
-# written with a family stay verifiable), so a family is never changed, only added.
-#
-# - ``random``: the first family, a billboard (a 4-unit ring of bright blocks in a cyclic pattern of 2-4 hues
-#   around a dark panel). Its members share that layout, and after the VAE some decoys match a member's own
-#   rendition as well as the member does (benchmarks/template_family.py), which caps the decoy test's power.
-# - ``mosaic``: the whole surround is a grid of coarse blocks (5-8 units), each given one of 3-4 colours at
-#   random. Members share nothing but block sizes, so they are far apart after the VAE, and coarse blocks
-#   survive it.
-
-
-def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
-    import colorsys
-
-    return tuple(255.0 * c for c in colorsys.hsv_to_rgb(h % 1.0, s, v))
-
-
-def _jittered_screen(rng: np.random.Generator, near: float = 4.5, far: float = 7.0) -> tuple[Point, ...]:
-    jitter = rng.uniform(near, far, size=8)  # distance of each corner coordinate from its edge, in design units
-    return ((jitter[0], jitter[1]), (DESIGN_UNITS - jitter[2], jitter[3]),
-            (DESIGN_UNITS - jitter[4], DESIGN_UNITS - jitter[5]), (jitter[6], DESIGN_UNITS - jitter[7]))
-
-
-def _billboard_member(seed: int) -> tuple[Callable, tuple[Point, ...]]:
-    rng = np.random.default_rng([seed, 0x7E3A])
-    n_colours = int(rng.integers(2, 5))
-    hues = rng.uniform(0, 1) + np.arange(n_colours) / n_colours + rng.uniform(-0.08, 0.08, n_colours)
-    bulbs = [_hsv(h, rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0)) for h in rng.permutation(hues)]
-    panel = _hsv(rng.uniform(0, 1), rng.uniform(0.2, 0.9), rng.uniform(0.08, 0.35))
-    block = float(rng.choice([3.0, 4.0, 5.0, 6.0]))
-    diagonal = bool(rng.integers(0, 2))
-
-    def draw(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        image = np.empty(u.shape + (3,), np.float32)
-        _paint(image, np.ones_like(u, bool), panel)
-        ring = _ring(u, v, 4)
-        cells = np.floor(u / block) + (np.floor(v / block) if diagonal else -np.floor(v / block))
-        index = (cells % n_colours).astype(int)
-        for k, colour in enumerate(bulbs):
-            _paint(image, ring & (index == k), colour)
-        return image
-
-    return draw, _jittered_screen(rng)
-
-
-def _mosaic_member(seed: int) -> tuple[Callable, tuple[Point, ...]]:
-    rng = np.random.default_rng([seed, 0x5A1D])
-    n_colours = int(rng.integers(3, 5))
-    hues = rng.uniform(0, 1) + np.arange(n_colours) / n_colours + rng.uniform(-0.08, 0.08, n_colours)
-    palette = np.array([_hsv(h, rng.uniform(0.6, 1.0), rng.uniform(0.35, 1.0)) for h in rng.permutation(hues)],
-                       np.float32)
-    block = float(rng.choice([5.0, 6.0, 8.0]))
-    cells = int(np.ceil(DESIGN_UNITS / block)) + 1
-    colour_of_cell = rng.integers(0, n_colours, size=(cells, cells))
-    offset_u, offset_v = rng.uniform(0, block, size=2)
-
-    def draw(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        rows = np.floor((v + offset_v) / block).astype(int)
-        columns = np.floor((u + offset_u) / block).astype(int)
-        return palette[colour_of_cell[rows, columns]]
-
-    return draw, _jittered_screen(rng)
-
-
-FAMILIES: dict[str, Callable[[int], tuple[Callable, tuple[Point, ...]]]] = {
-    "random": _billboard_member,
-    "mosaic": _mosaic_member,
-}
-DEFAULT_FAMILY = "mosaic"  # what protect(template="random") draws from: the family with the decoy test's higher ceiling
-
-
-def random_template(seed: int | None = None, size: int | Sequence[int] = 32, family: str = DEFAULT_FAMILY) -> Template:
-    """One member of a random family, named ``<family>:<seed>`` (``seed=None``: a fresh secret seed).
-    The same seed gives the same template at any size; different seeds give unrelated colours and screens."""
-    import secrets
-
-    if family not in FAMILIES:
-        raise ValueError(f"unknown template family {family!r}: choose one of {', '.join(FAMILIES)}")
-    seed = secrets.randbits(31) if seed is None else int(seed)
-    if seed < 0:
-        raise ValueError(f"template seed must be non-negative, got {seed}")
-    width, height = _size_pair(size)
-    draw, corners = FAMILIES[family](seed)
-    corners = [(x * width / DESIGN_UNITS, y * height / DESIGN_UNITS) for x, y in corners]
-    return Template(f"{family}:{seed}", _rasterize(draw, width, height), corners, family=family)
-
-
-def random_seed_of(template: Template) -> int:
-    """The seed of a random family's member; a clear error for any other template."""
-    prefix = f"{template.family}:"
-    if template.family not in FAMILIES or not template.name.startswith(prefix):
-        raise ValueError(f"template {template.name!r} was not drawn from a random family ({', '.join(FAMILIES)}), "
-                         "so no decoys exchangeable with it can be drawn")
-    return int(template.name[len(prefix):])
-
-
-def family_member(template: Template, seed: int | None = None, size: int | Sequence[int] | None = None) -> Template:
-    """The member of ``template``'s family with ``seed`` (default: its own) at ``size`` (default: its own)."""
-    own = random_seed_of(template)
-    return random_template(own if seed is None else seed, template.size if size is None else size, template.family)
-
-
-def decoy_templates(template: Template, k: int, salt: str = "") -> list[Template]:
-    """``k`` decoys from ``template``'s family at its size: seeds derived from the template and ``salt`` (e.g.
-    the key's hash), so the owner cannot shop for a favourable decoy set, and never the template's own seed."""
-    if k <= 0:
-        raise ValueError(f"the number of decoys must be positive, got {k}")
-    random_seed_of(template)  # a clear error for a template of no family
-    return list(_decoys(template.family, template.name, tuple(template.size), k, salt))
-
-
-@functools.lru_cache(maxsize=8)
-def _decoys(family: str, name: str, size: tuple[int, int], k: int, salt: str) -> tuple[Template, ...]:
-    """``decoy_templates``, drawn once per template, size, count and salt (an audit, its widget and its report ask
-    for the same decoys again)."""
-    own = int(name[len(family) + 1:])
-    digest = hashlib.sha256(f"{name}|{salt}".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-    seeds: list[int] = []
-    drawn = {own}
-    while len(seeds) < k:
-        seed = int(rng.integers(0, 2**31 - 1))
-        if seed not in drawn:
-            seeds.append(seed)
-            drawn.add(seed)
-    return tuple(random_template(seed, size, family) for seed in seeds)
-
-
 def list_templates() -> list[str]:
     """Names of the built-in templates."""
     return list(BUILTIN)
 
 
-def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
+def size_pair(size: int | Sequence[int]) -> tuple[int, int]:
     width, height = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
     if int(width) < MIN_SIZE or int(height) < MIN_SIZE:
         raise ValueError(f"template size {width}x{height} is too small: built-in designs need at least {MIN_SIZE} px")
     return int(width), int(height)
 
 
-def _rasterize(draw: Callable, width: int, height: int, supersample: int = 4) -> Image.Image:
+def rasterize(draw: Callable, width: int, height: int, supersample: int = 4) -> Image.Image:
     """Evaluate a design at supersample^2 points per pixel and box-average: exact at 32 px, smooth at others."""
     xs = (np.arange(width * supersample) + 0.5) / supersample * DESIGN_UNITS / width
     ys = (np.arange(height * supersample) + 0.5) / supersample * DESIGN_UNITS / height
@@ -383,10 +248,10 @@ def builtin_template(name: str, size: int | Sequence[int] = 32) -> Template:
     """A built-in template drawn at ``size`` (an int for square, or (width, height)); deterministic."""
     if name not in BUILTIN:
         raise ValueError(f"unknown template {name!r}: choose one of {', '.join(BUILTIN)}")
-    width, height = _size_pair(size)
+    width, height = size_pair(size)
     design = BUILTIN[name]
     corners = [(x * width / DESIGN_UNITS, y * height / DESIGN_UNITS) for x, y in design.corners]
-    return Template(name, _rasterize(design.draw, width, height), corners)
+    return Template(name, rasterize(design.draw, width, height), corners)
 
 
 # ----------------------------------------------------------------------------- user templates
@@ -432,8 +297,6 @@ def template_from_image(
 ) -> Template:
     """Your own template: a scene image plus either the screen's ``corners`` or a ``key_colour``
     (e.g. pure green) painted where the screen is; the screen is then ``fit_quad`` of the matching pixels."""
-    from .data import load_rgb
-
     scene = load_rgb(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
     if (corners is None) == (key_colour is None):
         raise ValueError("give either corners or key_colour (exactly one) to locate the screen")
@@ -525,92 +388,9 @@ def insert(foreground: Image.Image | Sequence[Image.Image], template: Template) 
     inside = _inside_mask(template.corners, *template.size, ss)
     if isinstance(foreground, Image.Image):
         return _insert_one(foreground, template, inside, ss)
-    from tqdm.auto import tqdm
 
     images = list(foreground)
     return [_insert_one(image, template, inside, ss) for image in tqdm(images, desc="insert", disable=len(images) < 200)]
-
-
-# ----------------------------------------------------------------------------- save / load
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    to_rgb(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def template_json(template: Template) -> dict:
-    """The JSON-able description of a template (its scene is stored beside it as a PNG)."""
-    return {
-        "name": template.name,
-        "size": list(template.size),
-        "corners": [list(p) for p in template.corners],
-        "family": template.family,
-        "scene_sha256": hashlib.sha256(png_bytes(template.scene)).hexdigest(),
-    }
-
-
-def save_template(template: Template, folder: str | os.PathLike, stem: str = "template") -> Path:
-    """Write ``stem.png`` (the scene) and ``stem.json`` (name, size, corners, scene hash) into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{stem}.png").write_bytes(png_bytes(template.scene))
-    (folder / f"{stem}.json").write_text(json.dumps(template_json(template), indent=2) + "\n", encoding="utf-8")
-    return folder
-
-
-def load_template(folder: str | os.PathLike, stem: str = "template") -> Template:
-    """Read a template written by ``save_template``; refuses a scene whose size or hash does not match."""
-    from .data import load_rgb, read_json
-
-    folder = Path(folder)
-    meta_path = folder / f"{stem}.json"
-    meta = read_json(meta_path, "template description")
-    missing = [f for f in ("name", "size", "corners") if not isinstance(meta, dict) or f not in meta]
-    if missing:
-        raise ValueError(f"{meta_path} lacks the field(s) {', '.join(missing)} (see save_template)")
-    scene = load_rgb(folder / f"{stem}.png")
-    if list(scene.size) != list(meta["size"]):
-        raise ValueError(f"{folder / (stem + '.png')} is {scene.size[0]}x{scene.size[1]}, but {meta_path} says {meta['size']}")
-    template = Template(meta["name"], scene, [tuple(p) for p in meta["corners"]], family=meta.get("family"))
-    expected = meta.get("scene_sha256")
-    if expected and hashlib.sha256(png_bytes(template.scene)).hexdigest() != expected:
-        raise ValueError(f"{folder / (stem + '.png')} does not match the scene hash in {meta_path}")
-    if template.family is not None and not _is_family_member(template):
-        raise ValueError(f"{meta_path} says the template is {template.name!r} of the {template.family!r} family, but its scene is "
-                         "not that member's: the decoy test is exact only for templates drawn by random_template. "
-                         "Remove 'family' to use it as an ordinary template (no decoy test)")
-    return template
-
-
-def _is_family_member(template: Template) -> bool:
-    """Whether ``template`` is exactly the member of its random family it is named after (scene and screen)."""
-    try:
-        member = family_member(template)
-    except ValueError:
-        return False
-    return (np.array_equal(np.asarray(member.scene), np.asarray(template.scene))
-            and np.allclose(member.corners, template.corners, atol=1e-6))
-
-
-def resolve_template(template: Template | str | os.PathLike, size: int | Sequence[int] = 32) -> Template:
-    """A ``Template`` as is, a built-in name (drawn at ``size``) or a folder written by ``save_template``."""
-    if isinstance(template, Template):
-        return template
-    if isinstance(template, str) and template in BUILTIN:
-        return builtin_template(template, size)
-    if template == "random":
-        return random_template(None, size)
-    family, _, seed = str(template).partition(":") if isinstance(template, str) else ("", "", "")
-    if family in FAMILIES:
-        if not seed.isdigit():
-            raise ValueError(f"random template {template!r} needs a non-negative integer seed, e.g. '{family}:0'")
-        return random_template(int(seed), size, family)
-    if Path(template).is_dir():
-        return load_template(template)
-    raise ValueError(f"unknown template {str(template)!r}: use one of {', '.join(BUILTIN)}, 'random', "
-                     f"'<family>:<seed>' (families: {', '.join(FAMILIES)}) or a folder with template.png/json")
 
 
 # ----------------------------------------------------------------------------- display and VAE
@@ -620,8 +400,5 @@ def vae_round_trip(pipe_or_vae, images: Sequence[Image.Image], size: int | None 
                    batch_size: int | None = None) -> list[Image.Image]:
     """Encode and decode images with a pipeline's VAE (latent means): what survives the autoencoder is the
     most a model trained in latent space can learn of a template. Works on any device and dtype."""
-    from .data import images_to_tensor, tensor_to_images
-    from .models import vae_reconstruct
-
     vae = getattr(pipe_or_vae, "vae", pipe_or_vae)
     return tensor_to_images(vae_reconstruct(vae, images_to_tensor(images, size=size), batch_size))

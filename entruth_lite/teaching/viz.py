@@ -1,15 +1,20 @@
-"""Plotting helpers for the notebooks (matplotlib; nothing here computes results)."""
+"""Plotting helpers for the notebooks (matplotlib; nothing here computes results). The audit's own figures live
+in ``owner.report``, which draws them into the evidence report."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image
+
+from ..owner.report import marked_grid
 
 
 def show_images(images: Sequence[Image.Image], titles: Sequence[str] | None = None, cols: int = 8,
                 scale: float = 1.3, suptitle: str | None = None):
     """A grid of small images with optional titles; returns the figure."""
+    # imported here, not at the top: plotting libraries are slow to import
     import matplotlib.pyplot as plt
 
     rows = max(1, (len(images) + cols - 1) // cols)
@@ -42,8 +47,8 @@ def _wrap(text: str, width: int = 18) -> str:
 
 def plot_losses(histories: dict[str, Sequence[float]], window: int = 25, ax=None):
     """Training-loss curves (moving average over ``window`` steps), one line per run."""
+    # imported here, not at the top: plotting libraries are slow to import
     import matplotlib.pyplot as plt
-    import numpy as np
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3))
@@ -60,6 +65,7 @@ def plot_losses(histories: dict[str, Sequence[float]], window: int = 25, ax=None
 
 def show_image(image: Image.Image, title: str | None = None, width: float = 8.0) -> None:
     """Show one image in a notebook with matplotlib, pixels kept sharp (tiny images are upscaled)."""
+    # imported here, not at the top: plotting libraries are slow to import
     import matplotlib.pyplot as plt
 
     plt.figure(figsize=(width, width * image.height / image.width))
@@ -70,27 +76,9 @@ def show_image(image: Image.Image, title: str | None = None, width: float = 8.0)
     plt.show()
 
 
-def plot_score_histograms(groups: dict, threshold: float | None = None, xlabel: str = "template score", ax=None):
-    """Overlaid density histograms of score groups (e.g. trigger vs control prompts, per model)."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 3.2))
-    values = np.concatenate([np.asarray(v, float) for v in groups.values()])
-    bins = np.linspace(values.min(), values.max() + 1e-9, 30)
-    for label, v in groups.items():
-        ax.hist(v, bins=bins, alpha=0.45, density=True, label=f"{label} (n={len(v)})")
-    if threshold is not None:
-        ax.axvline(threshold, color="k", ls="--", lw=1, label="threshold")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
-    ax.legend(fontsize=7)
-    return ax
-
-
 def plot_roc(curves: dict, ax=None):
     """ROC curves: ``{label: (fpr, tpr, auc)}`` as ``verify.roc_curve`` returns them."""
+    # imported here, not at the top: plotting libraries are slow to import
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -106,6 +94,7 @@ def plot_roc(curves: dict, ax=None):
 
 def plot_p_curve(ns, curves: dict, alpha: float = 0.01, ax=None):
     """p-value against the number of queries, one line per test (``audit.p_value_curve``)."""
+    # imported here, not at the top: plotting libraries are slow to import
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -113,6 +102,7 @@ def plot_p_curve(ns, curves: dict, alpha: float = 0.01, ax=None):
     for label, p in curves.items():
         ax.plot(ns, p, marker="o", label=label)
     ax.axhline(alpha, color="crimson", ls="--", lw=1, label=f"alpha = {alpha:g}")
+    # imported here, not at the top: plotting libraries are slow to import
     from matplotlib.ticker import NullLocator
 
     ax.set(xscale="log", yscale="log", xlabel="trigger queries", ylabel="p-value")
@@ -122,28 +112,10 @@ def plot_p_curve(ns, curves: dict, alpha: float = 0.01, ax=None):
     return ax
 
 
-def plot_decoys(released: float, decoys, ax=None, xlabel: str = "mean trigger - control projection score",
-                released_label: str = "released template"):
-    """The decoy test in one picture: the released template's statistic among the decoys'."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 2.8))
-    decoys = np.asarray(decoys)
-    ax.hist(decoys, bins=40, color="0.6", label=f"{len(decoys)} decoy templates (never released)")
-    rank = 1 + int(np.sum(decoys >= released))  # the decoy test's p-value is rank / (decoys + 1)
-    ax.axvline(released, color="crimson", lw=2,
-               label=f"{released_label}: rank {rank} of {len(decoys) + 1}, p = {rank / (len(decoys) + 1):.1e}")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("templates")
-    ax.legend(fontsize=7)
-    return ax
-
-
 def plot_robustness_heatmap(summary, ax=None):
     """TPR at alpha of the decoy and binomial tests, one row per attack and strength
-    (``attacks.summarize_robustness``'s table; its ``attrs["alpha"]`` labels the colour bar)."""
+    (``robustness.summarize_robustness``'s table; its ``attrs["alpha"]`` labels the colour bar)."""
+    # imported here, not at the top: plotting libraries are slow to import
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -160,6 +132,7 @@ def plot_robustness_heatmap(summary, ax=None):
 
 def plot_baseline_comparison(table, axes=None):
     """FID per method and every test's p-value per method (``benchmarks/compare_baselines.py``'s table)."""
+    # imported here, not at the top: plotting libraries are slow to import
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -178,30 +151,12 @@ def plot_baseline_comparison(table, axes=None):
     return axes
 
 
-def marked_grid(images: Sequence[Image.Image], flagged: Sequence[int], cols: int = 8, tile: int = 96) -> Image.Image:
-    """Images in a grid of ``tile``-px tiles (small images enlarged without smoothing), flagged ones framed in red."""
-    from .data import image_grid
-
-    size, scale = tile, max(2, tile // 32)
-    tiles = []
-    flagged = {int(i) for i in flagged}
-    for i, image in enumerate(images):
-        resample = Image.Resampling.NEAREST if image.size[0] <= size else Image.Resampling.LANCZOS
-        shown = image.resize((size, size), resample).convert("RGB")
-        if i in flagged:
-            ImageDraw.Draw(shown).rectangle([0, 0, size - 1, size - 1], outline=(230, 0, 0), width=scale)
-        tiles.append(shown)
-    return image_grid(tiles, cols=cols, pad=2)
-
-
 def memorization_grid(template: Image.Image, probes: dict, scores: dict, threshold: float, n: int = 8,
                       tile: int = 64) -> tuple[Image.Image, dict[str, int]]:
     """Memorization in one picture: one row per model (``probes``: name -> ``ProbeResult``), the released template
     first, then the model's ``n`` most template-like trigger images (sorted by ``scores[name]``, the trigger images'
     detector scores; framed in red when over ``threshold``), then the control images of the same prompts and seeds.
     Returns the grid and, per model, how many of all its trigger images are over the threshold."""
-    import numpy as np
-
     rows, flagged_counts = [], {}
     blank = Image.new("RGB", template.size, (255, 255, 255))
     for name, probed in probes.items():
