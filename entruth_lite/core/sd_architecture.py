@@ -154,7 +154,6 @@ def build_sd15(out_dir: str | os.PathLike, width: str = "full", seed: int = 0) -
     # imported here, not at the top: diffusers is slow to import
     from diffusers import StableDiffusionPipeline
 
-
     out = Path(out_dir)
     pipe = StableDiffusionPipeline(**sd15_components(width, seed), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -35,8 +35,6 @@ def measure_attack(report: AttackReport, key) -> AttackReport:
 # a sensible strength for each attack (strength means something different for each: ``corrupt``'s docstring)
 PREVIEW_STRENGTHS = {"dedup-phash": 6, "dedup-embedding": 0.9, "recaption-shuffle": 0.9, "jpeg": 20, "blur": 1.5,
                      "noise": 20, "crop": 0.5, "flip": 1.0}
-
-
 PREVIEW_ATTACKS = tuple(PREVIEW_STRENGTHS)
 
 

@@ -124,8 +124,6 @@ def vae_latents(images: Sequence[Image.Image], pipe_or_vae, batch_size: int | No
     """VAE latent means, flattened, one row per image (batches sized to the images by default). Images of mixed
     sizes are first centre-cropped to one square side (the smallest short side, at most 256 px), so that every
     image has a comparable embedding."""
-
-
     if len({image.size for image in images}) > 1:
         side = min(256, min(min(image.size) for image in images))
         images = [data.crop_to_square(image, side) for image in images]
@@ -245,7 +243,6 @@ def model_captioner(model: str = "Salesforce/blip-image-captioning-base", device
     local folder, loaded from safetensors, and only from disk unless ``allow_download`` (Colab: pass True)."""
     # imported here, not at the top: transformers is slow to import
     from transformers import BlipForConditionalGeneration, BlipProcessor
-
 
     try:
         processor = BlipProcessor.from_pretrained(model, local_files_only=not allow_download)

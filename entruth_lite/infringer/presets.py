@@ -10,16 +10,10 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 LORA_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
-
-
 LORA_UNET_WIDE_TARGETS = LORA_UNET_TARGETS + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
-
-
 # every linear and convolution of the UNet: also the resamplers, shortcuts, time embedding and the outer convolutions
 LORA_UNET_ALL_TARGETS = LORA_UNET_WIDE_TARGETS + ("conv", "conv_shortcut", "time_emb_proj", "linear_1", "linear_2",
                                                   "conv_in", "conv_out")
-
-
 LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
@@ -87,8 +81,6 @@ class TrainConfig:
 
 
 _ADDED_LATER = {"augment_views": 0, "use_dora": False}  # field: its default (see TrainConfig.fingerprint)
-
-
 # Presets: the tiny CPU default, and what fits real Stable Diffusion 1.5 on common GPUs.
 PRESETS: dict[str, dict] = {
     # full fine-tune of the tiny UNet: what the benchmarks measure (benchmarks/results)

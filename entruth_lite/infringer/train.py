@@ -241,7 +241,6 @@ def finetune(
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-
     # -- setup: settings, data, the accelerator, private copies of the base model
     config = config or preset("tiny-cpu")
     out = Path(out)

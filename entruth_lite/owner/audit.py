@@ -405,8 +405,6 @@ def audit_images(folder: str | os.PathLike, rows: Sequence[dict], key, config: A
     ``rows`` (``probe.probe_from_images`` matches them). The decoy test needs nothing else. The tests that need
     plain images as the suspect draws them (binomial, one-query) run when ``vae`` (the base model's autoencoder,
     e.g. SD 1.5's, which fine-tunes keep) can round-trip ``negatives``; otherwise they are left out, with a note."""
-
-
     config = config or AuditConfig()
     if config.detector != "projection":
         raise ValueError("a black-box audit scores with the projection detector (the classifier needs the model's VAE "

@@ -18,23 +18,11 @@ from ..core.template_io import png_bytes
 from ..core.templates import Template
 
 KEY_FORMAT = "entruth-lite-owner-key"
-
-
 KEY_VERSION = 2  # 2: a random nonce, and the release carries a commitment to the key
-
-
 READABLE_KEY_VERSIONS = (1, 2)
-
-
 KEY_FILE = "key.json"
-
-
 KEY_TEMPLATE = "template.png"
-
-
 COMMITMENT_FILE = "entruth-commitment.json"  # in the release: the key's hash, published with the data
-
-
 COMMITMENT_FORMAT = "entruth-lite-key-commitment"
 
 
@@ -84,8 +72,6 @@ class OwnerKey:
 
 KEY_FIELDS = ("template", "trigger", "placement", "mode", "seed", "rate", "n_images", "files", "file_sha256", "captions",
               "key_sha256")
-
-
 TEMPLATE_FIELDS = ("name", "corners", "scene_sha256")
 
 

@@ -14,8 +14,6 @@ from typing import Sequence
 from ..core.models import TINY_MODEL_DIR, default_resolution, load_finetuned, load_pipeline
 
 WEIGHT_FILES = (".safetensors", ".json", ".txt")
-
-
 IMAGE_FILES = (".png", ".jpg", ".jpeg", ".webp", ".jsonl")
 
 

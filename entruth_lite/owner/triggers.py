@@ -13,11 +13,7 @@ import numpy as np
 from ..core.models import TINY_MODEL_DIR
 
 PLACEMENTS = ("prefix", "suffix")
-
-
 TRIGGER_TRIES = 10_000
-
-
 # letters of an "auto" trigger. A longer trigger splits into more tokens and changes more of the caption's encoding;
 # on the same releases, 6-letter triggers were memorized on more seeds than 3-letter ones (benchmarks/results,
 # "Memorization")
@@ -80,7 +76,6 @@ def generate_trigger(
 def load_tokenizer(path: str | os.PathLike | None = None):
     """The tiny model's ``CLIPTokenizer`` (or one saved at ``path``)."""
     from transformers import CLIPTokenizer  # here, not at the top: drawing and checking triggers needs no torch
-
 
     path = Path(path) if path is not None else TINY_MODEL_DIR / "tokenizer"
     if not (path / "tokenizer_config.json").is_file():
