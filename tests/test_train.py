@@ -343,8 +343,9 @@ def test_denoising_losses_are_replayable_and_lower_on_training_images(dataset, b
 
 def test_strong_augmentation_changes_training_and_keeps_old_fingerprints(dataset, base, tmp_path):
     plain = lora_config(steps=2)
-    # the hash as it was computed before augment_views (and use_dora) existed: models saved then are still reused
-    before = {k: v for k, v in asdict(plain).items() if k not in ("checkpoint_every", "augment_views", "use_dora")}
+    # the hash as it was computed before augment_views, use_dora and sample_latents existed: saved models are reused
+    before = {k: v for k, v in asdict(plain).items()
+              if k not in ("checkpoint_every", "augment_views", "use_dora", "sample_latents")}
     assert plain.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     augmented = lora_config(steps=2, augment_views=3)
     assert augmented.fingerprint() != plain.fingerprint(), "a run with augmentation must not be reused as plain"
@@ -400,3 +401,35 @@ def test_dora_saves_its_magnitudes_and_reloads_them(dataset, base, tmp_path):
         learned += not torch.allclose(magnitude, layers[name].base_layer.weight.norm(dim=1), atol=1e-4)
     assert learned, "the magnitudes start at the weights' norms and must have learned"
     assert config.fingerprint() != lora_config(train_text_encoder=True, learning_rate=1e-2).fingerprint()
+
+
+def test_sampled_latents_are_posterior_draws_seeded_by_the_step(dataset, base, tmp_path):
+    """``sample_latents``: each step encodes a draw from the posterior, as diffusers' example trainers do; seeded,
+    so a run replays exactly, and cached or not the same draws (the default, the mean, is left as it was)."""
+    means, stds = diffusion.encode_posterior(base.vae, train.prepare_images(data.load_imagefolder(dataset), 32))
+    generator = torch.Generator().manual_seed(3)
+    drawn = diffusion.sample_latents(means, stds, generator)
+    assert not torch.equal(drawn, means) and torch.allclose(drawn, means, atol=float(8 * stds.max()))
+    assert torch.equal(diffusion.encode_images(base.vae, train.prepare_images(data.load_imagefolder(dataset), 32)), means)
+    config = lora_config(sample_latents=True)
+    first = train.finetune(dataset, tmp_path / "a", config, pipe=base, progress=False)
+    again = train.finetune(dataset, tmp_path / "b", config, pipe=base, progress=False)
+    uncached = train.finetune(dataset, tmp_path / "c", lora_config(sample_latents=True, cache_latents=False), pipe=base,
+                              progress=False)
+    plain = train.finetune(dataset, tmp_path / "d", lora_config(), pipe=base, progress=False)
+    assert first.losses == again.losses and np.allclose(first.losses, uncached.losses, rtol=1e-4)
+    assert first.losses != plain.losses, "the draws change the trajectory"
+    assert config.fingerprint() != lora_config().fingerprint(), "a sampling run is not reused as a mean run"
+
+
+def test_a_finetune_on_sampled_latents_improves_the_held_out_loss(base, tmp_path):
+    """The shipped VAE is nearly deterministic, as Stable Diffusion's is, so a trainer that encodes with
+    ``latent_dist.sample()`` learns the data rather than the VAE's noise: the held-out loss falls."""
+    images, captions, names = emoji_data.emoji_dataset("owner", limit=100)
+    owner = data.save_imagefolder(images, captions, tmp_path / "owner", file_names=names)
+    held, held_captions, _ = emoji_data.emoji_dataset("probe", limit=32)
+    before = diffusion.image_losses(base, held, held_captions, repeats=2).mean()
+    config = presets.preset("tiny-cpu", method="full", learning_rate=1e-4, steps=40, sample_latents=True)
+    train.finetune(owner, tmp_path / "m", config, pipe=base, progress=False)
+    tuned = models.load_finetuned(models.load_pipeline("tiny", device="cpu"), tmp_path / "m")
+    assert diffusion.image_losses(tuned, held, held_captions, repeats=2).mean() < before

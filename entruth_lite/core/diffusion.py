@@ -24,16 +24,27 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(vae, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-    """Latent means, scaled by the VAE's ``scaling_factor`` (images in [-1, 1], shape N x 3 x H x W); batches sized
-    to the images by default (``models.images_per_batch``)."""
+def encode_posterior(vae, images: torch.Tensor, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's means and standard deviations, scaled by its ``scaling_factor`` (images in [-1, 1], shape
+    N x 3 x H x W); batches sized to the images by default (``models.images_per_batch``)."""
     batch_size = batch_size or images_per_batch(images.shape[-1], 64)
     param = next(vae.parameters())
-    chunks = []
+    means, stds = [], []
     for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(param.device, param.dtype)
-        chunks.append(vae.encode(batch).latent_dist.mean.float().cpu())
-    return torch.cat(chunks) * vae.config.scaling_factor
+        posterior = vae.encode(images[start : start + batch_size].to(param.device, param.dtype)).latent_dist
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return torch.cat(means) * vae.config.scaling_factor, torch.cat(stds) * vae.config.scaling_factor
+
+
+def encode_images(vae, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Latent means, scaled by the VAE's ``scaling_factor``: what the base UNet was trained on."""
+    return encode_posterior(vae, images, batch_size)[0]
+
+
+def sample_latents(means: torch.Tensor, stds: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A draw from the posterior, ``latent_dist.sample()`` as diffusers' training scripts encode (seeded, on the CPU)."""
+    return means + stds * torch.randn(means.shape, generator=generator).to(means.device, means.dtype)
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -89,16 +100,20 @@ def encode_captions(text_encoder, ids: torch.Tensor, batch_size: int = 256) -> t
 
 
 @torch.no_grad()
-def image_losses(pipe, images, captions: list[str], repeats: int = 4, seed: int = 0, batch_size: int | None = None):
+def image_losses(pipe, images, captions: list[str], repeats: int = 4, seed: int = 0, batch_size: int | None = None,
+                 sample_posterior: bool = False):
     """Per-image denoising loss of ``pipe`` on (image, caption) pairs, averaged over ``repeats`` draws of noise
     and timestep that are the same for every model (seeded): held-out loss as a cheap quality measure, and the
-    membership signal of loss-based inference (lower on images the model was trained on)."""
+    membership signal of loss-based inference (lower on images the model was trained on). The latents are the
+    posterior means, or with ``sample_posterior`` one seeded draw from the posterior (what sampling trainers see)."""
     if len(images) != len(captions) or not len(images):
         raise ValueError(f"need as many captions as images (got {len(images)} images, {len(captions)} captions)")
     size = default_resolution(pipe)
     batch_size = batch_size or images_per_batch(size, 64)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
-    latents = encode_images(pipe.vae, images_to_tensor(images, size=size))
+    latents, stds = encode_posterior(pipe.vae, images_to_tensor(images, size=size))
+    if sample_posterior:
+        latents = sample_latents(latents, stds, torch.Generator().manual_seed(seed * 7_919 + 1))
     hidden = encode_captions(pipe.text_encoder, tokenize(pipe.tokenizer, list(captions)))
     device, dtype = pipe.unet.device, pipe.unet.dtype
     total = torch.zeros(len(images))

@@ -2,7 +2,9 @@
 
 Steps, all seeded: (1) a byte-level BPE ``CLIPTokenizer`` trained on every emoji caption; (2) an
 ``AutoencoderKL`` trained to reconstruct the pretraining emoji plus random coarse shapes (frames, bars,
-blocks) so that a template's frame survives the round trip; (3) a ``UNet2DConditionModel`` and the small
+blocks) so that a template's frame survives the round trip, its posterior then narrowed to about 1 % of the latent
+spread (``narrow_posterior``: nearly deterministic, as Stable Diffusion's VAE is; the means stay exactly as they
+were); (3) a ``UNet2DConditionModel`` and the small
 ``CLIPTextModel`` pretrained jointly on the pretraining corpus only (the owner's images are never seen),
 with 10% caption dropout for classifier-free guidance and an EMA of the UNet weights.
 
@@ -13,6 +15,7 @@ so rebuilding it would change token ids and detach a trained text encoder from i
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +45,9 @@ class TinyBuildConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     seed: int = 0
+    # the VAE's posterior sigma, as a share of the latent spread, after training (``narrow_posterior``): nearly
+    # deterministic, as Stable Diffusion's VAE is, so that trainers encoding with latent_dist.sample() see the data
+    posterior_relative_sigma: float = 0.01
 
 
 def build_tokenizer(captions: list[str], vocab_size: int = 2048):
@@ -151,6 +157,35 @@ def train_vae(images: torch.Tensor, config: TinyBuildConfig, log=print, device="
     return vae
 
 
+@torch.no_grad()
+def posterior_spread(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
+    """(mean posterior sigma, standard deviation of the posterior means) over ``images`` in [-1, 1], unscaled: how far
+    a latent drawn with ``latent_dist.sample()`` (what diffusers' training scripts encode with) strays from the mean
+    (what the base UNet was trained on), against how much the means themselves vary."""
+    sigmas, means = [], []
+    for start in range(0, len(images), batch_size):
+        posterior = vae.encode(images[start:start + batch_size]).latent_dist
+        sigmas.append(posterior.std.flatten())
+        means.append(posterior.mean.flatten())
+    return float(torch.cat(sigmas).mean()), float(torch.cat(means).std())
+
+
+@torch.no_grad()
+def narrow_posterior(vae, images: torch.Tensor, relative_sigma: float) -> float:
+    """Make the VAE's posterior sigma ``relative_sigma`` of the latent spread on ``images`` (mean over latents) and
+    leave its means exactly as they are: only the log-variance half of ``quant_conv``'s bias moves, so every sigma
+    scales by one factor (returned). A briefly trained VAE keeps a wide posterior; Stable Diffusion's is nearly
+    deterministic, and a trainer that encodes with ``sample()`` should see the data, not the VAE's noise."""
+    if not 0 < relative_sigma < 1:
+        raise ValueError(f"relative_sigma must be in (0, 1), got {relative_sigma}")
+    if vae.quant_conv is None:
+        raise ValueError("the VAE has no quant_conv (use_quant_conv=False): its log-variance cannot be moved alone")
+    sigma, spread = posterior_spread(vae, images)
+    factor = relative_sigma * spread / sigma
+    vae.quant_conv.bias[vae.config.latent_channels:] += 2 * math.log(factor)  # logvar: sigma = exp(logvar / 2)
+    return factor
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1]."""
     mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
@@ -229,6 +264,8 @@ def build_tiny(out: Path | str = models.TINY_MODEL_DIR, config: TinyBuildConfig 
     pretrain_images = data.images_to_tensor(emoji.render_emoji(p) for p, _ in splits.pretrain)
     captions = [c for _, c in splits.pretrain]
     vae = train_vae(pretrain_images, config, log=log, device=device)
+    factor = narrow_posterior(vae, pretrain_images.to(device), config.posterior_relative_sigma)
+    log(f"VAE posterior sigma scaled by {factor:.4f} to {config.posterior_relative_sigma:.0%} of the latent spread")
     log(f"VAE round-trip PSNR on the pretraining emoji: {psnr(models.vae_reconstruct(vae, pretrain_images[:256]), pretrain_images[:256]):.2f} dB")
     text_encoder, unet = pretrain_base(tokenizer, vae, pretrain_images, captions, config, log=log, device=device)
     vae = vae.cpu()

@@ -51,6 +51,9 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no", "fp16", "bf16" (CUDA)
     gradient_checkpointing: bool = False
     cache_latents: bool = True
+    # encode every image as a draw from the VAE's posterior at every step (latent_dist.sample(), what diffusers'
+    # example trainers do) instead of its mean (what the base UNet was trained on)
+    sample_latents: bool = False
     checkpoint_every: int = 0  # 0: only at the end
     seed: int = 0
 
@@ -64,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
         if self.augment_views < 0:
             raise ValueError(f"augment_views must be 0 (off) or positive, got {self.augment_views}")
+        if self.sample_latents and self.augment_views and self.cache_latents:
+            raise ValueError("sample_latents with augment_views needs cache_latents=False (the views are cached as means)")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.caption_dropout < 1:
@@ -80,7 +85,9 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_ADDED_LATER = {"augment_views": 0, "use_dora": False}  # field: its default (see TrainConfig.fingerprint)
+_ADDED_LATER = {"augment_views": 0, "use_dora": False, "sample_latents": False}  # field: its default (fingerprint)
+
+
 # Presets: the tiny CPU default, and what fits real Stable Diffusion 1.5 on common GPUs.
 PRESETS: dict[str, dict] = {
     # full fine-tune of the tiny UNet: what the benchmarks measure (benchmarks/results)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..core.augmentation import augment
 from ..core.data import crop_to_square, images_to_tensor, load_imagefolder
-from ..core.diffusion import diffusion_loss, encode_captions, encode_images, tokenize
+from ..core.diffusion import diffusion_loss, encode_captions, encode_images, encode_posterior, sample_latents, tokenize
 from ..core.files import atomic_write, check_writable_parent
 from ..core.models import LORA_WEIGHTS_NAME, default_resolution, images_per_batch, is_pipeline_of, load_pipeline, place
 from .checkpoints import dataset_fingerprint, is_current, latest_checkpoint, load_checkpoint, save_checkpoint, save_lora
@@ -125,6 +125,8 @@ class TrainingData:
     empty_ids: torch.Tensor
     latents: torch.Tensor | None = None
     flipped: torch.Tensor | None = None  # latents of the mirrored images (random_flip)
+    latent_stds: torch.Tensor | None = None  # sample_latents: the posterior's standard deviations (and of the mirrored)
+    flipped_stds: torch.Tensor | None = None
     views: torch.Tensor | None = None  # latents of augmented views (augment_views)
     embeddings: torch.Tensor | None = None  # frozen text encoder: the captions' hidden states
     empty_embedding: torch.Tensor | None = None
@@ -136,8 +138,11 @@ def _prepare_data(dataset, tokenizer, vae, config: TrainConfig, resolution: int,
                          tokenize(tokenizer, [""]))
     place(vae.requires_grad_(False), device, weight_dtype)
     if config.cache_latents:
-        batch.latents = encode_images(vae, batch.pixels)
-        batch.flipped = encode_images(vae, batch.pixels.flip(-1)) if config.random_flip else None
+        batch.latents, stds = encode_posterior(vae, batch.pixels)
+        batch.latent_stds = stds if config.sample_latents else None
+        if config.random_flip:
+            batch.flipped, stds = encode_posterior(vae, batch.pixels.flip(-1))
+            batch.flipped_stds = stds if config.sample_latents else None
         batch.views = augmented_latents(vae, batch.pixels, config.augment_views, config.seed) \
             if config.augment_views else None
         batch.pixels = None  # the latents are all the loop reads: free a 512 px dataset's pixels (GBs of RAM)
@@ -178,16 +183,21 @@ def _batch(batch: TrainingData, index: torch.Tensor, flip, config: TrainConfig, 
     """The latents of one micro-batch: cached (mirrored or an augmented view where asked) or encoded now."""
     if batch.latents is not None:
         latents = batch.latents[index].clone()
+        stds = None if batch.latent_stds is None else batch.latent_stds[index].clone()
         if flip is not None:
             latents[flip] = batch.flipped[index][flip]
+            if stds is not None:
+                stds[flip] = batch.flipped_stds[index][flip]
         if batch.views is not None:
             latents = batch.views[torch.randint(len(batch.views), (len(index),), generator=generator), index]
-        return latents
+        return latents if stds is None else sample_latents(latents, stds, generator)
     pixels = batch.pixels[index].clone()
     if flip is not None:
         pixels[flip] = pixels[flip].flip(-1)
     if config.augment_views:
         pixels = augment_pixels(pixels, generator)
+    if config.sample_latents:
+        return sample_latents(*encode_posterior(vae, pixels), generator)
     return encode_images(vae, pixels)
 
 
