@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from benchmarks import common
 from entruth_lite.infringer import presets
@@ -146,3 +147,33 @@ def test_the_tiny_lora_preset_is_the_setting_the_sweep_measured():
     assert presets.preset("tiny-cpu", **measured).fingerprint() == presets.preset("tiny-cpu-lora").fingerprint()
     assert presets.preset("tiny-cpu").fingerprint() == presets.preset("tiny-cpu", **{
         k: v for k, v in sweep.SETTINGS["full-mosaic-trigger6"].items() if k not in sweep.NOT_TRAINING}).fingerprint()
+
+
+def test_the_frontier_runs_settings_as_their_users_do_and_scores_every_snapshot(tmp_path, monkeypatch):
+    """Epochs become steps on the release; one run gives a row per snapshot, each with the evidence of its stored
+    probe and what it learned as a share of the reference fine-tune's gain (the reference's own last row: 1)."""
+    from benchmarks import frontier
+
+    lora = frontier.config_for("diffusers-lora", 1005, seed=2)
+    assert (lora.steps, lora.batch_size, lora.lora_rank, lora.learning_rate) == (6282, 16, 4, 1e-4)
+    assert lora.sample_latents and not lora.train_text_encoder and lora.lora_targets == presets.LORA_UNET_TARGETS
+    assert frontier.snapshot_steps(6282)[:2] == [628, 1256] and frontier.snapshot_steps(6282)[-1] == 6282
+    assert frontier.config_for("tiny-cpu", 1005, 0).fingerprint() == presets.preset(
+        "tiny-cpu", seed=0, checkpoint_every=0).fingerprint()
+    monkeypatch.setattr(frontier, "SNAPSHOTS", 2)
+    monkeypatch.setattr(frontier, "KID_SAMPLES", 4)
+    monkeypatch.setattr(frontier, "RELEASE_IMAGES", 8)
+    monkeypatch.setattr(frontier, "SETTINGS", {"tiny-cpu": dict(steps=2, batch_size=4),
+                                               "quick-lora": dict(method="lora", lora_rank=4, steps=2, batch_size=4)})
+    frontier.main(["--settings", "tiny-cpu", "quick-lora", "--rates", "0.01", "--seeds", "0", "--queries", "4",
+                   "--out", str(tmp_path)])
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "frontier.csv")
+    assert list(table.step) == [1, 2, 1, 2] and set(table.setting) == {"tiny-cpu", "quick-lora"}
+    reference_end = table[(table.setting == "tiny-cpu") & (table.step == 2)].iloc[0]
+    assert reference_end.release_loss_share == pytest.approx(1.0) and reference_end.kid_share == pytest.approx(1.0)
+    assert ((table.decoy_p > 0) & (table.decoy_p <= 1)).all() and table.over_threshold.between(0, 1).all()
+    frontier.main(["--settings", "tiny-cpu", "quick-lora", "--rates", "0.01", "--seeds", "0", "--out", str(tmp_path),
+                   "--report-only"])
+    assert pd.read_csv(tmp_path / "frontier.csv").equals(table), "re-scoring the stored probes gives the same table"

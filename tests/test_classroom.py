@@ -8,6 +8,7 @@ import pytest
 
 from conftest import protected_suspect
 from entruth_lite.core import data, models
+from entruth_lite.evaluation import quality
 from entruth_lite.infringer import presets
 from entruth_lite.owner import audit, keys, probe
 from entruth_lite.teaching import classroom, demo
@@ -47,7 +48,7 @@ def test_the_pack_answers_what_the_models_answered(recorded):
         assert stored[name].seeds == live[name].seeds
     fewer = class_lab.probes(key, captions, n=2, num_inference_steps=STEPS, names=["protected"])["protected"]
     assert as_bytes(fewer.trigger_images) == as_bytes(live["protected"].trigger_images[:2]), "the first n queries"
-    prompts, seeds = demo.quality_prompts(owner_captions, SAMPLES)
+    prompts, seeds = quality.quality_prompts(owner_captions, SAMPLES)
     assert as_bytes(class_lab.samples("clean", prompts, seeds, STEPS)) == \
         as_bytes(probe.generate(full.pipeline("clean"), prompts, seeds, num_inference_steps=STEPS, progress=False))
     for name, losses in class_lab.losses().items():
@@ -107,7 +108,7 @@ def test_the_pack_refuses_what_it_did_not_record(recorded, tmp_path):
 def test_a_pack_is_replaced_whole_or_not_at_all(recorded, tmp_path, monkeypatch):
     full, class_lab, key, captions, owner_captions = recorded
     probes = class_lab.probes(key, captions, n=QUERIES, num_inference_steps=STEPS)
-    prompts, seeds = demo.quality_prompts(owner_captions, SAMPLES)
+    prompts, seeds = quality.quality_prompts(owner_captions, SAMPLES)
     samples = {name: (prompts, seeds, class_lab.samples(name, prompts, seeds, STEPS)) for name in classroom.FINETUNES}
     args = (full.config, key, class_lab.losses(), class_lab.train_seconds(), probes,
             classroom.sampler_settings(QUERIES, 1, STEPS), samples, classroom.sampler_settings(num_inference_steps=STEPS))

@@ -218,3 +218,10 @@ def cost_against_clean(results):
     for column in ("fid", "kid"):
         delta[column] = altered[column].to_numpy() - clean.loc[altered.seed, column].to_numpy()
     return delta.reset_index(drop=True)
+
+
+def quality_prompts(captions: Sequence[str], n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """The image-quality prompts (notebook 05, ``utility``): ``n`` of the owner's captions in a seeded order, seeds
+    0, 1, 2, ...: the same queries for every model."""
+    order = np.random.default_rng(seed).permutation(len(captions))[:n]
+    return [captions[i] for i in order], list(range(len(order)))

@@ -236,6 +236,7 @@ def finetune(
     progress: bool = True,
     on_step=None,
     device: str | None = None,
+    snapshots: tuple[int, ...] = (),
 ) -> TrainResult:
     """Fine-tune a text-to-image model on an imagefolder, LoRA or full, as diffusers' training script does.
 
@@ -243,7 +244,9 @@ def finetune(
     ``out/train_data.json`` (the data's fingerprint) and ``out/loss_history.json``; checkpoints go to ``out/checkpoints/step-N`` every ``checkpoint_every``
     steps. ``resume="latest"`` continues from the newest checkpoint with identical results on the CPU.
     ``pipe`` (optional) is a loaded base pipeline; it is not modified. ``on_step(step, loss)`` is called
-    after every optimizer step. ``device="cpu"`` keeps a run on the CPU when a GPU is present.
+    after every optimizer step. ``device="cpu"`` keeps a run on the CPU when a GPU is present. ``snapshots``: steps
+    after which the weights are also saved as a finished run would be, in ``out/snapshots/step-N`` (a curve along
+    one run; they do not change the run).
     """
 
     # imported here, not at the top: accelerate is slow to import; diffusers is slow to import
@@ -335,6 +338,10 @@ def finetune(
                 and done < config.steps:
             unwrapped = {k: accelerator.unwrap_model(m) for k, m in trainables.items()}
             save_checkpoint(checkpoints, done, config, unwrapped, optimizer, lr_scheduler, losses, data_record)
+        if accelerator.is_main_process and done in snapshots:
+            _save_finetuned(snapshot_folder(out, done), config, accelerator.unwrap_model(trainables["unet"]),
+                            accelerator.unwrap_model(trainables["text_encoder"]) if config.train_text_encoder else None,
+                            data_record, losses)
 
     # -- the result, in diffusers' formats
     accelerator.wait_for_everyone()
@@ -350,6 +357,11 @@ def finetune(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def snapshot_folder(out: str | os.PathLike, step: int) -> Path:
+    """Where ``finetune(snapshots=...)`` saves the weights after ``step`` (loadable like the run's own folder)."""
+    return Path(out) / "snapshots" / f"step-{step:07d}"
 
 
 def _reset_accelerate() -> None:

@@ -30,9 +30,9 @@ from ..core import data, files
 from ..core.families import FAMILIES
 from ..core.template_io import png_bytes, resolve_template, template_json
 from ..core.templates import MIN_SIZE, Template, insert
+from . import triggers
 from .keys import COMMITMENT_FILE, KEY_FORMAT, KEY_VERSION, OwnerKey, load_key, recover_release, write_release
 from .selection import MODES, choose, count_for, mean_stats
-from . import triggers
 
 MAX_NATIVE_SIDE = 1024  # larger images are templated at a given training resolution, never at native size
 DEFAULT_CAPTION = "a picture"  # caption for added foregrounds that come without one

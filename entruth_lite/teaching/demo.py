@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..core import data, emoji, models
 from ..core.families import DEFAULT_FAMILY, is_family
 from ..core.models import load_finetuned, load_pipeline
+from ..evaluation import quality
 from ..infringer import checkpoints, presets, train
 from ..infringer.presets import TrainConfig
 from ..infringer.train import TrainResult
@@ -220,12 +221,6 @@ def captioning_corpus(release: Release, dataset: str | Path, size: int, limit: i
     return images_at(release.held_out, size, limit)
 
 
-def quality_prompts(captions: Sequence[str], n: int, seed: int = 0) -> tuple[list[str], list[int]]:
-    """Notebook 05's image-quality prompts: ``n`` of the owner's captions in a seeded order, seeds 0, 1, 2, ..."""
-    order = np.random.default_rng(seed).permutation(len(captions))[:n]
-    return [captions[i] for i in order], list(range(len(order)))
-
-
 @dataclass
 class Lab:
     """The lab's three models (``base`` and the fine-tunes ``protected`` and ``clean``), as notebooks 02-05 use them:
@@ -378,11 +373,11 @@ def record_lab(lab, key, captions: Sequence[str], quality_captions: Sequence[str
                seed: int = 0) -> classroom.ClassPack:
     """Record a full-mode ``Lab`` as a pack: the three models' answers to ``queries`` probe queries on
     ``captions`` (probe seed 1, as the notebooks send them), both fine-tunes' samples of ``quality_samples`` of
-    ``quality_captions`` (``quality_prompts``), their loss curves and training times."""
+    ``quality_captions`` (``quality.quality_prompts``), their loss curves and training times."""
     if lab.recorded:
         raise ValueError("record a lab that holds models (full mode), not a recorded one")
     probes = lab.probes(key, captions, n=queries, num_inference_steps=sample_steps, guidance_scale=guidance_scale)
-    prompts, seeds = quality_prompts(quality_captions, quality_samples, seed)
+    prompts, seeds = quality.quality_prompts(quality_captions, quality_samples, seed)
     samples = {name: (prompts, seeds, lab.samples(name, prompts, seeds, sample_steps, guidance_scale))
                for name in classroom.FINETUNES}
     seconds = lab.train_seconds()
