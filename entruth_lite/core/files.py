@@ -4,10 +4,15 @@ a killed one left behind. Nothing the user owns is deleted before its replacemen
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Sequence
+
+MARKER = ".entruth-lite"  # in every folder written whole here: what lets overwrite replace it, and nothing else
 
 
 def staged_siblings(out: Path, kind: str) -> list[Path]:
@@ -33,20 +38,53 @@ def recover_folder(out: Path) -> list[str]:
     return notes
 
 
-def atomic_folder(out: Path, overwrite: bool, private: bool = False) -> Path:
+def check_replaceable(out: Path, ours: Sequence[str] = (MARKER,)) -> None:
+    """Refuse to replace an existing ``out`` that this tool did not write: ``overwrite`` replaces only a folder that
+    holds one of the files ``ours`` names (the marker every folder written whole here carries, or what earlier
+    versions' outputs are known by) or nothing at all. The message names what was found instead."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"refusing to replace {out}: it is a file, not a folder entruth-lite wrote")
+    if any((out / name).is_file() for name in ours):
+        return
+    found = sorted(p.name for p in out.iterdir())
+    if found:
+        raise FileExistsError(
+            f"refusing to replace {out}: entruth-lite did not write it (it has no {ours[0]}, and holds "
+            f"{found[0]!r}{f' and {len(found) - 1} more' if len(found) > 1 else ''}); nothing was changed. Choose a "
+            "new folder, or move that folder away yourself")
+
+
+def adopt(folder: Path) -> None:
+    """Mark an existing folder as this tool's output: for what an earlier version wrote before the marker existed,
+    where the caller can tell (the demo's own run folders, an emoji split with its credit file)."""
+    if Path(folder).is_dir() and not (Path(folder) / MARKER).is_file():
+        (Path(folder) / MARKER).write_text(json.dumps({"written_by": "entruth-lite"}) + "\n", encoding="utf-8")
+
+
+def atomic_folder(out: Path, overwrite: bool, private: bool = False, ours: Sequence[str] | None = (MARKER,)) -> Path:
     """Make a temporary sibling folder of ``out`` to build in (renamed into place by ``commit_folder``), after
-    cleaning up what an interrupted earlier write left (``recover_folder``). It gets the permissions of any new
-    folder (the umask's), or owner-only ones when ``private`` (an owner key)."""
+    finishing or undoing what an interrupted earlier write left (``recover_folder``; what it did is warned about).
+    The folder gets the marker (``MARKER``) and the permissions of any new folder (the umask's), or owner-only ones
+    when ``private`` (an owner key). With ``overwrite``, an existing ``out`` is replaced only if one of ``ours`` is
+    in it (``check_replaceable``; None: a sub-folder of an output, replaced without the check)."""
     out = Path(out)
     check_writable_parent(out)
-    recover_folder(out)
+    for note in recover_folder(out):
+        warnings.warn(note, stacklevel=3)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose a new folder or pass overwrite=True")
+        raise FileExistsError(f"{out} already exists; choose a new folder or replace it (overwrite=True; CLI: "
+                              "--overwrite)")
+    if ours is not None:
+        check_replaceable(out, ours)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # mkdtemp makes it owner-only
     if not private:
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)
+    (tmp / MARKER).write_text(json.dumps({"written_by": "entruth-lite"}) + "\n", encoding="utf-8")
     return tmp
 
 
@@ -82,7 +120,7 @@ def commit_folder(tmp: Path, out: Path) -> None:
 
 def atomic_write(target: Path, write) -> None:
     """Build ``target`` in a temporary sibling folder with ``write(tmp)``, then rename it into place."""
-    tmp = atomic_folder(target, overwrite=True)
+    tmp = atomic_folder(target, overwrite=True, ours=None)  # a sub-folder of an output this run writes
     try:
         write(tmp)
         commit_folder(tmp, target)

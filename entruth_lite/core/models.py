@@ -8,6 +8,7 @@ Weights are read with safetensors only.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -160,8 +161,19 @@ def load_pipeline(
                     local_files_only=local_files_only)
     if Path(path).is_file():
         pipe = _from_single_file(Path(path), config, settings)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(path, use_safetensors=True, **settings)
+    elif Path(path).is_dir():
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(path, use_safetensors=True, **settings)
+        except OSError as error:
+            refuse_pickles(Path(path))  # the weights it found are pickles: say so and why, not diffusers' traceback
+            raise FileNotFoundError(f"{path} is not a complete pipeline folder with safetensors weights "
+                                    f"({str(error).splitlines()[0]})") from error
+    else:  # a hub id: from the local cache when offline
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), use_safetensors=True, **settings)
+        except (OSError, ValueError) as error:
+            raise FileNotFoundError(f"no model at {path}: not a pipeline folder or checkpoint file here, and not a "
+                                    f"hub id that could be loaded ({str(error).splitlines()[0]})") from error
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -358,11 +370,26 @@ def _load_lora_strict(pipe, file: Path) -> None:
                 f"{file} does not fit this model: {len(missing)} LoRA target modules are not "
                 f"in its {label} (e.g. {missing[0]!r}); it was trained for another architecture"
             )
+    disabled = logging.root.manager.disable
+    logging.disable(max(disabled, logging.ERROR))  # a misfit file makes the loaders log every tensor: the error says it
     try:
         pipe.load_lora_weights(str(file.parent), weight_name=file.name)
     except (RuntimeError, ValueError, KeyError) as error:
-        raise ValueError(f"{file} does not fit this model: {error}") from error
+        raise ValueError(f"{file} does not fit this model: {loader_error(error)}") from error
+    finally:
+        logging.disable(disabled)
     _set_text_encoder_dora_magnitudes(pipe.text_encoder, state, file)
+
+
+def loader_error(error: Exception) -> str:
+    """A loader's error in one line: torch lists every tensor of the wrong shape, one a line; name the first and
+    count them."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    mismatched = [line for line in lines if line.startswith("size mismatch")]
+    if mismatched:
+        return (f"{len(mismatched)} tensor(s) have another shape than the model's (e.g. {mismatched[0]}): it was "
+                "trained for another architecture or rank")
+    return lines[0] if lines else type(error).__name__
 
 
 def _set_text_encoder_dora_magnitudes(text_encoder, state: dict, file: Path) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_folder, commit_folder
+from .files import MARKER, atomic_folder, commit_folder
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WIDTHS = ("full", "narrow")
@@ -157,13 +157,12 @@ def build_sd15(out_dir: str | os.PathLike, width: str = "full", seed: int = 0) -
     out = Path(out_dir)
     pipe = StableDiffusionPipeline(**sd15_components(width, seed), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    tmp = atomic_folder(out, overwrite=True)
+    tmp = atomic_folder(out, overwrite=True, ours=(MARKER, "model_index.json"))  # a test model: rebuilt at will
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_vocab_files(tmp / "tokenizer", sd15_configs(width)["tokenizer"])
         commit_folder(tmp, out)
     except BaseException:
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out

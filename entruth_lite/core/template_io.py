@@ -53,9 +53,10 @@ def load_template(folder: str | os.PathLike, stem: str = "template") -> Template
     if missing:
         raise ValueError(f"{meta_path} lacks the field(s) {', '.join(missing)} (see save_template)")
     scene = load_rgb(folder / f"{stem}.png")
-    if list(scene.size) != list(meta["size"]):
-        raise ValueError(f"{folder / (stem + '.png')} is {scene.size[0]}x{scene.size[1]}, but {meta_path} says {meta['size']}")
-    template = Template(meta["name"], scene, [tuple(p) for p in meta["corners"]], family=meta.get("family"))
+    if not isinstance(meta["size"], list) or list(scene.size) != meta["size"]:
+        raise ValueError(f"{folder / (stem + '.png')} is {scene.size[0]}x{scene.size[1]}, but {meta_path} says size "
+                         f"{meta['size']!r}")
+    template = template_from_record(meta, scene, meta_path)
     expected = meta.get("scene_sha256")
     if expected and hashlib.sha256(png_bytes(template.scene)).hexdigest() != expected:
         raise ValueError(f"{folder / (stem + '.png')} does not match the scene hash in {meta_path}")
@@ -64,6 +65,18 @@ def load_template(folder: str | os.PathLike, stem: str = "template") -> Template
                          "not that member's: the decoy test is exact only for templates drawn by random_template. "
                          "Remove 'family' to use it as an ordinary template (no decoy test)")
     return template
+
+
+def template_from_record(meta: dict, scene: Image.Image, where) -> Template:
+    """The ``Template`` a JSON description (``template_json``) and its scene make; a ValueError naming ``where``
+    and what is wrong in it (a field of the wrong type, a bad screen), never a traceback from deeper down."""
+    family = meta.get("family")
+    if family is not None and not isinstance(family, str):
+        raise ValueError(f"{where}: the template's family must be a name, got {family!r}")
+    try:
+        return Template(meta["name"], scene, meta["corners"], family=family)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: not a valid template description ({error})") from error
 
 
 def is_family_member(template: Template) -> bool:

@@ -251,6 +251,7 @@ def build_tiny(out: Path | str = models.TINY_MODEL_DIR, config: TinyBuildConfig 
 
     config = config or TinyBuildConfig()
     out = Path(out)
+    files.check_replaceable(out)  # before the build's half hour, not after
     device = models.pick_device(device)
     start = time.time()
     splits = emoji.emoji_splits()

@@ -133,8 +133,11 @@ def coat_dataset(dataset, out, key_dir, rate: float = 0.2, mode: str = "trigger"
             caption = triggers.apply_trigger(caption, trigger) if trigger else caption
         images.append(image)
         captions.append(caption)
+    if Path(key_dir).exists() and not overwrite:  # before the dataset is written, not after
+        raise FileExistsError(f"{key_dir} already exists; choose a new folder or replace it (overwrite=True)")
+    files.check_replaceable(key_dir, (files.MARKER, COAT_KEY_FILE))
     data.save_imagefolder(images, captions, out, file_names=source.file_names, overwrite=overwrite)
-    tmp = files.atomic_folder(key_dir, overwrite)
+    tmp = files.atomic_folder(key_dir, overwrite, private=True, ours=(files.MARKER, COAT_KEY_FILE))
     (tmp / COAT_KEY_FILE).write_text(json.dumps(asdict(key), indent=2) + "\n", encoding="utf-8")
     files.commit_folder(tmp, key_dir)
     return key

@@ -1,3 +1,3 @@
-"""The infringer's side: fine-tuning on a release (``config``, ``checkpoints``, ``train``) and what someone who
-suspects protection does to the data and the training (``attacks``). Imports only ``core``: the infringer has no
-key."""
+"""The infringer's side: fine-tuning on a release (``presets``: ``TrainConfig`` and the presets; ``train``, the loop;
+``checkpoints``) and what someone who suspects protection does to the data and the training (``attacks``). Imports
+only ``core``: the infringer has no key."""

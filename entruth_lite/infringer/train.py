@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..core import files
 from ..core.augmentation import augment
 from ..core.data import crop_to_square, images_to_tensor, load_imagefolder
 from ..core.diffusion import diffusion_loss, encode_captions, encode_images, encode_posterior, sample_latents, tokenize
@@ -262,9 +263,12 @@ def finetune(
     if out.exists() and any(out.iterdir()) and resume is None and not overwrite:
         raise FileExistsError(f"{out} is not empty: resume it (resume='latest'; CLI --resume latest) or replace it "
                               "(overwrite=True; CLI --overwrite)")
+    files.check_replaceable(out, (files.MARKER, "train_config.json", "checkpoints"))  # only a fine-tune's own folder
     dataset = load_imagefolder(data)
     data_record = {"data": str(Path(data).resolve()), "sha256": dataset_fingerprint(data)}  # which data, exactly
     check_writable_parent(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files.adopt(out)
     on_cpu = device == "cpu" or not torch.cuda.is_available()
     if config.mixed_precision != "no" and on_cpu:
         raise ValueError(f"mixed_precision={config.mixed_precision!r} needs a CUDA GPU; use 'no' on the CPU")

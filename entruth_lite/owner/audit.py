@@ -22,7 +22,7 @@ from ..core import data
 from ..core.families import decoy_templates, family_member, is_family, random_seed_of
 from ..core.models import default_resolution
 from ..core.templates import Template, vae_round_trip
-from . import detect, probe, verify
+from . import detect, keys, probe, verify
 from .calibration import negatives_as_trained, plain_images_of
 from .probe import ProbeResult
 from .record import IMAGE_FILES, environment, file_hashes, key_record
@@ -164,6 +164,13 @@ class AuditConfig:
             warnings.warn(f"the decoy test cannot reject at alpha = {self.alpha:g} with {self.decoys} decoys: its "
                           f"smallest p-value is 1 / {self.decoys + 1}; use more than {math.ceil(1 / self.alpha) - 1}",
                           stacklevel=3)
+
+
+def checked_already(config: AuditConfig, **changes) -> AuditConfig:
+    """``config`` with ``changes``, without warning again about what was warned about when it was made."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return replace(config, **changes)
 
 
 def methods_for_template(methods: Sequence[str], template: Template) -> tuple[tuple[str, ...], list[str]]:
@@ -345,17 +352,19 @@ class AuditResult:
 def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None, reference_pipe=None,
           negatives: Sequence[Image.Image] | None = None, classifier: detect.TemplateClassifier | None = None,
           model: dict | None = None, reference: dict | None = None, progress: bool = True,
-          probed: ProbeResult | None = None) -> AuditResult:
+          probed: ProbeResult | None = None, release: str | os.PathLike | None = None) -> AuditResult:
     """Probe ``pipe`` with ``key``'s trigger and run ``config.methods``; ``reference_pipe`` (optional) is a
     clean model probed with the same prompts and seeds. ``probed``: these queries already answered by ``pipe`` with
     the config's sampler settings (e.g. ``demo.cached_probe``), so they are not generated twice; its prompts and seeds
-    must be the ones the config sends."""
+    must be the ones the config sends. ``release``: the published release, whose commitment the key is checked
+    against first (the record says whether it was)."""
+    if release is not None:
+        keys.check_commitment(key, release)
     config = config or AuditConfig()
     template = key.template
     methods, notes = methods_for_template(config.methods, template)
     if methods != config.methods:
-
-        config = replace(config, methods=methods)
+        config = checked_already(config, methods=methods)
     generation = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                       progress=progress)
     if probed is None:
@@ -386,7 +395,7 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
         negatives = vae_round_trip(pipe, negatives)
     verdicts, evidence = evaluate(probed, template, config, negatives, classifier, ref_probe, salt=key.key_sha256,
                                   progress=progress)
-    return AuditResult(verdicts, evidence, probed, config, key_record(key), model or {}, reference, notes,
+    return AuditResult(verdicts, evidence, probed, config, key_record(key, release), model or {}, reference, notes,
                        environment(pipe))
 
 
@@ -400,11 +409,14 @@ def prompt_sheet_for(key, captions: Sequence[str], config: AuditConfig | None = 
 
 def audit_images(folder: str | os.PathLike, rows: Sequence[dict], key, config: AuditConfig | None = None,
                  negatives: Sequence[Image.Image] | None = None, vae=None, model: dict | None = None,
-                 progress: bool = True) -> AuditResult:
+                 progress: bool = True, release: str | os.PathLike | None = None) -> AuditResult:
     """The audit of a suspect known only by its outputs: ``folder`` holds a service's answers to the prompt sheet
     ``rows`` (``probe.probe_from_images`` matches them). The decoy test needs nothing else. The tests that need
     plain images as the suspect draws them (binomial, one-query) run when ``vae`` (the base model's autoencoder,
-    e.g. SD 1.5's, which fine-tunes keep) can round-trip ``negatives``; otherwise they are left out, with a note."""
+    e.g. SD 1.5's, which fine-tunes keep) can round-trip ``negatives``; otherwise they are left out, with a note.
+    ``release``: as for ``audit``."""
+    if release is not None:
+        keys.check_commitment(key, release)
     config = config or AuditConfig()
     if config.detector != "projection":
         raise ValueError("a black-box audit scores with the projection detector (the classifier needs the model's VAE "
@@ -423,11 +435,11 @@ def audit_images(folder: str | os.PathLike, rows: Sequence[dict], key, config: A
         negatives = vae_round_trip(vae, negatives_as_trained(negatives, side, config.max_negatives))
     if not methods:
         raise ValueError("no test left to run on images alone: include 'decoy' or 'paired' in the methods")
-    config = replace(config, methods=methods, queries=len(probed.seeds))
+    config = checked_already(config, methods=methods, queries=len(probed.seeds))
     verdicts, evidence = evaluate(probed, key.template, config, negatives if needs_plain else None,
                                   salt=key.key_sha256, progress=progress)
     source = dict(images=str(folder), image_files=file_hashes(folder, IMAGE_FILES))
-    return AuditResult(verdicts, evidence, probed, config, key_record(key), (model or {}) | source, None, notes,
+    return AuditResult(verdicts, evidence, probed, config, key_record(key, release), (model or {}) | source, None, notes,
                        environment() | {"resolution": probed.trigger_images[0].width})
 
 

@@ -201,7 +201,6 @@ def resolve_arch(arch: str) -> str:
 def _network(config: ClassifierConfig, arch: str):
     network = small_cnn(config.width) if arch == "small" else resnet18()
     if config.init_weights:
-
         own = network.state_dict()
         given = load_file(config.init_weights, device="cpu")
         usable = {k: v for k, v in given.items() if k in own and own[k].shape == v.shape}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import data, files
-from ..core.template_io import png_bytes
+from ..core.template_io import png_bytes, template_from_record
 from ..core.templates import Template
 
 KEY_FORMAT = "entruth-lite-owner-key"
@@ -24,6 +24,10 @@ KEY_FILE = "key.json"
 KEY_TEMPLATE = "template.png"
 COMMITMENT_FILE = "entruth-commitment.json"  # in the release: the key's hash, published with the data
 COMMITMENT_FORMAT = "entruth-lite-key-commitment"
+# what a release or a key of this tool holds (the marker; earlier versions' by their commitment or key file):
+# overwrite replaces nothing else
+RELEASE_MARKERS = (files.MARKER, COMMITMENT_FILE)
+KEY_MARKERS = (files.MARKER, KEY_FILE)
 
 
 class KeyTamperedError(ValueError):
@@ -100,7 +104,7 @@ def load_key(key_dir: str | os.PathLike, release: str | os.PathLike | None = Non
     meta = payload["template"]
     if hashlib.sha256(png_bytes(scene)).hexdigest() != meta["scene_sha256"]:
         raise KeyTamperedError(f"{key_dir / KEY_TEMPLATE} does not match the template recorded in {key_path}")
-    template = Template(meta["name"], scene, [tuple(p) for p in meta["corners"]], family=meta.get("family"))
+    template = template_from_record(meta, scene, key_path)
     key = OwnerKey(
         root=key_dir,
         template=template,
@@ -169,8 +173,8 @@ def write_release(release, extra_files: dict[str, bytes], out: Path, key_dir: Pa
     set aside, not deleted, until the new key is in place. A kill at any moment leaves a state that
     ``recover_release`` (run by the next ``protect`` of the same folders) finishes or undoes, and that a reader
     detects meanwhile (``check_commitment``)."""
-    out_tmp = files.atomic_folder(out, overwrite)
-    key_tmp = files.atomic_folder(key_dir, overwrite, private=True)
+    out_tmp = files.atomic_folder(out, overwrite, ours=RELEASE_MARKERS)
+    key_tmp = files.atomic_folder(key_dir, overwrite, private=True, ours=KEY_MARKERS)
     try:
         data.check_rows(release.images, release.captions, release.file_names)
         data.write_imagefolder(out_tmp, release.images, release.captions, release.file_names, release.extras,

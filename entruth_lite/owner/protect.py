@@ -31,7 +31,17 @@ from ..core.families import FAMILIES
 from ..core.template_io import png_bytes, resolve_template, template_json
 from ..core.templates import MIN_SIZE, Template, insert
 from . import triggers
-from .keys import COMMITMENT_FILE, KEY_FORMAT, KEY_VERSION, OwnerKey, load_key, recover_release, write_release
+from .keys import (
+    COMMITMENT_FILE,
+    KEY_FORMAT,
+    KEY_MARKERS,
+    KEY_VERSION,
+    RELEASE_MARKERS,
+    OwnerKey,
+    load_key,
+    recover_release,
+    write_release,
+)
 from .selection import MODES, choose, count_for, mean_stats
 
 MAX_NATIVE_SIDE = 1024  # larger images are templated at a given training resolution, never at native size
@@ -132,14 +142,13 @@ def _extra_files(dataset: data.CaptionedDataset) -> dict[str, bytes]:
     return {
         p.name: p.read_bytes()
         for p in sorted(Path(dataset.root).iterdir())
-        if p.is_file() and p.name not in (data.METADATA, COMMITMENT_FILE) and p.name not in listed
+        if p.is_file() and p.name not in (data.METADATA, COMMITMENT_FILE, files.MARKER) and p.name not in listed
         and p.suffix.lower() not in data.IMAGE_SUFFIXES
     }
 
 
-def _check_folders(root: Path, out: Path, key_dir: Path, overwrite: bool) -> None:
-    """Refuse outputs that overlap the source or each other, and existing ones (unless ``overwrite``),
-    before any work is done."""
+def _check_folders(root: Path, out: Path, key_dir: Path) -> None:
+    """Refuse outputs that overlap the source or each other, before any work is done."""
     for what, path in (("out", out), ("key_dir", key_dir)):
         if root.is_dir() and (_inside(path, root) or _inside(root, path)):
             raise ValueError(f"{what} {path} overlaps the source dataset {root}, which is never modified")
@@ -147,9 +156,31 @@ def _check_folders(root: Path, out: Path, key_dir: Path, overwrite: bool) -> Non
         raise ValueError(f"the owner key {key_dir} must be kept apart from the released dataset {out}")
     for path in (out, key_dir):
         files.check_writable_parent(path)
-    for path in (out, key_dir):
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists; choose a new folder or pass overwrite=True")
+
+
+def _check_existing(out: Path, key_dir: Path, overwrite: bool, recovered: Sequence[str]) -> None:
+    """Refuse to write over what is there (unless ``overwrite``, and then only this tool's own outputs), saying
+    what is there: a complete pair (perhaps just finished from an interrupted run), a release whose key is lost,
+    or something else."""
+    for path, ours in ((out, RELEASE_MARKERS), (key_dir, KEY_MARKERS)):
+        files.check_replaceable(path, ours)
+    if overwrite or not (out.exists() or key_dir.exists()):
+        return
+    done = f" ({'; '.join(recovered)})" if recovered else ""
+    replace = "replace them (overwrite=True; CLI: --overwrite)"
+    if out.exists() and not key_dir.exists():
+        raise FileExistsError(
+            f"{out} holds a release but {key_dir} holds no key for it{done}, and no interrupted copy of its key was "
+            f"found: if that release was never published, {replace}; if it was, its key is lost")
+    if key_dir.exists() and not out.exists():
+        raise FileExistsError(f"{key_dir} holds a key but {out} holds no release: choose new folders or {replace}")
+    try:
+        load_key(key_dir, release=out)
+    except (FileNotFoundError, ValueError) as error:
+        raise FileExistsError(f"{key_dir} is not the key of the release in {out} ({error}); choose new folders or "
+                              f"{replace}") from error
+    raise FileExistsError(f"{out} and {key_dir} already hold a complete release and its key{done}: use them, or "
+                          f"{replace}")
 
 
 def _eligible(source: data.CaptionedDataset, priors: Sequence[OwnerKey]) -> list[int]:
@@ -203,6 +234,23 @@ def _check_images(source: data.CaptionedDataset, resolution: int | None) -> None
         raise data.DatasetError(f"{len(large)} image(s) in {source.root} are over {MAX_NATIVE_SIDE} px (e.g. "
                                 f"{large[0]!r}): pass the training resolution (resolution=512, CLI --resolution 512) "
                                 "so that templated images are made at the size a model is trained at")
+    non_square = [f"{n} ({size[0]}x{size[1]})" for n, size in zip(names, sizes) if size[0] != size[1]]
+    if non_square and resolution is None:
+        raise data.DatasetError(f"{len(non_square)} image(s) in {source.root} are not square (e.g. {non_square[0]}): a "
+                                "trainer's square centre crop would cut the template's sides off; pass the training "
+                                "resolution (resolution=512, CLI --resolution 512) so they are cropped first, as it will")
+    root = Path(source.root).resolve()
+    linked = [f"{n} -> {source.path(i).resolve()}" for i, n in enumerate(names)
+              if not source.path(i).resolve().is_relative_to(root)]
+    if linked:  # e.g. a hub snapshot's files link into its cache: followed, and said
+        warnings.warn(f"{len(linked)} file(s) of {source.root} are links to files outside it (e.g. {linked[0]}): the "
+                      "files they point to are read, and copied into the release", stacklevel=4)
+    animated = [n for i, n in enumerate(names)
+                if Path(n).suffix.lower() in (".gif", ".webp", ".png") and data.is_animated(source.path(i))]
+    if animated:
+        warnings.warn(f"{len(animated)} animated image(s) in {source.root} (e.g. {animated[0]!r}): a picked one is "
+                      "templated as its first frame, as trainers read it; the others are copied as they are",
+                      stacklevel=4)
 
 
 def _pick_trigger(trigger: str, captions: Sequence[str], seed: int, tokenizer, avoid: Sequence[str]) -> str:
@@ -290,9 +338,12 @@ def _checked_source(dataset, out: Path, key_dir: Path, overwrite: bool,
     """The source dataset and its unlisted images, after every check that can fail before any work is done, and
     after finishing or undoing an interrupted earlier protect of the same folders."""
     source = dataset if isinstance(dataset, data.CaptionedDataset) else data.load_imagefolder(dataset)
-    _check_folders(Path(source.root), out, key_dir, overwrite)
+    _check_folders(Path(source.root), out, key_dir)
+    recovered = recover_release(out, key_dir)  # an interrupted protect of these folders: finished or undone first
+    for note in recovered:
+        warnings.warn(note, stacklevel=3)
+    _check_existing(out, key_dir, overwrite, recovered)
     _check_images(source, resolution)
-    recover_release(out, key_dir)
     unlisted = data.unlisted_images(source)
     if unlisted:
         warnings.warn(f"{len(unlisted)} image(s) in {source.root} are not listed in its {data.METADATA} and are left "

@@ -48,11 +48,17 @@ def environment(pipe=None) -> dict:
     return record
 
 
-def key_record(key) -> dict:
+NOT_CHECKED = ("not checked: the key was not compared with a release's commitment, so an edited key would not be "
+               "caught (pass the published release: release=, CLI --release)")
+
+
+def key_record(key, release: str | os.PathLike | None = None) -> dict:
     """What the audit record says of the key: its hash (the decoys' salt), the template's name and size (a random
-    family member is rebuilt from them), the trigger and its placement. Publishing it reveals the template."""
+    family member is rebuilt from them), the trigger and its placement, and whether it was checked against the
+    commitment of ``release``. Publishing it reveals the template."""
+    commitment = f"checked against the commitment in the release {release}" if release is not None else NOT_CHECKED
     return dict(key_sha256=key.key_sha256, template=key.template.name, template_size=list(key.template.size),
-                trigger=key.trigger, placement=key.placement)
+                trigger=key.trigger, placement=key.placement, commitment=commitment)
 
 
 def base_dir(model: str) -> Path | None:

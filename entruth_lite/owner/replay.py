@@ -33,7 +33,8 @@ def replay(record: dict, model: str | None = None, weights: str | os.PathLike | 
         if changed:
             raise ValueError(f"the {label} at {folder} are not the audited ones: {len(changed)} file(s) differ from "
                              f"the record (e.g. {changed[0]!r})")
-    key = record["key"]
+    key = record["key"] | {"commitment": "not checked in this replay (the recorded audit: "
+                                         f"{record['key'].get('commitment', 'not recorded')})"}
     template = resolve_template(key["template"], tuple(key["template_size"]))
     fields = {f: v for f, v in record["config"].items() if f != "methods"}
     config = replace(AuditConfig(**fields), methods=tuple(m for m in record["config"]["methods"] if m in REPLAYABLE))

@@ -9,6 +9,7 @@ import html
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -97,6 +98,7 @@ background:{'#fde2e2' if head is not None and head.decision else '#e6f2e6'}}} co
 <h2>Tests</h2><table><tr><th>method</th><th>queries</th><th>flagged</th><th>statistic</th><th>p-value</th>
 <th>alpha</th><th>reject null</th></tr>{rows}</table><ul>{notes}</ul>
 <h2>Key and model</h2><table><tr><td>owner key sha256</td><td><code>{e(result.key['key_sha256'])}</code></td></tr>
+<tr><td>commitment</td><td>{e(result.key.get('commitment', 'not recorded (an older audit record)'))}</td></tr>
 <tr><td>template</td><td>{e(result.key['template'])}</td></tr><tr><td>trigger</td><td>{e(result.key['trigger'])}
 ({e(result.key['placement'])})</td></tr><tr><td>model</td><td>{e(str(result.model.get('model')))}</td></tr>
 <tr><td>weights</td><td>{e(str(result.model.get('weights')))}</td></tr>
@@ -147,6 +149,31 @@ def write_report(result: AuditResult, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_report(result), encoding="utf-8")
     return path
+
+
+def write_report_or_keep_record(result: AuditResult, path: str | os.PathLike) -> Path:
+    """``write_report``; when the report cannot be written, the finished audit is not lost: its record goes to the
+    temporary folder (``save_record_elsewhere``) and the ValueError says where and how to rebuild the report."""
+    try:
+        return write_report(result, path)
+    except OSError as error:
+        why = f"the report could not be written to {path} ({error.strerror or error})"
+        try:
+            kept = save_record_elsewhere(result)
+        except OSError as second:
+            raise ValueError(f"{why}, nor its record to the temporary folder ({second.strerror or second}): the "
+                             "verdict printed is all that is left") from error
+        raise ValueError(f"{why}; the audit's record is in {kept}: `entruth-lite audit --replay {kept} --report "
+                         "NEW_PATH` rebuilds it") from error
+
+
+def save_record_elsewhere(result: AuditResult) -> Path:
+    """The audit's JSON record in a new file of the system's temporary folder: where a finished audit goes when its
+    report cannot be written, so the work is not lost (``--replay`` rebuilds the report from it)."""
+    handle, name = tempfile.mkstemp(prefix="entruth-audit-", suffix=".json")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        json.dump(result.to_json(), out)
+    return Path(name)
 
 
 def inline(path: str | os.PathLike, height: int = 600):

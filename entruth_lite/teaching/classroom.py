@@ -150,7 +150,8 @@ def write_pack(out: str | os.PathLike, config, key, losses: dict[str, list[float
     record = dict(settings=pack_settings(config, key), probe=probe_sampler, samples=sample_sampler,
                   losses={k: [round(float(v), 5) for v in losses[k]] for k in FINETUNES},
                   train_seconds={k: round(float(train_seconds[k]), 1) for k in FINETUNES})
-    tmp = files.atomic_folder(out, overwrite=True)  # a pack is replaced whole: never new answers under old settings
+    # a pack is replaced whole: never new answers under old settings
+    tmp = files.atomic_folder(out, overwrite=True, ours=(files.MARKER, PACK_FILE))
     try:
         for name in MODELS:
             probe.save_probe(probes[name], tmp / "probes" / f"{name}.npz")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core import data, emoji, models
+from ..core import data, emoji, files, models
 from ..core.families import DEFAULT_FAMILY, is_family
 from ..core.models import load_finetuned, load_pipeline
 from ..evaluation import quality
@@ -93,6 +93,9 @@ def write_owner_data(dataset: str | Path, folders: Release, size: int) -> None:
     """The owner's data and a held-out probe set: the emoji (owner and probe splits, drawn at ``size``), or the
     owner's own imagefolder (or hub dataset, imported at ``size``) split into released and held-out rows. Files
     of a local folder are copied byte for byte; the source is never modified."""
+    if (folders.owner.parent / SOURCE_FILE).is_file():  # the demo's own folders, perhaps from an earlier version
+        for folder in (folders.owner, folders.held_out):
+            files.adopt(folder)
     if str(dataset) == EMOJI:
         emoji.write_emoji_dataset(folders.owner, size=size, overwrite=True)
         emoji.write_emoji_dataset(folders.held_out, split="probe", size=size, overwrite=True)
@@ -395,6 +398,7 @@ def record_class(runs: str | os.PathLike = "runs", out: str | os.PathLike = clas
     """Record the pack at the lab's settings (``LAB``, which the notebooks' parameter cells read too): fine-tune
     both models (or reuse a full run's under ``runs``), probe the three models with notebook 03's queries and sample
     notebook 05's quality prompts. A class-mode run of the notebooks refuses the pack if a setting changed since."""
+    files.check_replaceable(Path(out), (files.MARKER, classroom.PACK_FILE))  # before the recording, not after
     config = presets.notebook_preset(settings.preset, None, settings.steps, settings.seed)
     base = models.load_pipeline(config.model)
     folders = release(runs, rate=settings.rate, template=settings.template, seed=settings.seed,
