@@ -14,6 +14,7 @@ owner's 1 % plain-image threshold. Resumable at any point (``python -m benchmark
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from pathlib import Path
@@ -42,6 +43,7 @@ FAMILY, TRIGGER_LENGTH = "mosaic", 6  # the collection's key design
 SNAPSHOTS = 10  # one every 10 % of a run
 RELEASE_IMAGES = 256  # release images the release loss is measured on (a fixed subset: the first untemplated ones)
 KID_SAMPLES = 64
+SAMPLE_STEPS = 25  # DDIM steps of every probe and KID sample, as the audit draws them
 REFERENCE = "tiny-cpu"  # the fine-tune whose gain utility is a share of
 
 # name: the settings as their users run them, as overrides of TrainConfig; "epochs" sets the steps from the release
@@ -115,9 +117,11 @@ def measure_snapshot(folder: Path, name: str, pipe, key, measured, queries: int)
     if not probe_file.is_file():
         held_captions = measured[1][1]
         probe.save_probe(probe.probe_model(pipe, held_captions, key.trigger, key.placement, n=queries,
-                                           seed=HELD_OUT_SEED, progress=False), probe_file)
+                                           seed=HELD_OUT_SEED, num_inference_steps=SAMPLE_STEPS, progress=False),
+                         probe_file)
     if not learned_file.is_file():
-        learned = utility.measure_learned(pipe, measured[0], measured[1], samples=KID_SAMPLES)
+        learned = utility.measure_learned(pipe, measured[0], measured[1], samples=KID_SAMPLES,
+                                          num_inference_steps=SAMPLE_STEPS)
         learned_file.parent.mkdir(parents=True, exist_ok=True)
         learned_file.write_text(json.dumps(learned.to_dict()) + "\n")
 
@@ -187,14 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="re-score the stored probes, train nothing")
     args = parser.parse_args(argv)
     root = Path(args.out)
-    if not args.report_only:
-        for setting in args.settings:
-            for rate in args.rates:
-                for seed in args.seeds:
-                    print(f"frontier: {setting} rate {rate:g} seed {seed}", flush=True)
-                    fit_run(root, setting, rate, seed, args.queries)
-    rows = [row for setting in args.settings for rate in args.rates for seed in args.seeds
-            for row in rows_of(root, setting, rate, seed)]
+    grid = list(itertools.product(args.settings, args.rates, args.seeds))
+    for setting, rate, seed in [] if args.report_only else grid:
+        print(f"frontier: {setting} rate {rate:g} seed {seed}", flush=True)
+        fit_run(root, setting, rate, seed, args.queries)
+    rows = [row for setting, rate, seed in grid for row in rows_of(root, setting, rate, seed)]
     write_table(rows, root / "frontier.csv", dict(rate="g", progress=".1f", decoy_p=".1e", binomial_p=".1e",
                                                    release_loss=".4f", held_out_loss=".4f", kid=".4f"))
 

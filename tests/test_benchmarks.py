@@ -162,10 +162,16 @@ def test_the_frontier_runs_settings_as_their_users_do_and_scores_every_snapshot(
         "tiny-cpu", seed=0, checkpoint_every=0).fingerprint()
     monkeypatch.setattr(frontier, "SNAPSHOTS", 2)
     monkeypatch.setattr(frontier, "KID_SAMPLES", 4)
+    monkeypatch.setattr(frontier, "SAMPLE_STEPS", 4)
     monkeypatch.setattr(frontier, "RELEASE_IMAGES", 8)
     monkeypatch.setattr(frontier, "SETTINGS", {"tiny-cpu": dict(steps=2, batch_size=4),
                                                "quick-lora": dict(method="lora", lora_rank=4, steps=2, batch_size=4)})
-    frontier.main(["--settings", "tiny-cpu", "quick-lora", "--rates", "0.01", "--seeds", "0", "--queries", "4",
+    from entruth_lite.core import data
+    from entruth_lite.core import emoji as emoji_data
+
+    images, captions, names = emoji_data.emoji_dataset("owner", limit=60)  # a small owner: common.owner_dataset reuses it
+    data.save_imagefolder(images, captions, tmp_path / "owner", file_names=names)
+    frontier.main(["--settings", "tiny-cpu", "quick-lora", "--rates", "0.05", "--seeds", "0", "--queries", "4",
                    "--out", str(tmp_path)])
     import pandas as pd
 
@@ -174,6 +180,6 @@ def test_the_frontier_runs_settings_as_their_users_do_and_scores_every_snapshot(
     reference_end = table[(table.setting == "tiny-cpu") & (table.step == 2)].iloc[0]
     assert reference_end.release_loss_share == pytest.approx(1.0) and reference_end.kid_share == pytest.approx(1.0)
     assert ((table.decoy_p > 0) & (table.decoy_p <= 1)).all() and table.over_threshold.between(0, 1).all()
-    frontier.main(["--settings", "tiny-cpu", "quick-lora", "--rates", "0.01", "--seeds", "0", "--out", str(tmp_path),
+    frontier.main(["--settings", "tiny-cpu", "quick-lora", "--rates", "0.05", "--seeds", "0", "--out", str(tmp_path),
                    "--report-only"])
     assert pd.read_csv(tmp_path / "frontier.csv").equals(table), "re-scoring the stored probes gives the same table"
