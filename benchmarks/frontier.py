@@ -171,8 +171,8 @@ def rows_of(root: Path, setting: str, rate: float, seed: int) -> list[dict]:
         reference = learned(reference_folder, f"step-{last:07d}")
     (folder / "scores").mkdir(exist_ok=True)
     rows = []
-    for step in done["snapshots"]:
-        name = f"step-{step:07d}"
+    for step in [0] + done["snapshots"]:  # step 0: the base model, where every curve starts
+        name = "base" if step == 0 else f"step-{step:07d}"
         model = learned(folder, name)
         shares = utility.utility(base, model, reference) if reference is not None else {}
         rows.append(dict(setting=setting, rate=rate, seed=seed, step=step, progress=step / done["steps"],

@@ -186,7 +186,9 @@ threshold, and what the model learned (`evaluation.utility`: mean denoising loss
 and on the 64 held-out emoji, KID of 64 samples for the release's captions against its images), each also as its
 share of the gain the `tiny-cpu` full fine-tune of the same rate and seed made over the base by its end. The base
 VAE is the faithful one (posterior narrowed to 1 % of the latent spread), so trainers that encode posterior draws
-(`sample_latents`, as diffusers' scripts do) learn the data. Summary: the last snapshot of each run.
+(`sample_latents`, as diffusers' scripts do) learn the data. Summary: each run's last snapshot beside its base
+(step 0); the CSV has every snapshot. The sweep is in progress: the rows are the runs finished so far. KID of 64
+samples is too noisy to rank these models (the base's is the lowest); the losses are not.
 """
 
 CRASH = """## Killing protect from outside
@@ -205,9 +207,14 @@ here); the rename points cover the rest.
 def _frontier(table: pd.DataFrame) -> str:
     last = table.sort_values("step").groupby(["setting", "rate", "seed"], sort=False).tail(1)
     shares = [c for c in ("release_loss_share", "held_out_loss_share", "kid_share") if c in last]
-    return markdown_table(last[["setting", "rate", "seed", "step", "decoy_p", "over_threshold", *shares]],
-                          dict(rate="g", decoy_p=".1e", over_threshold=".2f", release_loss_share=".2f",
-                               held_out_loss_share=".2f", kid_share=".2f"))
+    base = table[table.step == 0].set_index(["setting", "rate", "seed"])
+    last = last.join(base[["release_loss", "held_out_loss"]], on=["setting", "rate", "seed"], rsuffix="_base")
+    columns = ["setting", "rate", "seed", "step", "release_loss_base", "release_loss", "held_out_loss_base",
+               "held_out_loss", "decoy_p", "over_threshold", "binomial_p", *shares]
+    return markdown_table(last[columns], dict(rate="g", decoy_p=".1e", binomial_p=".1e", over_threshold=".2f",
+                                              release_loss=".3f", release_loss_base=".3f", held_out_loss=".3f",
+                                              held_out_loss_base=".3f", release_loss_share=".2f",
+                                              held_out_loss_share=".2f", kid_share=".2f"))
 
 
 def _crash(table: pd.DataFrame) -> str:

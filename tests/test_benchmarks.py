@@ -176,7 +176,9 @@ def test_the_frontier_runs_settings_as_their_users_do_and_scores_every_snapshot(
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "frontier.csv")
-    assert list(table.step) == [1, 2, 1, 2] and set(table.setting) == {"tiny-cpu", "quick-lora"}
+    assert list(table.step) == [0, 1, 2, 0, 1, 2] and set(table.setting) == {"tiny-cpu", "quick-lora"}
+    base_rows = table[table.step == 0]
+    assert (base_rows.release_loss_share == 0).all() and base_rows.release_loss.nunique() == 1, "one base, shared"
     reference_end = table[(table.setting == "tiny-cpu") & (table.step == 2)].iloc[0]
     assert reference_end.release_loss_share == pytest.approx(1.0) and reference_end.kid_share == pytest.approx(1.0)
     assert ((table.decoy_p > 0) & (table.decoy_p <= 1)).all() and table.over_threshold.between(0, 1).all()
