@@ -15,7 +15,7 @@ import pandas as pd
 
 from entruth_lite.evaluation import baselines, quality, robustness
 
-from . import template_family
+from . import query_budget, template_family
 from .common import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,6 +40,9 @@ when you have no run of your own.
 | `gpu_estimates.csv` | `benchmarks.gpu_estimates` (estimates, not measurements) | one per GPU preset |
 | `frontier.csv` | `benchmarks.frontier` (in progress: the settings, rates and seeds run so far) | one per setting, rate, seed and snapshot |
 | `crash_protect.csv` | `benchmarks.crash_protect` | one per kill |
+| `decoy_scale.csv` | `benchmarks.decoy_scale` | one per family, image size and model |
+| `query_budget.csv` | `benchmarks.query_budget` | one per rate, seed and query count |
+| `decoy_statistic.csv`, `decoy_statistic_runs.csv` | `benchmarks.decoy_statistic` | half x statistic x queries; one per run, statistic and query count |
 """
 
 POWER = """## Detection power
@@ -191,6 +194,34 @@ VAE is the faithful one (posterior narrowed to 1 % of the latent spread), so tra
 samples is too noisy to rank these models (the base's is the lowest); the losses are not.
 """
 
+DECOY_SCALE = """## The decoy test at a million decoys
+
+`benchmarks.decoy_scale`: the audit's decoy test (`decoys.rank_released`: decoys drawn in chunks of up to 2,048,
+scored with one matrix product each, Besag and Clifford's sequential rule stopping once 20 decoys reach the
+released template) on probes made without sampling: 64 held-out emoji as control images, and as trigger images
+either other emoji (`clean`) or the emoji inserted into the released template and blended half-way (`memorized`,
+which beats every decoy, so the test draws them all). 512 px images are scored at the 64 px working size; the
+`ring` family is drawn one member at a time. `load`: the 1-minute load average when the row started (the
+fine-tuning sweep was paused). Seconds cover drawing, scoring and ranking, not generating the probe.
+"""
+
+QUERY_BUDGET = """## How many queries the evidence needs
+
+`benchmarks.query_budget`: the audit's decoy test (up to 999,999 decoys, the sequential rule) on the first n of the
+64 stored queries of each detection-power run at the collection's key design (`tiny-cpu` full fine-tunes, 1,500
+steps). Per rate and n: seeds detected at alpha = 0.01, and the median and worst seed's p-value. The CSV has every
+run.
+"""
+
+DECOY_STATISTIC = """## Choosing the decoy test's statistic
+
+`benchmarks.decoy_statistic`: every stored probe of the key design (protected: the power runs and each frontier
+run's last snapshot; clean: the null-calibration runs, clean power runs and each frontier run's base model), scored
+with the released template and 9,999 decoys, each candidate statistic's p-value by the sequential rule. Runs are
+split by a hash of their name into a half that chooses (most protected models detected at alpha = 0.01 with 64
+queries, then the larger mean -log10 p) and a half that reports. `chosen` marks the choose half's pick.
+"""
+
 CRASH = """## Killing protect from outside
 
 `benchmarks.crash_protect` (`--random-kills 53`): `protect` in a child process, killed with SIGKILL between each
@@ -261,6 +292,12 @@ def render(folder: Path = RESULTS) -> str:
     parts.append(_section(folder, "gpu_estimates.csv", GPU, markdown_table))
     parts.append(_section(folder, "frontier.csv", FRONTIER, _frontier))
     parts.append(_section(folder, "crash_protect.csv", CRASH, _crash))
+    parts.append(_section(folder, "query_budget.csv", QUERY_BUDGET, lambda t: markdown_table(
+        query_budget.summarize(t), dict(rate="g", median_p=".1e", worst_p=".1e"))))
+    parts.append(_section(folder, "decoy_statistic.csv", DECOY_STATISTIC, lambda t: markdown_table(
+        t, dict(median_p=".1e", mean_log10_p=".2f"))))
+    parts.append(_section(folder, "decoy_scale.csv", DECOY_SCALE, lambda t: markdown_table(
+        t, dict(p_value=".1e", seconds=".1f", us_per_decoy=".0f", load=".1f"))))
     return "\n".join(parts)
 
 

@@ -111,7 +111,7 @@ def _audit(args) -> None:
         _write_prompt_sheet(args, key, _probe_captions(args), config)
         return
     result = _audit_result(args, key, config, release)
-    lines = [v.summary() for v in result.verdicts] + ([NO_VERDICT] if result.headline is None else [])
+    lines = [v.summary() for v in result.verdicts] + ([NO_VERDICT] if result.headline is None else []) + result.notes
     print(json.dumps(result.to_json()) if args.json else "\n".join(lines + [f"key: {result.key['commitment']}"]))
     if args.report:
         print(f"report: {report.write_report_or_keep_record(result, args.report)}", file=sys.stderr)
@@ -356,7 +356,8 @@ def _add_audit(commands) -> None:
                     help="tests, the first one decides: decoy, binomial, paired, one-query, reference")
     au.add_argument("--detector", default="projection", choices=["projection", "classifier"])
     au.add_argument("--alpha", type=float, default=0.01)
-    au.add_argument("--decoys", type=int, default=9999, help="decoy templates (smallest p-value: 1 / (decoys + 1))")
+    au.add_argument("--decoys", type=int, default=999_999, help="the most decoy templates the decoy test draws; it "
+                    "stops once 20 reach the released one (smallest p-value: 1 / (decoys + 1))")
     au.add_argument("--captions", help="held-out captions, one a line (default for tiny: the emoji probe split)")
     au.add_argument("--negatives", help="imagefolder of plain images (default: the key's source, untemplated)")
     au.add_argument("--report", help="write a self-contained HTML report here")

@@ -170,7 +170,11 @@ def test_cli_audit_prints_json_and_writes_the_report(suspect, capsys):
     assert code == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["test"] == "decoy (projection)"
-    assert 1 / 200 <= payload["p_value"] <= 1 and (payload["p_value"] * 200) == pytest.approx(round(payload["p_value"] * 200))
+    decoy = payload["verdicts"][0]
+    stopped = decoy["draws"] < 199  # Besag-Clifford: h decoys reached the released statistic before the 199th
+    expected = decoy["at_least"] / decoy["draws"] if stopped else (1 + decoy["at_least"]) / 200
+    assert payload["p_value"] == pytest.approx(expected) and 1 / 200 <= payload["p_value"] <= 1
+    assert decoy["floor"] == pytest.approx(1 / 200)
     assert [v["test"] for v in payload["verdicts"]] == ["decoy", "binomial", "paired", "one-query"]
     unet_hash = payload["model"]["weight_files"]["unet/diffusion_pytorch_model.safetensors"]
     page = (suspect / "report.html").read_text()
@@ -245,7 +249,7 @@ def test_plots_draw_what_they_are_given(plain):
     ax = viz.plot_p_curve([4, 8], {"t": [0.1, 0.001]}, alpha=0.01)
     assert len(ax.get_lines()) == 2
     ax = report.plot_decoys(1.0, np.r_[np.zeros(8), 2.0, 3.0])
-    assert len(ax.patches) > 0 and "rank 3 of 11, p = 2.7e-01" in ax.get_legend().get_texts()[1].get_text()
+    assert len(ax.patches) > 0 and "2 of 10 decoys at or above it, p = 2.7e-01" in ax.get_legend().get_texts()[1].get_text()
 
 
 def test_memorization_grid_sorts_by_score_and_frames_the_flagged(plain):
@@ -300,7 +304,7 @@ def test_supporting_tests_never_accuse_an_innocent_model_in_any_output(plain):
     payload = result.to_json()
     assert payload["decision"] is False and [v["decision"] for v in payload["verdicts"]] == [False, None, None]
     page = report.render_report(result)
-    assert "<td>yes</td>" not in page and "NO EVIDENCE" in page and page.count("supporting: no decision") == 2
+    assert "<td>evidence</td>" not in page and "NO EVIDENCE" in page and page.count("<td>supporting only</td>") == 2
 
 
 def test_without_an_exact_test_the_audit_gives_no_verdict(plain):
@@ -324,7 +328,7 @@ def test_negatives_as_trained_subsamples_once_in_order_and_crops_to_the_suspects
     assert len(calibration.negatives_as_trained(photos, 32, 100)) == 20
 
 
-def test_owner_negatives_and_their_threshold(tmp_path):
+def test_audit_negatives_and_their_threshold(tmp_path):
     from entruth_lite.core import models
     from entruth_lite.owner import detect, protect
 
@@ -332,9 +336,65 @@ def test_owner_negatives_and_their_threshold(tmp_path):
     owner = data.save_imagefolder(images[:60], captions[:60], tmp_path / "owner")
     protect.protect(owner, "random:3", tmp_path / "released", tmp_path / "key", rate=0.05, seed=0)
     key = keys.load_key(tmp_path / "key")
-    vae = models.load_pipeline("tiny").vae
-    negatives = calibration.owner_negatives(key, vae)
+    pipe = models.load_pipeline("tiny")
+    negatives = calibration.audit_negatives(key, pipe)
     assert len(negatives) == 60 - len(key.files) and all(n.size == (32, 32) for n in negatives)
+    assert len(calibration.audit_negatives(key, pipe, max_negatives=20)) == 20
     scores = detect.template_scores(negatives, key.template).astype(float)
     threshold = calibration.plain_threshold(key, negatives, 0.05)
     assert threshold == verify.calibrate_threshold(scores, 0.05) and 0 < (scores >= threshold).mean() <= 0.05
+
+
+def test_the_audits_streamed_decoys_are_the_stored_scores_decoys(plain):
+    """The audit draws its decoys in a stream (chunks, the sequential rule); stored scores keep the first K of
+    the same stream: the two give the same verdict on the same draws, and a clean model stops early."""
+    probed = _probe(plain[:24], plain[24:48])
+    template = families.random_template(5, 32, "mosaic")
+    scores = audit.score_probe(probed, template, decoys=600, salt="s", progress=False)
+    stored = audit.TESTS["decoy"].verdict(scores, "projection")
+    config = audit.AuditConfig(methods=("decoy",), decoys=600)
+    streamed = audit.evaluate(probed, template, config, salt="s", progress=False)[0][0]
+    assert (streamed.p_value, streamed.draws, streamed.at_least) == (stored.p_value, stored.draws, stored.at_least)
+    assert streamed.draws < 600 and streamed.at_least == verify.STOP_AFTER, "a clean model stops early"
+    unlimited = audit.evaluate(probed, template, audit.AuditConfig(methods=("decoy",)), salt="s", progress=False)
+    assert unlimited[0][0].p_value == streamed.p_value, "the cap does not matter when the test stops first"
+    assert "more decoys would not change" in audit.more_decoys_note(streamed)
+
+
+def test_a_standout_at_the_floor_says_what_more_decoys_would_buy(plain):
+    template = families.random_template(5, 32, "mosaic")
+    probed = _probe(_blend(plain[:16], template, 0.6), plain[16:32])
+    verdicts, evidence = audit.evaluate(probed, template, audit.AuditConfig(methods=("decoy",), decoys=3000),
+                                        salt="s", progress=False)
+    assert verdicts[0].p_value == pytest.approx(1 / 3001) and verdicts[0].draws == 3000 and verdicts[0].decision
+    assert evidence.decoy_statistics.shape == (3000,) and evidence.released_statistic > evidence.decoy_statistics.max()
+    assert "--decoys 30,009 could reach 3e-05" in audit.more_decoys_note(verdicts[0])
+
+
+def test_a_test_that_cannot_reach_alpha_says_so_instead_of_no_evidence(plain):
+    probed = _probe(plain[:64], plain[64:128])
+    with pytest.warns(UserWarning, match="cannot reject"):
+        config = audit.AuditConfig(methods=("decoy", "one-query"), decoys=50)
+    verdicts, _ = audit.evaluate(probed, TEMPLATE, config, negatives=plain[128:], progress=False)
+    assert all(not v.reachable and v.decision is None for v in verdicts), [v.summary() for v in verdicts]
+    assert all("cannot reach alpha 0.01" in v.summary() for v in verdicts)
+
+
+def test_a_notebook_and_the_audit_calibrate_on_one_set_of_plain_images(suspect):
+    """The plain images ``audit`` calibrates on are ``calibration.audit_negatives``: scoring a probe with them
+    gives the audit's binomial and one-query p-values to the digit."""
+    from entruth_lite.core import models
+    from entruth_lite.owner import probe, record
+
+    key = keys.load_key(suspect / "key")
+    pipe = record.load_suspect("tiny", suspect / "full")
+    config = audit.AuditConfig(queries=4, methods=("binomial", "one-query"), num_inference_steps=2)
+    captions = probe.default_captions("tiny")
+    probed = probe.probe_model(pipe, captions, key.trigger, key.placement, n=4, seed=config.probe_seed,
+                               num_inference_steps=2, guidance_scale=config.guidance_scale, progress=False)
+    result = audit.audit(pipe, key, captions, config, probed=probed, progress=False)
+    plain = calibration.audit_plain_images(key, models.default_resolution(pipe))
+    assert len(plain) == min(calibration.MAX_NEGATIVES, key.n_images - len(key.files))
+    scores = audit.score_probe(probed, key.template, ("projection",), calibration.audit_negatives(key, pipe))
+    by_hand = audit.verdicts_from_scores(scores, "projection", config.methods)
+    assert [v.p_value for v in by_hand] == [v.p_value for v in result.verdicts]

@@ -151,7 +151,8 @@ def test_the_tiny_lora_preset_is_the_setting_the_sweep_measured():
 
 def test_the_frontier_runs_settings_as_their_users_do_and_scores_every_snapshot(tmp_path, monkeypatch):
     """Epochs become steps on the release; one run gives a row per snapshot, each with the evidence of its stored
-    probe and what it learned as a share of the reference fine-tune's gain (the reference's own last row: 1)."""
+    probe and what it learned as a share of the reference fine-tune's gain (the reference's own last row: 1). The
+    statistic search then scores the runs' stored probes: each run's last snapshot, and its base as a clean model."""
     from benchmarks import frontier
 
     lora = frontier.config_for("diffusers-lora", 1005, seed=2)
@@ -185,3 +186,78 @@ def test_the_frontier_runs_settings_as_their_users_do_and_scores_every_snapshot(
     frontier.main(["--settings", "tiny-cpu", "quick-lora", "--rates", "0.05", "--seeds", "0", "--out", str(tmp_path),
                    "--report-only"])
     assert pd.read_csv(tmp_path / "frontier.csv").equals(table), "re-scoring the stored probes gives the same table"
+    from benchmarks import decoy_statistic
+
+    decoy_statistic.main(["--decoys", "40", "--out", str(tmp_path), "--results", str(tmp_path)])
+    runs = pd.read_csv(tmp_path / "decoy_statistic_runs.csv")
+    names = {"frontier-tiny-cpu-rate0.05-seed0", "frontier-quick-lora-rate0.05-seed0"}
+    assert set(runs.run) == names | {f"{n}/base" for n in names} and set(runs[runs.guilty].run) == names
+    assert set(runs.statistic) == set(decoy_statistic.candidate_statistics(*np.zeros((3, 2, 4)))) and \
+        set(runs.queries) == {4}, "every candidate; query counts above the probe's are cut to its size"
+    assert runs.p_value.between(1 / 41, 1).all()
+
+
+def test_the_statistic_search_chooses_on_one_half_and_reports_the_other():
+    from benchmarks import decoy_statistic
+
+    halves = [decoy_statistic.half_of(f"run-{i}") for i in range(200)]
+    assert halves == [decoy_statistic.half_of(f"run-{i}") for i in range(200)] and 70 < halves.count("choose") < 130
+    rows = [dict(run="a", half="choose", guilty=True, statistic="mean", queries=64, p_value=1e-3),
+            dict(run="a", half="choose", guilty=True, statistic="median", queries=64, p_value=0.2),
+            dict(run="b", half="report", guilty=True, statistic="mean", queries=64, p_value=0.5),
+            dict(run="b", half="report", guilty=True, statistic="median", queries=64, p_value=1e-4),
+            dict(run="c", half="report", guilty=False, statistic="median", queries=64, p_value=0.004)]
+    summary = pd.DataFrame(decoy_statistic.summarize(rows))
+    assert set(summary[summary.chosen].statistic) == {"mean"}, "the report half's better numbers do not choose"
+    report = summary[(summary.half == "report") & (summary.statistic == "median")].iloc[0]
+    assert (report.detected, report.clean, report.clean_flagged) == (1, 1, 1)
+
+
+def test_the_plain_count_statistic_counts_trigger_images_over_each_templates_own_threshold():
+    from benchmarks import decoy_statistic
+
+    plain = np.tile(np.arange(100.0), (2, 1))  # 1 % of plain images over the threshold: scores >= 99
+    plain[1] += 50
+    trigger = np.array([[99.5, 120, 3, 0], [99.5, 120, 200, 0]])
+    counts = decoy_statistic._plain_count(trigger, plain, np.zeros((2, 4)))
+    assert np.allclose(counts, [2, 1])  # template 0: 99.5 and 120 reach its 99; template 1: only 200 reaches 149
+
+
+def test_the_decoy_scale_benchmark_times_every_case(tmp_path):
+    from benchmarks import decoy_scale
+
+    decoy_scale.main(["--decoys", "300", "--ring-decoys", "30", "--queries", "4", "--out", str(tmp_path)])
+    table = pd.read_csv(tmp_path / "decoy_scale.csv")
+    assert list(zip(table.family, table.image_px, table.model)) == [
+        ("mosaic", 32, "clean"), ("mosaic", 32, "memorized"), ("mosaic", 512, "clean"), ("mosaic", 512, "memorized"),
+        ("ring", 32, "memorized")]
+    memorized = table[table.model == "memorized"]
+    assert (memorized.drawn == memorized.max_decoys).all() and (memorized.at_least == 0).all(), "at the floor"
+    assert np.allclose(memorized.p_value, 1 / (memorized.max_decoys + 1)) and list(table.work_px) == [32, 32, 64, 64, 32]
+
+
+def test_the_query_budget_ranks_the_first_n_queries_of_each_stored_probe(tmp_path):
+    from PIL import Image
+
+    from benchmarks import query_budget
+    from entruth_lite.core import data, templates
+    from entruth_lite.core import emoji as emoji_data
+    from entruth_lite.owner import keys, probe, protect
+
+    images, captions, names = emoji_data.emoji_dataset("owner", limit=60)
+    owner = data.save_imagefolder(images, captions, tmp_path / "owner", file_names=names)
+    run = common.Run.named(tmp_path, common.rate_name(0.05, 1500) + common.design_suffix("mosaic", 6), 0.05, 0, 1500)
+    protect.protect(owner, "mosaic:0", tmp_path / "released", run.key, rate=0.05, seed=0)
+    key = keys.load_key(run.key)
+    memorized = [Image.blend(image, templates.insert(image, key.template), 0.6) for image in images[:8]]
+    probe.save_probe(probe.ProbeResult([f"c{i}" for i in range(8)], [f"t c{i}" for i in range(8)], list(range(8)),
+                                       memorized, images[8:16]), run.probe_file)
+    arguments = ["--rates", "0.05", "--seeds", "0", "1", "--queries", "1", "8", "--decoys", "300", "--out",
+                 str(tmp_path), "--results", str(tmp_path)]
+    query_budget.main(arguments)
+    table = pd.read_csv(tmp_path / "query_budget.csv")
+    assert list(table.queries) == [1, 8] and set(table.seed) == {0}, "seed 1 has no stored probe: left out"
+    full = table[table.queries == 8].iloc[0]
+    assert (full.drawn, full.p_value) == (300, pytest.approx(1 / 301)), "8 memorized queries beat every decoy"
+    query_budget.main(arguments)
+    assert pd.read_csv(tmp_path / "query_budget.csv").drop(columns="seconds").equals(table.drop(columns="seconds"))

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from entruth_lite.core import diffusion, models, sd_architecture
 from entruth_lite.core.templates import vae_round_trip
 from entruth_lite.infringer import presets, train
-from entruth_lite.owner import audit, calibration, keys, probe, protect, record
+from entruth_lite.owner import audit, calibration, keys, probe, protect, record, verify
 
 SIZE = 64  # the narrow model's native size: sample_size 8 x vae_scale_factor 8
 HELD_OUT = ["a photo of a purple circle", "a photo of an orange square", "a photo of a white bar",
@@ -193,7 +193,9 @@ def test_probe_and_audit_run_on_the_finetuned_sd_architecture(finetuned, release
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.probe.trigger_images, probed.trigger_images))
     head = result.headline
     assert head is not None and head.test == "decoy" and 1 / 100 <= head.p_value <= 1
-    assert result.evidence.decoy_statistics.shape == (99,) and result.evidence.trigger_scores.shape == (4,)
+    decoy = result.verdicts[0]  # the decoys it read, in draw order: all 99, or up to the 20th that reached it
+    assert result.evidence.decoy_statistics.shape == (decoy.draws,) and result.evidence.trigger_scores.shape == (4,)
+    assert decoy.draws == 99 or (decoy.at_least == verify.STOP_AFTER and decoy.draws < 99)
 
     verdicts, evidence = audit.evaluate(probed, key.template, config, negatives=vae_round_trip(pipe, negatives),
                                         salt=key.key_sha256, progress=False)

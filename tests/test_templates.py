@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import numpy as np
@@ -376,3 +377,35 @@ def test_the_ring_familys_first_name_draws_the_same_members_and_keeps_their_deco
     decoys = families.decoy_templates(old, 3, salt="key")  # as drawn before the rename (frozen)
     assert [d.name for d in decoys] == ["random:1447385078", "random:1337432758", "random:1661513731"]
     assert [d.name for d in families.decoy_templates(new, 3, salt="key")] != [d.name for d in decoys]
+
+
+@pytest.mark.parametrize("family", ["mosaic", "ring"])
+def test_members_drawn_many_at_once_equal_the_templates_pixel_for_pixel(family):
+    # seed 173 at 40 px has box averages at exactly .5, where the float32 mean decides the rounding
+    for size, seeds in ((32, list(range(40))), (40, [173, 5, 6]), (64, [7, 8, 9]), (37, [10, 11])):
+        scenes, surrounds = families.member_arrays(family, seeds, size)
+        for seed, scene, surround in zip(seeds, scenes, surrounds):
+            member = families.random_template(seed, size, family)
+            assert np.array_equal(np.asarray(member.scene, np.float64), scene), (family, size, seed)
+            assert np.array_equal(surround_mask(member), surround), (family, size, seed)
+
+
+def test_many_screens_mask_their_surrounds_as_one_screen_does():
+    rng = np.random.default_rng(0)
+    shapes = [builtin_template("billboard", 32), builtin_template("frame", 48)]
+    for _ in range(30):  # random convex screens, some with horizontal edges
+        w, h = int(rng.integers(16, 70)), int(rng.integers(16, 70))
+        x0, x1, y0, y1 = rng.uniform(0, 0.4 * w), rng.uniform(0.6 * w, w), rng.uniform(0, 0.4 * h), rng.uniform(0.6 * h, h)
+        corners = [(x0, y0), (x1, y0 if rng.random() < 0.3 else rng.uniform(0, 0.4 * h)), (x1, y1), (x0 + 1, y1)]
+        shapes.append(Template("random screen", Image.new("RGB", (w, h)), corners))
+    for shape in shapes:
+        masks = templates.surround_masks(np.array([shape.corners]), *shape.size)
+        assert np.array_equal(masks[0], surround_mask(shape)), shape.corners
+
+
+def test_decoy_seeds_stream_the_decoys_in_order():
+    template = families.random_template(4, 32, "mosaic")
+    stream = list(itertools.islice(families.decoy_seeds(template, "salt"), 300))
+    names = [d.name for d in families.decoy_templates(template, 300, "salt")]
+    assert names == [f"mosaic:{seed}" for seed in stream], "the first K of the stream are the K-decoy test's decoys"
+    assert 4 not in stream and len(set(stream)) == 300

@@ -134,3 +134,41 @@ def test_summarize_memorization_counts_detected_seeds_per_setting_and_rate():
     assert verify.summarize_memorization(table, alpha=0.05).set_index(["setting", "rate"]).loc[("lora", 0.01), "detected"] == 1
     with pytest.raises(ValueError, match="decoy_p"):
         verify.summarize_memorization(table.drop(columns="decoy_p"))
+
+
+def _sequential(released, decoys, chunk, max_decoys, stop_after):
+    chunks = [decoys[i:i + chunk] for i in range(0, len(decoys), chunk)]
+    return verify.sequential_decoy_test(released, chunks, 8, max_decoys, stop_after)
+
+
+def test_sequential_decoy_test_is_the_fixed_k_test_when_few_decoys_reach_the_released():
+    rng = np.random.default_rng(3)
+    decoys = rng.normal(size=999)
+    released = float(np.sort(decoys)[-7])  # 7 decoys at or above it (ties count against it)
+    fixed = verify.decoy_test(released, decoys, 8)
+    for chunk in (1, 64, 999):
+        sequential = _sequential(released, decoys, chunk, 999, stop_after=20)
+        assert (sequential.p_value, sequential.draws, sequential.at_least) == (fixed.p_value, 999, 7) == (8 / 1000, 999, 7)
+    assert fixed.floor == sequential.floor == pytest.approx(1 / 1000)
+
+
+def test_sequential_decoy_test_stops_at_the_hth_decoy_that_reaches_the_released():
+    decoys = np.array([0.1, 0.9, 0.2, 0.6, 0.3, 0.8, 0.7, 0.0])
+    for chunk in (1, 3, 8):
+        verdict = _sequential(0.5, decoys, chunk, 1000, stop_after=3)
+        assert (verdict.draws, verdict.at_least, verdict.p_value) == (6, 3, 3 / 6)  # the 3rd hit is the 6th decoy
+        assert verdict.floor == pytest.approx(1 / 1001), "the floor is what it could have reached"
+    assert _sequential(0.5, decoys, 3, 5, stop_after=3).p_value == pytest.approx((1 + 2) / (5 + 1)), "capped at K"
+    with pytest.raises(ValueError, match="no decoy statistics"):
+        verify.sequential_decoy_test(0.5, [], 8, 10)
+
+
+def test_sequential_decoy_p_value_has_the_exact_null_distribution():
+    """Besag & Clifford: under exchangeability P(p <= h / l) = h / l at the values p takes (continuous statistics)."""
+    rng = np.random.default_rng(0)
+    replicates, k, h = 20000, 199, 5
+    values = rng.normal(size=(replicates, k + 1))
+    p = np.array([verify.sequential_decoy_test(row[0], [row[1:]], 8, k, h).p_value for row in values])
+    for u in (h / 10, h / 25, h / 100, 1 / (k + 1) * 4):
+        observed = (p <= u + 1e-12).mean()
+        assert abs(observed - u) < 4 * np.sqrt(u * (1 - u) / replicates) + 1e-3, (u, observed)

@@ -331,6 +331,43 @@ def screen_coverage(template: Template, supersample: int | None = None) -> np.nd
     return inside.reshape(height, ss, width, ss).mean(axis=(1, 3)).astype(np.float32)
 
 
+def _edge_counts(a: np.ndarray, b: np.ndarray, x0: np.ndarray, rows: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """For edges (M,) and supersampled rows (R,): how many of the sorted centres ``xs`` satisfy ``_inside_mask``'s
+    test ``a (y - y0) - b (x - x0) >= 0`` with b > 0 (a prefix of xs), shape (M, R). ``rows``: a (y - y0), (M, R).
+    Exact: a division guesses the count, then the test itself is evaluated on a window of 4 centres around it."""
+    n, ss = len(xs), 1.0 / (xs[1] - xs[0])
+    guess = np.floor((rows / b[:, None] + x0[:, None] - xs[0]) * ss).astype(np.int64) + 1
+    low = np.clip(guess - 2, 0, n)
+    window = low[..., None] + np.arange(4)
+    test = rows[..., None] - b[:, None, None] * (xs[np.minimum(window, n - 1)] - x0[:, None, None]) >= 0
+    return low + (test & (window < n)).sum(axis=-1)
+
+
+def surround_masks(corners: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``surround_mask`` of many screens at once: ``corners`` (B, 4, 2) clockwise, as a Template holds them; bool
+    (B, H, W), equal pixel for pixel. A convex screen covers an interval of each supersampled row, so each edge
+    gives one bound per row, instead of a test at every supersampled point."""
+    corners = np.asarray(corners, np.float64)
+    ss = _supersample_for((width, height))
+    xs = (np.arange(width * ss, dtype=np.float64) + 0.5) / ss
+    ys = (np.arange(height * ss, dtype=np.float64) + 0.5) / ss
+    start = np.zeros((len(corners), len(ys)), np.int64)
+    end = np.full((len(corners), len(ys)), len(xs), np.int64)
+    for i in range(4):
+        (x0, y0), (x1, y1) = corners[:, i].T, corners[:, (i + 1) % 4].T
+        a, b = x1 - x0, y1 - y0
+        rows = a[:, None] * (ys[None, :] - y0[:, None])  # the test: rows - b (x - x0) >= 0, as _inside_mask has it
+        up, down, flat = b > 0, b < 0, b == 0
+        end[up] = np.minimum(end[up], _edge_counts(a[up], b[up], x0[up], rows[up], xs))
+        # b < 0: the test holds from some centre on; mirroring x turns it into a prefix count
+        mirrored = _edge_counts(a[down], -b[down], -x0[down], rows[down], -xs[::-1])
+        start[down] = np.maximum(start[down], len(xs) - mirrored)
+        end[flat] = np.where(rows[flat] >= 0, end[flat], 0)
+    columns = np.arange(width)
+    covered = (columns >= start[..., None] // ss) & (columns <= (end[..., None] - 1) // ss) & (end > start)[..., None]
+    return ~covered.reshape(len(corners), height, ss, width).any(axis=2)
+
+
 def surround_mask(template: Template) -> np.ndarray:
     """Bool (H, W): True where no part of the pixel is screen, i.e. pixels ``insert`` leaves equal to the scene."""
     return screen_coverage(template) == 0

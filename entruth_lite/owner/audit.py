@@ -16,14 +16,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
-from ..core import data
-from ..core.families import decoy_templates, family_member, is_family, random_seed_of
+from ..core.families import is_family, random_seed_of
 from ..core.models import default_resolution
 from ..core.templates import Template, vae_round_trip
 from . import detect, keys, probe, verify
-from .calibration import negatives_as_trained, plain_images_of
+from .calibration import MAX_NEGATIVES, audit_plain_images
+from .decoys import DEFAULT_STATISTIC, decoy_differences, more_decoys_note, rank_released
+from .decoys import statistic as statistic_named
 from .probe import ProbeResult
 from .record import IMAGE_FILES, environment, file_hashes, key_record
 
@@ -53,19 +53,23 @@ def _one_query(scores, d, alpha, fpr, n):
     return verify.one_query_test(scores[f"{d}_trigger"][:n], scores[f"{d}_negatives"], alpha)
 
 
-def decoy_statistics(scores: dict[str, np.ndarray], n: int | None = None) -> tuple[float, np.ndarray]:
-    """The decoy test's statistics on the first ``n`` queries (all by default): the released template's mean
-    trigger-minus-control score and each decoy's, shape (K,). What the decoy figure and its widget draw."""
+def decoy_statistics(scores: dict[str, np.ndarray], n: int | None = None,
+                     statistic: str = DEFAULT_STATISTIC) -> tuple[float, np.ndarray]:
+    """The decoy test's statistics on the first ``n`` queries (all by default) of stored scores: the released
+    template's and each decoy's, shape (K,). What the decoy figure and its widget draw."""
+    function = statistic_named(statistic)
     released, matrix = scores["decoy_released"][:n], scores["decoy_matrix"][:, :n]
-    return float(released.mean()), matrix.mean(axis=1)
+    return float(function(released[None])[0]), function(matrix)
 
 
 def _decoy(scores, d, alpha, fpr, n):
     """Rank of the released template among decoy templates from the same random family that were never released
-    (statistic: mean trigger-minus-control projection score). Null: the suspect never saw the release, so the
-    released template is exchangeable with the decoys; the p-value is exact."""
-    released, decoys = decoy_statistics(scores, n)
-    return verify.decoy_test(released, decoys, len(scores["decoy_released"][:n]), alpha)
+    (statistic: mean trigger-minus-control projection score), read in draw order with Besag and Clifford's
+    sequential rule. Null: the suspect never saw the release, so the released template is exchangeable with the
+    decoys; the p-value is exact."""
+    released, statistics = decoy_statistics(scores, n)
+    return verify.sequential_decoy_test(released, [statistics], len(scores["decoy_released"][:n]), len(statistics),
+                                        alpha=alpha)
 
 
 def _reference(scores, d, alpha, fpr, n):
@@ -112,8 +116,9 @@ class Test:
         detector = detector if detector in self.detectors else self.detectors[0]
         verdict = self.run(scores, detector, alpha, fpr, n)
         verdict.detector = detector
-        if not self.exact:
-            verdict.decision = None  # its false-positive rate is not controlled here: a number, never an accusation
+        if not self.exact or not verdict.reachable:
+            verdict.decision = None  # a number, never an accusation: its false-positive rate is not controlled here,
+            # or it could not reach alpha at these sizes (then "no evidence" would say more than it measured)
         return verdict
 
 
@@ -141,11 +146,14 @@ class AuditConfig:
     methods: tuple[str, ...] = ("decoy", "binomial", "paired", "one-query")  # the first decides the verdict
     alpha: float = 0.01
     fpr: float = 0.01  # the binomial test's detector threshold: target false-positive rate on plain images
-    decoys: int = 9999  # the decoy test's smallest p-value is 1 / (decoys + 1)
+    decoys: int = 999_999  # the most decoys the decoy test may draw (it stops early when the answer is clear);
+    # its smallest p-value is 1 / (decoys + 1)
+    stop_after: int = verify.STOP_AFTER  # Besag and Clifford's h: stop once this many decoys reach the released
+    statistic: str = DEFAULT_STATISTIC  # what the decoy test ranks (decoys.STATISTICS)
     probe_seed: int = 1
     num_inference_steps: int = 25
     guidance_scale: float = 3.0
-    max_negatives: int = 512  # plain images used as negatives (VAE round trips), at most
+    max_negatives: int = MAX_NEGATIVES  # plain images used as negatives (VAE round trips), at most
 
     def __post_init__(self):
         if self.detector not in DETECTORS:
@@ -158,6 +166,9 @@ class AuditConfig:
             raise ValueError(f"queries must be positive, got {self.queries}")
         if self.decoys <= 0:
             raise ValueError(f"decoys must be positive (the decoy test ranks the template among them), got {self.decoys}")
+        statistic_named(self.statistic)  # a clear error for an unknown statistic
+        if self.stop_after <= 0:
+            raise ValueError(f"stop_after must be positive, got {self.stop_after}")
         if not 0 < self.alpha < 1 or not 0 < self.fpr < 1:
             raise ValueError(f"alpha and fpr must be in (0, 1), got {self.alpha} and {self.fpr}")
         if "decoy" in self.methods and 1 / (self.decoys + 1) >= self.alpha:
@@ -199,27 +210,6 @@ class Evidence:
     decoy_statistics: np.ndarray | None = None
 
 
-DECOY_CHUNK = 1000  # templates scored per matrix product (bounds the memory of a 9,999-decoy audit)
-
-
-def decoy_differences(probed: ProbeResult, template: Template, k: int = 999, salt: str = "", work_size: int = 64,
-                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query (trigger - control) projection scores for the released template, shape (n,), and for K decoys
-    from its family, shape (K, n); all templates drawn at one working size (at most ``work_size`` px) so every
-    template is scored the same way. The decoy test ranks the means of the rows."""
-    size = min(template.size[0], work_size)
-    released = family_member(template, size=size)
-    trig = data.image_array(probed.trigger_images, released.size)
-    ctrl = data.image_array(probed.control_images, released.size)
-    both, n = np.concatenate([trig, ctrl]), len(trig)
-    members = [released] + decoy_templates(released, k, salt)
-    chunks = [members[i:i + DECOY_CHUNK] for i in range(0, len(members), DECOY_CHUNK)]
-    scores = np.concatenate([detect.template_scores_each(both, chunk)  # released and decoys scored alike
-                             for chunk in tqdm(chunks, desc="decoys", disable=not progress or len(chunks) < 2)])
-    differences = scores[:, :n] - scores[:, n:]
-    return differences[0], differences[1:]
-
-
 def detector_scores(images: Sequence[Image.Image], template: Template, detector: str,
                     classifier: detect.TemplateClassifier | None = None) -> np.ndarray:
     if detector == "projection":
@@ -236,7 +226,8 @@ def score_probe(probed: ProbeResult, template: Template, detectors: Sequence[str
     """Every per-image score the tests need, computed once: ``{detector}_trigger``, ``_control``,
     ``_negatives`` (plain images: the projection scores of ``negatives``, or the classifier's calibration
     scores), ``_reference`` (a clean model's trigger images), and ``decoy_released`` (n,) / ``decoy_matrix``
-    (K, n) when ``decoys`` > 0. Tests on any number of queries are then cheap (``verdicts_from_scores``)."""
+    (K, n), the first K decoys of ``decoys.decoy_seeds``, when ``decoys`` = K > 0. Tests on any number of queries are
+    then cheap (``verdicts_from_scores``)."""
     out: dict[str, np.ndarray] = {}
     for detector in detectors:
         out[f"{detector}_trigger"] = detector_scores(probed.trigger_images, template, detector, classifier)
@@ -273,17 +264,24 @@ def evaluate(probed: ProbeResult, template: Template, config: AuditConfig | None
     if "decoy" in config.methods:
         random_seed_of(template)  # fail before any work when the template has no family
     scores = score_probe(probed, template, (config.detector,), negatives, classifier,
-                         reference.trigger_images if reference is not None else None,
-                         config.decoys if "decoy" in config.methods else 0, salt, progress)
-    verdicts = verdicts_from_scores(scores, config.detector, config.methods, config.alpha, config.fpr)
+                         reference.trigger_images if reference is not None else None, 0, salt, progress)
+    others = [m for m in config.methods if m != "decoy"]
+    verdicts = verdicts_from_scores(scores, config.detector, others, config.alpha, config.fpr)
+    ranking = None
+    if "decoy" in config.methods:
+        ranking = rank_released(probed, template, salt, config.decoys, config.stop_after, config.statistic,
+                                config.alpha, progress=progress)
+        ranking.verdict.detector = "projection"
+        if not ranking.verdict.reachable:
+            ranking.verdict.decision = None
+        verdicts.insert(config.methods.index("decoy"), ranking.verdict)
     d = config.detector
     threshold = None
     if "binomial" in config.methods:
         threshold = verify.calibrate_threshold(scores[f"{d}_negatives"], config.fpr)
     evidence = Evidence(d, scores[f"{d}_trigger"], scores[f"{d}_control"], scores.get(f"{d}_negatives"), threshold,
-                        scores.get(f"{d}_reference"),
-                        float(scores["decoy_released"].mean()) if "decoy_released" in scores else None,
-                        scores["decoy_matrix"].mean(axis=1) if "decoy_matrix" in scores else None)
+                        scores.get(f"{d}_reference"), None if ranking is None else ranking.released_statistic,
+                        None if ranking is None else ranking.decoy_statistics)
     return verdicts, evidence
 
 
@@ -302,17 +300,16 @@ def verdict_table(scores_by_model: dict[str, dict[str, np.ndarray]], detector: s
                   methods: Sequence[str] = ("decoy", "binomial", "paired", "one-query", "reference")) -> list[dict]:
     """One row per (model, test) that the scores allow, in words a reader can take in: what the notebook's table
     and widget show (``flagged`` as 'k/n' where a test counts detections, the decision as 'evidence', 'no
-    evidence' or 'supporting only' for the tests that never decide). ``chance``: the binomial test's null rate,
+    evidence', 'supporting only' for the tests that never decide, or 'cannot reach alpha'). ``chance``: the binomial test's null rate,
     the share of plain images over the threshold (95 % upper bound): the same k/n gives a different p-value
     with another detector because each detector's chance rate is measured on its own plain images."""
-    decisions = {True: "evidence", False: "no evidence", None: "supporting only"}
     rows = []
     for model, scores in scores_by_model.items():
         for v in verdicts_from_scores(scores, detector, available_tests(scores, detector, methods), alpha, fpr, n):
             rows.append(dict(model=model, test=v.label, queries=v.n_queries,
                              flagged="" if v.detections is None else f"{v.detections}/{v.n_queries}",
                              chance=f"{v.statistic:.1%}" if v.test == "binomial" else "",
-                             p_value=v.p_value, decision=decisions[v.decision]))
+                             p_value=v.p_value, decision=v.outcome))
     return rows
 
 
@@ -383,10 +380,8 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
                                                       config.probe_seed)
         ref_probe = ProbeResult(plain, triggered, seeds, probe.generate(reference_pipe, triggered, seeds, **generation), [])
     wants_negatives = config.detector == "classifier" or {"binomial", "one-query"} & set(config.methods)
-    if wants_negatives and negatives is None:
-        negatives = plain_images_of(key)
-    if negatives is not None:
-        negatives = negatives_as_trained(negatives, default_resolution(pipe), config.max_negatives)
+    if wants_negatives or negatives is not None:
+        negatives = audit_plain_images(key, default_resolution(pipe), config.max_negatives, negatives)
     if config.detector == "classifier" and classifier is None:
         classifier = detect.train_classifier(template, negatives, vae=pipe, progress=progress)
         notes.append(f"classifier trained on {len(negatives)} plain images (VAE round trips), calibrated on "
@@ -395,6 +390,7 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
         negatives = vae_round_trip(pipe, negatives)
     verdicts, evidence = evaluate(probed, template, config, negatives, classifier, ref_probe, salt=key.key_sha256,
                                   progress=progress)
+    notes += [note for note in map(more_decoys_note, verdicts) if note]
     return AuditResult(verdicts, evidence, probed, config, key_record(key, release), model or {}, reference, notes,
                        environment(pipe))
 
@@ -430,14 +426,14 @@ def audit_images(folder: str | os.PathLike, rows: Sequence[dict], key, config: A
         notes.append(f"left out {', '.join(needs_plain)}: they need plain images drawn through the suspect's VAE "
                      "(give the base model)")
     elif needs_plain:
-        negatives = negatives if negatives is not None else plain_images_of(key)
         side = probed.trigger_images[0].width
-        negatives = vae_round_trip(vae, negatives_as_trained(negatives, side, config.max_negatives))
+        negatives = vae_round_trip(vae, audit_plain_images(key, side, config.max_negatives, negatives))
     if not methods:
         raise ValueError("no test left to run on images alone: include 'decoy' or 'paired' in the methods")
     config = checked_already(config, methods=methods, queries=len(probed.seeds))
     verdicts, evidence = evaluate(probed, key.template, config, negatives if needs_plain else None,
                                   salt=key.key_sha256, progress=progress)
+    notes += [note for note in map(more_decoys_note, verdicts) if note]
     source = dict(images=str(folder), image_files=file_hashes(folder, IMAGE_FILES))
     return AuditResult(verdicts, evidence, probed, config, key_record(key, release), (model or {}) | source, None, notes,
                        environment() | {"resolution": probed.trigger_images[0].width})

@@ -10,8 +10,11 @@ import numpy as np
 from PIL import Image
 
 from ..core.data import crop_to_square, load_imagefolder
+from ..core.models import default_resolution
 from ..core.templates import vae_round_trip
 from . import detect, verify
+
+MAX_NEGATIVES = 512  # plain images an audit calibrates on, at most (a fixed seeded subsample)
 
 
 def plain_images_of(key) -> list[Image.Image]:
@@ -26,14 +29,8 @@ def plain_images_of(key) -> list[Image.Image]:
     return [crop_to_square(image, key.resolution) if key.resolution else image for image in plain]
 
 
-def owner_negatives(key, vae) -> list[Image.Image]:
-    """The owner's plain images as a model draws them: ``plain_images_of(key)`` after a round trip through ``vae``
-    (a pipeline or its autoencoder). What detector thresholds are calibrated on."""
-    return vae_round_trip(vae, plain_images_of(key))
-
-
 def plain_threshold(key, negatives: Sequence[Image.Image], fpr: float = 0.01) -> float:
-    """The projection score that a share ``fpr`` of the plain images ``negatives`` reach (``owner_negatives``)."""
+    """The projection score that a share ``fpr`` of the plain images ``negatives`` reach (``audit_negatives``)."""
     return verify.calibrate_threshold(detect.template_scores(negatives, key.template), fpr)
 
 
@@ -42,3 +39,16 @@ def negatives_as_trained(negatives: Sequence[Image.Image], side: int, max_negati
     px: the plain images as a suspect of that resolution saw them in training (a no-op crop when they already are)."""
     order = np.random.default_rng(0).permutation(len(negatives))[:max_negatives]
     return [crop_to_square(negatives[i], side) for i in sorted(order)]
+
+
+def audit_plain_images(key, side: int, max_negatives: int = MAX_NEGATIVES,
+                       plain: Sequence[Image.Image] | None = None) -> list[Image.Image]:
+    """The plain images an audit calibrates on: ``plain`` (default: ``plain_images_of(key)``) as
+    ``negatives_as_trained`` keeps them. One set for every test that needs plain images, in ``audit`` and in a
+    notebook alike, so their p-values agree to the digit."""
+    return negatives_as_trained(plain_images_of(key) if plain is None else plain, side, max_negatives)
+
+
+def audit_negatives(key, vae, max_negatives: int = MAX_NEGATIVES) -> list[Image.Image]:
+    """``audit_plain_images`` as ``vae`` (a pipeline) draws them: the projection detector's negatives in an audit."""
+    return vae_round_trip(vae, audit_plain_images(key, default_resolution(vae), max_negatives))

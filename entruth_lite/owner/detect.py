@@ -77,15 +77,28 @@ def template_scores_each(images: Sequence[Image.Image] | np.ndarray, templates: 
     array = images if isinstance(images, np.ndarray) else image_array(images, size)
     if array.shape[1:3] != (size[1], size[0]):
         raise ValueError(f"image array of shape {array.shape} does not match the {size} templates")
-    weights = np.zeros((len(templates), size[1], size[0], 3), np.float64)
-    for k, t in enumerate(templates):
-        mask = surround_mask(t)
-        if not mask.any():
-            raise ValueError(f"template {t.name!r} has no surround pixels to compare")
-        weights[k][mask] = _centred(np.asarray(t.scene, np.float64)[mask], axis=0)
-    weights = weights.reshape(len(templates), -1)
-    weights /= (weights * weights).sum(axis=1, keepdims=True)
-    scores = weights @ array.reshape(len(array), -1).astype(np.float64).T
+    surrounds = np.stack([surround_mask(t) for t in templates])
+    empty = np.flatnonzero(~surrounds.any(axis=(1, 2)))
+    if len(empty):
+        raise ValueError(f"template {templates[empty[0]].name!r} has no surround pixels to compare")
+    weights = projection_weights(np.stack([np.asarray(t.scene, np.float64) for t in templates]), surrounds)
+    return projection_scores(weights, array, mirror)
+
+
+def projection_weights(scenes: np.ndarray, surrounds: np.ndarray) -> np.ndarray:
+    """Each template as one weight vector over the whole image, (K, H * W * 3) float64: its surround (``surrounds``,
+    (K, H, W) bool) centred per colour channel and divided by its squared norm, zero on the screen. ``scenes``:
+    (K, H, W, 3), 0-255."""
+    mask = surrounds[..., None]
+    means = (scenes * mask).sum(axis=(1, 2), keepdims=True) / mask.sum(axis=(1, 2), keepdims=True)
+    weights = ((scenes - means) * mask).reshape(len(scenes), -1)
+    return weights / (weights * weights).sum(axis=1, keepdims=True)
+
+
+def projection_scores(weights: np.ndarray, array: np.ndarray, mirror: bool = True) -> np.ndarray:
+    """The projection score of each image of ``array`` (N, H, W, 3) against each weight vector, (K, N) float32."""
+    flat = array.reshape(len(array), -1).astype(np.float64)
+    scores = weights @ flat.T
     if mirror:
         scores = np.maximum(scores, weights @ array[:, :, ::-1].reshape(len(array), -1).astype(np.float64).T)
     return scores.astype(np.float32)

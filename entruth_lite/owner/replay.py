@@ -37,6 +37,7 @@ def replay(record: dict, model: str | None = None, weights: str | os.PathLike | 
                                          f"{record['key'].get('commitment', 'not recorded')})"}
     template = resolve_template(key["template"], tuple(key["template_size"]))
     fields = {f: v for f, v in record["config"].items() if f != "methods"}
+    fields.setdefault("stop_after", fields.get("decoys", 9999) + 1)  # a record older than the sequential rule: fixed K
     config = replace(AuditConfig(**fields), methods=tuple(m for m in record["config"]["methods"] if m in REPLAYABLE))
     queries = record["queries"]
     pipe = load_suspect(model, weights, device=device, config=record["model"].get("config"))

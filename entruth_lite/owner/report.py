@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from ..core.data import image_grid
 from ..core.files import check_writable_parent
+from . import verify
 from .audit import TESTS, AuditResult, Evidence
 
 
@@ -71,11 +72,10 @@ def render_report(result: AuditResult) -> str:
     head = result.headline
     evidence_ids = sorted({i for v in result.verdicts for i in v.evidence})
     verdict = _verdict_html(head)
-    reject = {True: "yes", False: "no", None: "supporting: no decision"}
     rows = "".join(
         f"<tr><td>{e(v.label)}</td><td>{v.n_queries}</td><td>{'' if v.detections is None else v.detections}</td>"
         f"<td>{v.statistic:.4g}</td><td><b>{v.p_value:.2e}</b></td><td>{v.alpha:g}</td>"
-        f"<td>{reject[v.decision]}</td></tr>" for v in result.verdicts)
+        f"<td>{v.outcome}</td></tr>" for v in result.verdicts)
     notes = "".join(f"<li><b>{e(m)}</b>: {e(TESTS[m].note)}</li>" for m in result.config.methods)
     queries = "".join(
         f"<tr><td>{i}</td><td>{e(t)}</td><td>{s}</td><td>{a:.3f}</td><td>{b:.3f}</td></tr>"
@@ -96,7 +96,7 @@ background:{'#fde2e2' if head is not None and head.decision else '#e6f2e6'}}} co
 <h1>EnTruth audit report</h1>
 <p class="verdict">{verdict}</p>
 <h2>Tests</h2><table><tr><th>method</th><th>queries</th><th>flagged</th><th>statistic</th><th>p-value</th>
-<th>alpha</th><th>reject null</th></tr>{rows}</table><ul>{notes}</ul>
+<th>alpha</th><th>decision</th></tr>{rows}</table><ul>{notes}</ul>
 <h2>Key and model</h2><table><tr><td>owner key sha256</td><td><code>{e(result.key['key_sha256'])}</code></td></tr>
 <tr><td>commitment</td><td>{e(result.key.get('commitment', 'not recorded (an older audit record)'))}</td></tr>
 <tr><td>template</td><td>{e(result.key['template'])}</td></tr><tr><td>trigger</td><td>{e(result.key['trigger'])}
@@ -209,17 +209,18 @@ def plot_score_histograms(groups: dict, threshold: float | None = None, xlabel: 
 
 def plot_decoys(released: float, decoys, ax=None, xlabel: str = "mean trigger - control projection score",
                 released_label: str = "released template"):
-    """The decoy test in one picture: the released template's statistic among the decoys'."""
+    """The decoy test in one picture: the released template's statistic among the decoys' (in draw order), with the
+    p-value of the audit's sequential rule on them."""
     # imported here, not at the top: plotting libraries are slow to import
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 2.8))
     decoys = np.asarray(decoys)
-    ax.hist(decoys, bins=40, color="0.6", label=f"{len(decoys)} decoy templates (never released)")
-    rank = 1 + int(np.sum(decoys >= released))  # the decoy test's p-value is rank / (decoys + 1)
-    ax.axvline(released, color="crimson", lw=2,
-               label=f"{released_label}: rank {rank} of {len(decoys) + 1}, p = {rank / (len(decoys) + 1):.1e}")
+    ax.hist(decoys, bins=40, color="0.6", label=f"{len(decoys):,} decoy templates (never released)")
+    verdict = verify.sequential_decoy_test(released, [decoys], 1, len(decoys))
+    ax.axvline(released, color="crimson", lw=2, label=f"{released_label}: {verdict.at_least} of {verdict.draws:,} "
+               f"decoys at or above it, p = {verdict.p_value:.1e}")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("templates")
     ax.legend(fontsize=7)

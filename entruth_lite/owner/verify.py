@@ -14,7 +14,7 @@ hand, which is why ``benchmarks/`` checks the false-positive rate of every test 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -32,6 +32,21 @@ class Verdict:
     # (a supporting test, whose false-positive rate is not controlled on the data at hand, reports its number only)
     evidence: list[int] = field(default_factory=list)  # indices of the queries that support it
     detector: str | None = None  # the score the test read ("projection", "classifier"), when run on a detector's
+    floor: float | None = None  # the smallest p-value the test could give at these sizes (queries, decoys, negatives)
+    draws: int | None = None  # decoy test: decoys ranked against (fewer than allowed when it stopped early)
+    at_least: int | None = None  # decoy test: how many of them reached the released template's statistic
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the test could reject at ``alpha`` at all with the sizes it was given."""
+        return self.floor is None or self.floor < self.alpha
+
+    @property
+    def outcome(self) -> str:
+        """The decision in words, as tables and reports show it."""
+        if not self.reachable:
+            return "cannot reach alpha"
+        return {True: "evidence", False: "no evidence", None: "supporting only"}[self.decision]
 
     @property
     def label(self) -> str:
@@ -40,6 +55,11 @@ class Verdict:
 
     def summary(self) -> str:
         flagged = "" if self.detections is None else f", {self.detections}/{self.n_queries} flagged"
+        if self.draws is not None:
+            flagged += f", {self.at_least} of {self.draws:,} decoys at or above it"
+        if not self.reachable:
+            return (f"{self.label}: p = {self.p_value:.2e}{flagged} -> cannot reach alpha {self.alpha:g} at these sizes "
+                    f"(smallest possible p {self.floor:.2g}): not evidence either way")
         if self.decision is None:
             return f"{self.label}: p = {self.p_value:.2e}{flagged} (supporting number, not a verdict)"
         verdict = "TRAINED ON THE PROTECTED DATA" if self.decision else "no evidence"
@@ -102,7 +122,7 @@ def binomial_test(scores, threshold: float, negative_scores, alpha: float = 0.01
     k = int(flagged.sum())
     p = float(stats.binomtest(k, len(scores), null_rate, alternative="greater").pvalue)
     return Verdict("binomial", len(scores), k, float(null_rate), p, alpha, p < alpha,
-                   [int(i) for i in np.flatnonzero(flagged)])
+                   [int(i) for i in np.flatnonzero(flagged)], floor=float(null_rate ** len(scores)))
 
 
 def conformal_p_values(scores, negative_scores) -> np.ndarray:
@@ -120,8 +140,12 @@ def one_query_test(scores, negative_scores, alpha: float = 0.01) -> Verdict:
     per_query = conformal_p_values(scores, negative_scores)
     best = int(np.argmin(per_query))
     p = float(min(1.0, per_query[best] * len(per_query)))
+    floor = min(1.0, len(per_query) / (len(np.asarray(negative_scores)) + 1.0))
     return Verdict("one-query", len(per_query), int((per_query * len(per_query) < alpha).sum()),
-                   float(np.asarray(scores, float)[best]), p, alpha, p < alpha, [best])
+                   float(np.asarray(scores, float)[best]), p, alpha, p < alpha, [best], floor=floor)
+
+
+STOP_AFTER = 20  # the sequential decoy test stops once this many decoys reach the released statistic
 
 
 def decoy_test(released_statistic: float, decoy_statistics, n_queries: int, alpha: float = 0.01) -> Verdict:
@@ -130,11 +154,41 @@ def decoy_test(released_statistic: float, decoy_statistics, n_queries: int, alph
     decoys and p = (1 + #decoys >= released) / (K + 1) is exact (ties count against us). No reference
     model is needed; the smallest p is 1 / (K + 1), so use K = 999 to reach p = 0.001."""
     decoys = _scores(decoy_statistics, "decoy_statistics")
+    return sequential_decoy_test(released_statistic, [decoys], n_queries, len(decoys), len(decoys) + 1, alpha)
+
+
+def sequential_decoy_test(released_statistic: float, decoy_statistics: Iterable, n_queries: int, max_decoys: int,
+                          stop_after: int = STOP_AFTER, alpha: float = 0.01) -> Verdict:
+    """The decoy test with Besag & Clifford's (1991) sequential Monte Carlo p-value: read the decoys' statistics
+    (chunks, in draw order) until ``stop_after`` (h) of them reach the released statistic, or ``max_decoys`` (K)
+    were read. Stopped at the l-th decoy: p = h / l; otherwise p = (1 + g) / (K + 1), g the decoys that reached it.
+
+    Exact, not an approximation: under the null the released template is exchangeable with every decoy, so its
+    rank among the first l + 1 templates is uniform for every l, and the stopping rule only looks at those ranks;
+    Besag & Clifford show P(p <= u) <= u for every u (with equality at the values p can take, for a continuous
+    statistic). Ties count against the released template. An innocent model stops after about 2h decoys; only a
+    statistic beyond all but a few decoys pays for all K, and reaches the fixed-K test's floor 1 / (K + 1). With
+    fewer than h decoys reaching it, the p-value is the fixed-K one on the same draws."""
     if not np.isfinite(released_statistic):
         raise ValueError("released_statistic must be finite")
-    at_least = int((decoys >= released_statistic).sum())
-    p = (1.0 + at_least) / (len(decoys) + 1.0)
-    return Verdict("decoy", n_queries, None, float(released_statistic), p, alpha, p < alpha, [])
+    if max_decoys <= 0 or stop_after <= 0:
+        raise ValueError(f"max_decoys and stop_after must be positive, got {max_decoys} and {stop_after}")
+    at_least = drawn = 0
+    for chunk in decoy_statistics:
+        chunk = _scores(chunk, "decoy_statistics")[:max_decoys - drawn]
+        hits = np.flatnonzero(chunk >= released_statistic)
+        if at_least + len(hits) >= stop_after:
+            drawn += int(hits[stop_after - at_least - 1]) + 1
+            return Verdict("decoy", n_queries, None, float(released_statistic), stop_after / drawn, alpha,
+                           stop_after / drawn < alpha, [], floor=1 / (max_decoys + 1), draws=drawn, at_least=stop_after)
+        at_least, drawn = at_least + len(hits), drawn + len(chunk)
+        if drawn >= max_decoys:
+            break
+    if drawn == 0:
+        raise ValueError("no decoy statistics to rank against")
+    p = (1.0 + at_least) / (drawn + 1.0)
+    return Verdict("decoy", n_queries, None, float(released_statistic), p, alpha, p < alpha, [],
+                   floor=1 / (drawn + 1), draws=drawn, at_least=at_least)
 
 
 def roc_curve(positive_scores, negative_scores) -> tuple[np.ndarray, np.ndarray, float]:

@@ -1,0 +1,155 @@
+"""Which statistic should the decoy test rank? Chosen on one half of the stored runs, reported on the other.
+
+    python -m benchmarks.decoy_statistic [--decoys 9999] [--out runs/bench] [--results benchmarks/results]
+
+Any statistic computed the same way for the released template and every decoy keeps the decoy test exact, so the
+choice is about power only, and power must be judged on runs the choice did not see. Every stored probe in the run
+folders is used as it is found: fine-tunes on a protected release (the detection-power runs of the collection's key
+design, and the last snapshot of each frontier run) and clean models (the null-calibration runs, clean power runs,
+and the frontier's base model, which never saw any release). Each run goes to the *choose* or the *report* half by
+a hash of its folder name (``half_of``), fixed before any run was scored.
+
+For each probe: the released template's and ``--decoys`` decoys' projection scores of the trigger, control and
+plain images (the owner's, through the base VAE), every candidate statistic of them, and its p-value by the audit's
+sequential rule (floor 1 / (decoys + 1)). Candidates: the audit's ``decoys.STATISTICS`` (functions of the per-query
+trigger-minus-control differences), and ``plain-count``, the number of trigger images over the template's own
+plain-image threshold (1 % of plain images above it), which reads plain images per decoy. The chosen statistic is
+the one detecting the most protected models at alpha = 0.01 on the choose half (ties: the larger mean -log10 p);
+the report half's table is the result. Per-run statistics are cached (``decoy-statistics.npz`` in each run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+from pathlib import Path
+
+import numpy as np
+
+from entruth_lite.core import data, families
+from entruth_lite.owner import decoys, detect, keys, probe, verify
+
+from .common import FPR, plain_negatives, write_table
+
+ALPHA = 0.01
+QUERY_COUNTS = (16, 64)
+
+
+def half_of(name: str) -> str:
+    """'choose' or 'report', from a hash of the run's name: fixed before anything was scored."""
+    return ("choose", "report")[hashlib.sha256(f"decoy-statistic|{name}".encode()).digest()[0] % 2]
+
+
+def _plain_count(trigger: np.ndarray, plain: np.ndarray, differences: np.ndarray) -> np.ndarray:
+    """Trigger images at or over each template's own threshold (the score 1 % of plain images exceed), ties
+    broken by the mean difference (a fixed function of the same scores, so still one statistic)."""
+    k = min(int(np.floor(FPR * plain.shape[1])), plain.shape[1] - 1)
+    threshold = np.nextafter(np.sort(plain, axis=1)[:, plain.shape[1] - k - 1], np.inf)
+    return (trigger >= threshold[:, None]).sum(axis=1) + 1e-3 * np.tanh(differences.mean(axis=1))
+
+
+def candidate_statistics(trigger: np.ndarray, control: np.ndarray, plain: np.ndarray) -> dict[str, np.ndarray]:
+    """Every candidate's value for each template (rows: the released template first, then the decoys)."""
+    differences = trigger - control
+    out = {name: function(differences) for name, function in decoys.STATISTICS.items()}
+    out["plain-count"] = _plain_count(trigger, plain, differences)
+    return out
+
+
+def statistics_of_run(folder: Path, probe_file: Path, root: Path, k: int) -> dict[str, np.ndarray]:
+    """``candidate_statistics`` at each of ``QUERY_COUNTS`` for the released template and ``k`` decoys, cached."""
+    cache = folder / f"decoy-statistics-{probe_file.stem}-{k}.npz"
+    if cache.is_file():
+        with np.load(cache) as stored:
+            return dict(stored)
+    key = keys.load_key(folder / "key")
+    probed = probe.load_probe(probe_file)
+    size = decoys.working_size(key.template)
+    trigger, control = decoys.probe_arrays(probed, size)
+    plain = data.image_array(plain_negatives(root, key), (size, size))
+    own = families.random_seed_of(key.template)
+    seeds = [own] + list(itertools.islice(families.decoy_seeds(key.template, key.key_sha256), k))
+    columns: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(seeds), decoys.LARGEST_CHUNK):
+        weights = detect.projection_weights(*families.member_arrays(key.template.family,
+                                                                    seeds[start:start + decoys.LARGEST_CHUNK], size))
+        scores = detect.projection_scores(weights, np.concatenate([trigger, control, plain]))
+        n = len(trigger)
+        for queries in sorted({q for q in QUERY_COUNTS if q < n} | {n}):  # a smaller probe: its own size
+            values = candidate_statistics(scores[:, :n][:, :queries], scores[:, n:2 * n][:, :queries],
+                                          scores[:, 2 * n:])
+            for name, value in values.items():
+                columns.setdefault(f"{name}@{queries}", []).append(value)
+    out = {name: np.concatenate(parts) for name, parts in columns.items()}
+    np.savez(cache, **out)
+    return out
+
+
+def stored_runs(root: Path) -> list[dict]:
+    """Every stored probe of the collection's key design, with whether its model saw the release."""
+    runs = []
+    for folder in sorted(Path(root).glob("rate*-steps1500-seed*-mosaic-trigger6")):
+        if (folder / "probe.npz").is_file():
+            guilty = not folder.name.startswith("rate0-")
+            runs.append(dict(run=folder.name, folder=folder, probe=folder / "probe.npz", guilty=guilty))
+    for folder in sorted(Path(root).glob("null-mosaic-trigger6-steps*-seed*")):
+        if (folder / "probe.npz").is_file():
+            runs.append(dict(run=folder.name, folder=folder, probe=folder / "probe.npz", guilty=False))
+    for folder in sorted(Path(root).glob("frontier-*")):
+        snapshots = sorted((folder / "probes").glob("step-*.npz")) if (folder / "done.json").is_file() else []
+        if snapshots:
+            runs.append(dict(run=folder.name, folder=folder, probe=snapshots[-1], guilty=True))
+            runs.append(dict(run=f"{folder.name}/base", folder=folder, probe=folder / "probes" / "base.npz",
+                             guilty=False))
+    return runs
+
+
+def p_values(statistics: dict[str, np.ndarray]) -> dict[str, float]:
+    """Each statistic's sequential decoy p-value (the released template is row 0)."""
+    return {name: verify.sequential_decoy_test(float(values[0]), [values[1:]], 64, len(values) - 1).p_value
+            for name, values in statistics.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decoys", type=int, default=9999)
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--results", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    root = Path(args.out)
+    rows = []
+    for run in stored_runs(root):
+        statistics = statistics_of_run(run["folder"], run["probe"], root, args.decoys)
+        for name, p in p_values(statistics).items():
+            statistic, queries = name.split("@")
+            rows.append(dict(run=run["run"], half=half_of(run["run"]), guilty=run["guilty"], statistic=statistic,
+                             queries=int(queries), p_value=p))
+        print(f"{run['run']}: scored", flush=True)
+    write_table(rows, Path(args.results) / "decoy_statistic_runs.csv", dict(p_value=".2e"))
+    write_table(summarize(rows), Path(args.results) / "decoy_statistic.csv", dict(median_p=".1e", mean_log10_p=".2f"))
+
+
+def summarize(rows: list[dict]):
+    """Per half, statistic and query count: protected models detected at ``ALPHA``, clean models flagged, and the
+    mean -log10 p of the protected ones; ``chosen`` marks the statistic the choose half picks."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    out = []
+    for (half, statistic, queries), group in table.groupby(["half", "statistic", "queries"]):
+        guilty, clean = group[group["guilty"]], group[~group["guilty"]]
+        out.append(dict(half=half, statistic=statistic, queries=queries, protected=len(guilty),
+                        detected=int((guilty["p_value"] < ALPHA).sum()), clean=len(clean),
+                        clean_flagged=int((clean["p_value"] < ALPHA).sum()),
+                        median_p=float(guilty["p_value"].median()) if len(guilty) else float("nan"),
+                        mean_log10_p=float(-np.log10(guilty["p_value"]).mean()) if len(guilty) else float("nan")))
+    summary = pd.DataFrame(out)
+    choose = summary[(summary["half"] == "choose") & (summary["queries"] == max(QUERY_COUNTS))]
+    best = choose.sort_values(["detected", "mean_log10_p"], ascending=False)["statistic"].iloc[0] if len(choose) else None
+    summary["chosen"] = summary["statistic"] == best
+    return summary.to_dict("records")
+
+
+if __name__ == "__main__":
+    main()

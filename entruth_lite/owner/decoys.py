@@ -1,0 +1,159 @@
+"""The decoy test at scale: rank the released template among up to millions of decoys, drawn and scored in one
+stream, with a sequential p-value that stops as soon as the answer is clear.
+
+The released template is one random draw from its family; decoys are further draws, never released. A model
+that never saw the release has no reason to prefer it, so the released template's statistic is exchangeable
+with the decoys' and its rank gives an exact p-value, whatever the model. The smallest p-value is 1 / (K + 1)
+with K decoys, so strong evidence needs many: decoys are drawn in chunks (``families.member_arrays``) and scored
+with one matrix product each (``detect.projection_scores``), and nothing but one statistic per decoy is kept.
+
+Statistics are functions of the per-query differences (trigger minus control score, one row per template), the
+same function for the released template and every decoy: any such function keeps the test exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..core import data
+from ..core.families import decoy_seeds, member_arrays, random_seed_of
+from ..core.templates import Template
+from . import detect, verify
+from .probe import ProbeResult
+
+WORK_SIZE = 64  # px at most: decoys are drawn and images scored at min(template size, this)
+FIRST_CHUNK, LARGEST_CHUNK = 256, 2048  # decoys per matrix product: small first (an innocent model stops early)
+
+
+def _top_eighth(differences: np.ndarray) -> np.ndarray:
+    k = max(1, differences.shape[1] // 8)
+    return np.sort(differences, axis=1)[:, -k:].mean(axis=1)
+
+
+def _trimmed(differences: np.ndarray) -> np.ndarray:
+    cut = differences.shape[1] // 10
+    return np.sort(differences, axis=1)[:, cut:differences.shape[1] - cut].mean(axis=1)
+
+
+def _signed_rank(differences: np.ndarray) -> np.ndarray:
+    """Wilcoxon's signed-rank sum per row, as a share of its largest value."""
+    ranks = np.argsort(np.argsort(np.abs(differences), axis=1), axis=1) + 1.0
+    return (ranks * (differences > 0)).sum(axis=1) / ranks.sum(axis=1)
+
+
+STATISTICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {  # (templates, queries) differences -> (templates,)
+    "mean": lambda d: d.mean(axis=1),
+    "median": lambda d: np.median(d, axis=1),
+    "trimmed-mean": _trimmed,
+    "top-eighth": _top_eighth,
+    "signed-rank": _signed_rank,
+    "positive-share": lambda d: (d > 0).mean(axis=1),
+}
+DEFAULT_STATISTIC = "mean"
+
+
+def statistic(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    if name not in STATISTICS:
+        raise ValueError(f"unknown decoy statistic {name!r}: choose one of {', '.join(STATISTICS)}")
+    return STATISTICS[name]
+
+
+def working_size(template: Template, work_size: int = WORK_SIZE) -> int:
+    return min(template.size[0], work_size)
+
+
+def probe_arrays(probed: ProbeResult, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The trigger and control images as arrays at the working size, (n, size, size, 3)."""
+    return data.image_array(probed.trigger_images, (size, size)), data.image_array(probed.control_images, (size, size))
+
+
+def differences_of(seeds: list[int], family: str, trigger: np.ndarray, control: np.ndarray) -> np.ndarray:
+    """Per-query trigger-minus-control projection scores of the members ``seeds``, (len(seeds), n)."""
+    weights = detect.projection_weights(*member_arrays(family, seeds, trigger.shape[1]))
+    scores = detect.projection_scores(weights, np.concatenate([trigger, control]))
+    return scores[:, :len(trigger)] - scores[:, len(trigger):]
+
+
+def decoy_differences_stream(template: Template, trigger: np.ndarray, control: np.ndarray, salt: str = "",
+                             max_decoys: int | None = None, progress: bool = False) -> Iterator[np.ndarray]:
+    """The decoys' per-query differences in draw order (``families.decoy_seeds``), in chunks (b, n) that grow from
+    ``FIRST_CHUNK`` to ``LARGEST_CHUNK``; at most ``max_decoys`` in all (None: endless). Memory stays bounded by the
+    largest chunk, however many are drawn."""
+    seeds = decoy_seeds(template, salt)
+    drawn, chunk = 0, FIRST_CHUNK
+    bar = tqdm(total=max_decoys, desc="decoys", unit="decoy", disable=not progress, mininterval=2)
+    try:
+        while max_decoys is None or drawn < max_decoys:
+            take = chunk if max_decoys is None else min(chunk, max_decoys - drawn)
+            yield differences_of(list(itertools.islice(seeds, take)), template.family, trigger, control)
+            drawn += take
+            bar.update(take)
+            chunk = min(2 * chunk, LARGEST_CHUNK)
+    finally:  # also when the test stops reading early
+        bar.close()
+
+
+@dataclass
+class DecoyRanking:
+    """What the decoy test measured: its verdict and the statistics behind it (the decoys' in draw order, as far
+    as the test drew)."""
+
+    verdict: verify.Verdict
+    released_statistic: float
+    decoy_statistics: np.ndarray
+
+
+def rank_released(probed: ProbeResult, template: Template, salt: str = "", max_decoys: int = 999_999,
+                  stop_after: int = verify.STOP_AFTER, statistic_name: str = DEFAULT_STATISTIC,
+                  alpha: float = 0.01, n: int | None = None, work_size: int = WORK_SIZE,
+                  progress: bool = True) -> DecoyRanking:
+    """The decoy test on the first ``n`` queries (all by default) of a probe: the released template's statistic
+    ranked among up to ``max_decoys`` decoys, stopping once ``stop_after`` decoys have reached it
+    (``verify.sequential_decoy_test``)."""
+    random_seed_of(template)  # a clear error for a template of no family
+    function = statistic(statistic_name)
+    trigger, control = probe_arrays(probed, working_size(template, work_size))
+    trigger, control = trigger[:n], control[:n]
+    released = float(function(differences_of([random_seed_of(template)], template.family, trigger, control))[0])
+    kept: list[np.ndarray] = []
+
+    def statistics() -> Iterator[np.ndarray]:
+        for chunk in decoy_differences_stream(template, trigger, control, salt, max_decoys, progress):
+            kept.append(function(chunk))
+            yield kept[-1]
+
+    verdict = verify.sequential_decoy_test(released, statistics(), len(trigger), max_decoys, stop_after, alpha)
+    drawn = np.concatenate(kept)[:verdict.draws] if kept else np.zeros(0)
+    return DecoyRanking(verdict, released, drawn)
+
+
+def more_decoys_note(verdict: verify.Verdict) -> str:
+    """What a larger decoy budget would buy, in one sentence for the audit's notes ('' for other tests)."""
+    if verdict.test != "decoy" or verdict.draws is None:
+        return ""
+    allowed = round(1 / verdict.floor) - 1
+    if verdict.draws < allowed:
+        return (f"decoy test: stopped after {verdict.draws:,} of up to {allowed:,} decoys, {verdict.at_least} of them "
+                f"at or above the released template: more decoys would not change p = {verdict.p_value:.2g}")
+    if verdict.at_least == 0:
+        more = 10 * (allowed + 1) - 1
+        return (f"decoy test: p = {verdict.p_value:.1e} is the floor of {allowed:,} decoys (the released template beat "
+                f"them all); --decoys {more:,} could reach {1 / (more + 1):.0e}, at about 10 times the cost")
+    return (f"decoy test: {verdict.at_least} of {allowed:,} decoys reach the released template; more decoys would "
+            f"bring p near {verdict.at_least / allowed:.1e}, not below")
+
+
+def decoy_differences(probed: ProbeResult, template: Template, k: int = 999, salt: str = "",
+                      work_size: int = WORK_SIZE, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query (trigger - control) projection scores for the released template, shape (n,), and for its first
+    K decoys, shape (K, n), all drawn at one working size (at most ``work_size`` px) so every template is scored
+    the same way: what a stored score file keeps, so tests on any number of queries are cheap."""
+    trigger, control = probe_arrays(probed, working_size(template, work_size))
+    released = differences_of([random_seed_of(template)], template.family, trigger, control)[0]
+    stream = decoy_differences_stream(template, trigger, control, salt, k, progress and k > LARGEST_CHUNK)
+    return released, np.concatenate(list(stream))
