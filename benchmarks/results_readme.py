@@ -184,14 +184,17 @@ FRONTIER = """## What an infringer gains against the evidence left (the frontier
 `benchmarks.frontier` fine-tunes the tiny base with the settings infringers run (diffusers' LoRA and full fine-tune
 example defaults, a kohya-style LoRA, SIREN's rank-64 LoRA, the project's presets), on releases at the key design
 (`mosaic:<seed>`, 6-letter triggers), and keeps a snapshot every 10 % of each run. For each snapshot: the audit's
-decoy test (projection, 999 decoys, 64 queries), the share of trigger images over the owner's 1 % plain-image
+decoy test (projection, 999 decoys, the sequential rule, 64 queries), the share of trigger images over the owner's 1 % plain-image
 threshold, and what the model learned (`evaluation.utility`: mean denoising loss on 256 untemplated release images
 and on the 64 held-out emoji, KID of 64 samples for the release's captions against its images), each also as its
 share of the gain the `tiny-cpu` full fine-tune of the same rate and seed made over the base by its end. The base
 VAE is the faithful one (posterior narrowed to 1 % of the latent spread), so trainers that encode posterior draws
 (`sample_latents`, as diffusers' scripts do) learn the data. Summary: each run's last snapshot beside its base
 (step 0); the CSV has every snapshot. The sweep is in progress: the rows are the runs finished so far. KID of 64
-samples is too noisy to rank these models (the base's is the lowest); the losses are not.
+samples is too noisy to rank these models (the base's is the lowest); the losses are not. A share is only a
+share where the reference gained: the full fine-tune at 2 % lowers the release loss but raises the held-out loss
+(it memorizes), so there a negative `held_out_loss_share` means the setting gained on held-out images while the
+reference lost.
 """
 
 DECOY_SCALE = """## The decoy test at a million decoys
