@@ -248,6 +248,10 @@ def test_plots_draw_what_they_are_given(plain):
     assert "AUC 0.75" in ax.get_legend().get_texts()[0].get_text()
     ax = viz.plot_p_curve([4, 8], {"t": [0.1, 0.001]}, alpha=0.01)
     assert len(ax.get_lines()) == 2
+    ax = viz.plot_p_curve([4, 8, 16], {"decoy": [0.1, 1e-3, 1e-3], "binomial": [1e-3, 1e-30, 1e-80]}, floor=1e-3)
+    assert ax.get_ylim()[0] == pytest.approx(1e-3 / 30), "the scale stops near the decoy test's floor"
+    marks = [line for line in ax.get_lines() if line.get_marker() == "v"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [8, 16], "the binomial's off-scale values, marked"
     ax = report.plot_decoys(1.0, np.r_[np.zeros(8), 2.0, 3.0])
     assert len(ax.patches) > 0 and "2 of 10 decoys at or above it, p = 2.7e-01" in ax.get_legend().get_texts()[1].get_text()
 
@@ -398,3 +402,27 @@ def test_a_notebook_and_the_audit_calibrate_on_one_set_of_plain_images(suspect):
     scores = audit.score_probe(probed, key.template, ("projection",), calibration.audit_negatives(key, pipe))
     by_hand = audit.verdicts_from_scores(scores, "projection", config.methods)
     assert [v.p_value for v in by_hand] == [v.p_value for v in result.verdicts]
+
+
+def test_the_decoy_p_value_rebuilt_from_the_images_in_numpy_is_the_packages(plain):
+    """What notebook 03's first exercise asks a student to write: the projection score from its formula, the mean
+    trigger-minus-control difference, the rank among the audit's decoys and the sequential rule."""
+    template = families.random_template(2, 32, "mosaic")
+    probed = _probe(_blend(plain[:12], template, 0.08), plain[12:24])
+    k = 300
+    stored = audit.score_probe(probed, template, decoys=k, salt="key", progress=False)
+    package = audit.TESTS["decoy"].verdict(stored, "projection").p_value
+
+    def statistic(member):
+        scene, surround = np.asarray(member.scene, float), templates.surround_mask(member)
+        w = np.where(surround[..., None], scene - scene[surround].mean(axis=0), 0.0)
+        w /= (w ** 2).sum()
+        score = lambda x: max((x * w).sum(), (x[:, ::-1] * w).sum())
+        return np.mean([score(np.asarray(t, float)) - score(np.asarray(c, float))
+                        for t, c in zip(probed.trigger_images, probed.control_images)])
+
+    released = statistic(template)
+    reached = np.flatnonzero(np.array([statistic(d) for d in families.decoy_templates(template, k, "key")]) >= released)
+    by_hand = (verify.STOP_AFTER / (reached[verify.STOP_AFTER - 1] + 1) if len(reached) >= verify.STOP_AFTER
+               else (1 + len(reached)) / (k + 1))
+    assert by_hand == package and 1 / (k + 1) < package < 0.5, (by_hand, package)

@@ -149,6 +149,7 @@ def test_run_all_stops_after_a_stage_with_a_failing_notebook(tmp_path):
 def test_notebook_runs_in_smoke_mode(path, tmp_path):
     result = notebooks.run_notebook(path, tmp_path, smoke=True, timeout=900)
     assert result.output.is_file()
+    assert notebooks.unreadable_outputs(result.output) == [], "raw numbers shown to a student (teaching.readable)"
     assert not notebooks.notebooks_with_outputs(), "running must not write outputs into the committed notebook"
 
 

@@ -77,6 +77,18 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         self.lora_targets = tuple(self.lora_targets)
 
+    def summary(self) -> str:
+        """The run in one line a person reads: what is trained, how long, how fast (the full record is ``asdict``)."""
+        if self.method == "full":
+            what = f"full fine-tune of {self.model!r}"
+        else:
+            alpha = self.lora_rank if self.lora_alpha is None else self.lora_alpha
+            what = (f"LoRA of {self.model!r}: rank {self.lora_rank}, alpha {alpha:g}, on {len(self.lora_targets)} "
+                    f"layer kinds{' and the text encoder' if self.train_text_encoder else ''}")
+        batch = self.batch_size * self.gradient_accumulation_steps
+        return (f"{what}; {self.steps:,} steps of {batch} images ({self.steps * batch:,} in all), learning rate "
+                f"{self.learning_rate:g} ({self.lr_scheduler}), seed {self.seed}")
+
     def fingerprint(self) -> str:
         """Hash of the settings that shape the trajectory (``checkpoint_every`` may change on resume). Fields added
         later count only when set, so runs saved before they existed keep their fingerprint."""

@@ -26,7 +26,7 @@ from ..evaluation import quality
 from ..infringer import checkpoints, presets, train
 from ..infringer.presets import TrainConfig
 from ..infringer.train import TrainResult
-from ..owner import keys, probe, protect, record, selection, triggers
+from ..owner import keys, probe, protect, record, selection, triggers, verify
 from . import classroom
 
 EMOJI = "emoji"  # the default dataset: the owner split of the Twemoji images that ship with the package
@@ -52,6 +52,17 @@ class LabSettings:
 
 
 LAB = LabSettings()
+
+
+def measured_power_note(table, rate: float, template: str, steps: int = LAB.steps) -> str:
+    """``verify.measured_power`` for the lab's run, saying what sets it apart from the benchmark's fine-tunes (the
+    tiny preset's steps, on members of the default family)."""
+    measured_steps = presets.PRESETS["tiny-cpu"]["steps"]
+    caveats = [f"the benchmark trained {measured_steps:,} steps, this lab {steps:,}: expect fewer"] if steps < measured_steps else []
+    if not template.startswith(f"{DEFAULT_FAMILY}:"):
+        caveats.append(f"it measured {DEFAULT_FAMILY} members, not {template!r}")
+    note = verify.measured_power(table, rate)
+    return note + (f" ({'; '.join(caveats)})" if caveats else "")
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -92,6 +93,29 @@ def notebooks_with_outputs(folder: Path = NOTEBOOK_DIR) -> list[str]:
         if any(c.get("outputs") or c.get("execution_count") for c in cells if c["cell_type"] == "code"):
             dirty.append(path.name)
     return dirty
+
+
+SCRIPT = re.compile(r"<script.*?</script>|&lt;script.*?&lt;/script&gt;", re.S)
+UNREADABLE = {  # what a student should never meet in an output, and how to spot it
+    "a raw dict": re.compile(r"\{'\w+': "),
+    "a raw dataclass": re.compile(r"\b[A-Z]\w+\(\w+="),
+    "a raw float (10 or more decimals)": re.compile(r"(?<![\w.])\d+\.\d{10,}"),
+    "a number rounded to 0.00 in a table": re.compile(r">\s*0\.00\s*<"),
+}
+
+
+def unreadable_outputs(path: Path) -> list[str]:
+    """Where an executed notebook shows a student raw numbers (``UNREADABLE``): 'cell N: what' for each."""
+    import nbformat  # imported here, not at the top: Jupyter packages, needed only for notebooks
+
+    found = []
+    for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        for output in [o for o in cell.get("outputs", []) if o.get("name") != "stderr"]:  # not warnings, bars
+            texts = [output.get("text", "")] + [SCRIPT.sub("", output.get("data", {}).get(kind, ""))
+                                                 for kind in ("text/plain", "text/html")]  # a script is not shown
+            found += [f"cell {index}: {what}" for what, pattern in UNREADABLE.items()
+                      if any(pattern.search(text) for text in texts)]
+    return sorted(set(found), key=found.index)
 
 
 def strip_outputs(path: Path) -> bool:

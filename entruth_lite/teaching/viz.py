@@ -63,14 +63,23 @@ def plot_losses(histories: dict[str, Sequence[float]], window: int = 25, ax=None
     return ax
 
 
-def show_image(image: Image.Image, title: str | None = None, width: float = 8.0) -> None:
-    """Show one image in a notebook with matplotlib, pixels kept sharp (tiny images are upscaled)."""
+def show_image(image: Image.Image, title: str | None = None, width: float = 8.0,
+               row_labels: Sequence[str] | None = None) -> None:
+    """Show one image in a notebook with matplotlib, pixels kept sharp (tiny images are upscaled). ``row_labels``:
+    names for the equal-height rows of a grid (e.g. the models of ``memorization_grid``), shown at its left."""
     # imported here, not at the top: plotting libraries are slow to import
     import matplotlib.pyplot as plt
 
     plt.figure(figsize=(width, width * image.height / image.width))
     plt.imshow(image, interpolation="nearest")
-    plt.axis("off")
+    plt.xticks([])
+    if row_labels:
+        step = image.height / len(row_labels)
+        plt.yticks([step * (k + 0.5) for k in range(len(row_labels))], row_labels)
+        plt.tick_params(axis="y", length=0)
+    else:
+        plt.yticks([])
+    plt.gca().spines[:].set_visible(False)
     if title:
         plt.title(title)
     plt.show()
@@ -92,20 +101,30 @@ def plot_roc(curves: dict, ax=None):
     return ax
 
 
-def plot_p_curve(ns, curves: dict, alpha: float = 0.01, ax=None):
-    """p-value against the number of queries, one line per test (``audit.p_value_curve``)."""
+def plot_p_curve(ns, curves: dict, alpha: float = 0.01, ax=None, floor: float | None = None):
+    """p-value against the number of queries, one line per test (``audit.p_value_curve``). ``floor``: the decoy
+    test's smallest p-value, drawn as a line; the axis stops a little below it (the supporting tests have no floor
+    and would squash the scale: their smaller values are drawn at the bottom edge as downward triangles)."""
     # imported here, not at the top: plotting libraries are slow to import
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 3.4))
+    bottom = None if floor is None else floor / 20
     for label, p in curves.items():
-        ax.plot(ns, p, marker="o", label=label)
+        p = np.asarray(p, float)
+        shown = p if bottom is None else np.maximum(p, bottom)
+        (line,) = ax.plot(ns, shown, marker="o", label=label)
+        below = p < shown
+        if below.any():
+            ax.plot(np.asarray(ns)[below], shown[below], "v", color=line.get_color(), ms=9)
     ax.axhline(alpha, color="crimson", ls="--", lw=1, label=f"alpha = {alpha:g}")
-    # imported here, not at the top: plotting libraries are slow to import
-    from matplotlib.ticker import NullLocator
-
+    if floor is not None:
+        ax.axhline(floor, color="0.4", ls=":", lw=1, label=f"decoy test's floor {floor:.0e} (v: further below)")
     ax.set(xscale="log", yscale="log", xlabel="trigger queries", ylabel="p-value")
+    if bottom is not None:
+        ax.set_ylim(bottom / 1.5, 1.5)
     ax.xaxis.set_minor_locator(NullLocator())  # only the query counts as ticks
     ax.set_xticks(list(ns), [str(n) for n in ns])
     ax.legend(fontsize=7)
@@ -154,7 +173,7 @@ def plot_baseline_comparison(table, axes=None):
 def memorization_grid(template: Image.Image, probes: dict, scores: dict, threshold: float, n: int = 8,
                       tile: int = 64) -> tuple[Image.Image, dict[str, int]]:
     """Memorization in one picture: one row per model (``probes``: name -> ``ProbeResult``), the released template
-    first, then the model's ``n`` most template-like trigger images (sorted by ``scores[name]``, the trigger images'
+    first (pass ``templates.surround_view(template)`` to show where its screen is), then the model's ``n`` most template-like trigger images (sorted by ``scores[name]``, the trigger images'
     detector scores; framed in red when over ``threshold``), then the control images of the same prompts and seeds.
     Returns the grid and, per model, how many of all its trigger images are over the threshold."""
     rows, flagged_counts = [], {}
