@@ -10,6 +10,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.entruth-installed
+BROWSER := $(VENV)/.entruth-browser
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TORCH_CPU ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -26,10 +28,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
+# the browser test (tests/test_browser.py) drives JupyterLab in headless chromium: installed here when missing
+$(BROWSER): $(STAMP)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; } || \
+	  echo "no chromium: the browser test will be skipped (install chromium and chromium-driver)"
+	touch $(BROWSER)
+
 demo: $(STAMP)
 	$(VENV)/bin/entruth-lite notebooks run --out runs/notebooks
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER)
 	$(PY) -m pytest
 
 class: $(STAMP)
