@@ -234,6 +234,8 @@ def test_the_decoy_scale_benchmark_times_every_case(tmp_path):
     memorized = table[table.model == "memorized"]
     assert (memorized.drawn == memorized.max_decoys).all() and (memorized.at_least == 0).all(), "at the floor"
     assert np.allclose(memorized.p_value, 1 / (memorized.max_decoys + 1)) and list(table.work_px) == [32, 32, 64, 64, 32]
+    clean = table[table.model == "clean"]
+    assert ((clean.at_least == 20) & (clean.drawn < clean.max_decoys)).all(), "a clean model's audit stops early"
 
 
 def test_the_query_budget_ranks_the_first_n_queries_of_each_stored_probe(tmp_path):

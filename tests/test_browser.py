@@ -27,6 +27,7 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = [pytest.mark.notebooks,
               pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs chromium and chromedriver (make test installs them)")]
 SHOTS = REPO_ROOT / "runs" / "browser"
+RUN_ALL = "//div[contains(@class,'lm-Menu-itemLabel') and text()='Run All Cells']"
 CLASS_SETTINGS = {"STEPS": 750, "SAMPLE_STEPS": 25}  # what the class pack was recorded with
 SETTINGS = {  # JupyterLab: every cell in the page (no windowing), no news prompt
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
@@ -56,13 +57,14 @@ def lab(tmp_path_factory):
         (root / "settings" / name).write_text(json.dumps(values))
     port, token = _free_port(), "entruth-browser-test"
     env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(root / "settings"), HF_HUB_OFFLINE="1",
+               JUPYTERLAB_WORKSPACES_DIR=str(root / "workspaces"),  # not the user's open tabs
                **{notebooks.SMOKE_ENV: "1", notebooks.CLASS_ENV: "1", notebooks.RUNS_ENV: str(root / "runs")})
     for name in (notebooks.HEADLESS_ENV, "MPLBACKEND"):  # a live lab: real widgets, inline figures (tests set Agg)
         env.pop(name, None)
+    log = open(root / "lab.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
                                f"--ServerApp.token={token}", f"--ServerApp.root_dir={root / 'notebooks'}",
-                               "--ServerApp.allow_root=True"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=open(root / "lab.log", "w"))
+                               "--ServerApp.allow_root=True"], env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.time() + 60
         while True:
@@ -77,6 +79,7 @@ def lab(tmp_path_factory):
     finally:
         server.terminate()
         server.wait(30)
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +97,14 @@ def browser():
 
 
 def _wait(condition, timeout: float, what: str, step: float = 0.5):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except (NoSuchElementException, StaleElementReferenceException):  # the page was redrawing
+            value = None
         if value:
             return value
         time.sleep(step)
@@ -132,7 +140,7 @@ def _run_all(browser, lab, name: str) -> None:
     _wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-CodeCell") and _idle(browser), 120,
           f"{name} to open with an idle kernel")
     browser.find_element(By.XPATH, "//div[contains(@class,'lm-MenuBar-itemLabel') and text()='Run']").click()
-    browser.find_element(By.XPATH, "//div[contains(@class,'lm-Menu-itemLabel') and text()='Run All Cells']").click()
+    _wait(lambda: browser.find_elements(By.XPATH, RUN_ALL), 20, "the Run menu to open")[0].click()
 
     def finished():
         if _tracebacks(browser):
@@ -192,8 +200,9 @@ def _change(browser, kind: str, control) -> None:
         current = [o.text for o in select.options].index(select.first_selected_option.text)
         select.select_by_index((current + 1) % len(select.options))
     else:
-        control.clear()
-        control.send_keys(str(float(control.get_attribute("value") or 0) + 1), Keys.ENTER)
+        value = float(control.get_attribute("value") or 0) + 1  # read before clearing
+        control.send_keys(Keys.CONTROL, "a")
+        control.send_keys(f"{value:g}", Keys.ENTER)
 
 
 @pytest.mark.parametrize("name", ["01_template_design", "03_memorization_probing", "04_robustness_attacks"])

@@ -13,6 +13,7 @@ def test_numbers_are_formatted_by_what_their_name_says_they_hold():
         "median p: 1.2e-02", "kid: 0.0123", "seeds: 3", "flag: True"]
     assert readable.number("decoy_tpr", 2 / 3) == "66.7%" and readable.number("binomial p", 4.6e-82) == "4.6e-82"
     assert readable.number("held_out_loss", float("nan")) == "-", "not measured"
+    assert readable.number("learning_rate", 1e-3) == "0.001", "a learning rate is not a share"
 
 
 def test_a_styled_table_formats_every_number_hides_the_index_and_says_what_it_reads():

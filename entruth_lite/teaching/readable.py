@@ -21,7 +21,8 @@ def is_p_value(name: str) -> bool:
 
 
 def is_share(name: str) -> bool:
-    return any(word in name.lower() for word in SHARE_WORDS)
+    name = name.lower()
+    return "learning_rate" not in name and any(word in name for word in SHARE_WORDS)  # a learning rate is no share
 
 
 def number(name: str, value) -> str:
