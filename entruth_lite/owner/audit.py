@@ -114,12 +114,17 @@ class Test:
         if missing:
             raise ValueError(f"the {self.name} test needs {SCORE_MEANINGS[missing[0]]}")
         detector = detector if detector in self.detectors else self.detectors[0]
-        verdict = self.run(scores, detector, alpha, fpr, n)
-        verdict.detector = detector
-        if not self.exact or not verdict.reachable:
-            verdict.decision = None  # a number, never an accusation: its false-positive rate is not controlled here,
-            # or it could not reach alpha at these sizes (then "no evidence" would say more than it measured)
-        return verdict
+        return decided(self.run(scores, detector, alpha, fpr, n), detector, self.exact)
+
+
+def decided(verdict: verify.Verdict, detector: str, exact: bool) -> verify.Verdict:
+    """``verdict`` as a table shows it: the detector it read, and a decision only from an exact test that could
+    reach alpha at its sizes."""
+    verdict.detector = detector
+    if not exact or not verdict.reachable:
+        verdict.decision = None  # a number, never an accusation: its false-positive rate is not controlled here,
+        # or it could not reach alpha at these sizes (then "no evidence" would say more than it measured)
+    return verdict
 
 
 TESTS: dict[str, Test] = {t.name: t for t in (
@@ -271,10 +276,7 @@ def evaluate(probed: ProbeResult, template: Template, config: AuditConfig | None
     if "decoy" in config.methods:
         ranking = rank_released(probed, template, salt, config.decoys, config.stop_after, config.statistic,
                                 config.alpha, progress=progress)
-        ranking.verdict.detector = "projection"
-        if not ranking.verdict.reachable:
-            ranking.verdict.decision = None
-        verdicts.insert(config.methods.index("decoy"), ranking.verdict)
+        verdicts.insert(config.methods.index("decoy"), decided(ranking.verdict, "projection", exact=True))
     d = config.detector
     threshold = None
     if "binomial" in config.methods:

@@ -79,6 +79,16 @@ def differences_of(seeds: list[int], family: str, trigger: np.ndarray, control: 
     return scores[:, :len(trigger)] - scores[:, len(trigger):]
 
 
+def released_differences(probed: ProbeResult, template: Template, work_size: int = WORK_SIZE,
+                         n: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first ``n`` trigger and control images at the working size, and the released template's per-query
+    differences on them (n,): what every decoy is then scored against."""
+    own = random_seed_of(template)  # a clear error for a template of no family
+    trigger, control = probe_arrays(probed, working_size(template, work_size))
+    trigger, control = trigger[:n], control[:n]
+    return trigger, control, differences_of([own], template.family, trigger, control)[0]
+
+
 def decoy_differences_stream(template: Template, trigger: np.ndarray, control: np.ndarray, salt: str = "",
                              max_decoys: int | None = None, progress: bool = False) -> Iterator[np.ndarray]:
     """The decoys' per-query differences in draw order (``families.decoy_seeds``), in chunks (b, n) that grow from
@@ -115,11 +125,9 @@ def rank_released(probed: ProbeResult, template: Template, salt: str = "", max_d
     """The decoy test on the first ``n`` queries (all by default) of a probe: the released template's statistic
     ranked among up to ``max_decoys`` decoys, stopping once ``stop_after`` decoys have reached it
     (``verify.sequential_decoy_test``)."""
-    random_seed_of(template)  # a clear error for a template of no family
     function = statistic(statistic_name)
-    trigger, control = probe_arrays(probed, working_size(template, work_size))
-    trigger, control = trigger[:n], control[:n]
-    released = float(function(differences_of([random_seed_of(template)], template.family, trigger, control))[0])
+    trigger, control, released_row = released_differences(probed, template, work_size, n)
+    released = float(function(released_row[None])[0])
     kept: list[np.ndarray] = []
 
     def statistics() -> Iterator[np.ndarray]:
@@ -153,7 +161,6 @@ def decoy_differences(probed: ProbeResult, template: Template, k: int = 999, sal
     """Per-query (trigger - control) projection scores for the released template, shape (n,), and for its first
     K decoys, shape (K, n), all drawn at one working size (at most ``work_size`` px) so every template is scored
     the same way: what a stored score file keeps, so tests on any number of queries are cheap."""
-    trigger, control = probe_arrays(probed, working_size(template, work_size))
-    released = differences_of([random_seed_of(template)], template.family, trigger, control)[0]
+    trigger, control, released = released_differences(probed, template, work_size)
     stream = decoy_differences_stream(template, trigger, control, salt, k, progress and k > LARGEST_CHUNK)
     return released, np.concatenate(list(stream))
