@@ -9,15 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 from .core import data, emoji
 from .core.families import DEFAULT_FAMILY, FAMILIES
-from .core.models import TINY_MODEL_DIR, TINY_RESOLUTION, load_pipeline
+from .core.models import TINY_MODEL_DIR, TINY_RESOLUTION, is_main_launched_process, load_pipeline
 from .owner import keys, probe, protect
+from .teaching.commands import add_notebooks
 
 
 def _data_emoji(args) -> None:
@@ -111,6 +111,8 @@ def _audit(args) -> None:
         _write_prompt_sheet(args, key, _probe_captions(args), config)
         return
     result = _audit_result(args, key, config, release)
+    if not is_main_launched_process():
+        return  # under accelerate launch every process probed its share; one reports
     lines = [v.summary() for v in result.verdicts] + ([NO_VERDICT] if result.headline is None else []) + result.notes
     print(json.dumps(result.to_json()) if args.json else "\n".join(lines + [f"key: {result.key['commitment']}"]))
     if args.report:
@@ -158,7 +160,7 @@ def _train(args) -> None:
         overrides |= {"method": "lora", "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha}
     elif args.lora_alpha is not None:
         overrides["lora_alpha"] = args.lora_alpha
-    for name in ("steps", "batch_size", "checkpoint_every", "resolution"):
+    for name in ("steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "resolution"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.lr is not None:
@@ -167,12 +169,17 @@ def _train(args) -> None:
     result = train.finetune(args.data, args.out, config, resume=args.resume, overwrite=args.overwrite,
                             progress=not args.json)
     summary = asdict(config) | {"out": str(result.out), "losses": result.losses, "seconds": round(result.seconds, 1),
-                                "trainable_parameters": result.trainable_parameters, "resumed_from": result.resumed_from}
+                                "trainable_parameters": result.trainable_parameters, "resumed_from": result.resumed_from,
+                                "processes": result.processes, "global_batch": result.global_batch}
+    if not is_main_launched_process():
+        return  # under accelerate launch, one process reports
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{config.method} fine-tune of {config.model}: {config.steps} steps in {result.seconds:.0f} s, "
-              f"final loss {result.losses[-1]:.4f}; weights in {result.out}")
+        print(f"{config.method} fine-tune of {config.model}: {config.steps} steps of {result.global_batch} images "
+              f"({result.processes} process(es) x batch {config.batch_size} x accumulation "
+              f"{config.gradient_accumulation_steps}) in {result.seconds:.0f} s, final loss {result.losses[-1]:.4f}; "
+              f"weights in {result.out}")
 
 
 def _captioner(args, attacks):
@@ -208,29 +215,6 @@ def _attack(args) -> None:
     if args.key:
         report = robustness.measure_attack(report, keys.load_key(args.key))
     print(json.dumps(report.to_dict()) if args.json else report.summary())
-
-
-def _notebooks_run(args) -> None:
-    from .teaching import notebooks  # heavy: nbclient and a Jupyter kernel
-
-    start = time.time()
-    runs = notebooks.run_all(Path(args.out), smoke=args.smoke, only=args.only, recorded=args.recorded)
-    print(f"{len(runs)} notebooks in {time.time() - start:.0f} s")  # wall clock: some ran side by side
-
-
-def _notebooks_record_class(args) -> None:
-    from .teaching import classroom, demo  # heavy: fine-tuning and sampling the lab's models
-
-    pack = demo.record_class(args.runs, args.out or classroom.PACK_DIR)
-    print(f"class pack written to {pack.folder}: training {pack.train_seconds()} s, recorded instead of run in class mode")
-
-
-def _notebooks_strip(args) -> None:
-    from .teaching import notebooks  # heavy: nbformat
-
-    for path in notebooks.list_notebooks():
-        if notebooks.strip_outputs(path):
-            print(f"stripped {path.name}")
 
 
 def _overwrite_and_json(parser, overwrite_help: str | None = None, json_help: str | None = None) -> None:
@@ -314,7 +298,7 @@ def _add_train(commands) -> None:
     tr.add_argument("--lora-alpha", type=float, help="LoRA scale numerator: the adapters' output is x alpha / rank")
     tr.add_argument("--preset", default="tiny-cpu", help="tiny-cpu (default), tiny-cpu-lora, colab-t4 or a100")
     for name, kind_of in (("--steps", int), ("--lr", float), ("--batch-size", int), ("--resolution", int),
-                          ("--checkpoint-every", int)):
+                          ("--gradient-accumulation-steps", int), ("--checkpoint-every", int)):
         tr.add_argument(name, type=kind_of)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", choices=["latest"])
@@ -393,28 +377,10 @@ def _add_attack(commands) -> None:
     at.set_defaults(func=_attack)
 
 
-def _add_notebooks(commands) -> None:
-    nb_commands = commands.add_parser("notebooks", help="run or strip the notebooks").add_subparsers(
-        dest="nb_command", required=True)
-    run = nb_commands.add_parser("run", help="execute the notebooks in order")
-    run.add_argument("--out", default="runs/notebooks")
-    run.add_argument("--smoke", action="store_true", help="shrink steps and counts (ENTRUTH_SMOKE=1)")
-    run.add_argument("--only", nargs="*", help="run only notebooks whose name contains one of these")
-    run.add_argument("--class", dest="recorded", action="store_true",
-                     help="class mode (ENTRUTH_CLASS=1): the recorded models of data/class instead of training")
-    run.set_defaults(func=_notebooks_run)
-    record = nb_commands.add_parser("record-class", help="record the class pack (data/class) at the notebooks' defaults")
-    record.add_argument("--runs", default="runs", help="where the full run keeps its models (reused when current)")
-    record.add_argument("--out", help="where to write the pack (default: data/class in the repository)")
-    record.set_defaults(func=_notebooks_record_class)
-    nb_commands.add_parser("strip", help="remove outputs from the committed notebooks").set_defaults(
-        func=_notebooks_strip)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="entruth-lite", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_zoo, _add_protect, _add_train, _add_audit, _add_attack, _add_notebooks):
+    for add in (_add_data, _add_zoo, _add_protect, _add_train, _add_audit, _add_attack, add_notebooks):
         add(commands)
     return parser
 

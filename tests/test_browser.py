@@ -136,7 +136,8 @@ def _run_all(browser, lab, name: str) -> None:
     from selenium.webdriver.common.by import By
 
     _shut_down_kernels(lab)
-    browser.get(f"{lab['url']}/lab/tree/{name}.ipynb?token={lab['token']}")
+    # a workspace of its own, reset: otherwise the lab reopens the previous notebook beside it, with a kernel of its own
+    browser.get(f"{lab['url']}/lab/workspaces/{name.replace('_', '-')}/tree/{name}.ipynb?reset&token={lab['token']}")
     _wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-CodeCell") and _idle(browser), 120,
           f"{name} to open with an idle kernel")
     browser.find_element(By.XPATH, "//div[contains(@class,'lm-MenuBar-itemLabel') and text()='Run']").click()
@@ -149,7 +150,7 @@ def _run_all(browser, lab, name: str) -> None:
         return prompts and not any(p in ("[*]:", "[ ]:") for p in prompts) and _idle(browser)
 
     try:
-        _wait(finished, 900, f"every cell of {name} to run", step=2)
+        _wait(finished, 420, f"every cell of {name} to run", step=2)
     except AssertionError:
         SHOTS.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(SHOTS / f"{name}-stuck.png"))
@@ -224,7 +225,10 @@ def test_every_widget_redraws_in_a_real_browser(lab, browser, name):
                   f"widget {b} of {name} to redraw after its {kind} {k} changed")
             _settle(browser, output)  # a control may redraw twice (04's attack resets its strength)
             assert _tracebacks(box) == [], f"{name}: widget {b}, {kind} {k}"
-            figures = _wait(lambda: _figure_heights(browser, output), 30, f"widget {b} of {name} to draw its figure")
+            # found again: the lab may have redrawn the whole output element, leaving the old reference stale
+            figures = _wait(lambda: _figure_heights(browser, browser.find_elements(
+                By.CSS_SELECTOR, ".widget-interact")[b].find_element(By.CSS_SELECTOR, ".widget-output")), 30,
+                f"widget {b} of {name} to draw its figure")
             assert min(figures) >= 60, f"{name}: widget {b}, {kind} {k} draws a figure {min(figures)} px high"
             browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", box)
             browser.save_screenshot(str(SHOTS / f"{name}-widget{b}-{kind}{k}.png"))

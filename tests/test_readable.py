@@ -63,3 +63,19 @@ def test_the_labs_power_note_says_how_its_run_differs_from_the_benchmarks():
     from entruth_lite.owner import verify
 
     assert demo.measured_power_note(table, 0.02, "mosaic:3", steps=1500) == verify.measured_power(table, 0.02)
+
+
+def test_benchmark_setting_names_read_as_words_with_their_design():
+    assert readable.describe_setting("lora-r32-all-te-mosaic-trigger6-alpha181") == (
+        "LoRA rank 32, every layer + text encoder, alpha 181", "mosaic family, 6-letter trigger")
+    assert readable.describe_setting("full-mosaic-trigger6-750") == ("full UNet, 750 steps", readable.key_design())
+    assert readable.describe_setting("lora-r32-wide-te") == (
+        "LoRA rank 32, attention, convolutions, feed-forward + text encoder", "ring family, 3-letter trigger")
+    assert readable.describe_setting("lora-diffusers-example-mosaic-trigger6")[0].startswith("diffusers' default LoRA")
+    import pandas as pd
+
+    table = readable.label_settings(pd.DataFrame({"setting": ["full-mosaic", "lora-r8-all-te-mosaic-trigger6-lr3x"],
+                                                  "rate": [0.01, 0.02]}))
+    assert list(table.columns) == ["fine-tune", "design", "rate"]
+    assert list(table["fine-tune"]) == ["full UNet", "LoRA rank 8, every layer + text encoder, 3x the learning rate"]
+    assert list(table.design) == ["mosaic family, 3-letter trigger", "mosaic family, 6-letter trigger"]

@@ -38,13 +38,24 @@ TINY_SCHEDULER_CONFIG = dict(
 )
 
 
+def launched_processes() -> int:
+    """How many processes ``accelerate launch`` (or torchrun) started this one among; 1 when run directly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_launched_process() -> bool:
+    """True in the process that writes and prints (rank 0), or when run directly."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def pick_device(preferred: str | None = None) -> torch.device:
     """CUDA, then Apple MPS, then CPU; ``preferred`` (or env ``ENTRUTH_DEVICE``) overrides."""
     preferred = preferred or os.environ.get("ENTRUTH_DEVICE")
     if preferred:
         return torch.device(preferred)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
+    if torch.cuda.is_available():  # under accelerate launch, each process its own GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if launched_processes() > 1 \
+            else torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")

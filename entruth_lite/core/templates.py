@@ -21,10 +21,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .data import images_to_tensor, load_rgb, tensor_to_images, to_rgb
 from .models import vae_reconstruct
+from .progress import tqdm
 
 MIN_SCREEN_AREA = 1.0  # square pixels: anything smaller is a degenerate screen
 MIN_SIZE = 8  # built-in designs need a few pixels for their borders

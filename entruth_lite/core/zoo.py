@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import data, emoji, files, models
 from .diffusion import diffusion_loss, encode_images, tokenize
+from .progress import tqdm
 
 CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 

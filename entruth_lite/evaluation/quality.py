@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..core import data, emoji
 from ..core.models import ASSETS
+from ..core.progress import tqdm
 from ..owner import detect
 
 BILINEAR = Image.Resampling.BILINEAR  # the feature network resizes as it was trained

@@ -50,15 +50,18 @@ def dataset_fingerprint(folder: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def is_current(out: str | os.PathLike, config: TrainConfig, data: str | os.PathLike) -> bool:
-    """True when ``out`` holds a finished fine-tune with these settings on exactly this data (so it can be reused)."""
+def is_current(out: str | os.PathLike, config: TrainConfig, data: str | os.PathLike, processes: int = 1) -> bool:
+    """True when ``out`` holds a finished fine-tune with these settings on exactly this data, on as many processes
+    (the same global batch), so it can be reused."""
     out = Path(out)
     try:
         saved = TrainConfig(**json.loads((out / "train_config.json").read_text()))
-        trained_on = json.loads((out / "train_data.json").read_text())["sha256"]
+        record = json.loads((out / "train_data.json").read_text())
+        trained_on = record["sha256"]
     except (FileNotFoundError, KeyError, TypeError, ValueError):
         return False
-    return saved.fingerprint() == config.fingerprint() and trained_on == dataset_fingerprint(data)
+    return saved.fingerprint() == config.fingerprint() and trained_on == dataset_fingerprint(data) \
+        and record.get("processes", 1) == processes
 
 
 def saved_losses(folder: str | os.PathLike) -> list[float]:
@@ -114,6 +117,11 @@ def load_checkpoint(path: Path, config: TrainConfig, trainables: dict[str, torch
     if data is not None and saved is not None and saved["sha256"] != data["sha256"]:
         raise ValueError(f"checkpoint {path} was trained on {saved['data']}, not on {data['data']} (their files "
                          "differ): resume on the same data, or start a new output folder")
+    written_on, resuming_on = (saved or {}).get("processes", 1), (data or {}).get("processes", 1)
+    if written_on != resuming_on:
+        raise ValueError(f"checkpoint {path} was written by a run on {written_on} process(es), and this one has "
+                         f"{resuming_on}: the global batch would change mid-run. Resume with `accelerate launch "
+                         f"--num_processes {written_on}`, or start a new output folder")
     weights = load_file(path / "trainable.safetensors")
     for name, module in trainables.items():
         prefix = f"{name}."

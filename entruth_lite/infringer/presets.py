@@ -133,12 +133,14 @@ def preset(name: str, **overrides) -> TrainConfig:
     return TrainConfig(**{**PRESETS[name], **overrides})
 
 
-def exposures(config: TrainConfig, n_images: int) -> float:
-    """How many times a fine-tune shows the model each image on average (steps x batch x accumulation / images):
-    the number to keep when moving a setting that memorizes to another model, dataset size or GPU."""
+def exposures(config: TrainConfig, n_images: int, processes: int = 1) -> float:
+    """How many times a fine-tune shows the model each image on average (steps x processes x batch x accumulation
+    / images): the number to keep when moving a setting that memorizes to another model, dataset size or GPUs."""
     if n_images <= 0:
         raise ValueError(f"n_images must be positive, got {n_images}")
-    return config.steps * config.batch_size * config.gradient_accumulation_steps / n_images
+    if processes <= 0:
+        raise ValueError(f"processes must be positive, got {processes}")
+    return config.steps * processes * config.batch_size * config.gradient_accumulation_steps / n_images
 
 
 def notebook_preset(name: str, model: str | None = None, steps: int | None = None, seed: int = 0) -> TrainConfig:

@@ -16,14 +16,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..core import files
 from ..core.augmentation import augment
 from ..core.data import crop_to_square, images_to_tensor, load_imagefolder
 from ..core.diffusion import diffusion_loss, encode_captions, encode_images, encode_posterior, sample_latents, tokenize
 from ..core.files import atomic_write, check_writable_parent
-from ..core.models import LORA_WEIGHTS_NAME, default_resolution, images_per_batch, is_pipeline_of, load_pipeline, place
+from ..core.models import (
+    LORA_WEIGHTS_NAME,
+    default_resolution,
+    images_per_batch,
+    is_pipeline_of,
+    launched_processes,
+    load_pipeline,
+    place,
+)
+from ..core.progress import tqdm
 from .checkpoints import dataset_fingerprint, is_current, latest_checkpoint, load_checkpoint, save_checkpoint, save_lora
 from .presets import LORA_TEXT_TARGETS, TrainConfig, preset
 
@@ -36,6 +44,11 @@ class TrainResult:
     seconds: float
     trainable_parameters: int
     resumed_from: int = 0
+    processes: int = 1  # accelerate's processes: each step saw processes x batch x accumulation images
+
+    @property
+    def global_batch(self) -> int:
+        return self.processes * self.config.batch_size * self.config.gradient_accumulation_steps
 
 
 # ----------------------------------------------------------------------------- data
@@ -54,9 +67,16 @@ def check_resolution(resolution: int, pipe) -> None:
         raise ValueError(f"resolution {resolution} must be a positive multiple of the VAE factor {factor}")
 
 
-def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
-    """All randomness of one micro-batch comes from (seed, step, micro, process): resuming replays it exactly."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 97 + micro) * 31 + process)
+def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
+    """All randomness of one micro-batch comes from (seed, step, micro): resuming replays it exactly. Under
+    several processes ``micro`` counts the step's micro-batches across them (``global_micro``), so P processes at
+    accumulation A draw what one process draws at accumulation A x P."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 97 + micro) * 31)
+
+
+def global_micro(micro: int, process: int, n_processes: int) -> int:
+    """The index, within its step, of process ``process``'s ``micro``-th micro-batch among all processes' ones."""
+    return micro * n_processes + process
 
 
 def augment_pixels(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -98,7 +118,7 @@ def ensure_finetuned(data: str | os.PathLike, out: str | os.PathLike, config: Tr
                      progress: bool = True) -> TrainResult | None:
     """Fine-tune unless ``out`` already holds this exact run (``is_current``); a run killed before it finished
     continues from its newest checkpoint. Returns the new result, or None when the finished run was reused."""
-    if is_current(out, config, data):
+    if is_current(out, config, data, processes=launched_processes()):
         return None
     return finetune(data, out, config, pipe=pipe, overwrite=True, resume="latest", progress=progress)
 
@@ -265,17 +285,23 @@ def finetune(
                               "(overwrite=True; CLI --overwrite)")
     files.check_replaceable(out, (files.MARKER, "train_config.json", "checkpoints"))  # only a fine-tune's own folder
     dataset = load_imagefolder(data)
-    data_record = {"data": str(Path(data).resolve()), "sha256": dataset_fingerprint(data)}  # which data, exactly
     check_writable_parent(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files.adopt(out)
     on_cpu = device == "cpu" or not torch.cuda.is_available()
     if config.mixed_precision != "no" and on_cpu:
         raise ValueError(f"mixed_precision={config.mixed_precision!r} needs a CUDA GPU; use 'no' on the CPU")
     _reset_accelerate()  # an earlier run in this kernel (e.g. notebook 02's LoRA in fp16) fixed its own precision
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=device == "cpu",
+    # cpu=True also when processes were launched on a machine without CUDA: only then does accelerate join them
+    # (gloo); on its own a CPU process keeps cpu=False, so a Mac's MPS stays available
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              cpu=device == "cpu" or (on_cpu and launched_processes() > 1),
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
-    device = accelerator.device
+    device, n_processes = accelerator.device, accelerator.num_processes
+    # which data exactly, and on how many processes (the global batch): a resume or a reuse must match both
+    data_record = {"data": str(Path(data).resolve()), "sha256": dataset_fingerprint(data), "processes": n_processes}
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        files.adopt(out)
+    accelerator.wait_for_everyone()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     if pipe is not None and is_pipeline_of(pipe, config.model) is False:
         raise ValueError(f"the base pipeline given was loaded from {pipe.config._name_or_path}, but the settings name "
@@ -306,8 +332,7 @@ def finetune(
     optimizer = prepared[-1]
 
     # -- the loop: every random draw of a step comes from (seed, step), so a resumed run replays exactly
-    n, accum = len(batch.ids), config.gradient_accumulation_steps
-    process, n_processes = accelerator.process_index, accelerator.num_processes
+    n, accum, process = len(batch.ids), config.gradient_accumulation_steps, accelerator.process_index
     for module in trainables.values():
         module.train()
     started = time.time()
@@ -316,8 +341,9 @@ def finetune(
     for step in bar:
         step_loss = 0.0
         for micro in range(accum):
-            generator = step_generator(config.seed, step, micro, process)
-            index = batch_indices(n, config.batch_size, (step * accum + micro) * n_processes + process, config.seed)
+            generator = step_generator(config.seed, step, global_micro(micro, process, n_processes))
+            index = batch_indices(n, config.batch_size, step * accum * n_processes
+                                  + global_micro(micro, process, n_processes), config.seed)
             flip = (torch.rand(config.batch_size, generator=generator) < 0.5) if config.random_flip else None
             drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
             latents = _batch(batch, index, flip, config, vae, generator).to(device, weight_dtype)
@@ -332,6 +358,8 @@ def finetune(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach().item() / accum
+        if n_processes > 1:  # the step's loss over every process's micro-batches, as one process would log it
+            step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean").item()
         lr_scheduler.step()
         losses.append(step_loss)
         bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
@@ -342,6 +370,8 @@ def finetune(
                 and done < config.steps:
             unwrapped = {k: accelerator.unwrap_model(m) for k, m in trainables.items()}
             save_checkpoint(checkpoints, done, config, unwrapped, optimizer, lr_scheduler, losses, data_record)
+        if config.checkpoint_every and done % config.checkpoint_every == 0:
+            accelerator.wait_for_everyone()  # a process killed now finds the checkpoint whole, whichever it was
         if accelerator.is_main_process and done in snapshots:
             _save_finetuned(snapshot_folder(out, done), config, accelerator.unwrap_model(trainables["unet"]),
                             accelerator.unwrap_model(trainables["text_encoder"]) if config.train_text_encoder else None,
@@ -354,7 +384,8 @@ def finetune(
                         accelerator.unwrap_model(trainables["text_encoder"]) if config.train_text_encoder else None,
                         data_record, losses)
     result = TrainResult(out=out, config=config, losses=losses, seconds=time.time() - started,
-                         trainable_parameters=sum(p.numel() for p in params), resumed_from=start_step)
+                         trainable_parameters=sum(p.numel() for p in params), resumed_from=start_step,
+                         processes=n_processes)
     # free the copies and optimizer state now, so a second fine-tune in the same kernel fits on the GPU
     del trainables, optimizer, params, unet, text_encoder, vae, batch, prepared
     accelerator.free_memory()

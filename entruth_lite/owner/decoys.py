@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..core import data
 from ..core.families import decoy_seeds, member_arrays, random_seed_of
+from ..core.progress import tqdm
 from ..core.templates import Template
 from . import detect, verify
 from .probe import ProbeResult

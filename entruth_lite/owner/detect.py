@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.augmentation import augment
 from ..core.data import UNIT_RANGE, image_array, images_to_tensor
 from ..core.families import DEFAULT_FAMILY, decoy_templates, is_family, random_template
+from ..core.progress import tqdm
 from ..core.templates import Template, insert, surround_mask, vae_round_trip
 
 BILINEAR = Image.Resampling.BILINEAR  # the classifier resizes as it was trained

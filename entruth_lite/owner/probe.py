@@ -13,11 +13,11 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..core.data import IMAGE_SUFFIXES, load_rgb, to_rgb
 from ..core.emoji import emoji_splits
-from ..core.models import default_resolution, images_per_batch
+from ..core.models import default_resolution, images_per_batch, launched_processes
+from ..core.progress import tqdm
 from .triggers import apply_trigger
 
 
@@ -30,15 +30,20 @@ def generate(
     batch_size: int | None = None,
     resolution: int | None = None,
     progress: bool = True,
+    split: bool = True,
 ) -> list[Image.Image]:
     """One image per prompt; image i uses ``seeds[i]`` (default 0, 1, 2, ...) whatever the batching.
-    ``batch_size``: by default sized to the resolution (``models.images_per_batch``)."""
+    ``batch_size``: by default sized to the resolution (``models.images_per_batch``). Under ``accelerate launch``
+    the queries are split between the processes (``split``) and every process returns all of them."""
     if seeds is None:
         seeds = list(range(len(prompts)))
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if num_inference_steps <= 0:
         raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}")
+    if split and launched_processes() > 1:
+        return _generate_split(pipe, prompts, seeds, num_inference_steps, guidance_scale, batch_size, resolution,
+                               progress)
     resolution = resolution or default_resolution(pipe)
     batch_size = batch_size or images_per_batch(resolution, 32)
     device = pipe.device if pipe.device.type != "mps" else torch.device("cpu")
@@ -57,6 +62,25 @@ def generate(
         )
         images.extend(out.images)
     return images
+
+
+def _generate_split(pipe, prompts, seeds, num_inference_steps, guidance_scale, batch_size, resolution,
+                    progress) -> list[Image.Image]:
+    """``generate`` under ``accelerate launch``: the batches one process would draw are shared out between the
+    processes, whole and in order, and every process gets all images back in query order. Each image is seeded by
+    its own query and drawn in the same batch as one process would draw it, so they are that process's images."""
+    # imported here, not at the top: accelerate is slow to import, and needed only under several processes
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    resolution = resolution or default_resolution(pipe)
+    batch_size = batch_size or images_per_batch(resolution, 32)
+    state = PartialState(cpu=not torch.cuda.is_available())  # on CPUs: gloo (as finetune joins them)
+    with state.split_between_processes(list(range(0, len(prompts), batch_size))) as starts:
+        mine = slice(starts[0], starts[-1] + batch_size) if starts else slice(0, 0)
+        images = generate(pipe, list(prompts)[mine], list(seeds)[mine], num_inference_steps, guidance_scale, batch_size,
+                          resolution, progress and state.is_main_process, split=False) if starts else []
+    return gather_object(images)
 
 
 @dataclass

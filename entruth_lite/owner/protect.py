@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..core import data, files
 from ..core.families import FAMILIES
+from ..core.progress import tqdm
 from ..core.template_io import png_bytes, resolve_template, template_json
 from ..core.templates import MIN_SIZE, Template, insert
 from . import triggers

@@ -17,11 +17,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..core import data, emoji, files, models
 from ..core.families import DEFAULT_FAMILY, is_family
 from ..core.models import load_finetuned, load_pipeline
+from ..core.progress import tqdm
 from ..evaluation import quality
 from ..infringer import checkpoints, presets, train
 from ..infringer.presets import TrainConfig

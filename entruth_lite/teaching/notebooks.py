@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -16,7 +17,7 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 SMOKE_ENV = "ENTRUTH_SMOKE"
 RUNS_ENV = "ENTRUTH_RUNS"
 CLASS_ENV = "ENTRUTH_CLASS"
-HEADLESS_ENV = "ENTRUTH_HEADLESS"  # set by run_notebook: no browser will ever draw a widget
+from ..core.progress import HEADLESS_ENV  # set by run_notebook: no browser will ever draw a widget
 
 
 def smoke_mode() -> bool:
@@ -116,6 +117,20 @@ def unreadable_outputs(path: Path) -> list[str]:
             found += [f"cell {index}: {what}" for what, pattern in UNREADABLE.items()
                       if any(pattern.search(text) for text in texts)]
     return sorted(set(found), key=found.index)
+
+
+def stale_progress_bars(path: Path) -> list[str]:
+    """'cell N: what' for each progress-bar widget an executed copy keeps (its first frame: '0%' forever)."""
+    import nbformat  # imported here, not at the top: Jupyter packages, needed only for notebooks
+
+    found = []
+    for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            text = data.get("text/plain", "")
+            if "application/vnd.jupyter.widget-view+json" in data and re.search(r"\d+%\|", text):
+                found.append(f"cell {index}: {text.split(':')[0].strip()}")
+    return found
 
 
 def strip_outputs(path: Path) -> bool:
@@ -225,3 +240,95 @@ def run_all(out_dir: Path, smoke: bool, only: list[str] | None = None, recorded:
             futures = [pool.submit(run, path, threads) for path in stage]
         runs += [future.result() for future in futures]  # raises the first failure, after the whole stage ran
     return runs
+
+
+SOLUTION_TAG = "solution"
+YOUR_ANSWER = "# Your answer here (the solution is in the teacher's copy: notebooks/ in the repository)\n"
+
+
+def is_solution(cell) -> bool:
+    return SOLUTION_TAG in cell.get("metadata", {}).get("tags", [])
+
+
+def _scope_names(node) -> tuple[set[str], set[str]]:
+    """(names bound, free names read) in ``node``'s scope: a function's parameters and locals stay inside it."""
+    bound, read = set(), set()
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            if not isinstance(child, ast.Lambda):
+                bound.add(child.name)
+            arguments = child.args
+            parameters = {a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs
+                          + [a for a in (arguments.vararg, arguments.kwarg) if a]}
+            inner_bound, inner_read = _scope_names(child)
+            read |= inner_read - inner_bound - parameters
+            continue
+        if isinstance(child, ast.Name):
+            (bound if isinstance(child.ctx, (ast.Store, ast.Del)) else read).add(child.id)
+        elif isinstance(child, (ast.Import, ast.ImportFrom)):
+            bound |= {(alias.asname or alias.name).split(".")[0] for alias in child.names}
+        elif isinstance(child, ast.ClassDef):
+            bound.add(child.name)
+        inner_bound, inner_read = _scope_names(child)
+        bound |= inner_bound
+        read |= inner_read
+    return bound, read
+
+
+def _names(source: str) -> tuple[set[str], set[str]]:
+    """(names a cell binds, names it reads) by its syntax tree; IPython magics and shell lines are skipped."""
+    return _scope_names(ast.parse("\n".join(line for line in source.splitlines()
+                                            if not line.lstrip().startswith(("%", "!")))))
+
+
+def names_only_solutions_define(path: Path) -> list[str]:
+    """'cell N: name' for every name a later non-solution cell reads that only a solution cell binds: the
+    student copy (solutions removed) would stop there with a NameError."""
+    import nbformat  # imported here, not at the top: Jupyter packages, needed only for notebooks
+
+    by_solutions, by_lesson, missing = set(), set(), []
+    for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        if cell.cell_type != "code":
+            continue
+        bound, read = _names(cell.source)
+        if is_solution(cell):
+            by_solutions |= bound
+        else:
+            missing += [f"cell {index}: {name}" for name in sorted((read - bound - by_lesson) & by_solutions)]
+            by_lesson |= bound
+    return missing
+
+
+def student_copy(path: Path, out_dir: Path) -> Path:
+    """The notebook at ``path`` without its solutions, for a student: every solution code cell becomes an empty
+    answer cell in its place, solution text (answers to the end questions) is dropped, outputs are removed."""
+    import nbformat  # imported here, not at the top: Jupyter packages, needed only for notebooks
+
+    notebook = nbformat.read(path, as_version=4)
+    cells = []
+    for cell in notebook.cells:
+        if is_solution(cell):
+            if cell.cell_type == "code":
+                cells.append(nbformat.v4.new_code_cell(YOUR_ANSWER))
+            continue
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+        cells.append(cell)
+    notebook.cells = cells
+    out = Path(out_dir) / Path(path).name
+    nbformat.write(notebook, out)
+    return out
+
+
+def write_student_copies(out_dir: Path, folder: Path = NOTEBOOK_DIR, overwrite: bool = False) -> list[Path]:
+    """Student copies of every notebook in ``out_dir``; never into the teacher's folder, and never over a file that
+    is there unless ``overwrite`` (then only the notebooks of that name are replaced)."""
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == Path(folder).resolve():
+        raise ValueError(f"{out_dir} holds the notebooks with their solutions: write the student copies elsewhere")
+    paths = list_notebooks(folder)
+    taken = [str(out_dir / p.name) for p in paths if (out_dir / p.name).exists()]
+    if taken and not overwrite:
+        raise FileExistsError(f"{', '.join(taken)} already exist: pass --overwrite to replace them")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [student_copy(path, out_dir) for path in paths]

@@ -58,3 +58,65 @@ def styled(table, caption: str | None = None):
     (say which runs it reads)."""
     style = table.style.format(formats_for(table.columns)).hide(axis="index")
     return style.set_caption(caption) if caption else style
+
+
+def _setting_words(tokens: list[str]) -> list[str]:
+    words, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token == "full":
+            words.append("full UNet")
+        elif token == "lora" and tokens[i + 1:i + 3] == ["diffusers", "example"]:
+            words.append("diffusers' default LoRA (rank 4, attention, UNet only)")
+            i += 2
+        elif token == "lora" and i + 1 < len(tokens) and tokens[i + 1].startswith("r"):
+            words.append(f"LoRA rank {tokens[i + 1][1:]}")
+            i += 1
+        elif token in LAYER_WORDS:
+            words.append(LAYER_WORDS[token])
+        elif token.startswith("alpha"):
+            words.append(f"alpha {token[5:]}")
+        elif token.startswith("lr") and token.endswith("x"):
+            words.append(f"{token[2:-1]}x the learning rate")
+        elif token.isdigit():
+            words.append(f"{int(token):,} steps")
+        else:
+            words.append(token)
+        i += 1
+    return words
+
+
+LAYER_WORDS = {"wide": "attention, convolutions, feed-forward", "all": "every layer", "te": "+ text encoder"}
+FIRST_DESIGN = ("ring", 3)  # a benchmark setting that names no family and no trigger length ran the first design
+
+
+def describe_setting(name: str) -> tuple[str, str]:
+    """A benchmark setting's name (``lora-r32-all-te-mosaic-trigger6-alpha181``) as (what was fine-tuned and how,
+    the key design it ran: family and trigger length), in words."""
+    tokens = name.split("-")
+    family = next((t for t in tokens if t in ("mosaic", "ring", "random")), FIRST_DESIGN[0])
+    letters = next((int(t[7:]) for t in tokens if t.startswith("trigger") and t[7:].isdigit()), FIRST_DESIGN[1])
+    rest = [t for t in tokens if t not in (family, f"trigger{letters}")]
+    return ", ".join(_setting_words(rest)).replace(", +", " +"), design_label("ring" if family == "random" else family,
+                                                                                letters)
+
+
+def design_label(family: str, trigger_letters: int) -> str:
+    return f"{family} family, {trigger_letters}-letter trigger"
+
+
+def key_design() -> str:
+    """The collection's key design (the default family and trigger length), as ``describe_setting`` words it."""
+    from ..core.families import DEFAULT_FAMILY  # imported here: readable stays light for what only formats
+    from ..owner.triggers import TRIGGER_LENGTH
+
+    return design_label(DEFAULT_FAMILY, TRIGGER_LENGTH)
+
+
+def label_settings(table, column: str = "setting"):
+    """``table`` with its setting names replaced by ``fine-tune`` and ``design`` columns in words."""
+    described = table[column].map(describe_setting)
+    out = table.drop(columns=[column])
+    out.insert(0, "design", described.str[1])
+    out.insert(0, "fine-tune", described.str[0])
+    return out
