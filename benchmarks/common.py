@@ -79,6 +79,41 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--train-only", action="store_true", help="fine-tune and probe, no report")
     parser.add_argument("--report-only", action="store_true", help="report on the finished runs only")
+    parser.add_argument("--archive", type=Path, help="keep what re-scoring needs of each finished run here (e.g. "
+                        "benchmarks/results/runs, committed), and take finished runs from it instead of training")
+
+
+ARCHIVED = ("run.json", "probe.npz")  # with the key folder: what re-scoring a run needs (not its model)
+
+
+def archive_run(run: Run, archive: Path) -> Path:
+    """Copy a finished run's probe, record and key to ``archive/<run folder name>``: machines are not kept between
+    working sessions, so a sweep longer than one keeps its finished runs in the repository."""
+    if not run.done:
+        raise ValueError(f"{run.folder} has no probe: only a finished run is archived")
+    kept = Path(archive) / run.folder.name
+    (kept / "key").mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVED:
+        shutil.copy2(run.folder / name, kept / name)
+    for path in run.key.iterdir():
+        shutil.copy2(path, kept / "key" / path.name)
+    return kept
+
+
+def restore_run(run: Run, archive: Path) -> bool:
+    """Bring an archived run back into its folder (probe, record, key); False when the archive does not hold it."""
+    kept = Path(archive) / run.folder.name
+    if not (kept / "probe.npz").is_file():
+        return False
+    shutil.copytree(kept, run.folder, dirs_exist_ok=True)
+    return True
+
+
+def restored(run: Run, archive: Path | None) -> Run:
+    """``run``, brought back from ``archive`` first when it is not in its folder (``--report-only`` on a new machine)."""
+    if archive is not None and not run.done:
+        restore_run(run, archive)
+    return run
 
 
 def owner_dataset(root: Path) -> Path:
@@ -112,16 +147,21 @@ def plain_negatives(root: Path, key) -> list[Image.Image]:
 
 def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed: int, queries: int = 64,
                   keep_model: bool = True, attack=None, overrides: dict | None = None, name: str | None = None,
-                  family: str = "random", trigger_length: int | None = None) -> Run:
+                  family: str = "random", trigger_length: int | None = None, archive: Path | None = None) -> Run:
     """Protect the owner data with ``<family>:<template_seed>`` (a real key either way), train on the protected
     copy (``rate`` > 0) or on the clean data (``rate`` = 0: the key exists but its release was never used,
     which is exactly the null hypothesis), then probe with the key's trigger and save the images. A
     ``trigger_length`` draws the trigger with that many letters from the run's seed (default: protect's "auto").
 
     Robustness runs: ``attack(released, out, key) -> AttackReport`` rewrites the release before training, and
-    ``overrides`` change the preset's settings; ``name`` labels the run folder (default ``rate_name``)."""
+    ``overrides`` change the preset's settings; ``name`` labels the run folder (default ``rate_name``). With an
+    ``archive``, a run it holds is restored instead of trained, and a finished run is archived (``archive_run``)."""
     run = Run.named(root, name or rate_name(rate, steps), rate, seed, steps)
+    if not run.done and archive is not None:
+        restore_run(run, archive)
     if run.done:
+        if archive is not None and not (Path(archive) / run.folder.name / "probe.npz").is_file():
+            archive_run(run, archive)
         return run
     owner = owner_dataset(root)
     released = run.folder / "protected"
@@ -168,6 +208,8 @@ def fit_and_probe(root: Path, rate: float, seed: int, steps: int, template_seed:
     shutil.rmtree(model_dir / "checkpoints", ignore_errors=True)  # the finished model is kept; its checkpoints are not
     if not keep_model:
         shutil.rmtree(model_dir)
+    if archive is not None:
+        archive_run(run, archive)
     return run
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from entruth_lite.core import data, families
 from entruth_lite.owner import decoys, detect, keys, probe, verify
 
-from .common import FPR, plain_negatives, write_table
+from .common import FPR, design_suffix, plain_negatives, write_table
 
 ALPHA = 0.01
 QUERY_COUNTS = (16, 64)
@@ -89,7 +89,8 @@ def statistics_of_run(folder: Path, probe_file: Path, root: Path, k: int) -> dic
 def stored_runs(root: Path) -> list[dict]:
     """Every stored probe of the collection's key design, with whether its model saw the release."""
     runs = []
-    for folder in sorted(Path(root).glob("rate*-steps1500-seed*-mosaic-trigger6")):
+    design = design_suffix("mosaic", 6)
+    for folder in sorted(Path(root).glob(f"rate*-steps1500{design}-seed*")):  # detection_power's run folders
         if (folder / "probe.npz").is_file():
             guilty = not folder.name.startswith("rate0-")
             runs.append(dict(run=folder.name, folder=folder, probe=folder / "probe.npz", guilty=guilty))

@@ -28,6 +28,7 @@ from .common import (
     design_suffix,
     fit_and_probe,
     rate_name,
+    restored,
 )
 
 
@@ -47,11 +48,12 @@ def main() -> None:
         for rate in args.rates:
             name = rate_name(rate, args.steps) + design
             if args.report_only:
-                runs.append(Run.named(root, name, rate, seed, args.steps))
+                runs.append(restored(Run.named(root, name, rate, seed, args.steps), args.archive))
             else:
                 print(f"rate {rate:g}, seed {seed}", flush=True)
                 runs.append(fit_and_probe(root, rate, seed, args.steps, template_seed=seed, queries=args.queries,
-                                          name=name, family=args.family, trigger_length=args.trigger_length))
+                                          name=name, family=args.family, trigger_length=args.trigger_length,
+                                          archive=args.archive))
     if not args.train_only:
         from .verification_report import power_report
 

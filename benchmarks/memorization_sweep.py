@@ -28,6 +28,7 @@ from .common import (
     add_run_arguments,
     fit_and_probe,
     projection_scores,
+    restored,
     write_table,
 )
 
@@ -90,6 +91,11 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
                                             family="mosaic", trigger_length=6),
     # the demo's length: does half the steps still memorize at 1 %? (make demo's time is mostly training)
     "full-mosaic-trigger6-750": dict(family="mosaic", trigger_length=6, steps=STEPS // 2),
+    # the LoRA preset at the demo's length: can notebook 02 fine-tune a LoRA live within the demo's budget?
+    "lora-r32-all-te-mosaic-trigger6-alpha181-750": dict(method="lora", lora_rank=32, lora_alpha=181,
+                                                         lora_targets=presets.LORA_UNET_ALL_TARGETS,
+                                                         train_text_encoder=True, family="mosaic", trigger_length=6,
+                                                         steps=STEPS // 2),
 }
 TINY_LORA_PRESET_SETTING = "lora-r32-all-te-mosaic-trigger6-alpha181"  # presets.PRESETS["tiny-cpu-lora"]
 NOT_TRAINING = ("steps", "family", "trigger_length")  # sweep keys that are not training settings
@@ -117,14 +123,16 @@ def main() -> None:
                                   queries=args.queries, overrides=overrides, name=tag(setting, rate),
                                   family=SETTINGS[setting].get("family", LEGACY_FAMILY),
                                   # settings without a trigger_length ran with protect's 3-letter triggers of the time
-                                  trigger_length=SETTINGS[setting].get("trigger_length", LEGACY_TRIGGER_LENGTH))
+                                  trigger_length=SETTINGS[setting].get("trigger_length", LEGACY_TRIGGER_LENGTH),
+                                  archive=args.archive)
     if args.train_only:
         return
     rows = []
     for setting in args.settings:
         for rate in args.rates:
             for seed in args.seeds:
-                run = Run.named(root, tag(setting, rate), rate, seed, SETTINGS[setting].get("steps", STEPS))
+                run = restored(Run.named(root, tag(setting, rate), rate, seed, SETTINGS[setting].get("steps", STEPS)),
+                               args.archive)
                 if not run.done:
                     continue
                 meta = json.loads((run.folder / "run.json").read_text())

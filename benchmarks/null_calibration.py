@@ -22,7 +22,7 @@ from entruth_lite.core import families
 from entruth_lite.infringer import presets
 from entruth_lite.owner import triggers
 
-from .common import Run, add_run_arguments, design_suffix, fit_and_probe, rate_name
+from .common import Run, add_run_arguments, design_suffix, fit_and_probe, rate_name, restored
 
 NULL_SEED_OFFSET = 100  # clean models use seeds 100, 101, ...: disjoint from the detection-power runs
 
@@ -49,11 +49,12 @@ def main() -> None:
     for i in range(args.models):
         seed = NULL_SEED_OFFSET + i
         if args.report_only:
-            runs.append(Run.named(root, name, 0.0, seed, args.steps))
+            runs.append(restored(Run.named(root, name, 0.0, seed, args.steps), args.archive))
         else:
             print(f"clean model {i + 1}/{args.models} (seed {seed})", flush=True)
             runs.append(fit_and_probe(root, 0.0, seed, args.steps, template_seed=seed, queries=args.queries,
-                                      name=name, family=args.family, trigger_length=args.trigger_length))
+                                      name=name, family=args.family, trigger_length=args.trigger_length,
+                                      archive=args.archive))
     if not args.train_only:
         from .verification_report import null_report
 

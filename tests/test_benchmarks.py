@@ -197,6 +197,21 @@ def test_the_frontier_runs_settings_as_their_users_do_and_scores_every_snapshot(
     assert runs.p_value.between(1 / 41, 1).all()
 
 
+def test_the_statistic_search_finds_the_power_and_null_runs_by_their_folder_names(tmp_path):
+    from benchmarks import common, decoy_statistic, null_calibration
+
+    design = common.design_suffix("mosaic", 6)
+    names = {common.rate_name(0.02, 1500) + design: True, common.rate_name(0.0, 1500) + design: False,
+             null_calibration.run_name("mosaic", 1500, 6): False, common.rate_name(0.02, 750) + design: None,
+             common.rate_name(0.02, 1500): None}  # None: another design or step count, not scored
+    for name in names:
+        folder = common.run_folder(tmp_path, name, 3)
+        folder.mkdir()
+        (folder / "probe.npz").write_bytes(b"")
+    found = {run["run"]: run["guilty"] for run in decoy_statistic.stored_runs(tmp_path)}
+    assert found == {f"{name}-seed3": guilty for name, guilty in names.items() if guilty is not None}
+
+
 def test_the_statistic_search_chooses_on_one_half_and_reports_the_other():
     from benchmarks import decoy_statistic
 
@@ -263,3 +278,54 @@ def test_the_query_budget_ranks_the_first_n_queries_of_each_stored_probe(tmp_pat
     assert (full.drawn, full.p_value) == (300, pytest.approx(1 / 301)), "8 memorized queries beat every decoy"
     query_budget.main(arguments)
     assert pd.read_csv(tmp_path / "query_budget.csv").drop(columns="seconds").equals(table.drop(columns="seconds"))
+
+
+def test_a_finished_run_is_archived_and_a_new_machine_restores_it_instead_of_training(tmp_path, monkeypatch):
+    from benchmarks import archive_runs, common
+
+    run = common.Run.named(tmp_path / "bench", "rate0.02-steps1500-mosaic-trigger6", 0.02, 0, 1500)
+    (run.folder / "key").mkdir(parents=True)
+    (run.folder / "key" / "key.json").write_text('{"trigger": "zq"}')
+    (run.folder / "run.json").write_text('{"rate": 0.02}')
+    np.savez(run.probe_file, trigger=np.arange(6, dtype=np.uint8))
+    (run.folder / "model").mkdir()
+    (run.folder / "model" / "weights.safetensors").write_bytes(b"big")
+    archive = tmp_path / "archive"
+    archive_runs.main(["store", "--out", str(tmp_path / "bench"), "--archive", str(archive)])
+    kept = archive / run.folder.name
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == \
+        ["key/key.json", "probe.npz", "run.json"], "what re-scoring needs, not the model"
+    fresh = tmp_path / "new-machine"
+    archive_runs.main(["restore", "--out", str(fresh), "--archive", str(archive)])
+    again = fresh / run.folder.name
+    assert (again / "probe.npz").read_bytes() == run.probe_file.read_bytes()
+    assert (again / "key" / "key.json").read_text() == '{"trigger": "zq"}'
+
+    def never_train(*args, **kwargs):
+        raise AssertionError("an archived run must not be trained again")
+
+    monkeypatch.setattr(common, "owner_dataset", never_train)
+    elsewhere = tmp_path / "third-machine"
+    restored = common.fit_and_probe(elsewhere, 0.02, 0, 1500, template_seed=0, name="rate0.02-steps1500-mosaic-trigger6",
+                                    family="mosaic", trigger_length=6, archive=archive)
+    assert restored.done and restored.folder == elsewhere / run.folder.name
+    with pytest.raises(ValueError, match="only a finished run"):
+        common.archive_run(common.Run.named(tmp_path, "unfinished", 0.0, 1, 10), archive)
+
+
+def test_the_suite_time_is_summed_per_test_file_from_pytests_junit_report(tmp_path):
+    from benchmarks import suite_time
+
+    xml = tmp_path / "suite.xml"
+    xml.write_text('<testsuites><testsuite name="pytest">'
+                   '<testcase classname="tests.test_a" name="test_one" time="2.5"/>'
+                   '<testcase classname="tests.test_a" name="test_two" time="0.5"/>'
+                   '<testcase classname="tests.test_b" name="test_slow[x]" time="7"/>'
+                   '</testsuite></testsuites>')
+    rows = suite_time.test_times(xml)
+    assert [r["group"] for r in rows] == ["test_a", "test_a", "test_b"]
+    table = suite_time.by_group(rows)
+    assert [(r["group"], r["tests"], r["seconds"], r["slowest"]) for r in table] == [
+        ("test_b", 1, 7.0, "test_slow[x]"), ("test_a", 2, 3.0, "test_one")]
+    suite_time.main(["--xml", str(xml), "--report-only"])
+    assert (tmp_path / "suite_time.csv").read_text().splitlines()[0].startswith("group,tests,seconds")
