@@ -38,8 +38,12 @@ $(BROWSER): $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/entruth-lite notebooks run --out runs/notebooks
 
+# tests side by side, one per core (pytest-xdist; conftest gives each one math thread); a module's shared fixtures
+# stay on one worker (--dist loadgroup)
+XDIST := -n auto --dist loadgroup
+
 test: $(STAMP) $(BROWSER)
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 class: $(STAMP)
 	$(VENV)/bin/entruth-lite notebooks run --class --out runs/notebooks-class
@@ -48,7 +52,7 @@ record-class: $(STAMP)
 	$(VENV)/bin/entruth-lite notebooks record-class --runs runs
 
 unit: $(STAMP)
-	$(PY) -m pytest -m "not notebooks"
+	$(PY) -m pytest $(XDIST) -m "not notebooks"
 
 notebooks-smoke: $(STAMP)
 	$(VENV)/bin/entruth-lite notebooks run --smoke --out runs/notebooks-smoke

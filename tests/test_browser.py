@@ -24,7 +24,7 @@ from entruth_lite.core.models import REPO_ROOT
 from entruth_lite.teaching import notebooks
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = [pytest.mark.notebooks,
+pytestmark = [pytest.mark.notebooks, pytest.mark.xdist_group("browser"),  # one worker: one lab and one browser
               pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs chromium and chromedriver (make test installs them)")]
 SHOTS = REPO_ROOT / "runs" / "browser"
 RUN_ALL = "//div[contains(@class,'lm-Menu-itemLabel') and text()='Run All Cells']"

@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.xdist_group("multiprocess")  # one worker: the trained models are built once
+
 BIN = Path(sys.executable).parent
 
 
