@@ -30,6 +30,7 @@ import numpy as np
 from entruth_lite.core import data, families
 from entruth_lite.owner import decoys, detect, keys, probe, verify
 
+from . import null_calibration
 from .common import FPR, design_suffix, plain_negatives, write_table
 
 ALPHA = 0.01
@@ -94,7 +95,7 @@ def stored_runs(root: Path) -> list[dict]:
         if (folder / "probe.npz").is_file():
             guilty = not folder.name.startswith("rate0-")
             runs.append(dict(run=folder.name, folder=folder, probe=folder / "probe.npz", guilty=guilty))
-    for folder in sorted(Path(root).glob("null-mosaic-trigger6-steps*-seed*")):
+    for folder in sorted(Path(root).glob(f"{null_calibration.run_name('mosaic', 1500, 6)}-seed*")):
         if (folder / "probe.npz").is_file():
             runs.append(dict(run=folder.name, folder=folder, probe=folder / "probe.npz", guilty=False))
     for folder in sorted(Path(root).glob("frontier-*")):

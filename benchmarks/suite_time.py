@@ -24,7 +24,8 @@ def test_times(xml: Path) -> list[dict]:
     """One row per test case of a JUnit XML report: its file (group), name and seconds."""
     rows = []
     for case in ElementTree.parse(xml).getroot().iter("testcase"):
-        group = case.get("classname", "").split(".")[-1] or "?"
+        parts = case.get("classname", "").split(".")  # tests.test_x, or tests.test_x.TestClass
+        group = next((p for p in parts if p.startswith("test_")), parts[-1] or "?")
         rows.append(dict(group=group, test=case.get("name", ""), seconds=float(case.get("time", 0.0))))
     return rows
 

@@ -96,6 +96,8 @@ def _audit(args) -> None:
 
     if args.report:
         report.check_report_path(args.report)  # before the audit's work, which would otherwise be lost
+    if not is_main_launched_process() and (args.replay or args.step == "prompts"):
+        return  # nothing to share out: one process replays or writes the sheet
     if args.replay:
         _replay(args, report.read_record(args.replay))
         return

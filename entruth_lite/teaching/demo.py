@@ -343,7 +343,8 @@ def finetune_side_by_side(jobs: list[tuple[str | os.PathLike, str | os.PathLike]
         return results
     context = multiprocessing.get_context("spawn")  # a forked child would inherit the parent's thread pools
     events = context.Queue()
-    threads = max(1, (os.cpu_count() or 1) // len(todo))
+    cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)  # a cap set for this process holds for them
+    threads = max(1, cores // len(todo))
     workers = {i: context.Process(target=_side_by_side_worker, daemon=True,
                                   args=(i, str(jobs[i][0]), str(jobs[i][1]), config, threads, events))
                for i in todo}

@@ -243,6 +243,7 @@ def run_all(out_dir: Path, smoke: bool, only: list[str] | None = None, recorded:
 
 
 SOLUTION_TAG = "solution"
+COLAB_BADGE = re.compile(r"\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)\n*")
 YOUR_ANSWER = "# Your answer here (the solution is in the teacher's copy: notebooks/ in the repository)\n"
 
 
@@ -258,10 +259,17 @@ def _scope_names(node) -> tuple[set[str], set[str]]:
             if not isinstance(child, ast.Lambda):
                 bound.add(child.name)
             arguments = child.args
+            for outer in arguments.defaults + [d for d in arguments.kw_defaults if d is not None] + \
+                    getattr(child, "decorator_list", []):  # evaluated where the function is defined
+                read |= _scope_names(ast.Expression(outer))[1]
             parameters = {a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs
                           + [a for a in (arguments.vararg, arguments.kwarg) if a]}
             inner_bound, inner_read = _scope_names(child)
             read |= inner_read - inner_bound - parameters
+            continue
+        if isinstance(child, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):  # a scope of its own
+            inner_bound, inner_read = _scope_names(child)
+            read |= inner_read - inner_bound
             continue
         if isinstance(child, ast.Name):
             (bound if isinstance(child.ctx, (ast.Store, ast.Del)) else read).add(child.id)
@@ -275,10 +283,24 @@ def _scope_names(node) -> tuple[set[str], set[str]]:
     return bound, read
 
 
+SIMPLE_STATEMENTS = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr, ast.Return)  # read, then bind
+
+
 def _names(source: str) -> tuple[set[str], set[str]]:
-    """(names a cell binds, names it reads) by its syntax tree; IPython magics and shell lines are skipped."""
-    return _scope_names(ast.parse("\n".join(line for line in source.splitlines()
-                                            if not line.lstrip().startswith(("%", "!")))))
+    """(names a cell binds, names it reads before binding them), statement by statement on its syntax tree (a
+    simple statement such as ``x = x + 1`` or ``total += 1`` reads first); IPython magics and shell lines are
+    skipped, and a cell magic's cell (``%%bash``) is not Python: it binds and reads nothing here."""
+    if source.lstrip().startswith("%%"):
+        return set(), set()
+    tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    bound, read = set(), set()
+    for statement in tree.body:
+        binds, reads = _scope_names(ast.Module(body=[statement], type_ignores=[]))
+        if isinstance(statement, ast.AugAssign) and isinstance(statement.target, ast.Name):
+            reads.add(statement.target.id)
+        read |= reads - bound - (set() if isinstance(statement, SIMPLE_STATEMENTS) else binds)
+        bound |= binds
+    return bound, read
 
 
 def names_only_solutions_define(path: Path) -> list[str]:
@@ -294,7 +316,7 @@ def names_only_solutions_define(path: Path) -> list[str]:
         if is_solution(cell):
             by_solutions |= bound
         else:
-            missing += [f"cell {index}: {name}" for name in sorted((read - bound - by_lesson) & by_solutions)]
+            missing += [f"cell {index}: {name}" for name in sorted((read - by_lesson) & by_solutions)]
             by_lesson |= bound
     return missing
 
@@ -305,6 +327,7 @@ def student_copy(path: Path, out_dir: Path) -> Path:
     import nbformat  # imported here, not at the top: Jupyter packages, needed only for notebooks
 
     notebook = nbformat.read(path, as_version=4)
+    notebook.cells[0].source = COLAB_BADGE.sub("", notebook.cells[0].source)  # it opens the teacher's copy
     cells = []
     for cell in notebook.cells:
         if is_solution(cell):
