@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import Run, archive_run, restore_run
+from .common import Run, archive_run, restore_all
 
 ARCHIVE = Path("benchmarks/results/runs")
 
@@ -33,10 +33,8 @@ def main(argv: list[str] | None = None) -> None:
             archive_run(Run(folder, rate=float("nan"), seed=-1, steps=-1), args.archive)
         print(f"{len(folders)} runs archived in {args.archive}")
     else:
-        kept = sorted(f for f in args.archive.glob("*") if (f / "probe.npz").is_file()) if args.archive.is_dir() else []
-        brought = [f for f in kept if not (args.out / f.name / "probe.npz").is_file()
-                   and restore_run(Run(args.out / f.name, rate=float("nan"), seed=-1, steps=-1), args.archive)]
-        print(f"{len(brought)} runs restored to {args.out} ({len(kept) - len(brought)} were there)")
+        brought, there = restore_all(args.out, args.archive)
+        print(f"{brought} runs restored to {args.out} ({there} were there)")
 
 
 if __name__ == "__main__":

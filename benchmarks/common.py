@@ -109,6 +109,14 @@ def restore_run(run: Run, archive: Path) -> bool:
     return True
 
 
+def restore_all(root: Path, archive: Path) -> tuple[int, int]:
+    """Every archived run not yet under ``root`` brought back; (runs restored, runs that were there)."""
+    kept = sorted(f for f in Path(archive).glob("*") if (f / "probe.npz").is_file()) if Path(archive).is_dir() else []
+    brought = [f for f in kept if not (Path(root) / f.name / "probe.npz").is_file()
+               and restore_run(Run(Path(root) / f.name, rate=float("nan"), seed=-1, steps=-1), archive)]
+    return len(brought), len(kept) - len(brought)
+
+
 def restored(run: Run, archive: Path | None) -> Run:
     """``run``, brought back from ``archive`` first when it is not in its folder (``--report-only`` on a new machine)."""
     if archive is not None and not run.done:

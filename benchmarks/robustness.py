@@ -46,6 +46,7 @@ from .common import (
     owner_negatives,
     projection_scores,
     rate_name,
+    restore_all,
     seeded_attack,
 )
 
@@ -102,11 +103,12 @@ def _tag(kind: str, name: str, strength: float, rate: float, design: str = "") -
 
 
 def run_setting(root: Path, kind: str, name: str, strength: float, seed: int, rate: float, queries: int = 64,
-                family: str = families.DEFAULT_FAMILY, trigger_length: int = triggers.TRIGGER_LENGTH) -> Run | None:
+                family: str = families.DEFAULT_FAMILY, trigger_length: int = triggers.TRIGGER_LENGTH,
+                archive: Path | None = None) -> Run | None:
     """Fine-tune and probe one attacked setting (``kind`` "none": the unattacked run); None for output attacks,
-    which are evaluated on the unattacked run's stored probes."""
+    which are evaluated on the unattacked run's stored probes. ``archive``: as ``common.fit_and_probe``'s."""
     tag = _tag(kind, name, strength, rate, design_suffix(family, trigger_length))
-    design = dict(family=family, trigger_length=trigger_length)
+    design = dict(family=family, trigger_length=trigger_length, archive=archive)
     if kind == "none":
         return fit_and_probe(root, rate, seed, STEPS, template_seed=seed, name=tag, queries=queries, **design)
     if kind == "dataset":
@@ -200,8 +202,11 @@ def main() -> None:
             for kind, name, strength in [("none", "no attack", 0)] + settings(args.only):
                 if kind != "output":
                     print(f"{kind} attack {name} {strength:g}, seed {seed}", flush=True)
-                    run_setting(root, kind, name, strength, seed, args.rate, args.queries, **design)
+                    run_setting(root, kind, name, strength, seed, args.rate, args.queries, **design,
+                                archive=args.archive)
     if not args.train_only:
+        if args.archive:
+            restore_all(root, args.archive)
         report(root, args.seeds, args.rate, args.only, args.queries, design_suffix(**design))
 
 

@@ -329,3 +329,14 @@ def test_the_suite_time_is_summed_per_test_file_from_pytests_junit_report(tmp_pa
         ("test_b", 1, 7.0, "test_slow[x]"), ("test_a", 2, 3.0, "test_one")]
     suite_time.main(["--xml", str(xml), "--report-only"])
     assert (tmp_path / "suite_time.csv").read_text().splitlines()[0].startswith("group,tests,seconds")
+
+
+def test_the_robustness_sweep_passes_its_archive_to_every_fine_tune(monkeypatch, tmp_path):
+    from benchmarks import robustness
+
+    calls = []
+    monkeypatch.setattr(robustness, "fit_and_probe", lambda *args, **kwargs: calls.append(kwargs))
+    for kind, name, strength in [("none", "no attack", 0), ("dataset", "jpeg", 50), ("training", "lora_rank", 8)]:
+        robustness.run_setting(tmp_path, kind, name, strength, 0, 0.02, archive=tmp_path / "archive")
+    assert [c["archive"] for c in calls] == [tmp_path / "archive"] * 3
+    assert robustness.run_setting(tmp_path, "output", "jpeg", 50, 0, 0.02) is None and len(calls) == 3
