@@ -93,12 +93,13 @@ FIRST_DESIGN = ("ring", 3)  # a benchmark setting that names no family and no tr
 def describe_setting(name: str) -> tuple[str, str]:
     """A benchmark setting's name (``lora-r32-all-te-mosaic-trigger6-alpha181``) as (what was fine-tuned and how,
     the key design it ran: family and trigger length), in words."""
+    from ..core.families import FAMILIES, OLD_NAMES  # imported here: readable stays light for what only formats
+
     tokens = name.split("-")
-    family = next((t for t in tokens if t in ("mosaic", "ring", "random")), FIRST_DESIGN[0])
+    family = next((t for t in tokens if t in FAMILIES or t in OLD_NAMES), FIRST_DESIGN[0])
     letters = next((int(t[7:]) for t in tokens if t.startswith("trigger") and t[7:].isdigit()), FIRST_DESIGN[1])
     rest = [t for t in tokens if t not in (family, f"trigger{letters}")]
-    return ", ".join(_setting_words(rest)).replace(", +", " +"), design_label("ring" if family == "random" else family,
-                                                                                letters)
+    return ", ".join(_setting_words(rest)).replace(", +", " +"), design_label(OLD_NAMES.get(family, family), letters)
 
 
 def design_label(family: str, trigger_letters: int) -> str:
