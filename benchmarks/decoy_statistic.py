@@ -1,33 +1,39 @@
 """Which statistic should the decoy test rank? Chosen on one half of the stored runs, reported on the other.
 
-    python -m benchmarks.decoy_statistic [--decoys 9999] [--out runs/bench] [--results benchmarks/results]
+    python -m benchmarks.decoy_statistic [--decoys 999999] [--out runs/bench] [--results benchmarks/results]
 
 Any statistic computed the same way for the released template and every decoy keeps the decoy test exact, so the
 choice is about power only, and power must be judged on runs the choice did not see. Every stored probe in the run
 folders is used as it is found: fine-tunes on a protected release (the detection-power runs of the collection's key
-design, and the last snapshot of each frontier run) and clean models (the null-calibration runs, clean power runs,
+design, the memorization sweep's runs of that design, and the last snapshot of each frontier run) and clean models (the null-calibration runs, clean power runs,
 and the frontier's base model, which never saw any release). Each run goes to the *choose* or the *report* half by
 a hash of its folder name (``half_of``), fixed before any run was scored.
 
-For each probe: the released template's and ``--decoys`` decoys' projection scores of the trigger, control and
+For each probe: the released template's and up to ``--decoys`` decoys' projection scores of the trigger, control and
 plain images (the owner's, through the base VAE), every candidate statistic of them, and its p-value by the audit's
-sequential rule (floor 1 / (decoys + 1)). Candidates: the audit's ``decoys.STATISTICS`` (functions of the per-query
-trigger-minus-control differences), and ``plain-count``, the number of trigger images over the template's own
-plain-image threshold (1 % of plain images above it), which reads plain images per decoy. The chosen statistic is
-the one detecting the most protected models at alpha = 0.01 on the choose half (ties: the larger mean -log10 p);
-the report half's table is the result. Per-run statistics are cached (``decoy-statistics.npz`` in each run).
+sequential rule (``verify.SequentialDecoyCount``: stop once 20 decoys reach it; floor 1 / (decoys + 1)), all
+candidates from one stream of decoys. At the audit's million decoys the floor no longer ties the strong candidates,
+so the choice sees how far each one separates a guilty model from its decoys. Candidates: the audit's
+``decoys.STATISTICS`` (functions of the per-query trigger-minus-control differences), and ``plain-count``, the number
+of trigger images over the template's own plain-image threshold (1 % of plain images above it), which reads plain
+images per decoy. The chosen statistic is the one detecting the most protected models at alpha = 0.01 on the
+choose half (ties: the larger mean -log10 p); the report half's table is the result. Per-run counts are cached
+(``decoy-counts-*.json`` in each run).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
 
 from entruth_lite.core import data, families
+from entruth_lite.core.progress import tqdm
 from entruth_lite.owner import decoys, detect, keys, probe, verify
 
 from . import null_calibration
@@ -50,41 +56,57 @@ def _plain_count(trigger: np.ndarray, plain: np.ndarray, differences: np.ndarray
     return (trigger >= threshold[:, None]).sum(axis=1) + 1e-3 * np.tanh(differences.mean(axis=1))
 
 
-def candidate_statistics(trigger: np.ndarray, control: np.ndarray, plain: np.ndarray) -> dict[str, np.ndarray]:
-    """Every candidate's value for each template (rows: the released template first, then the decoys)."""
+def candidate_statistics(trigger: np.ndarray, control: np.ndarray,
+                         plain: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every candidate's value for each template (rows: one per template); ``plain-count`` only with ``plain``."""
     differences = trigger - control
     out = {name: function(differences) for name, function in decoys.STATISTICS.items()}
-    out["plain-count"] = _plain_count(trigger, plain, differences)
+    if plain is not None:
+        out["plain-count"] = _plain_count(trigger, plain, differences)
     return out
 
 
-def statistics_of_run(folder: Path, probe_file: Path, root: Path, k: int) -> dict[str, np.ndarray]:
-    """``candidate_statistics`` at each of ``QUERY_COUNTS`` for the released template and ``k`` decoys, cached."""
-    cache = folder / f"decoy-statistics-{probe_file.stem}-{k}.npz"
+def statistics_of_run(folder: Path, probe_file: Path, root: Path, k: int,
+                      progress: bool = True) -> dict[str, verify.SequentialDecoyCount]:
+    """Each candidate's sequential decoy count (``verify.SequentialDecoyCount``, the audit's rule) at each of
+    ``QUERY_COUNTS``, from one stream of up to ``k`` decoys drawn in the audit's chunks. The stream runs until every
+    candidate has stopped, so only the strongest statistics of a guilty model pay for all ``k``; plain images are
+    scored only while ``plain-count`` still runs. Cached in the run's folder."""
+    cache = folder / f"decoy-counts-{probe_file.stem}-{k}.json"
     if cache.is_file():
-        with np.load(cache) as stored:
-            return dict(stored)
+        return {name: verify.SequentialDecoyCount(**fields) for name, fields in json.loads(cache.read_text()).items()}
     key = keys.load_key(folder / "key")
     probed = probe.load_probe(probe_file)
     size = decoys.working_size(key.template)
     trigger, control = decoys.probe_arrays(probed, size)
     plain = data.image_array(plain_negatives(root, key), (size, size))
-    own = families.random_seed_of(key.template)
-    seeds = [own] + list(itertools.islice(families.decoy_seeds(key.template, key.key_sha256), k))
-    columns: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(seeds), decoys.LARGEST_CHUNK):
-        weights = detect.projection_weights(*families.member_arrays(key.template.family,
-                                                                    seeds[start:start + decoys.LARGEST_CHUNK], size))
-        scores = detect.projection_scores(weights, np.concatenate([trigger, control, plain]))
-        n = len(trigger)
-        for queries in sorted({q for q in QUERY_COUNTS if q < n} | {n}):  # a smaller probe: its own size
+    n = len(trigger)
+    query_counts = sorted({q for q in QUERY_COUNTS if q < n} | {n})  # a smaller probe: its own size
+
+    def values_of(seeds: list[int], with_plain: bool) -> dict[str, np.ndarray]:
+        weights = detect.projection_weights(*families.member_arrays(key.template.family, seeds, size))
+        scores = detect.projection_scores(weights, np.concatenate([trigger, control] + ([plain] if with_plain else [])))
+        out = {}
+        for queries in query_counts:
             values = candidate_statistics(scores[:, :n][:, :queries], scores[:, n:2 * n][:, :queries],
-                                          scores[:, 2 * n:])
-            for name, value in values.items():
-                columns.setdefault(f"{name}@{queries}", []).append(value)
-    out = {name: np.concatenate(parts) for name, parts in columns.items()}
-    np.savez(cache, **out)
-    return out
+                                          scores[:, 2 * n:] if with_plain else None)
+            out.update({f"{name}@{queries}": value for name, value in values.items()})
+        return out
+
+    released = values_of([families.random_seed_of(key.template)], True)
+    counts = {name: verify.SequentialDecoyCount(float(value[0]), k) for name, value in released.items()}
+    seeds = families.decoy_seeds(key.template, key.key_sha256)
+    chunk, drawn = decoys.FIRST_CHUNK, 0
+    with tqdm(total=k, desc=f"decoys ({folder.name})", unit="decoy", disable=not progress, mininterval=5) as bar:
+        while not all(count.done for count in counts.values()):
+            take = min(chunk, k - drawn)
+            with_plain = any(not count.done for name, count in counts.items() if name.startswith("plain-count@"))
+            for name, value in values_of(list(itertools.islice(seeds, take)), with_plain).items():
+                counts[name].update(value)
+            drawn, chunk = drawn + take, min(2 * chunk, decoys.LARGEST_CHUNK)
+            bar.update(take)
+    cache.write_text(json.dumps({name: dataclasses.asdict(count) for name, count in counts.items()}))
+    return counts
 
 
 def stored_runs(root: Path) -> list[dict]:
@@ -95,6 +117,9 @@ def stored_runs(root: Path) -> list[dict]:
         if (folder / "probe.npz").is_file():
             guilty = not folder.name.startswith("rate0-")
             runs.append(dict(run=folder.name, folder=folder, probe=folder / "probe.npz", guilty=guilty))
+    for folder in sorted(Path(root).glob(f"mem-*{design}*-rate*-seed*")):  # memorization_sweep's, all protected
+        if (folder / "probe.npz").is_file():
+            runs.append(dict(run=folder.name, folder=folder, probe=folder / "probe.npz", guilty=True))
     for folder in sorted(Path(root).glob(f"{null_calibration.run_name('mosaic', 1500, 6)}-seed*")):
         if (folder / "probe.npz").is_file():
             runs.append(dict(run=folder.name, folder=folder, probe=folder / "probe.npz", guilty=False))
@@ -107,26 +132,19 @@ def stored_runs(root: Path) -> list[dict]:
     return runs
 
 
-def p_values(statistics: dict[str, np.ndarray]) -> dict[str, float]:
-    """Each statistic's sequential decoy p-value (the released template is row 0)."""
-    return {name: verify.sequential_decoy_test(float(values[0]), [values[1:]], 64, len(values) - 1).p_value
-            for name, values in statistics.items()}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--decoys", type=int, default=9999)
+    parser.add_argument("--decoys", type=int, default=999_999, help="the most decoys a run may draw (the audit's default)")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--results", default="benchmarks/results")
     args = parser.parse_args(argv)
     root = Path(args.out)
     rows = []
     for run in stored_runs(root):
-        statistics = statistics_of_run(run["folder"], run["probe"], root, args.decoys)
-        for name, p in p_values(statistics).items():
+        for name, count in statistics_of_run(run["folder"], run["probe"], root, args.decoys).items():
             statistic, queries = name.split("@")
             rows.append(dict(run=run["run"], half=half_of(run["run"]), guilty=run["guilty"], statistic=statistic,
-                             queries=int(queries), p_value=p))
+                             queries=int(queries), p_value=count.p_value, decoys_drawn=count.drawn))
         print(f"{run['run']}: scored", flush=True)
     write_table(rows, Path(args.results) / "decoy_statistic_runs.csv", dict(p_value=".2e"))
     write_table(summarize(rows), Path(args.results) / "decoy_statistic.csv", dict(median_p=".1e", mean_log10_p=".2f"))

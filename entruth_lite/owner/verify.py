@@ -157,6 +157,53 @@ def decoy_test(released_statistic: float, decoy_statistics, n_queries: int, alph
     return sequential_decoy_test(released_statistic, [decoys], n_queries, len(decoys), len(decoys) + 1, alpha)
 
 
+@dataclass
+class SequentialDecoyCount:
+    """Besag & Clifford's sequential rule as a running count, for a caller that feeds several statistics from one
+    stream of decoys (``sequential_decoy_test`` reads one). ``update`` with each chunk in draw order until
+    ``done``; ``verdict`` then gives the test's result."""
+
+    released_statistic: float
+    max_decoys: int
+    stop_after: int = STOP_AFTER
+    drawn: int = 0
+    at_least: int = 0
+    stopped: bool = False  # the h-th decoy reached the released statistic
+
+    def __post_init__(self):
+        if not np.isfinite(self.released_statistic):
+            raise ValueError("released_statistic must be finite")
+        if self.max_decoys <= 0 or self.stop_after <= 0:
+            raise ValueError(f"max_decoys and stop_after must be positive, got {self.max_decoys} and {self.stop_after}")
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.drawn >= self.max_decoys
+
+    def update(self, chunk) -> None:
+        if self.done:
+            return
+        chunk = _scores(chunk, "decoy_statistics")[:self.max_decoys - self.drawn]
+        hits = np.flatnonzero(chunk >= self.released_statistic)
+        if self.at_least + len(hits) >= self.stop_after:
+            self.drawn += int(hits[self.stop_after - self.at_least - 1]) + 1
+            self.at_least, self.stopped = self.stop_after, True
+        else:
+            self.at_least, self.drawn = self.at_least + len(hits), self.drawn + len(chunk)
+
+    @property
+    def p_value(self) -> float:
+        if self.drawn == 0:
+            raise ValueError("no decoy statistics to rank against")
+        return self.stop_after / self.drawn if self.stopped else (1.0 + self.at_least) / (self.drawn + 1.0)
+
+    def verdict(self, n_queries: int, alpha: float = 0.01) -> Verdict:
+        p = self.p_value
+        floor = 1 / (self.max_decoys + 1) if self.stopped else 1 / (self.drawn + 1)
+        return Verdict("decoy", n_queries, None, float(self.released_statistic), p, alpha, p < alpha, [],
+                       floor=floor, draws=self.drawn, at_least=self.at_least)
+
+
 def sequential_decoy_test(released_statistic: float, decoy_statistics: Iterable, n_queries: int, max_decoys: int,
                           stop_after: int = STOP_AFTER, alpha: float = 0.01) -> Verdict:
     """The decoy test with Besag & Clifford's (1991) sequential Monte Carlo p-value: read the decoys' statistics
@@ -169,26 +216,12 @@ def sequential_decoy_test(released_statistic: float, decoy_statistics: Iterable,
     statistic). Ties count against the released template. An innocent model stops after about 2h decoys; only a
     statistic beyond all but a few decoys pays for all K, and reaches the fixed-K test's floor 1 / (K + 1). With
     fewer than h decoys reaching it, the p-value is the fixed-K one on the same draws."""
-    if not np.isfinite(released_statistic):
-        raise ValueError("released_statistic must be finite")
-    if max_decoys <= 0 or stop_after <= 0:
-        raise ValueError(f"max_decoys and stop_after must be positive, got {max_decoys} and {stop_after}")
-    at_least = drawn = 0
+    count = SequentialDecoyCount(released_statistic, max_decoys, stop_after)
     for chunk in decoy_statistics:
-        chunk = _scores(chunk, "decoy_statistics")[:max_decoys - drawn]
-        hits = np.flatnonzero(chunk >= released_statistic)
-        if at_least + len(hits) >= stop_after:
-            drawn += int(hits[stop_after - at_least - 1]) + 1
-            return Verdict("decoy", n_queries, None, float(released_statistic), stop_after / drawn, alpha,
-                           stop_after / drawn < alpha, [], floor=1 / (max_decoys + 1), draws=drawn, at_least=stop_after)
-        at_least, drawn = at_least + len(hits), drawn + len(chunk)
-        if drawn >= max_decoys:
+        count.update(chunk)
+        if count.done:
             break
-    if drawn == 0:
-        raise ValueError("no decoy statistics to rank against")
-    p = (1.0 + at_least) / (drawn + 1.0)
-    return Verdict("decoy", n_queries, None, float(released_statistic), p, alpha, p < alpha, [],
-                   floor=1 / (drawn + 1), draws=drawn, at_least=at_least)
+    return count.verdict(n_queries, alpha)
 
 
 def roc_curve(positive_scores, negative_scores) -> tuple[np.ndarray, np.ndarray, float]:
