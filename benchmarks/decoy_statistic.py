@@ -40,7 +40,7 @@ from . import null_calibration
 from .common import FPR, design_suffix, plain_negatives, write_table
 
 ALPHA = 0.01
-QUERY_COUNTS = (16, 64)
+QUERY_COUNTS = (4, 8, 16, 32, 64)  # query_budget reads the same counts
 
 
 def half_of(name: str) -> str:
