@@ -218,11 +218,14 @@ run.
 
 DECOY_STATISTIC = """## Choosing the decoy test's statistic
 
-`benchmarks.decoy_statistic`: every stored probe of the key design (protected: the power runs and each frontier
-run's last snapshot; clean: the null-calibration runs, clean power runs and each frontier run's base model), scored
-with the released template and 9,999 decoys, each candidate statistic's p-value by the sequential rule. Runs are
-split by a hash of their name into a half that chooses (most protected models detected at alpha = 0.01 with 64
-queries, then the larger mean -log10 p) and a half that reports. `chosen` marks the choose half's pick.
+`benchmarks.decoy_statistic`: every stored probe of the key design (protected: the power runs, the memorization
+sweep's runs of that design and each frontier run's last snapshot; clean: the null-calibration runs, clean power runs
+and each frontier run's base model). Every candidate statistic is computed for the released template and for decoys
+drawn in one stream, and each gets its p-value by the audit's sequential rule (it stops once 20 decoys reach it).
+`decoy_statistic_runs.csv` gives each run's p-value and how many decoys it drew; the most any run may draw sets the
+floor. Runs are split by a hash of their name into a half that chooses (most protected models detected at
+alpha = 0.01 with 64 queries, then the larger mean -log10 p) and a half that reports. `chosen` marks the choose
+half's pick.
 """
 
 CRASH = """## Killing protect from outside
