@@ -127,6 +127,20 @@ def test_names_only_solutions_define_finds_a_lesson_cell_that_needs_one(tmp_path
     assert notebooks.names_only_solutions_define(tmp_path / "x.ipynb")[:2] == ["cell 2: np", "cell 3: answer"]
 
 
+def test_names_only_solutions_define_knows_class_bodies_and_globals(tmp_path):
+    import nbformat
+
+    solution = nbformat.v4.new_code_cell("class Answer:\n    value = 42\ndef setup():\n    global ready, helper\n"
+                                         "    ready = True\n    local = 1\n    def helper():\n        global nested\n"
+                                         "        nested = 2\n", metadata={"tags": ["solution"]})
+    nb = nbformat.v4.new_notebook(cells=[solution, nbformat.v4.new_code_cell(
+        "print(value, local, ready, nested)\nclass Base(Answer):\n    size = 3\n    twice = size * 2\n"
+        "print(size, helper)")])
+    nbformat.write(nb, tmp_path / "x.ipynb")
+    assert notebooks.names_only_solutions_define(tmp_path / "x.ipynb") == [  # a class body's names stay in it
+        "cell 1: Answer", "cell 1: helper", "cell 1: ready"]  # `global` binds in the cell (one level deep)
+
+
 def test_student_copies_have_no_solutions_and_never_replace_the_teachers(tmp_path):
     import nbformat
 

@@ -251,10 +251,31 @@ def is_solution(cell) -> bool:
     return SOLUTION_TAG in cell.get("metadata", {}).get("tags", [])
 
 
+def _declared_global(function) -> set[str]:
+    """Names a function declares ``global`` (in its own body, not in functions nested in it)."""
+    names, todo = set(), list(ast.iter_child_nodes(function))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Global):
+            names |= set(node.names)
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            todo += list(ast.iter_child_nodes(node))
+    return names
+
+
 def _scope_names(node) -> tuple[set[str], set[str]]:
-    """(names bound, free names read) in ``node``'s scope: a function's parameters and locals stay inside it."""
+    """(names bound, free names read) in ``node``'s scope: a function's parameters and locals stay inside it
+    (except the names it declares ``global``, which it binds in the cell; a ``global`` in a function nested in
+    another is not followed), and so do a class body's."""
     bound, read = set(), set()
     for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.ClassDef):  # bases, keywords and decorators are read where the class is defined
+            bound.add(child.name)
+            for outer in child.bases + [k.value for k in child.keywords] + child.decorator_list:
+                read |= _scope_names(ast.Expression(outer))[1]
+            inner_bound, inner_read = _scope_names(ast.Module(body=child.body, type_ignores=[]))
+            read |= inner_read - inner_bound
+            continue
         if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             if not isinstance(child, ast.Lambda):
                 bound.add(child.name)
@@ -265,7 +286,9 @@ def _scope_names(node) -> tuple[set[str], set[str]]:
             parameters = {a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs
                           + [a for a in (arguments.vararg, arguments.kwarg) if a]}
             inner_bound, inner_read = _scope_names(child)
-            read |= inner_read - inner_bound - parameters
+            declared = set() if isinstance(child, ast.Lambda) else _declared_global(child)
+            bound |= inner_bound & declared
+            read |= inner_read - (inner_bound - declared) - parameters
             continue
         if isinstance(child, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):  # a scope of its own
             inner_bound, inner_read = _scope_names(child)
@@ -275,8 +298,6 @@ def _scope_names(node) -> tuple[set[str], set[str]]:
             (bound if isinstance(child.ctx, (ast.Store, ast.Del)) else read).add(child.id)
         elif isinstance(child, (ast.Import, ast.ImportFrom)):
             bound |= {(alias.asname or alias.name).split(".")[0] for alias in child.names}
-        elif isinstance(child, ast.ClassDef):
-            bound.add(child.name)
         inner_bound, inner_read = _scope_names(child)
         bound |= inner_bound
         read |= inner_read
