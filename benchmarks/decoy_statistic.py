@@ -66,15 +66,28 @@ def candidate_statistics(trigger: np.ndarray, control: np.ndarray,
     return out
 
 
+def _counts_file(folder: Path, probe_file: Path, k: int) -> Path:
+    return folder / f"decoy-counts-{probe_file.stem}-{k}.json"
+
+
+def cached_counts(folder: Path, probe_file: Path, k: int) -> dict[str, verify.SequentialDecoyCount] | None:
+    """What ``statistics_of_run`` stored for this probe and ``k`` (None if it has not run): what
+    ``query_budget`` reads instead of drawing the same decoys again."""
+    cache = _counts_file(folder, probe_file, k)
+    if not cache.is_file():
+        return None
+    return {name: verify.SequentialDecoyCount(**fields) for name, fields in json.loads(cache.read_text()).items()}
+
+
 def statistics_of_run(folder: Path, probe_file: Path, root: Path, k: int,
                       progress: bool = True) -> dict[str, verify.SequentialDecoyCount]:
     """Each candidate's sequential decoy count (``verify.SequentialDecoyCount``, the audit's rule) at each of
     ``QUERY_COUNTS``, from one stream of up to ``k`` decoys drawn in the audit's chunks. The stream runs until every
     candidate has stopped, so only the strongest statistics of a guilty model pay for all ``k``; plain images are
     scored only while ``plain-count`` still runs. Cached in the run's folder."""
-    cache = folder / f"decoy-counts-{probe_file.stem}-{k}.json"
+    cache = _counts_file(folder, probe_file, k)
     if cache.is_file():
-        return {name: verify.SequentialDecoyCount(**fields) for name, fields in json.loads(cache.read_text()).items()}
+        return cached_counts(folder, probe_file, k)
     key = keys.load_key(folder / "key")
     probed = probe.load_probe(probe_file)
     size = decoys.working_size(key.template)

@@ -8,6 +8,8 @@ Reads the stored probes of the detection-power runs at the collection's key desi
 (``decoys.rank_released``: up to ``--decoys`` decoys, the sequential rule) on the first n queries of each, for each
 n. Writes ``query_budget.csv`` (one row per rate, seed and n: p-value, decoys drawn, seconds) and prints, per rate
 and n, the seeds detected at alpha = 0.01 and the worst seed's p-value. Each row is cached in its run's folder.
+Where ``benchmarks.decoy_statistic`` already ranked the same decoys (same run, decoy count and n; the stream is the
+audit's, so the p-value is the audit's), its counts are read instead (``seconds`` is then empty).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from entruth_lite.owner import decoys, keys, probe
 
+from . import decoy_statistic
 from .common import Run, design_suffix, rate_name, write_table
 
 ALPHA = 0.01
@@ -29,6 +32,11 @@ def budget_row(run: Run, queries: int, max_decoys: int, statistic: str) -> dict:
     cache = run.folder / "query-budget" / f"{statistic}-{max_decoys}-{queries}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
+    counts = decoy_statistic.cached_counts(run.folder, run.probe_file, max_decoys)
+    if counts is not None and f"{statistic}@{queries}" in counts:  # the statistic search drew these decoys already
+        count = counts[f"{statistic}@{queries}"]
+        return dict(rate=run.rate, seed=run.seed, queries=queries, statistic=statistic, p_value=count.p_value,
+                    drawn=count.drawn, at_least=count.at_least, seconds=float("nan"))
     key = keys.load_key(run.key)
     start = time.perf_counter()
     ranking = decoys.rank_released(probe.load_probe(run.probe_file), key.template, key.key_sha256, max_decoys,

@@ -1,5 +1,6 @@
 """The benchmarks' shared helpers (``benchmarks.common``): run naming, seeded attacks, cached scores, tables."""
 
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -286,6 +287,14 @@ def test_the_query_budget_ranks_the_first_n_queries_of_each_stored_probe(tmp_pat
     assert (full.drawn, full.p_value) == (300, pytest.approx(1 / 301)), "8 memorized queries beat every decoy"
     query_budget.main(arguments)
     assert pd.read_csv(tmp_path / "query_budget.csv").drop(columns="seconds").equals(table.drop(columns="seconds"))
+    from benchmarks import decoy_statistic
+
+    decoy_statistic.statistics_of_run(run.folder, run.probe_file, tmp_path, 300, progress=False)
+    shutil.rmtree(run.folder / "query-budget")
+    query_budget.main(arguments)
+    from_search = pd.read_csv(tmp_path / "query_budget.csv")
+    assert from_search.drop(columns="seconds").equals(table.drop(columns="seconds")), "the search's stream is the audit's"
+    assert list(from_search.seconds.isna()) == [False, True], "1 query: not in the search, ranked here"
 
 
 def test_a_finished_run_is_archived_and_a_new_machine_restores_it_instead_of_training(tmp_path, monkeypatch):
