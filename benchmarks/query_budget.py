@@ -35,15 +35,15 @@ def budget_row(run: Run, queries: int, max_decoys: int, statistic: str) -> dict:
     counts = decoy_statistic.cached_counts(run.folder, run.probe_file, max_decoys)
     if counts is not None and f"{statistic}@{queries}" in counts:  # the statistic search drew these decoys already
         count = counts[f"{statistic}@{queries}"]
-        return dict(rate=run.rate, seed=run.seed, queries=queries, statistic=statistic, p_value=count.p_value,
-                    drawn=count.drawn, at_least=count.at_least, seconds=float("nan"))
+        return dict(rate=run.rate, seed=run.seed, queries=queries, statistic=statistic, max_decoys=max_decoys,
+                    p_value=count.p_value, drawn=count.drawn, at_least=count.at_least, seconds=float("nan"))
     key = keys.load_key(run.key)
     start = time.perf_counter()
     ranking = decoys.rank_released(probe.load_probe(run.probe_file), key.template, key.key_sha256, max_decoys,
                                    statistic_name=statistic, alpha=ALPHA, n=queries, progress=False)
     verdict = ranking.verdict
-    row = dict(rate=run.rate, seed=run.seed, queries=queries, statistic=statistic, p_value=verdict.p_value,
-               drawn=verdict.draws, at_least=verdict.at_least, seconds=time.perf_counter() - start)
+    row = dict(rate=run.rate, seed=run.seed, queries=queries, statistic=statistic, max_decoys=max_decoys,
+               p_value=verdict.p_value, drawn=verdict.draws, at_least=verdict.at_least, seconds=time.perf_counter() - start)
     cache.parent.mkdir(exist_ok=True)
     cache.write_text(json.dumps(row) + "\n")
     return row
@@ -52,7 +52,7 @@ def budget_row(run: Run, queries: int, max_decoys: int, statistic: str) -> dict:
 def summarize(table):
     """Per rate and query count: seeds, how many the decoy test detected at ``ALPHA``, the median and worst p."""
     grouped = table.groupby(["rate", "queries"])
-    return grouped.agg(seeds=("seed", "size"), detected=("p_value", lambda p: int((p < ALPHA).sum())),
+    return grouped.agg(max_decoys=("max_decoys", "max"), seeds=("seed", "size"), detected=("p_value", lambda p: int((p < ALPHA).sum())),
                        median_p=("p_value", "median"), worst_p=("p_value", "max")).reset_index()
 
 

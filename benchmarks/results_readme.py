@@ -210,7 +210,7 @@ fine-tuning sweep was paused). Seconds cover drawing, scoring and ranking, not g
 
 QUERY_BUDGET = """## How many queries the evidence needs
 
-`benchmarks.query_budget`: the audit's decoy test (up to 999,999 decoys, the sequential rule) on the first n of the
+`benchmarks.query_budget`: the audit's decoy test (the sequential rule, up to `max_decoys` decoys) on the first n of the
 64 stored queries of each detection-power run at the collection's key design (`tiny-cpu` full fine-tunes, 1,500
 steps). Per rate and n: seeds detected at alpha = 0.01, and the median and worst seed's p-value. The CSV has every
 run.
