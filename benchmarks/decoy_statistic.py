@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, count in statistics_of_run(run["folder"], run["probe"], root, args.decoys).items():
             statistic, queries = name.split("@")
             rows.append(dict(run=run["run"], half=half_of(run["run"]), guilty=run["guilty"], statistic=statistic,
-                             queries=int(queries), p_value=count.p_value, decoys_drawn=count.drawn))
+                             queries=int(queries), max_decoys=args.decoys, p_value=count.p_value,
+                             decoys_drawn=count.drawn))
         print(f"{run['run']}: scored", flush=True)
     write_table(rows, Path(args.results) / "decoy_statistic_runs.csv", dict(p_value=".2e"))
     write_table(summarize(rows), Path(args.results) / "decoy_statistic.csv", dict(median_p=".1e", mean_log10_p=".2f"))
@@ -172,7 +173,8 @@ def summarize(rows: list[dict]):
     out = []
     for (half, statistic, queries), group in table.groupby(["half", "statistic", "queries"]):
         guilty, clean = group[group["guilty"]], group[~group["guilty"]]
-        out.append(dict(half=half, statistic=statistic, queries=queries, protected=len(guilty),
+        out.append(dict(half=half, statistic=statistic, queries=queries, max_decoys=int(group["max_decoys"].max()),
+                        protected=len(guilty),
                         detected=int((guilty["p_value"] < ALPHA).sum()), clean=len(clean),
                         clean_flagged=int((clean["p_value"] < ALPHA).sum()),
                         median_p=float(guilty["p_value"].median()) if len(guilty) else float("nan"),
