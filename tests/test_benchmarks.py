@@ -231,6 +231,7 @@ def test_the_statistic_search_chooses_on_one_half_and_reports_the_other():
             dict(run="b", half="report", guilty=True, statistic="mean", queries=64, p_value=0.5),
             dict(run="b", half="report", guilty=True, statistic="median", queries=64, p_value=1e-4),
             dict(run="c", half="report", guilty=False, statistic="median", queries=64, p_value=0.004)]
+    rows = [dict(row, max_decoys=9999) for row in rows]
     summary = pd.DataFrame(decoy_statistic.summarize(rows))
     assert set(summary[summary.chosen].statistic) == {"mean"}, "the report half's better numbers do not choose"
     report = summary[(summary.half == "report") & (summary.statistic == "median")].iloc[0]
