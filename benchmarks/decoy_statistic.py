@@ -5,15 +5,16 @@
 Any statistic computed the same way for the released template and every decoy keeps the decoy test exact, so the
 choice is about power only, and power must be judged on runs the choice did not see. Every stored probe in the run
 folders is used as it is found: fine-tunes on a protected release (the detection-power runs of the collection's key
-design, the memorization sweep's runs of that design, and the last snapshot of each frontier run) and clean models (the null-calibration runs, clean power runs,
-and the frontier's base model, which never saw any release). Each run goes to the *choose* or the *report* half by
-a hash of its folder name (``half_of``), fixed before any run was scored.
+design, the memorization sweep's runs of that design, and the last snapshot of each frontier run) and clean models
+(the null-calibration runs, clean power runs, and the frontier's base model, which never saw any release). Each run
+goes to the *choose* or the *report* half by a hash of its folder name (``half_of``), fixed before any run was
+scored.
 
 For each probe: the released template's and up to ``--decoys`` decoys' projection scores of the trigger, control and
 plain images (the owner's, through the base VAE), every candidate statistic of them, and its p-value by the audit's
 sequential rule (``verify.SequentialDecoyCount``: stop once 20 decoys reach it; floor 1 / (decoys + 1)), all
-candidates from one stream of decoys. At the audit's million decoys the floor no longer ties the strong candidates,
-so the choice sees how far each one separates a guilty model from its decoys. Candidates: the audit's
+candidates from one stream of decoys. With enough decoys the floor no longer ties the strong candidates, so the
+choice sees how far each one separates a guilty model from its decoys. Candidates: the audit's
 ``decoys.STATISTICS`` (functions of the per-query trigger-minus-control differences), and ``plain-count``, the number
 of trigger images over the template's own plain-image threshold (1 % of plain images above it), which reads plain
 images per decoy. The chosen statistic is the one detecting the most protected models at alpha = 0.01 on the
@@ -85,9 +86,9 @@ def statistics_of_run(folder: Path, probe_file: Path, root: Path, k: int,
     ``QUERY_COUNTS``, from one stream of up to ``k`` decoys drawn in the audit's chunks. The stream runs until every
     candidate has stopped, so only the strongest statistics of a guilty model pay for all ``k``; plain images are
     scored only while ``plain-count`` still runs. Cached in the run's folder."""
-    cache = _counts_file(folder, probe_file, k)
-    if cache.is_file():
-        return cached_counts(folder, probe_file, k)
+    stored = cached_counts(folder, probe_file, k)
+    if stored is not None:
+        return stored
     key = keys.load_key(folder / "key")
     probed = probe.load_probe(probe_file)
     size = decoys.working_size(key.template)
@@ -118,7 +119,8 @@ def statistics_of_run(folder: Path, probe_file: Path, root: Path, k: int,
                 counts[name].update(value)
             drawn, chunk = drawn + take, min(2 * chunk, decoys.LARGEST_CHUNK)
             bar.update(take)
-    cache.write_text(json.dumps({name: dataclasses.asdict(count) for name, count in counts.items()}))
+    _counts_file(folder, probe_file, k).write_text(json.dumps({name: dataclasses.asdict(count)
+                                                               for name, count in counts.items()}))
     return counts
 
 
@@ -147,7 +149,8 @@ def stored_runs(root: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--decoys", type=int, default=999_999, help="the most decoys a run may draw (the audit's default)")
+    parser.add_argument("--decoys", type=int, default=999_999,
+                        help="the most decoys a run may draw (the audit's default)")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--results", default="benchmarks/results")
     args = parser.parse_args(argv)
