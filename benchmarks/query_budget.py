@@ -43,7 +43,8 @@ def budget_row(run: Run, queries: int, max_decoys: int, statistic: str) -> dict:
                                    statistic_name=statistic, alpha=ALPHA, n=queries, progress=False)
     verdict = ranking.verdict
     row = dict(rate=run.rate, seed=run.seed, queries=queries, statistic=statistic, max_decoys=max_decoys,
-               p_value=verdict.p_value, drawn=verdict.draws, at_least=verdict.at_least, seconds=time.perf_counter() - start)
+               p_value=verdict.p_value, drawn=verdict.draws, at_least=verdict.at_least,
+               seconds=time.perf_counter() - start)
     cache.parent.mkdir(exist_ok=True)
     cache.write_text(json.dumps(row) + "\n")
     return row
@@ -52,8 +53,9 @@ def budget_row(run: Run, queries: int, max_decoys: int, statistic: str) -> dict:
 def summarize(table):
     """Per rate and query count: seeds, how many the decoy test detected at ``ALPHA``, the median and worst p."""
     grouped = table.groupby(["rate", "queries"])
-    return grouped.agg(max_decoys=("max_decoys", "max"), seeds=("seed", "size"), detected=("p_value", lambda p: int((p < ALPHA).sum())),
-                       median_p=("p_value", "median"), worst_p=("p_value", "max")).reset_index()
+    return grouped.agg(max_decoys=("max_decoys", "max"), seeds=("seed", "size"),
+                       detected=("p_value", lambda p: int((p < ALPHA).sum())), median_p=("p_value", "median"),
+                       worst_p=("p_value", "max")).reset_index()
 
 
 def main(argv: list[str] | None = None) -> None:

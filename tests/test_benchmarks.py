@@ -294,7 +294,8 @@ def test_the_query_budget_ranks_the_first_n_queries_of_each_stored_probe(tmp_pat
     shutil.rmtree(run.folder / "query-budget")
     query_budget.main(arguments)
     from_search = pd.read_csv(tmp_path / "query_budget.csv")
-    assert from_search.drop(columns="seconds").equals(table.drop(columns="seconds")), "the search's stream is the audit's"
+    assert from_search.drop(columns="seconds").equals(table.drop(columns="seconds")), \
+        "the search's stream is the audit's"
     assert list(from_search.seconds.isna()) == [False, True], "1 query: not in the search, ranked here"
 
 
