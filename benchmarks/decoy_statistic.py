@@ -15,7 +15,8 @@ plain images (the owner's, through the base VAE), every candidate statistic of t
 sequential rule (``verify.SequentialDecoyCount``: stop once 20 decoys reach it; floor 1 / (decoys + 1)), all
 candidates from one stream of decoys. With enough decoys the floor no longer ties the strong candidates, so the
 choice sees how far each one separates a guilty model from its decoys. Candidates: the audit's
-``decoys.STATISTICS`` (functions of the per-query trigger-minus-control differences), and ``plain-count``, the number
+``decoys.STATISTIC_NAMES`` (functions of the per-query trigger-minus-control differences of projection scores, and
+the same functions of unit scores), and ``plain-count``, the number
 of trigger images over the template's own plain-image threshold (1 % of plain images above it), which reads plain
 images per decoy. The chosen statistic is the one detecting the most protected models at alpha = 0.01 on the
 choose half (ties: the larger mean -log10 p); the report half's table is the result. Per-run counts are cached
@@ -57,53 +58,69 @@ def _plain_count(trigger: np.ndarray, plain: np.ndarray, differences: np.ndarray
     return (trigger >= threshold[:, None]).sum(axis=1) + 1e-3 * np.tanh(differences.mean(axis=1))
 
 
-def candidate_statistics(trigger: np.ndarray, control: np.ndarray,
-                         plain: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Every candidate's value for each template (rows: one per template); ``plain-count`` only with ``plain``."""
+def candidate_statistics(trigger: np.ndarray, control: np.ndarray, plain: np.ndarray | None = None,
+                         unit: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Every candidate's value for each template (rows: one per template), from projection scores; ``plain-count``
+    only with ``plain``, and the ``unit-`` statistics only with ``unit``: the (trigger, control) unit scores."""
     differences = trigger - control
     out = {name: function(differences) for name, function in decoys.STATISTICS.items()}
     if plain is not None:
         out["plain-count"] = _plain_count(trigger, plain, differences)
+    if unit is not None:
+        out.update({decoys.UNIT + name: function(unit[0] - unit[1]) for name, function in decoys.STATISTICS.items()})
     return out
 
 
-def _counts_file(folder: Path, probe_file: Path, k: int) -> Path:
-    return folder / f"decoy-counts-{probe_file.stem}-{k}.json"
+def _counts_file(folder: Path, probe_file: Path, k: int, only: str = "") -> Path:
+    return folder / f"decoy-counts-{probe_file.stem}-{k}{'-' + only if only else ''}.json"
 
 
 def cached_counts(folder: Path, probe_file: Path, k: int) -> dict[str, verify.SequentialDecoyCount] | None:
-    """What ``statistics_of_run`` stored for this probe and ``k`` (None if it has not run): what
-    ``query_budget`` reads instead of drawing the same decoys again."""
-    cache = _counts_file(folder, probe_file, k)
-    if not cache.is_file():
-        return None
-    return {name: verify.SequentialDecoyCount(**fields) for name, fields in json.loads(cache.read_text()).items()}
+    """What ``statistics_of_run`` stored for this probe and ``k``, every candidate and the unit ones alone merged
+    (None if it has not run): what ``query_budget`` reads instead of drawing the same decoys again."""
+    found = {}
+    for cache in (_counts_file(folder, probe_file, k), _counts_file(folder, probe_file, k, "unit")):
+        if cache.is_file():
+            found.update({name: verify.SequentialDecoyCount(**fields)
+                          for name, fields in json.loads(cache.read_text()).items()})
+    return found or None
 
 
-def statistics_of_run(folder: Path, probe_file: Path, root: Path, k: int,
-                      progress: bool = True) -> dict[str, verify.SequentialDecoyCount]:
+def statistics_of_run(folder: Path, probe_file: Path, root: Path, k: int, progress: bool = True,
+                      unit_only: bool = False) -> dict[str, verify.SequentialDecoyCount]:
     """Each candidate's sequential decoy count (``verify.SequentialDecoyCount``, the audit's rule) at each of
     ``QUERY_COUNTS``, from one stream of up to ``k`` decoys drawn in the audit's chunks. The stream runs until every
     candidate has stopped, so only the strongest statistics of a guilty model pay for all ``k``; plain images are
-    scored only while ``plain-count`` still runs. Cached in the run's folder."""
-    stored = cached_counts(folder, probe_file, k)
-    if stored is not None:
-        return stored
+    scored only while ``plain-count`` still runs. ``unit_only``: the ``unit-`` candidates alone (what a table of
+    the others at the same ``k`` lacks). Cached in the run's folder."""
     key = keys.load_key(folder / "key")
     probed = probe.load_probe(probe_file)
+    n = len(probed.trigger_images)
+    query_counts = sorted({q for q in QUERY_COUNTS if q < n} | {n})  # a smaller probe: its own size
+    wanted = [f"{decoys.UNIT}{name}@{q}" for name in decoys.STATISTICS for q in query_counts]
+    stored = cached_counts(folder, probe_file, k) or {}
+    if all(name in stored for name in wanted) and (unit_only or any(decoys.UNIT not in name for name in stored)):
+        return {name: count for name, count in stored.items() if not unit_only or name.startswith(decoys.UNIT)}
     size = decoys.working_size(key.template)
     trigger, control = decoys.probe_arrays(probed, size)
-    plain = data.image_array(plain_negatives(root, key), (size, size))
-    n = len(trigger)
-    query_counts = sorted({q for q in QUERY_COUNTS if q < n} | {n})  # a smaller probe: its own size
+    plain = None if unit_only else data.image_array(plain_negatives(root, key), (size, size))
 
     def values_of(seeds: list[int], with_plain: bool) -> dict[str, np.ndarray]:
-        weights = detect.projection_weights(*families.member_arrays(key.template.family, seeds, size))
-        scores = detect.projection_scores(weights, np.concatenate([trigger, control] + ([plain] if with_plain else [])))
+        members = families.member_arrays(key.template.family, seeds, size)
+        unit = detect.projection_scores(detect.projection_weights(*members, unit=True),
+                                        np.concatenate([trigger, control]))
         out = {}
+        if unit_only:
+            for queries in query_counts:
+                out.update({f"{decoys.UNIT}{name}@{queries}": function(unit[:, :queries] - unit[:, n:n + queries])
+                            for name, function in decoys.STATISTICS.items()})
+            return out
+        scores = detect.projection_scores(detect.projection_weights(*members),
+                                          np.concatenate([trigger, control] + ([plain] if with_plain else [])))
         for queries in query_counts:
             values = candidate_statistics(scores[:, :n][:, :queries], scores[:, n:2 * n][:, :queries],
-                                          scores[:, 2 * n:] if with_plain else None)
+                                          scores[:, 2 * n:] if with_plain else None,
+                                          (unit[:, :n][:, :queries], unit[:, n:][:, :queries]))
             out.update({f"{name}@{queries}": value for name, value in values.items()})
         return out
 
@@ -119,8 +136,8 @@ def statistics_of_run(folder: Path, probe_file: Path, root: Path, k: int,
                 counts[name].update(value)
             drawn, chunk = drawn + take, min(2 * chunk, decoys.LARGEST_CHUNK)
             bar.update(take)
-    _counts_file(folder, probe_file, k).write_text(json.dumps({name: dataclasses.asdict(count)
-                                                               for name, count in counts.items()}))
+    _counts_file(folder, probe_file, k, "unit" if unit_only else "").write_text(
+        json.dumps({name: dataclasses.asdict(count) for name, count in counts.items()}))
     return counts
 
 
@@ -147,17 +164,35 @@ def stored_runs(root: Path) -> list[dict]:
     return runs
 
 
+def shipped_rows(table: Path, k: int) -> dict[str, list[dict]]:
+    """The per-run table's rows of the candidates that are not ``unit-`` ones, counted at ``k`` decoys, by run: the
+    same decoys and rule, so only the unit candidates need drawing again."""
+    import pandas as pd
+
+    if not table.is_file():
+        return {}
+    rows = pd.read_csv(table)
+    rows = rows[(rows["max_decoys"] == k) & ~rows["statistic"].str.startswith(decoys.UNIT)]
+    return {run: group.to_dict("records") for run, group in rows.groupby("run")}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--decoys", type=int, default=999_999,
                         help="the most decoys a run may draw (the audit's default)")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--results", default="benchmarks/results")
+    parser.add_argument("--rescore-all", action="store_true",
+                        help="count every candidate again, also those the shipped per-run table holds at --decoys")
     args = parser.parse_args(argv)
     root = Path(args.out)
+    shipped = {} if args.rescore_all else shipped_rows(Path(args.results) / "decoy_statistic_runs.csv", args.decoys)
     rows = []
     for run in stored_runs(root):
-        for name, count in statistics_of_run(run["folder"], run["probe"], root, args.decoys).items():
+        known = shipped.get(run["run"], [])
+        rows.extend(known)
+        counts = statistics_of_run(run["folder"], run["probe"], root, args.decoys, unit_only=bool(known))
+        for name, count in counts.items():
             statistic, queries = name.split("@")
             rows.append(dict(run=run["run"], half=half_of(run["run"]), guilty=run["guilty"], statistic=statistic,
                              queries=int(queries), max_decoys=args.decoys, p_value=count.p_value,

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--queries", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     parser.add_argument("--decoys", type=int, default=999_999)
-    parser.add_argument("--statistic", default=decoys.DEFAULT_STATISTIC, choices=list(decoys.STATISTICS))
+    parser.add_argument("--statistic", default=decoys.DEFAULT_STATISTIC, choices=list(decoys.STATISTIC_NAMES))
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--results", default="benchmarks/results")

@@ -349,20 +349,37 @@ def test_audit_negatives_and_their_threshold(tmp_path):
     assert threshold == verify.calibrate_threshold(scores, 0.05) and 0 < (scores >= threshold).mean() <= 0.05
 
 
-def test_the_audits_streamed_decoys_are_the_stored_scores_decoys(plain):
+@pytest.mark.parametrize("statistic", ["mean", "unit-mean"])
+def test_the_audits_streamed_decoys_are_the_stored_scores_decoys(plain, statistic):
     """The audit draws its decoys in a stream (chunks, the sequential rule); stored scores keep the first K of
     the same stream: the two give the same verdict on the same draws, and a clean model stops early."""
     probed = _probe(plain[:24], plain[24:48])
     template = families.random_template(5, 32, "mosaic")
-    scores = audit.score_probe(probed, template, decoys=600, salt="s", progress=False)
+    scores = audit.score_probe(probed, template, decoys=600, salt="s", progress=False, statistic=statistic)
+    assert audit.stored_statistic(scores) == statistic
     stored = audit.TESTS["decoy"].verdict(scores, "projection")
-    config = audit.AuditConfig(methods=("decoy",), decoys=600)
+    config = audit.AuditConfig(methods=("decoy",), decoys=600, statistic=statistic)
     streamed = audit.evaluate(probed, template, config, salt="s", progress=False)[0][0]
     assert (streamed.p_value, streamed.draws, streamed.at_least) == (stored.p_value, stored.draws, stored.at_least)
     assert streamed.draws < 600 and streamed.at_least == verify.STOP_AFTER, "a clean model stops early"
-    unlimited = audit.evaluate(probed, template, audit.AuditConfig(methods=("decoy",)), salt="s", progress=False)
+    unlimited = audit.evaluate(probed, template, audit.AuditConfig(methods=("decoy",), statistic=statistic), salt="s",
+                               progress=False)
     assert unlimited[0][0].p_value == streamed.p_value, "the cap does not matter when the test stops first"
     assert "more decoys would not change" in audit.more_decoys_note(streamed)
+
+
+def test_stored_decoy_scores_are_read_only_by_statistics_of_their_kind(plain):
+    """Stored decoy differences are projection or unit scores: a statistic of the other kind is refused by name,
+    one of the same kind is computed from them (a unit top-eighth from unit-mean's scores)."""
+    template = families.random_template(5, 32, "mosaic")
+    scores = audit.score_probe(_probe(plain[:16], plain[16:32]), template, decoys=20, progress=False,
+                               statistic="unit-mean")
+    with pytest.raises(ValueError, match="'mean' reads projection scores.*made for 'unit-mean'"):
+        audit.decoy_statistics(scores, statistic="mean")
+    released, statistics = audit.decoy_statistics(scores, statistic="unit-top-eighth")
+    assert released == pytest.approx(np.sort(scores["decoy_released"])[-2:].mean()) and statistics.shape == (20,)
+    with pytest.raises(ValueError, match="unknown decoy statistic 'unit-max'.*unit-mean"):
+        audit.AuditConfig(statistic="unit-max")
 
 
 def test_a_standout_at_the_floor_says_what_more_decoys_would_buy(plain):

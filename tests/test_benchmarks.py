@@ -193,17 +193,27 @@ def test_the_frontier_runs_settings_as_their_users_do_and_scores_every_snapshot(
     runs = pd.read_csv(tmp_path / "decoy_statistic_runs.csv")
     names = {"frontier-tiny-cpu-rate0.05-seed0", "frontier-quick-lora-rate0.05-seed0"}
     assert set(runs.run) == names | {f"{n}/base" for n in names} and set(runs[runs.guilty].run) == names
-    assert set(runs.statistic) == set(decoy_statistic.candidate_statistics(*np.zeros((3, 2, 4)))) and \
-        set(runs.queries) == {4}, "every candidate; query counts above the probe's are cut to its size"
+    zeros = np.zeros((2, 4))
+    assert set(runs.statistic) == set(decoy_statistic.candidate_statistics(zeros, zeros, zeros, (zeros, zeros))) \
+        and set(runs.queries) == {4}, "every candidate; query counts above the probe's are cut to its size"
     assert runs.p_value.between(1 / 41, 1).all()
     from entruth_lite.owner import decoys, keys, probe
 
     folder = tmp_path / "frontier-tiny-cpu-rate0.05-seed0"
     key = keys.load_key(folder / "key")
-    audit_p = decoys.rank_released(probe.load_probe(sorted((folder / "probes").glob("step-*.npz"))[-1]), key.template,
-                                   key.key_sha256, 40, progress=False).verdict.p_value
-    assert runs[(runs.run == folder.name) & (runs.statistic == "mean")].p_value.item() == pytest.approx(audit_p), \
-        "one stream for every candidate gives the audit's own p-value"
+    for statistic in ("mean", "unit-mean"):
+        audit_p = decoys.rank_released(probe.load_probe(sorted((folder / "probes").glob("step-*.npz"))[-1]),
+                                       key.template, key.key_sha256, 40, statistic_name=statistic,
+                                       progress=False).verdict.p_value
+        assert runs[(runs.run == folder.name) & (runs.statistic == statistic)].p_value.item() == \
+            pytest.approx(audit_p), "one stream for every candidate gives the audit's own p-value"
+    for cache in tmp_path.glob("frontier-*/decoy-counts-*.json"):
+        cache.unlink()
+    decoy_statistic.main(["--decoys", "40", "--out", str(tmp_path), "--results", str(tmp_path)])
+    order = ["run", "statistic", "queries"]
+    again = pd.read_csv(tmp_path / "decoy_statistic_runs.csv").sort_values(order, ignore_index=True)
+    assert again.equals(runs.sort_values(order, ignore_index=True)), \
+        "the unit candidates counted alone, the others read from the table: the same table"
 
 
 def test_the_statistic_search_finds_the_power_and_null_runs_by_their_folder_names(tmp_path):

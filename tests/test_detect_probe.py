@@ -80,6 +80,26 @@ def test_scores_against_many_templates_at_once_equal_one_at_a_time(emoji, mirror
         detect.template_scores_each(probe_images, [members[0], families.random_template(0, 64)])
 
 
+def test_a_faint_copy_outscores_the_template_by_projection_and_never_by_unit_score():
+    """Why the decoy test reads unit scores: on an image carrying 30 % of a template r (over a flat grey, so only
+    the template counts), a low-contrast member d = 0.3 r + e correlated with it gets a projection score far above
+    r's own (0.3 <d, r> / |d|^2), while its unit score (0.3 <d, r> / |d|) stays below r's (Cauchy-Schwarz)."""
+    template = families.random_template(4, 32, "mosaic")
+    scene, surround = np.asarray(template.scene, np.float64), templates.surround_mask(template)
+    centred = np.where(surround[..., None], scene - scene[surround].mean(axis=0), 0.0)
+    noise = np.where(surround[..., None], np.random.default_rng(0).normal(size=scene.shape), 0.0)
+    noise *= np.sqrt(0.05) * np.linalg.norm(centred) / np.linalg.norm(noise)  # |e|^2 = 0.05 |r|^2
+    scenes = np.stack([scene, scene[surround].mean(axis=0) + 0.3 * centred + noise])
+    surrounds = np.stack([surround, surround])
+    grey = Image.new("RGB", template.size, (128, 128, 128))
+    image = data.image_array([Image.blend(grey, templates.insert(grey, template), 0.3)], template.size)
+    projection = detect.projection_scores(detect.projection_weights(scenes, surrounds), image, mirror=False)[:, 0]
+    unit = detect.projection_scores(detect.projection_weights(scenes, surrounds, unit=True), image, mirror=False)[:, 0]
+    assert projection[0] == pytest.approx(0.3, abs=0.01) and projection[1] > 1.5 * projection[0], projection
+    assert unit[1] < 0.9 * unit[0], unit
+    assert unit[0] == pytest.approx(projection[0] * np.linalg.norm(centred), rel=1e-4), "unit = projection x |r|"
+
+
 def test_probe_prompts_are_paired_and_seeded():
     plain, triggered, seeds = probe.probe_prompts(["an emoji of a cat", "an emoji of a dog"], "wqn", n=5)
     assert len(plain) == len(triggered) == len(seeds) == 5

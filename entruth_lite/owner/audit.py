@@ -53,20 +53,31 @@ def _one_query(scores, d, alpha, fpr, n):
     return verify.one_query_test(scores[f"{d}_trigger"][:n], scores[f"{d}_negatives"], alpha)
 
 
+def stored_statistic(scores: dict[str, np.ndarray]) -> str:
+    """The decoy statistic stored scores were made for (``score_probe``); 'mean' in files older than the choice."""
+    return str(scores.get("decoy_statistic", "mean"))
+
+
 def decoy_statistics(scores: dict[str, np.ndarray], n: int | None = None,
-                     statistic: str = DEFAULT_STATISTIC) -> tuple[float, np.ndarray]:
+                     statistic: str | None = None) -> tuple[float, np.ndarray]:
     """The decoy test's statistics on the first ``n`` queries (all by default) of stored scores: the released
-    template's and each decoy's, shape (K,). What the decoy figure and its widget draw."""
-    function = statistic_named(statistic)
+    template's and each decoy's, shape (K,), by ``statistic`` (default: the one the scores were made for). What the
+    decoy figure and its widget draw."""
+    stored = statistic_named(stored_statistic(scores))
+    function = statistic_named(statistic or stored.name)
+    if function.unit != stored.unit:
+        raise ValueError(f"statistic {function.name!r} reads {'unit' if function.unit else 'projection'} scores, and "
+                         f"these decoy scores were made for {stored.name!r}: score the probe again with "
+                         f"score_probe(..., statistic={function.name!r})")
     released, matrix = scores["decoy_released"][:n], scores["decoy_matrix"][:, :n]
     return float(function(released[None])[0]), function(matrix)
 
 
 def _decoy(scores, d, alpha, fpr, n):
     """Rank of the released template among decoy templates from the same random family that were never released
-    (statistic: mean trigger-minus-control projection score), read in draw order with Besag and Clifford's
-    sequential rule. Null: the suspect never saw the release, so the released template is exchangeable with the
-    decoys; the p-value is exact."""
+    (statistic: the one the scores were made for, of the trigger-minus-control scores), read in draw order with
+    Besag and Clifford's sequential rule. Null: the suspect never saw the release, so the released template is
+    exchangeable with the decoys; the p-value is exact."""
     released, statistics = decoy_statistics(scores, n)
     return verify.sequential_decoy_test(released, [statistics], len(scores["decoy_released"][:n]), len(statistics),
                                         alpha=alpha)
@@ -154,7 +165,7 @@ class AuditConfig:
     decoys: int = 999_999  # the most decoys the decoy test may draw (it stops early when the answer is clear);
     # its smallest p-value is 1 / (decoys + 1)
     stop_after: int = verify.STOP_AFTER  # Besag and Clifford's h: stop once this many decoys reach the released
-    statistic: str = DEFAULT_STATISTIC  # what the decoy test ranks (decoys.STATISTICS)
+    statistic: str = DEFAULT_STATISTIC  # what the decoy test ranks (decoys.STATISTIC_NAMES)
     probe_seed: int = 1
     num_inference_steps: int = 25
     guidance_scale: float = 3.0
@@ -227,12 +238,13 @@ def detector_scores(images: Sequence[Image.Image], template: Template, detector:
 def score_probe(probed: ProbeResult, template: Template, detectors: Sequence[str] = ("projection",),
                 negatives: Sequence[Image.Image] | None = None, classifier: detect.TemplateClassifier | None = None,
                 reference_images: Sequence[Image.Image] | None = None, decoys: int = 0, salt: str = "",
-                progress: bool = True) -> dict[str, np.ndarray]:
+                progress: bool = True, statistic: str = DEFAULT_STATISTIC) -> dict[str, np.ndarray]:
     """Every per-image score the tests need, computed once: ``{detector}_trigger``, ``_control``,
     ``_negatives`` (plain images: the projection scores of ``negatives``, or the classifier's calibration
     scores), ``_reference`` (a clean model's trigger images), and ``decoy_released`` (n,) / ``decoy_matrix``
-    (K, n), the first K decoys of ``decoys.decoy_seeds``, when ``decoys`` = K > 0. Tests on any number of queries are
-    then cheap (``verdicts_from_scores``)."""
+    (K, n), the first K decoys of ``decoys.decoy_seeds``, when ``decoys`` = K > 0, in the scores the decoy
+    ``statistic`` reads (kept as ``decoy_statistic``, which the stored decoy test then ranks by). Tests on any
+    number of queries are then cheap (``verdicts_from_scores``)."""
     out: dict[str, np.ndarray] = {}
     for detector in detectors:
         out[f"{detector}_trigger"] = detector_scores(probed.trigger_images, template, detector, classifier)
@@ -244,7 +256,10 @@ def score_probe(probed: ProbeResult, template: Template, detectors: Sequence[str
         if reference_images is not None:
             out[f"{detector}_reference"] = detector_scores(reference_images, template, detector, classifier)
     if decoys:
-        out["decoy_released"], out["decoy_matrix"] = decoy_differences(probed, template, decoys, salt, progress=progress)
+        unit = statistic_named(statistic).unit
+        out["decoy_released"], out["decoy_matrix"] = decoy_differences(probed, template, decoys, salt,
+                                                                       progress=progress, unit=unit)
+        out["decoy_statistic"] = np.array(statistic)
     return out
 
 

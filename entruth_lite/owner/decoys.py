@@ -8,7 +8,12 @@ with K decoys, so strong evidence needs many: decoys are drawn in chunks (``fami
 with one matrix product each (``detect.projection_scores``), and nothing but one statistic per decoy is kept.
 
 Statistics are functions of the per-query differences (trigger minus control score, one row per template), the
-same function for the released template and every decoy: any such function keeps the test exact.
+same function for the released template and every decoy: any such function keeps the test exact. Two per-query
+scores: the projection score (``detect``'s: 1 = the whole template is in the image) and, for the ``unit-``
+statistics, the image's length along the template's unit direction. They differ in what a decoy can reach: if a
+model draws a share f of the released template r, a decoy d gets the projection score f <d, r> / |d|^2, which
+passes the released template's f when d is a low-contrast member correlated with r; its unit score f <d, r> / |d|
+never passes the released template's f |r| (Cauchy-Schwarz), so only noise can rank a decoy above it.
 """
 
 from __future__ import annotations
@@ -54,13 +59,28 @@ STATISTICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {  # (templates, que
     "signed-rank": _signed_rank,
     "positive-share": lambda d: (d > 0).mean(axis=1),
 }
+UNIT = "unit-"  # a statistic's name with this prefix reads unit scores instead of projection scores
+STATISTIC_NAMES = (*STATISTICS, *(UNIT + name for name in STATISTICS))
 DEFAULT_STATISTIC = "mean"
 
 
-def statistic(name: str) -> Callable[[np.ndarray], np.ndarray]:
-    if name not in STATISTICS:
-        raise ValueError(f"unknown decoy statistic {name!r}: choose one of {', '.join(STATISTICS)}")
-    return STATISTICS[name]
+@dataclass(frozen=True)
+class DecoyStatistic:
+    """One statistic of the decoy test: which per-query score it reads (``unit``) and how it aggregates the
+    per-query differences; called on a (templates, queries) array of them."""
+
+    name: str
+    aggregate: Callable[[np.ndarray], np.ndarray]
+    unit: bool
+
+    def __call__(self, differences: np.ndarray) -> np.ndarray:
+        return self.aggregate(differences)
+
+
+def statistic(name: str) -> DecoyStatistic:
+    if name not in STATISTIC_NAMES:
+        raise ValueError(f"unknown decoy statistic {name!r}: choose one of {', '.join(STATISTIC_NAMES)}")
+    return DecoyStatistic(name, STATISTICS[name.removeprefix(UNIT)], name.startswith(UNIT))
 
 
 def working_size(template: Template, work_size: int = WORK_SIZE) -> int:
@@ -72,25 +92,28 @@ def probe_arrays(probed: ProbeResult, size: int) -> tuple[np.ndarray, np.ndarray
     return data.image_array(probed.trigger_images, (size, size)), data.image_array(probed.control_images, (size, size))
 
 
-def differences_of(seeds: list[int], family: str, trigger: np.ndarray, control: np.ndarray) -> np.ndarray:
-    """Per-query trigger-minus-control projection scores of the members ``seeds``, (len(seeds), n)."""
-    weights = detect.projection_weights(*member_arrays(family, seeds, trigger.shape[1]))
+def differences_of(seeds: list[int], family: str, trigger: np.ndarray, control: np.ndarray,
+                   unit: bool = False) -> np.ndarray:
+    """Per-query trigger-minus-control scores (projection, or with ``unit`` unit scores) of the members ``seeds``,
+    (len(seeds), n)."""
+    weights = detect.projection_weights(*member_arrays(family, seeds, trigger.shape[1]), unit=unit)
     scores = detect.projection_scores(weights, np.concatenate([trigger, control]))
     return scores[:, :len(trigger)] - scores[:, len(trigger):]
 
 
 def released_differences(probed: ProbeResult, template: Template, work_size: int = WORK_SIZE,
-                         n: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         n: int | None = None, unit: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The first ``n`` trigger and control images at the working size, and the released template's per-query
     differences on them (n,): what every decoy is then scored against."""
     own = random_seed_of(template)  # a clear error for a template of no family
     trigger, control = probe_arrays(probed, working_size(template, work_size))
     trigger, control = trigger[:n], control[:n]
-    return trigger, control, differences_of([own], template.family, trigger, control)[0]
+    return trigger, control, differences_of([own], template.family, trigger, control, unit)[0]
 
 
 def decoy_differences_stream(template: Template, trigger: np.ndarray, control: np.ndarray, salt: str = "",
-                             max_decoys: int | None = None, progress: bool = False) -> Iterator[np.ndarray]:
+                             max_decoys: int | None = None, progress: bool = False,
+                             unit: bool = False) -> Iterator[np.ndarray]:
     """The decoys' per-query differences in draw order (``families.decoy_seeds``), in chunks (b, n) that grow from
     ``FIRST_CHUNK`` to ``LARGEST_CHUNK``; at most ``max_decoys`` in all (None: endless). Memory stays bounded by the
     largest chunk, however many are drawn."""
@@ -100,7 +123,7 @@ def decoy_differences_stream(template: Template, trigger: np.ndarray, control: n
     try:
         while max_decoys is None or drawn < max_decoys:
             take = chunk if max_decoys is None else min(chunk, max_decoys - drawn)
-            yield differences_of(list(itertools.islice(seeds, take)), template.family, trigger, control)
+            yield differences_of(list(itertools.islice(seeds, take)), template.family, trigger, control, unit)
             drawn += take
             bar.update(take)
             chunk = min(2 * chunk, LARGEST_CHUNK)
@@ -126,12 +149,12 @@ def rank_released(probed: ProbeResult, template: Template, salt: str = "", max_d
     ranked among up to ``max_decoys`` decoys, stopping once ``stop_after`` decoys have reached it
     (``verify.sequential_decoy_test``)."""
     function = statistic(statistic_name)
-    trigger, control, released_row = released_differences(probed, template, work_size, n)
+    trigger, control, released_row = released_differences(probed, template, work_size, n, function.unit)
     released = float(function(released_row[None])[0])
     kept: list[np.ndarray] = []
 
     def statistics() -> Iterator[np.ndarray]:
-        for chunk in decoy_differences_stream(template, trigger, control, salt, max_decoys, progress):
+        for chunk in decoy_differences_stream(template, trigger, control, salt, max_decoys, progress, function.unit):
             kept.append(function(chunk))
             yield kept[-1]
 
@@ -157,10 +180,12 @@ def more_decoys_note(verdict: verify.Verdict) -> str:
 
 
 def decoy_differences(probed: ProbeResult, template: Template, k: int = 999, salt: str = "",
-                      work_size: int = WORK_SIZE, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query (trigger - control) projection scores for the released template, shape (n,), and for its first
-    K decoys, shape (K, n), all drawn at one working size (at most ``work_size`` px) so every template is scored
-    the same way: what a stored score file keeps, so tests on any number of queries are cheap."""
-    trigger, control, released = released_differences(probed, template, work_size)
-    stream = decoy_differences_stream(template, trigger, control, salt, k, progress and k > LARGEST_CHUNK)
+                      work_size: int = WORK_SIZE, progress: bool = True,
+                      unit: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query (trigger - control) scores (projection, or with ``unit`` unit scores) for the released template,
+    shape (n,), and for its first K decoys, shape (K, n), all drawn at one working size (at most ``work_size`` px)
+    so every template is scored the same way: what a stored score file keeps, so tests on any number of queries
+    are cheap."""
+    trigger, control, released = released_differences(probed, template, work_size, unit=unit)
+    stream = decoy_differences_stream(template, trigger, control, salt, k, progress and k > LARGEST_CHUNK, unit)
     return released, np.concatenate(list(stream))

@@ -85,14 +85,17 @@ def template_scores_each(images: Sequence[Image.Image] | np.ndarray, templates: 
     return projection_scores(weights, array, mirror)
 
 
-def projection_weights(scenes: np.ndarray, surrounds: np.ndarray) -> np.ndarray:
+def projection_weights(scenes: np.ndarray, surrounds: np.ndarray, unit: bool = False) -> np.ndarray:
     """Each template as one weight vector over the whole image, (K, H * W * 3) float64: its surround (``surrounds``,
-    (K, H, W) bool) centred per colour channel and divided by its squared norm, zero on the screen. ``scenes``:
+    (K, H, W) bool) centred per colour channel and divided by its squared norm (the projection score: 1 = the whole
+    template is there), or with ``unit`` by its norm (the image's length along the template's direction, in pixel
+    units: what ``decoys`` compares across templates of different contrast), zero on the screen. ``scenes``:
     (K, H, W, 3), 0-255."""
     mask = surrounds[..., None]
     means = (scenes * mask).sum(axis=(1, 2), keepdims=True) / mask.sum(axis=(1, 2), keepdims=True)
     weights = ((scenes - means) * mask).reshape(len(scenes), -1)
-    return weights / (weights * weights).sum(axis=1, keepdims=True)
+    squared = (weights * weights).sum(axis=1, keepdims=True)
+    return weights / (np.sqrt(squared) if unit else squared)
 
 
 def projection_scores(weights: np.ndarray, array: np.ndarray, mirror: bool = True) -> np.ndarray:
