@@ -22,13 +22,14 @@ from PIL import Image
 from entruth_lite.core import data, diffusion, emoji, models, templates
 from entruth_lite.evaluation import robustness
 from entruth_lite.infringer import presets, train
-from entruth_lite.owner import audit, keys, probe, protect, triggers
+from entruth_lite.owner import audit, decoys, keys, probe, protect, triggers
 
 HELD_OUT_SEED = 1  # probe seeds: the same for every model, so scores are paired across models
 CHECKPOINT_EVERY = 500  # a run killed mid-training (sessions end abruptly) loses at most this many steps
-DECOYS = 999  # enough for p < 0.01; the audit's default 9999 only lowers the floor to 1e-4
+DECOYS = 999  # enough for p < 0.01 (floor 1e-3); the audit draws up to 999,999 (benchmarks.query_budget)
 FPR = audit.AuditConfig().fpr  # binomial tests: detector threshold at this false-positive rate on plain images
-SCORES = "scores-mirror"  # cache name: bump it when the scoring changes (mirror: detect.template_scores's default)
+SCORES = f"scores-mirror-{decoys.DEFAULT_STATISTIC}"  # cache name: bump it when the scoring changes (mirror:
+# detect.template_scores's default; the decoy statistic: which decoy scores are stored)
 
 
 def run_folder(root: Path, name: str, seed: int) -> Path:

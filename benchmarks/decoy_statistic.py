@@ -200,6 +200,29 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{run['run']}: scored", flush=True)
     write_table(rows, Path(args.results) / "decoy_statistic_runs.csv", dict(p_value=".2e"))
     write_table(summarize(rows), Path(args.results) / "decoy_statistic.csv", dict(median_p=".1e", mean_log10_p=".2f"))
+    write_table(null_summary(rows), Path(args.results) / "decoy_statistic_null.csv",
+                {"p_rate_above_0.05": ".2g", "p_rate_above_0.01": ".2g", "median_p": ".2g"})
+
+
+def null_summary(rows: list[dict], queries: int = max(QUERY_COUNTS)) -> list[dict]:
+    """Every candidate's false positives on all the clean models (both halves: exactness does not depend on the
+    choice), at ``queries``: models flagged at alpha 0.05 and 0.01, the one-sided binomial p-value of 'the rate
+    exceeds alpha', and the median p (near 0.5 for an exact test)."""
+    import pandas as pd
+    from scipy import stats
+
+    table = pd.DataFrame(rows)
+    clean = table[~table["guilty"].astype(bool) & (table["queries"] == queries)]
+    out = []
+    for statistic, group in clean.groupby("statistic", sort=False):
+        p = group["p_value"].to_numpy()
+        row = dict(statistic=statistic, queries=queries, max_decoys=int(group["max_decoys"].max()), models=len(p))
+        for alpha in (0.05, 0.01):
+            k = int((p < alpha).sum())
+            row[f"flagged_at_{alpha:g}"] = k
+            row[f"p_rate_above_{alpha:g}"] = float(stats.binomtest(k, len(p), alpha, alternative="greater").pvalue)
+        out.append(row | dict(median_p=float(np.median(p))))
+    return out
 
 
 def summarize(rows: list[dict]):

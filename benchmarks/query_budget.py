@@ -1,7 +1,8 @@
 """How many images must an owner ask a service for? The decoy test's p-value against the number of queries.
 
     python -m benchmarks.query_budget [--rates 0.005 0.01 0.02] [--seeds 0 1 2] [--queries 4 8 16 32 64]
-        [--decoys 999999] [--statistic mean] [--out runs/bench] [--results benchmarks/results]
+        [--decoys 999999] [--statistic unit-top-eighth] [--out runs/bench] [--results benchmarks/results]
+        [--table query_budget.csv]
 
 Reads the stored probes of the detection-power runs at the collection's key design (``benchmarks.detection_power
 --family mosaic --trigger-length 6``; nothing is trained here) and runs the audit's decoy test
@@ -19,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from entruth_lite.owner import decoys, keys, probe
+from entruth_lite.owner import decoys, keys, probe, verify
 
 from . import decoy_statistic
 from .common import Run, design_suffix, rate_name, write_table
@@ -52,10 +53,7 @@ def budget_row(run: Run, queries: int, max_decoys: int, statistic: str) -> dict:
 
 def summarize(table):
     """Per rate and query count: seeds, how many the decoy test detected at ``ALPHA``, the median and worst p."""
-    grouped = table.groupby(["rate", "queries"])
-    return grouped.agg(max_decoys=("max_decoys", "max"), seeds=("seed", "size"),
-                       detected=("p_value", lambda p: int((p < ALPHA).sum())), median_p=("p_value", "median"),
-                       worst_p=("p_value", "max")).reset_index()
+    return verify.summarize_query_budget(table, ALPHA)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--results", default="benchmarks/results")
+    parser.add_argument("--table", default="query_budget.csv",
+                        help="the results file (another name keeps a subset, e.g. at a million decoys, beside it)")
     args = parser.parse_args(argv)
     import pandas as pd
 
@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> None:
             for queries in args.queries:
                 rows.append(budget_row(run, queries, args.decoys, args.statistic))
                 print(rows[-1], flush=True)
-    table = write_table(rows, Path(args.results) / "query_budget.csv", dict(p_value=".1e", seconds=".1f"))
+    table = write_table(rows, Path(args.results) / args.table, dict(p_value=".1e", seconds=".1f"))
     if table is not None:
-        write_table(summarize(pd.DataFrame(rows)).to_dict("records"), Path(args.out) / "query_budget-summary.csv",
+        write_table(summarize(pd.DataFrame(rows)).to_dict("records"),
+                    Path(args.out) / f"{Path(args.table).stem}-summary.csv",
                     dict(median_p=".1e", worst_p=".1e"))
 
 

@@ -41,8 +41,8 @@ when you have no run of your own.
 | `frontier.csv` | `benchmarks.frontier` (in progress: the settings, rates and seeds run so far) | one per setting, rate, seed and snapshot |
 | `crash_protect.csv` | `benchmarks.crash_protect` | one per kill |
 | `decoy_scale.csv` | `benchmarks.decoy_scale` | one per family, image size and model |
-| `query_budget.csv` | `benchmarks.query_budget` | one per rate, seed and query count |
-| `decoy_statistic.csv`, `decoy_statistic_runs.csv` | `benchmarks.decoy_statistic` | half x statistic x queries; one per run, statistic and query count |
+| `query_budget.csv`, `query_budget_million.csv` | `benchmarks.query_budget` (the second: `--rates 0.02 --queries 64 --decoys 999999`) | one per rate, seed and query count |
+| `decoy_statistic.csv`, `decoy_statistic_runs.csv`, `decoy_statistic_null.csv` | `benchmarks.decoy_statistic` | half x statistic x queries; one per run, statistic and query count; one per statistic (clean models) |
 """
 
 POWER = """## Detection power
@@ -216,6 +216,20 @@ steps). Per rate and n: seeds detected at alpha = 0.01, and the median and worst
 run.
 """
 
+QUERY_MILLION = """## A million decoys at 2 %
+
+`benchmarks.query_budget --rates 0.02 --queries 64 --decoys 999999`: the audit's decoy test with its default cap on
+the 64 queries of each 2 % detection-power run (floor 1e-6). `seconds`: drawing, scoring and ranking, while a
+fine-tune shared the 2 cores.
+"""
+
+DECOY_NULL = """## The chosen statistic on clean models
+
+`benchmarks.decoy_statistic`'s clean runs (both halves: the test's exactness does not depend on the choice), 64
+queries, the audit's sequential rule: for each candidate, the clean models flagged at alpha = 0.05 and 0.01, the
+one-sided binomial p-value of "the false-positive rate exceeds alpha", and the median p (near 0.5 for an exact test).
+"""
+
 DECOY_STATISTIC = """## Choosing the decoy test's statistic
 
 `benchmarks.decoy_statistic`: every stored probe of the key design (protected: the power runs, the memorization
@@ -225,7 +239,15 @@ drawn in one stream, and each gets its p-value by the audit's sequential rule (i
 `decoy_statistic_runs.csv` gives each run's p-value and how many decoys it drew; the most any run may draw sets the
 floor. Runs are split by a hash of their name into a half that chooses (most protected models detected at
 alpha = 0.01 with 64 queries, then the larger mean -log10 p) and a half that reports. `chosen` marks the choose
-half's pick.
+half's pick, which the audit uses (`decoys.DEFAULT_STATISTIC`).
+
+Candidates read one of two per-query scores: the detector's projection score, or (`unit-`) the image's length along
+the template's unit direction. The unit candidates were added after a first search, because of one run of the report
+half (2 %, seed 0): the one decoy in 99,999 that reached its template under `mean` had 57 % of the template's
+contrast and a correlation of 0.46 with it, and the projection score divides by the squared contrast, so a faint
+decoy correlated with the template can out-score it; without noise, the unit score cannot (Cauchy-Schwarz). The
+rule that picks was not changed; the report half is still runs that the choice never saw, though one of them
+motivated the candidates.
 """
 
 CRASH = """## Killing protect from outside
@@ -300,8 +322,12 @@ def render(folder: Path = RESULTS) -> str:
     parts.append(_section(folder, "crash_protect.csv", CRASH, _crash))
     parts.append(_section(folder, "query_budget.csv", QUERY_BUDGET, lambda t: markdown_table(
         query_budget.summarize(t), dict(rate="g", median_p=".1e", worst_p=".1e"))))
+    parts.append(_section(folder, "query_budget_million.csv", QUERY_MILLION, lambda t: markdown_table(
+        t, dict(p_value=".1e", seconds=".0f"))))
     parts.append(_section(folder, "decoy_statistic.csv", DECOY_STATISTIC, lambda t: markdown_table(
         t, dict(median_p=".1e", mean_log10_p=".2f"))))
+    parts.append(_section(folder, "decoy_statistic_null.csv", DECOY_NULL, lambda t: markdown_table(
+        t, {"p_rate_above_0.05": ".2g", "p_rate_above_0.01": ".2g", "median_p": ".2g"})))
     parts.append(_section(folder, "decoy_scale.csv", DECOY_SCALE, lambda t: markdown_table(
         t, dict(p_value=".1e", seconds=".1f", us_per_decoy=".0f", load=".1f"))))
     return "\n".join(parts)

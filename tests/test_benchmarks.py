@@ -246,6 +246,9 @@ def test_the_statistic_search_chooses_on_one_half_and_reports_the_other():
     assert set(summary[summary.chosen].statistic) == {"mean"}, "the report half's better numbers do not choose"
     report = summary[(summary.half == "report") & (summary.statistic == "median")].iloc[0]
     assert (report.detected, report.clean, report.clean_flagged) == (1, 1, 1)
+    null = {row["statistic"]: row for row in decoy_statistic.null_summary(rows)}
+    assert set(null) == {"median"} and null["median"]["models"] == 1, "clean models only, of both halves"
+    assert null["median"]["flagged_at_0.01"] == 1 and null["median"]["p_rate_above_0.01"] == pytest.approx(0.01)
 
 
 def test_the_plain_count_statistic_counts_trigger_images_over_each_templates_own_threshold():

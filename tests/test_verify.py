@@ -136,6 +136,19 @@ def test_summarize_memorization_counts_detected_seeds_per_setting_and_rate():
         verify.summarize_memorization(table.drop(columns="decoy_p"))
 
 
+def test_summarize_query_budget_counts_seeds_detected_per_rate_and_query_count():
+    import pandas as pd
+
+    table = pd.DataFrame(dict(rate=[0.01] * 4 + [0.02] * 2, queries=[4, 4, 64, 64, 4, 64], seed=[0, 1, 0, 1, 0, 0],
+                              p_value=[0.3, 0.009, 1e-4, 0.01, 0.02, 1e-6], max_decoys=[99_999] * 4 + [999_999] * 2))
+    summary = verify.summarize_query_budget(table).set_index(["rate", "queries"])
+    assert summary.loc[(0.01, 4), "detected"] == 1 and summary.loc[(0.01, 64), "detected"] == 1, "0.01 is not below"
+    assert summary.loc[(0.01, 4), "worst_p"] == 0.3 and summary.loc[(0.01, 64), "median_p"] == pytest.approx(0.00505)
+    assert summary.loc[(0.02, 64), "max_decoys"] == 999_999 and summary.loc[(0.01, 4), "seeds"] == 2
+    with pytest.raises(ValueError, match="p_value"):
+        verify.summarize_query_budget(table.drop(columns="p_value"))
+
+
 def _sequential(released, decoys, chunk, max_decoys, stop_after):
     chunks = [decoys[i:i + chunk] for i in range(0, len(decoys), chunk)]
     return verify.sequential_decoy_test(released, chunks, 8, max_decoys, stop_after)

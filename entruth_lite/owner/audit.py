@@ -22,7 +22,14 @@ from ..core.models import default_resolution
 from ..core.templates import Template, vae_round_trip
 from . import detect, keys, probe, verify
 from .calibration import MAX_NEGATIVES, audit_plain_images
-from .decoys import DEFAULT_STATISTIC, decoy_differences, more_decoys_note, rank_released
+from .decoys import (
+    DEFAULT_STATISTIC,
+    decoy_differences,
+    decoy_statistics,
+    more_decoys_note,
+    rank_released,
+    stored_statistic,  # noqa: F401 (the stored scores' statistic, read where scores are)
+)
 from .decoys import statistic as statistic_named
 from .probe import ProbeResult
 from .record import IMAGE_FILES, environment, file_hashes, key_record
@@ -53,30 +60,11 @@ def _one_query(scores, d, alpha, fpr, n):
     return verify.one_query_test(scores[f"{d}_trigger"][:n], scores[f"{d}_negatives"], alpha)
 
 
-def stored_statistic(scores: dict[str, np.ndarray]) -> str:
-    """The decoy statistic stored scores were made for (``score_probe``); 'mean' in files older than the choice."""
-    return str(scores.get("decoy_statistic", "mean"))
-
-
-def decoy_statistics(scores: dict[str, np.ndarray], n: int | None = None,
-                     statistic: str | None = None) -> tuple[float, np.ndarray]:
-    """The decoy test's statistics on the first ``n`` queries (all by default) of stored scores: the released
-    template's and each decoy's, shape (K,), by ``statistic`` (default: the one the scores were made for). What the
-    decoy figure and its widget draw."""
-    stored = statistic_named(stored_statistic(scores))
-    function = statistic_named(statistic or stored.name)
-    if function.unit != stored.unit:
-        raise ValueError(f"statistic {function.name!r} reads {'unit' if function.unit else 'projection'} scores, and "
-                         f"these decoy scores were made for {stored.name!r}: score the probe again with "
-                         f"score_probe(..., statistic={function.name!r})")
-    released, matrix = scores["decoy_released"][:n], scores["decoy_matrix"][:, :n]
-    return float(function(released[None])[0]), function(matrix)
-
-
 def _decoy(scores, d, alpha, fpr, n):
     """Rank of the released template among decoy templates from the same random family that were never released
-    (statistic: the one the scores were made for, of the trigger-minus-control scores), read in draw order with
-    Besag and Clifford's sequential rule. Null: the suspect never saw the release, so the released template is
+    (statistic: by default the mean of the largest eighth of the per-query trigger-minus-control differences, each
+    image scored along the template's unit direction; stored scores say which), read in draw order with Besag and
+    Clifford's sequential rule. Null: the suspect never saw the release, so the released template is
     exchangeable with the decoys; the p-value is exact."""
     released, statistics = decoy_statistics(scores, n)
     return verify.sequential_decoy_test(released, [statistics], len(scores["decoy_released"][:n]), len(statistics),

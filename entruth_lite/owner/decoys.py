@@ -61,7 +61,7 @@ STATISTICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {  # (templates, que
 }
 UNIT = "unit-"  # a statistic's name with this prefix reads unit scores instead of projection scores
 STATISTIC_NAMES = (*STATISTICS, *(UNIT + name for name in STATISTICS))
-DEFAULT_STATISTIC = "mean"
+DEFAULT_STATISTIC = "unit-top-eighth"  # benchmarks.decoy_statistic's pick, on runs its report half never saw
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,26 @@ def rank_released(probed: ProbeResult, template: Template, salt: str = "", max_d
     verdict = verify.sequential_decoy_test(released, statistics(), len(trigger), max_decoys, stop_after, alpha)
     drawn = np.concatenate(kept)[:verdict.draws] if kept else np.zeros(0)
     return DecoyRanking(verdict, released, drawn)
+
+
+def stored_statistic(scores: dict[str, np.ndarray]) -> str:
+    """The decoy statistic stored scores were made for (``score_probe``); 'mean' in files older than the choice."""
+    return str(scores.get("decoy_statistic", "mean"))
+
+
+def decoy_statistics(scores: dict[str, np.ndarray], n: int | None = None,
+                     statistic_name: str | None = None) -> tuple[float, np.ndarray]:
+    """The decoy test's statistics on the first ``n`` queries (all by default) of stored scores
+    (``audit.score_probe``): the released template's and each decoy's, shape (K,), by ``statistic_name`` (default:
+    the one the scores were made for). What the decoy figure and its widget draw."""
+    stored = statistic(stored_statistic(scores))
+    function = statistic(statistic_name or stored.name)
+    if function.unit != stored.unit:
+        raise ValueError(f"statistic {function.name!r} reads {'unit' if function.unit else 'projection'} scores, and "
+                         f"these decoy scores were made for {stored.name!r}: score the probe again with "
+                         f"score_probe(..., statistic={function.name!r})")
+    released, matrix = scores["decoy_released"][:n], scores["decoy_matrix"][:, :n]
+    return float(function(released[None])[0]), function(matrix)
 
 
 def more_decoys_note(verdict: verify.Verdict) -> str:

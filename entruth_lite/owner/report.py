@@ -61,7 +61,8 @@ def _verdict_html(head) -> str:
 def _figures_html(result: AuditResult) -> str:
     figures = [("Score distributions", _figure_uri(score_histogram(result.evidence)))]
     if result.evidence.decoy_statistics is not None:
-        ax = plot_decoys(result.evidence.released_statistic, result.evidence.decoy_statistics)
+        ax = plot_decoys(result.evidence.released_statistic, result.evidence.decoy_statistics,
+                         xlabel=f"{result.config.statistic} of the trigger - control scores")
         figures.append(("Released template vs decoys", _figure_uri(ax.figure)))
     return "".join(f"<h3>{t}</h3><img src='{u}'>" for t, u in figures)
 
@@ -207,7 +208,7 @@ def plot_score_histograms(groups: dict, threshold: float | None = None, xlabel: 
     return ax
 
 
-def plot_decoys(released: float, decoys, ax=None, xlabel: str = "mean trigger - control projection score",
+def plot_decoys(released: float, decoys, ax=None, xlabel: str = "decoy statistic of the trigger - control scores",
                 released_label: str = "released template"):
     """The decoy test in one picture: the released template's statistic among the decoys' (in draw order), with the
     p-value of the audit's sequential rule on them."""

@@ -273,3 +273,16 @@ def summarize_memorization(table, alpha: float = 0.01, queries: int = 64):
                          flagged_share=float(group["binomial_flagged"].median()) / queries,
                          train_minutes=float(whole["train_seconds"].min()) / 60 if len(whole) else float("nan")))
     return pd.DataFrame(rows)
+
+
+def summarize_query_budget(table, alpha: float = 0.01):
+    """The query-budget benchmark's table (``query_budget.csv``: the decoy test on the first n queries of each
+    run) as one row per rate and n: the most decoys a run could draw, seeds, how many were detected at ``alpha``,
+    and the median and worst seed's p-value. How many images an owner must ask a service for."""
+    missing = {"rate", "queries", "seed", "p_value", "max_decoys"} - set(table.columns)
+    if missing:
+        raise ValueError(f"not a query-budget table: columns {sorted(missing)} are missing")
+    grouped = table.groupby(["rate", "queries"])
+    return grouped.agg(max_decoys=("max_decoys", "max"), seeds=("seed", "size"),
+                       detected=("p_value", lambda p: int((p < alpha).sum())), median_p=("p_value", "median"),
+                       worst_p=("p_value", "max")).reset_index()
