@@ -67,8 +67,13 @@ def candidate_statistics(trigger: np.ndarray, control: np.ndarray, plain: np.nda
     if plain is not None:
         out["plain-count"] = _plain_count(trigger, plain, differences)
     if unit is not None:
-        out.update({decoys.UNIT + name: function(unit[0] - unit[1]) for name, function in decoys.STATISTICS.items()})
+        out.update(unit_statistics(*unit))
     return out
+
+
+def unit_statistics(trigger: np.ndarray, control: np.ndarray) -> dict[str, np.ndarray]:
+    """The ``unit-`` candidates' values for each template, from (trigger, control) unit scores."""
+    return {decoys.UNIT + name: function(trigger - control) for name, function in decoys.STATISTICS.items()}
 
 
 def _counts_file(folder: Path, probe_file: Path, k: int, only: str = "") -> Path:
@@ -109,18 +114,14 @@ def statistics_of_run(folder: Path, probe_file: Path, root: Path, k: int, progre
         members = families.member_arrays(key.template.family, seeds, size)
         unit = detect.projection_scores(detect.projection_weights(*members, unit=True),
                                         np.concatenate([trigger, control]))
+        if not unit_only:
+            scores = detect.projection_scores(detect.projection_weights(*members),
+                                              np.concatenate([trigger, control] + ([plain] if with_plain else [])))
         out = {}
-        if unit_only:
-            for queries in query_counts:
-                out.update({f"{decoys.UNIT}{name}@{queries}": function(unit[:, :queries] - unit[:, n:n + queries])
-                            for name, function in decoys.STATISTICS.items()})
-            return out
-        scores = detect.projection_scores(detect.projection_weights(*members),
-                                          np.concatenate([trigger, control] + ([plain] if with_plain else [])))
         for queries in query_counts:
-            values = candidate_statistics(scores[:, :n][:, :queries], scores[:, n:2 * n][:, :queries],
-                                          scores[:, 2 * n:] if with_plain else None,
-                                          (unit[:, :n][:, :queries], unit[:, n:][:, :queries]))
+            unit_pair = (unit[:, :queries], unit[:, n:n + queries])
+            values = unit_statistics(*unit_pair) if unit_only else candidate_statistics(
+                scores[:, :queries], scores[:, n:n + queries], scores[:, 2 * n:] if with_plain else None, unit_pair)
             out.update({f"{name}@{queries}": value for name, value in values.items()})
         return out
 

@@ -115,7 +115,13 @@ def power_report(runs: list[Run], root: Path, queries=(8, 16, 32, 64), alpha: fl
     summary = protected.groupby(["rate", "method", "n"]).p.agg(
         detected=lambda p: int((p < alpha).sum()), seeds="count", median_p="median").reset_index()
     summary = summary.rename(columns={"method": "test"})
-    summary.to_csv(root / f"detection_power{design}.csv", index=False)
+    previous = root / f"detection_power{design}.csv"
+    if not clean and previous.is_file():  # no clean runs here (they are not archived): keep the rows that need them
+        kept = pd.read_csv(previous)
+        kept = kept[~kept.test.isin(summary.test)]
+        print(f"no clean runs: rows of {sorted(set(kept.test))} kept from {previous}")
+        summary = pd.concat([summary, kept], ignore_index=True).sort_values(["rate", "test", "n"], ignore_index=True)
+    summary.to_csv(previous, index=False)
     summary["tpr"] = summary.detected / summary.seeds
     print(f"\nDetection power: TPR at alpha = {alpha} (share of seeds flagged) and median p-value\n")
     methods = _method_order(summary.test)

@@ -372,3 +372,23 @@ def test_the_robustness_sweep_passes_its_archive_to_every_fine_tune(monkeypatch,
         robustness.run_setting(tmp_path, kind, name, strength, 0, 0.02, archive=tmp_path / "archive")
     assert [c["archive"] for c in calls] == [tmp_path / "archive"] * 3
     assert robustness.run_setting(tmp_path, "output", "jpeg", 50, 0, 0.02) is None and len(calls) == 3
+
+
+def test_the_power_report_keeps_the_rows_that_need_clean_runs_when_none_are_here(tmp_path, monkeypatch):
+    """Clean power runs are not archived: re-scoring the protected ones alone replaces the tests they feed and
+    keeps the earlier rows of the tests that need a clean model (reference), instead of dropping them."""
+    import pandas as pd
+
+    from benchmarks import verification_report
+    from benchmarks.common import Run
+
+    monkeypatch.setattr(verification_report, "run_scores", lambda run, root, reference: {})
+    monkeypatch.setattr(verification_report, "p_values", lambda scores, n: {"decoy (projection)": 1e-3})
+    previous = pd.DataFrame(dict(rate=[0.02, 0.02], test=["decoy (projection)", "reference (projection)"], n=[64, 64],
+                                 detected=[0, 3], seeds=[3, 3], median_p=[0.5, 1e-4]))
+    previous.to_csv(tmp_path / "detection_power-x.csv", index=False)
+    runs = [Run(tmp_path / f"run{seed}", 0.02, seed, 10) for seed in range(3)]
+    verification_report.power_report(runs, tmp_path, queries=(64,), design="-x")
+    table = pd.read_csv(tmp_path / "detection_power-x.csv").set_index("test")
+    assert table.loc["decoy (projection)", "detected"] == 3 and table.loc["decoy (projection)", "median_p"] == 1e-3
+    assert table.loc["reference (projection)", "median_p"] == 1e-4, "kept from the earlier table"
