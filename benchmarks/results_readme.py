@@ -67,7 +67,10 @@ templates, 6-letter triggers), the same benchmark at 2 %, 1 % and 0.5 %, with it
 the reference test and the AUC. Its 2 % runs are the robustness benchmark's no-attack runs, and its 1 % and 0.5 %
 runs are the memorization sweep's `full-mosaic-trigger6` runs: the same `common.fit_and_probe` call (the same
 preset, seeds, template and trigger), linked by name rather than trained twice. 5 % is not rerun: every seed is
-detected at 2 %.
+detected at 2 %. Re-scored (2026-12-02) with the decoy test's chosen statistic (`unit-top-eighth`) from the archived
+probes; the clean power runs are not archived, so the reference rows are the earlier scoring's, and the classifier
+rows moved because the classifiers were trained again (not bit-reproducible across thread counts). The decoy
+test's floor here is 1e-3 (999 decoys); the query budget below ranks the same probes against 99,999.
 """
 
 NULL = """## False positives on clean models
