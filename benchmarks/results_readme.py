@@ -223,7 +223,7 @@ QUERY_MILLION = """## A million decoys at 2 %
 
 `benchmarks.query_budget --rates 0.02 --queries 64 --decoys 999999`: the audit's decoy test with its default cap on
 the 64 queries of each 2 % detection-power run (floor 1e-6). `seconds`: drawing, scoring and ranking, while a
-fine-tune shared the 2 cores.
+fine-tune and other jobs shared the 2 cores (`decoy_scale.csv` has the time on a quieter machine).
 """
 
 DECOY_NULL = """## The chosen statistic on clean models

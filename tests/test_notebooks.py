@@ -169,6 +169,7 @@ def test_student_copies_have_no_solutions_and_never_replace_the_teachers(tmp_pat
 
 
 KEY_DESIGN_TABLES = {"detection_power-mosaic-trigger6.csv", "robustness-mosaic-trigger6.csv",
+                     "query_budget.csv",  # the key design's power runs
                      "template_family.csv"}  # the last compares families, each member with its own decoys
 MIXED_TABLES = {"memorization.csv"}  # every design's rows: a notebook shows them filtered by key_design()
 
