@@ -28,8 +28,8 @@ HELD_OUT_SEED = 1  # probe seeds: the same for every model, so scores are paired
 CHECKPOINT_EVERY = 500  # a run killed mid-training (sessions end abruptly) loses at most this many steps
 DECOYS = 999  # enough for p < 0.01 (floor 1e-3); the audit draws up to 999,999 (benchmarks.query_budget)
 FPR = audit.AuditConfig().fpr  # binomial tests: detector threshold at this false-positive rate on plain images
-SCORES = f"scores-mirror-{decoys.DEFAULT_STATISTIC}"  # cache name: bump it when the scoring changes (mirror:
-# detect.template_scores's default; the decoy statistic: which decoy scores are stored)
+SCORES = "scores-mirror"  # cache name: bump it when the scoring changes (mirror: detect.template_scores's default;
+# a cache of another decoy statistic than the audit's is scored again: cached_scores)
 
 
 def run_folder(root: Path, name: str, seed: int) -> Path:
@@ -235,10 +235,13 @@ def seeded_attack(attack, seed: int):
 
 
 def cached_scores(cache: Path, compute) -> dict[str, np.ndarray]:
-    """``compute()``'s score arrays, stored in ``cache`` (.npz) the first time and read from it afterwards."""
+    """``compute()``'s score arrays, stored in ``cache`` (.npz) the first time and read from it afterwards; again
+    when its decoy scores were made for another statistic than the audit's (a cache older than the choice)."""
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
-            return dict(stored)
+            scores = dict(stored)
+        if "decoy_released" not in scores or decoys.stored_statistic(scores) == decoys.DEFAULT_STATISTIC:
+            return scores
     scores = compute()
     np.savez_compressed(cache, **scores)
     return scores
@@ -266,6 +269,24 @@ def projection_scores(root: Path, run: Run, corruption: tuple[str, float] | None
                                  salt=key.key_sha256, progress=False)
 
     return cached_scores(cache, compute)
+
+
+NULL_FORMATS = {"p_rate_above_0.05": ".2g", "p_rate_above_0.01": ".2g", "median_p": ".2g"}
+
+
+def false_positive_row(p_values) -> dict:
+    """Clean models' p-values of one test as a calibration row: how many are flagged at alpha 0.05 and 0.01, the
+    one-sided binomial p-value of 'the false-positive rate exceeds alpha' (small = anti-conservative), the median p
+    (near 0.5 for an exact test)."""
+    from scipy import stats
+
+    p = np.asarray(p_values, float)
+    row = dict(models=len(p))
+    for alpha in (0.05, 0.01):
+        k = int((p < alpha).sum())
+        row[f"flagged_at_{alpha:g}"] = k
+        row[f"p_rate_above_{alpha:g}"] = float(stats.binomtest(k, len(p), alpha, alternative="greater").pvalue)
+    return row | dict(median_p=float(np.median(p)))
 
 
 def markdown_table(table, formats: dict[str, str] | None = None) -> str:

@@ -1,6 +1,7 @@
 """Which statistic should the decoy test rank? Chosen on one half of the stored runs, reported on the other.
 
     python -m benchmarks.decoy_statistic [--decoys 999999] [--out runs/bench] [--results benchmarks/results]
+        [--rescore-all]
 
 Any statistic computed the same way for the released template and every decoy keeps the decoy test exact, so the
 choice is about power only, and power must be judged on runs the choice did not see. Every stored probe in the run
@@ -10,17 +11,18 @@ design, the memorization sweep's runs of that design, and the last snapshot of e
 goes to the *choose* or the *report* half by a hash of its folder name (``half_of``), fixed before any run was
 scored.
 
-For each probe: the released template's and up to ``--decoys`` decoys' projection scores of the trigger, control and
-plain images (the owner's, through the base VAE), every candidate statistic of them, and its p-value by the audit's
-sequential rule (``verify.SequentialDecoyCount``: stop once 20 decoys reach it; floor 1 / (decoys + 1)), all
+For each probe: the released template's and up to ``--decoys`` decoys' projection and unit scores of the trigger,
+control and plain images (the owner's, through the base VAE), every candidate statistic of them, and its p-value by
+the audit's sequential rule (``verify.SequentialDecoyCount``: stop once 20 decoys reach it; floor 1 / (decoys + 1)), all
 candidates from one stream of decoys. With enough decoys the floor no longer ties the strong candidates, so the
 choice sees how far each one separates a guilty model from its decoys. Candidates: the audit's
 ``decoys.STATISTIC_NAMES`` (functions of the per-query trigger-minus-control differences of projection scores, and
-the same functions of unit scores), and ``plain-count``, the number
-of trigger images over the template's own plain-image threshold (1 % of plain images above it), which reads plain
-images per decoy. The chosen statistic is the one detecting the most protected models at alpha = 0.01 on the
-choose half (ties: the larger mean -log10 p); the report half's table is the result. Per-run counts are cached
-(``decoy-counts-*.json`` in each run).
+the same functions of unit scores), and ``plain-count``, the number of trigger images over the template's own
+plain-image threshold (1 % of plain images above it), which reads plain images per decoy. The chosen statistic is
+the one detecting the most protected models at alpha = 0.01 on the choose half (ties: the larger mean -log10 p);
+the report half's table is the result, and ``decoy_statistic_null.csv`` every candidate's false positives on the
+clean models. Per-run counts are cached (``decoy-counts-*.json`` in each run); a run the shipped per-run table
+already holds at the same ``--decoys`` has only its unit candidates counted, the rest read from that table.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from entruth_lite.core.progress import tqdm
 from entruth_lite.owner import decoys, detect, keys, probe, verify
 
 from . import null_calibration
-from .common import FPR, design_suffix, plain_negatives, write_table
+from .common import FPR, NULL_FORMATS, design_suffix, false_positive_row, plain_negatives, write_table
 
 ALPHA = 0.01
 QUERY_COUNTS = (4, 8, 16, 32, 64)  # query_budget reads the same counts
@@ -102,10 +104,13 @@ def statistics_of_run(folder: Path, probe_file: Path, root: Path, k: int, progre
     probed = probe.load_probe(probe_file)
     n = len(probed.trigger_images)
     query_counts = sorted({q for q in QUERY_COUNTS if q < n} | {n})  # a smaller probe: its own size
-    wanted = [f"{decoys.UNIT}{name}@{q}" for name in decoys.STATISTICS for q in query_counts]
+    candidates = [decoys.UNIT + name for name in decoys.STATISTICS]
+    if not unit_only:
+        candidates += [*decoys.STATISTICS, "plain-count"]
+    wanted = [f"{name}@{q}" for name in candidates for q in query_counts]
     stored = cached_counts(folder, probe_file, k) or {}
-    if all(name in stored for name in wanted) and (unit_only or any(decoys.UNIT not in name for name in stored)):
-        return {name: count for name, count in stored.items() if not unit_only or name.startswith(decoys.UNIT)}
+    if all(name in stored for name in wanted):
+        return {name: stored[name] for name in wanted}
     size = decoys.working_size(key.template)
     trigger, control = decoys.probe_arrays(probed, size)
     plain = None if unit_only else data.image_array(plain_negatives(root, key), (size, size))
@@ -184,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--results", default="benchmarks/results")
     parser.add_argument("--rescore-all", action="store_true",
-                        help="count every candidate again, also those the shipped per-run table holds at --decoys")
+                        help="do not read the shipped per-run table: count every candidate (the runs' own "
+                        "decoy-counts caches are still read)")
     args = parser.parse_args(argv)
     root = Path(args.out)
     shipped = {} if args.rescore_all else shipped_rows(Path(args.results) / "decoy_statistic_runs.csv", args.decoys)
@@ -201,29 +207,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{run['run']}: scored", flush=True)
     write_table(rows, Path(args.results) / "decoy_statistic_runs.csv", dict(p_value=".2e"))
     write_table(summarize(rows), Path(args.results) / "decoy_statistic.csv", dict(median_p=".1e", mean_log10_p=".2f"))
-    write_table(null_summary(rows), Path(args.results) / "decoy_statistic_null.csv",
-                {"p_rate_above_0.05": ".2g", "p_rate_above_0.01": ".2g", "median_p": ".2g"})
+    write_table(null_summary(rows), Path(args.results) / "decoy_statistic_null.csv", NULL_FORMATS)
 
 
 def null_summary(rows: list[dict], queries: int = max(QUERY_COUNTS)) -> list[dict]:
-    """Every candidate's false positives on all the clean models (both halves: exactness does not depend on the
-    choice), at ``queries``: models flagged at alpha 0.05 and 0.01, the one-sided binomial p-value of 'the rate
-    exceeds alpha', and the median p (near 0.5 for an exact test)."""
+    """Every candidate's false positives on the clean models of both halves (exactness does not depend on the
+    choice) that have ``queries`` queries (``common.false_positive_row``; smaller probes, e.g. a frontier's base
+    model, are left out)."""
     import pandas as pd
-    from scipy import stats
 
     table = pd.DataFrame(rows)
     clean = table[~table["guilty"].astype(bool) & (table["queries"] == queries)]
-    out = []
-    for statistic, group in clean.groupby("statistic", sort=False):
-        p = group["p_value"].to_numpy()
-        row = dict(statistic=statistic, queries=queries, max_decoys=int(group["max_decoys"].max()), models=len(p))
-        for alpha in (0.05, 0.01):
-            k = int((p < alpha).sum())
-            row[f"flagged_at_{alpha:g}"] = k
-            row[f"p_rate_above_{alpha:g}"] = float(stats.binomtest(k, len(p), alpha, alternative="greater").pvalue)
-        out.append(row | dict(median_p=float(np.median(p))))
-    return out
+    return [dict(statistic=statistic, queries=queries, max_decoys=int(group["max_decoys"].max()))
+            | false_positive_row(group["p_value"]) for statistic, group in clean.groupby("statistic", sort=False)]
 
 
 def summarize(rows: list[dict]):

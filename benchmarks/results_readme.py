@@ -16,7 +16,7 @@ import pandas as pd
 from entruth_lite.evaluation import baselines, quality, robustness
 
 from . import query_budget, template_family
-from .common import markdown_table
+from .common import NULL_FORMATS, markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -305,7 +305,7 @@ def render(folder: Path = RESULTS) -> str:
     parts.append(_section(folder, "detection_power_auc-mosaic-trigger6.csv", "Per-image AUC at this design:\n",
                           _auc_table))
     parts.append(_section(folder, "null_calibration.csv", NULL, lambda t: markdown_table(
-        t, {"p_rate_above_0.05": ".2g", "p_rate_above_0.01": ".2g", "median_p": ".2g"})))
+        t, NULL_FORMATS)))
     parts.append(_section(folder, "memorization.csv", MEMORIZATION, _memorization))
     parts.append(_section(folder, "template_family.csv", FAMILY, lambda t: markdown_table(
         template_family.summarize(t), dict(own_median=".3f", own_min=".3f", max_ratio_median=".3f",
@@ -330,7 +330,7 @@ def render(folder: Path = RESULTS) -> str:
     parts.append(_section(folder, "decoy_statistic.csv", DECOY_STATISTIC, lambda t: markdown_table(
         t, dict(median_p=".1e", mean_log10_p=".2f"))))
     parts.append(_section(folder, "decoy_statistic_null.csv", DECOY_NULL, lambda t: markdown_table(
-        t, {"p_rate_above_0.05": ".2g", "p_rate_above_0.01": ".2g", "median_p": ".2g"})))
+        t, NULL_FORMATS)))
     parts.append(_section(folder, "decoy_scale.csv", DECOY_SCALE, lambda t: markdown_table(
         t, dict(p_value=".1e", seconds=".1f", us_per_decoy=".0f", load=".1f"))))
     return "\n".join(parts)

@@ -8,12 +8,22 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from entruth_lite.core import models
 from entruth_lite.owner import audit, detect, keys, probe, verify
 
-from .common import DECOYS, FPR, SCORES, Run, base_pipeline, cached_scores, plain_negatives, write_table
+from .common import (
+    DECOYS,
+    FPR,
+    NULL_FORMATS,
+    SCORES,
+    Run,
+    base_pipeline,
+    cached_scores,
+    false_positive_row,
+    plain_negatives,
+    write_table,
+)
 
 
 def _reference_probe(run: Run, reference: Run, prompts: list[str], seeds: list[int]) -> list:
@@ -80,15 +90,8 @@ def null_report(runs: list[Run], root: Path, setting: dict | None = None) -> Non
     print(f"\nFalse positives on {n} clean fine-tunes ({runs[0].steps} steps each), 64 queries each\n")
     summary = []
     for m in methods:
-        p = np.array([r[m] for r in rows if m in r])
-        row = dict(setting or {}) | dict(test=m, models=len(p))
-        for alpha in (0.05, 0.01):
-            k = int((p < alpha).sum())
-            row[f"flagged_at_{alpha:g}"] = k
-            row[f"p_rate_above_{alpha:g}"] = float(stats.binomtest(k, len(p), alpha, alternative="greater").pvalue)
-        summary.append(row | dict(median_p=float(np.median(p))))
-    write_table(summary, root / "null_calibration.csv", {"p_rate_above_0.05": ".2g", "p_rate_above_0.01": ".2g",
-                                                         "median_p": ".2g"})
+        summary.append(dict(setting or {}) | dict(test=m) | false_positive_row([r[m] for r in rows if m in r]))
+    write_table(summary, root / "null_calibration.csv", NULL_FORMATS)
 
 
 def power_report(runs: list[Run], root: Path, queries=(8, 16, 32, 64), alpha: float = 0.01, design: str = "") -> None:

@@ -440,7 +440,7 @@ def test_the_decoy_p_value_rebuilt_from_the_images_in_numpy_is_the_packages(plai
         score = lambda x: max((x * w).sum(), (x[:, ::-1] * w).sum())
         differences = [score(np.asarray(t, float)) - score(np.asarray(c, float))
                        for t, c in zip(probed.trigger_images, probed.control_images)]
-        return np.mean(sorted(differences)[-(len(differences) // 8):])
+        return np.mean(sorted(differences)[-max(1, len(differences) // 8):])
 
     released = statistic(template)
     reached = np.flatnonzero(np.array([statistic(d) for d in families.decoy_templates(template, k, "key")]) >= released)
