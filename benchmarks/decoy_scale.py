@@ -38,15 +38,17 @@ def synthetic_probe(template: templates.Template, queries: int, size: int, memor
     return ProbeResult([f"q{i}" for i in range(n)], [f"t q{i}" for i in range(n)], list(range(n)), trigger, plain)
 
 
-def time_case(family: str, size: int, memorized: bool, max_decoys: int, queries: int) -> dict:
+def time_case(family: str, size: int, memorized: bool, max_decoys: int, queries: int,
+              statistic_name: str = decoys.DEFAULT_STATISTIC) -> dict:
     template = families.random_template(11, size, family)  # a key is drawn at its training resolution
     probed = synthetic_probe(template, queries, size, memorized)
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    ranking = decoys.rank_released(probed, template, "benchmark", max_decoys, progress=True)
+    ranking = decoys.rank_released(probed, template, "benchmark", max_decoys, statistic_name=statistic_name,
+                                   progress=True)
     seconds = time.perf_counter() - start
     verdict = ranking.verdict
-    return dict(family=family, image_px=size, work_px=decoys.working_size(template), queries=len(probed.seeds),
+    return dict(statistic=statistic_name, family=family, image_px=size, work_px=decoys.working_size(template), queries=len(probed.seeds),
                 model="memorized" if memorized else "clean", max_decoys=max_decoys, drawn=verdict.draws,
                 at_least=verdict.at_least, p_value=verdict.p_value, seconds=seconds,
                 us_per_decoy=1e6 * seconds / verdict.draws, load=load)
@@ -57,13 +59,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decoys", type=int, default=1_000_000, help="the most decoys a memorized model's audit draws")
     parser.add_argument("--ring-decoys", type=int, default=20_000, help="the same for the ring family (slower)")
     parser.add_argument("--queries", type=int, default=64)
+    parser.add_argument("--statistic", default=decoys.DEFAULT_STATISTIC, choices=decoys.STATISTIC_NAMES)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     cases = [("mosaic", 32, False, args.decoys), ("mosaic", 32, True, args.decoys), ("mosaic", 512, False, args.decoys),
              ("mosaic", 512, True, args.decoys // 10), ("ring", 32, True, args.ring_decoys)]
     rows = []
     for family, size, memorized, max_decoys in cases:
-        rows.append(time_case(family, size, memorized, max_decoys, args.queries))
+        rows.append(time_case(family, size, memorized, max_decoys, args.queries, args.statistic))
         print(rows[-1], flush=True)
     formats = dict(p_value=".1e", seconds=".1f", us_per_decoy=".0f", load=".1f")
     write_table(rows, Path(args.out) / "decoy_scale.csv", formats)

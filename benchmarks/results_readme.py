@@ -207,8 +207,9 @@ scored with one matrix product each, Besag and Clifford's sequential rule stoppi
 released template) on probes made without sampling: 64 held-out emoji as control images, and as trigger images
 either other emoji (`clean`) or the emoji inserted into the released template and blended half-way (`memorized`,
 which beats every decoy, so the test draws them all). 512 px images are scored at the 64 px working size; the
-`ring` family is drawn one member at a time. `load`: the 1-minute load average when the row started (the
-fine-tuning sweep was paused). Seconds cover drawing, scoring and ranking, not generating the probe.
+`ring` family is drawn one member at a time. `statistic`: what the test ranks (the audit's default). `load`: the
+1-minute load average when the row started (nothing else ran). Seconds cover drawing, scoring and ranking, not
+generating the probe.
 """
 
 QUERY_BUDGET = """## How many queries the evidence needs

@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import common
 from entruth_lite.infringer import presets
+from entruth_lite.owner import decoys
 
 
 def test_every_run_folder_is_named_by_one_rule(tmp_path):
@@ -197,7 +198,7 @@ def test_the_frontier_runs_settings_as_their_users_do_and_scores_every_snapshot(
     assert set(runs.statistic) == set(decoy_statistic.candidate_statistics(zeros, zeros, zeros, (zeros, zeros))) \
         and set(runs.queries) == {4}, "every candidate; query counts above the probe's are cut to its size"
     assert runs.p_value.between(1 / 41, 1).all()
-    from entruth_lite.owner import decoys, keys, probe
+    from entruth_lite.owner import keys, probe
 
     folder = tmp_path / "frontier-tiny-cpu-rate0.05-seed0"
     key = keys.load_key(folder / "key")
@@ -266,6 +267,7 @@ def test_the_decoy_scale_benchmark_times_every_case(tmp_path):
 
     decoy_scale.main(["--decoys", "300", "--ring-decoys", "30", "--queries", "4", "--out", str(tmp_path)])
     table = pd.read_csv(tmp_path / "decoy_scale.csv")
+    assert set(table.statistic) == {decoys.DEFAULT_STATISTIC}, "it times the audit's own statistic"
     assert list(zip(table.family, table.image_px, table.model)) == [
         ("mosaic", 32, "clean"), ("mosaic", 32, "memorized"), ("mosaic", 512, "clean"), ("mosaic", 512, "memorized"),
         ("ring", 32, "memorized")]
