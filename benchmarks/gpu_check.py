@@ -1,17 +1,19 @@
 """One prepared GPU check of the Stable Diffusion 1.5 path (issue #17): run it once where a GPU is lent.
 
-    python -m benchmarks.gpu_check [--steps 30] [--device cuda] [--width full] [--resolution 512]
+    python -m benchmarks.gpu_check [--steps 30] [--device cuda] [--width full] [--resolution PX]
 
 What it checks, on SD 1.5's architecture with random weights (``sd_architecture.build_sd15``; nothing downloads,
 so it runs on a machine without hub access):
 
 1. the model builds, saves and loads with ``models.load_pipeline`` on the device (fp16 on CUDA);
-2. a small dataset of drawn, captioned images at the resolution is protected (``protect``, template ``random:1``);
-3. every GPU preset (``presets.gpu_presets``: those of Stable Diffusion) fine-tunes for ``--steps`` steps: seconds per step
-   after the first steps' warm-up, peak GPU memory, and whether a loss is NaN/inf or all losses are equal;
+2. a small dataset of drawn, captioned images at the largest preset's resolution is protected (``protect``,
+   template ``random:1``);
+3. every GPU preset (``presets.gpu_presets``: those of Stable Diffusion) fine-tunes for ``--steps`` steps at its own
+   resolution (``colab-t4``: 256 px; ``--resolution`` sets one for all): seconds per step after the first steps'
+   warm-up, peak GPU memory, and whether a loss is NaN/inf or all losses are equal;
 4. each LoRA loads into a fresh pipeline (``models.load_finetuned``), which samples as float (``output_type="np"``:
    uint8 would show a NaN as black) to check for NaN/inf or constant images, then probes and audits
-   (``audit.audit``, 99 decoys, alpha 0.05) and prints the p-value.
+   (``audit.audit``, 99 decoys, alpha 0.05) at that resolution and prints the p-value.
 
 It ends with one markdown table and exits non-zero when anything was NaN/inf/constant or a stage failed.
 
@@ -67,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of the same path)")
     parser.add_argument("--width", default="full", choices=sd_architecture.WIDTHS, help="SD 1.5 itself, or narrow")
-    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--resolution", type=int, help="one side in px for every preset (default: each its own)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per preset")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the step time")
     parser.add_argument("--images", type=int, default=24, help="images in the drawn dataset")
@@ -119,6 +121,7 @@ class Row:
     """One line of the summary table; ``failures`` empty means the stage passed."""
 
     name: str
+    px: int | None = None
     precision: str = "-"
     batch: str = "-"
     s_per_step: float = math.nan
@@ -136,6 +139,16 @@ class Row:
 
 def on_cuda(device: str) -> bool:
     return torch.device(device).type == "cuda"
+
+
+def resolution_of(name: str, args) -> int:
+    """The side a preset trains, samples and is audited at: ``--resolution``, else the preset's own."""
+    return args.resolution or presets.PRESETS[name].get("resolution") or 512
+
+
+def data_resolution(args) -> int:
+    """The drawn data's side: the largest any checked preset trains at (the trainer resizes it for the others)."""
+    return max(resolution_of(name, args) for name in args.preset or presets.gpu_presets())
 
 
 def reset_peak(device: str) -> None:
@@ -194,9 +207,9 @@ def image_problems(images: np.ndarray, latents_finite: bool = True) -> list[str]
     return problems + ([f"{len(constant)} of {len(images)} images constant"] if constant else [])
 
 
-def check_images(pipe, prompts: list[str], args) -> tuple[str, list[str]]:
-    """(a short description, problems) of the float images ``pipe`` draws for ``prompts``."""
-    images, latents_finite = float_images(pipe, prompts, args.resolution, args.inference_steps)
+def check_images(pipe, prompts: list[str], resolution: int, args) -> tuple[str, list[str]]:
+    """(a short description, problems) of the float images ``pipe`` draws for ``prompts`` at ``resolution`` px."""
+    images, latents_finite = float_images(pipe, prompts, resolution, args.inference_steps)
     problems = image_problems(images, latents_finite)
     verdict = "ok" if not problems else "BAD"
     return f"{verdict}: {len(images)} float, range {np.nanmin(images):.2f}..{np.nanmax(images):.2f}", problems
@@ -208,7 +221,7 @@ def check_images(pipe, prompts: list[str], args) -> tuple[str, list[str]]:
 def preset_config(name: str, model: Path, args) -> presets.TrainConfig:
     """The preset as it is, on the built model, size and step count; on the CPU without mixed precision, which
     ``finetune`` refuses there."""
-    overrides = dict(model=str(model), steps=args.steps, resolution=args.resolution)
+    overrides = dict(model=str(model), steps=args.steps, resolution=resolution_of(name, args))
     precision = presets.PRESETS[name].get("mixed_precision", "no")
     if not on_cuda(args.device) and precision != "no":
         print(f"  {name}: on the CPU, mixed_precision {precision!r} -> 'no' (finetune refuses it there)")
@@ -218,7 +231,7 @@ def preset_config(name: str, model: Path, args) -> presets.TrainConfig:
 
 def run_finetune(name: str, model: Path, release: Path, out: Path, base, args, row: Row) -> None:
     config = preset_config(name, model, args)
-    row.precision = config.mixed_precision
+    row.precision, row.px = config.mixed_precision, config.resolution
     row.batch = f"{config.batch_size} x {config.gradient_accumulation_steps}"
     stamps: list[float] = []
     free_memory()
@@ -234,12 +247,14 @@ def run_finetune(name: str, model: Path, release: Path, out: Path, base, args, r
 
 
 def run_audit(model: Path, lora: Path, key, args, row: Row) -> None:
-    """Load the LoRA into a fresh pipeline, check its float images, then probe and audit it."""
+    """Load the LoRA into a fresh pipeline, check its float images, then probe and audit it at the size it
+    trained at."""
     pipe = models.load_finetuned(models.load_pipeline(model, device=args.device), lora)
     prompts = [triggers.apply_trigger(HELD_OUT[0], key.trigger, key.placement), HELD_OUT[0]]
-    row.images, problems = check_images(pipe, prompts, args)
+    row.images, problems = check_images(pipe, prompts, row.px, args)
     row.failures += problems
-    config = audit.AuditConfig(queries=args.queries, decoys=99, alpha=0.05, num_inference_steps=args.inference_steps)
+    config = audit.AuditConfig(queries=args.queries, decoys=99, alpha=0.05, num_inference_steps=args.inference_steps,
+                               resolution=row.px)
     head = audit.audit(pipe, key, HELD_OUT, config, progress=False).headline  # the decoy test: random template
     row.p_value = head.p_value if head is not None else math.nan
     if not 0 < row.p_value <= 1:
@@ -262,9 +277,9 @@ def check_preset(name: str, model: Path, release: Path, key, work: Path, base, a
 
 def check_base(base, args) -> Row:
     """The random base model's float images: a NaN here is the weights' or fp16's, not a fine-tune's."""
-    row, started = Row("base (no fine-tune)"), time.perf_counter()
+    row, started = Row("base (no fine-tune)", px=data_resolution(args)), time.perf_counter()
     try:
-        row.images, problems = check_images(base, HELD_OUT[:2], args)
+        row.images, problems = check_images(base, HELD_OUT[:2], row.px, args)
         row.failures += problems
     except Exception as error:  # noqa: BLE001
         row.failures.append(failure(error))
@@ -293,11 +308,12 @@ def number(value: float, spec: str) -> str:
 
 
 def summary_table(rows: list[Row]) -> str:
-    header = ["preset", "precision", "batch x accum", "s/step", "peak GPU GiB", "loss first -> last", "images",
+    header = ["preset", "px", "precision", "batch x accum", "s/step", "peak GPU GiB", "loss first -> last", "images",
               "p-value", "seconds", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r.name, r.precision, r.batch, number(r.s_per_step, ".3f"), number(r.peak_gb, ".2f"), r.loss,
+        cells = [r.name, "-" if r.px is None else str(r.px), r.precision, r.batch, number(r.s_per_step, ".3f"),
+                 number(r.peak_gb, ".2f"), r.loss,
                  r.images, number(r.p_value, ".3g"), number(r.seconds, ".0f"),
                  "ok" if r.ok else "FAILED: " + "; ".join(r.failures)]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
@@ -308,7 +324,8 @@ def describe(args) -> str:
     where = torch.cuda.get_device_name(torch.device(args.device)) if on_cuda(args.device) else \
         f"CPU ({torch.get_num_threads()} threads)"
     return (f"torch {torch.__version__} on {where}; SD 1.5 architecture ({args.width}, random weights) at "
-            f"{args.resolution} px, {args.steps} steps per preset, step time after the first "
+            f"{f'{args.resolution} px' if args.resolution else 'each preset at its own size'}, {args.steps} steps per "
+            f"preset, step time after the first "
             f"{warmup_steps(args.warmup, args.steps)} steps")
 
 
@@ -322,7 +339,7 @@ def prepare(work: Path, args):
     model = sd_architecture.build_sd15(work / "sd15", args.width, seed=0)
     base = models.load_pipeline(model, device=args.device)
     print(f"built and loaded the model in {time.perf_counter() - started:.0f} s ({base.unet.dtype} on {base.device})")
-    owner = drawn_dataset(work / "owner", args.images, args.resolution)
+    owner = drawn_dataset(work / "owner", args.images, data_resolution(args))
     report = protect.protect(owner, TEMPLATE, work / "protected", work / "key", count=args.templated, seed=0,
                              tokenizer=base.tokenizer)
     print(f"protected {report.n_altered} of {report.n_images} drawn images with {report.template!r}, trigger "

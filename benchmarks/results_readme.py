@@ -175,11 +175,13 @@ GPU = """## GPU presets: estimates, not measurements
 No GPU has run these presets yet. `benchmarks.gpu_estimates` derives time and peak memory from the presets and
 assumptions stated in its docstring (seconds and activation memory per 512 px image, from public reports of SD 1.5
 LoRA runs); `benchmarks.gpu_check` measures both on SD 1.5's architecture where a GPU is lent, and its figures
-replace these. `images_shown` = steps x batch x accumulation. `max_release_at_tiny_exposures` = the largest
-release that the preset shows each image as often as `tiny-cpu` shows the owner's emoji (`tiny_exposures` passes,
-the setting that memorizes on the CPU); a larger release gets proportionally fewer passes per image. On a T4 that
-means a small release, a lower resolution (a quarter of the pixels at 256 px: about four times the images in the
-same time) or a longer run.
+replace these. `images_shown` = steps x batch x accumulation. `lab_release`, `lab_rate`, `templated`: the release
+the notebooks train the preset on (`demo.LabSettings.for_preset`), and `passes` = images_shown / lab_release, against
+`tiny_exposures`, the passes `tiny-cpu` gives the owner's emoji (the setting that memorizes on the CPU at 1 %).
+`max_release_at_tiny_exposures`: the largest release that would still get as many. On a free T4 (a session of about
+an hour) that is far below the 1,005 emoji, so `colab-t4` trains at 256 px (a quarter of the pixels: about four times
+the images in the same time; the time per image is scaled by the pixel count) on the first 250 images at 4 %: the CPU
+lab's 10 templated images, each seen 48 times.
 """
 
 FRONTIER = """## What an infringer gains against the evidence left (the frontier)

@@ -173,6 +173,24 @@ def test_cli_black_box_route_gives_the_api_verdict(setting, tmp_path, capsys):
     assert "--images needs --prompts" in capsys.readouterr().err
 
 
+def test_a_model_trained_below_its_native_size_is_probed_and_audited_at_that_size(setting, tmp_path):
+    """A preset's resolution (colab-t4 trains SD 1.5 at 256 px) is where the lab and the audit query the model:
+    the probe is stored apart from one at the model's own size, and the audit's plain images match it."""
+    from entruth_lite.teaching import demo
+
+    _, key, pipe, captions, _, _ = setting
+    config = audit.AuditConfig(**(CONFIG | dict(queries=2, resolution=64)))
+    kwargs = dict(n=config.queries, seed=config.probe_seed, num_inference_steps=config.num_inference_steps)
+    native = demo.cached_probe(tmp_path, "full", lambda: pipe, key, captions, **kwargs)
+    larger = demo.cached_probe(tmp_path, "full", lambda: pipe, key, captions, resolution=64, **kwargs)
+    assert {im.size for im in native.trigger_images} == {(32, 32)}
+    assert {im.size for im in larger.trigger_images + larger.control_images} == {(64, 64)}
+    assert len(list((tmp_path / "probes").glob("full-*.npz"))) == 2
+    result = audit.audit(pipe, key, captions, config, progress=False)
+    assert {im.size for im in result.probe.trigger_images} == {(64, 64)}
+    assert [a.tobytes() for a in result.probe.trigger_images] == [a.tobytes() for a in larger.trigger_images]
+
+
 def test_a_probe_is_generated_once_and_reused_by_the_audit(setting, tmp_path):
     from entruth_lite.teaching import demo
 

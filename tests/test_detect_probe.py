@@ -110,11 +110,17 @@ def test_probe_prompts_are_paired_and_seeded():
         probe.probe_prompts([], "wqn")
 
 
+def small_emoji_writer(images, captions, names):
+    """``emoji.write_emoji_dataset`` writing these images (a few, so a test stays fast) instead of a whole split."""
+    def write(out, split="owner", size=32, overwrite=False, limit=None):
+        return data.save_imagefolder(images[:limit], captions[:limit], out, file_names=names[:limit],
+                                     overwrite=overwrite)
+    return write
+
+
 def test_demo_release_is_made_once_and_remade_when_settings_change(tmp_path, monkeypatch):
     images, captions, names = emoji_data.emoji_dataset("owner", limit=40)
-    monkeypatch.setattr(emoji_data, "write_emoji_dataset",
-                        lambda out, split="owner", size=32, overwrite=False: data.save_imagefolder(
-                            images, captions, out, file_names=names, overwrite=overwrite))
+    monkeypatch.setattr(emoji_data, "write_emoji_dataset", small_emoji_writer(images, captions, names))
     first = demo.release(tmp_path, rate=0.05, seed=0)
     key = keys.load_key(first.key)
     assert len(key.files) == 2
@@ -130,6 +136,47 @@ def test_demo_release_is_made_once_and_remade_when_settings_change(tmp_path, mon
     other = demo.release(tmp_path, rate=0.1, seed=0, size=64)  # another model's resolution: its own folders
     assert other.owner != first.owner and (first.owner / data.METADATA).is_file()
     assert keys.load_key(first.key, release=first.protected) and keys.load_key(other.key, release=other.protected)
+
+
+def test_a_release_capped_to_fewer_images_keeps_its_own_folders(tmp_path, monkeypatch, photo_folder):
+    """``images``: the release a GPU preset is sized for (``demo.GPU_LABS``) holds the first images of the owner's
+    data, in folders of its own, beside the whole dataset's release; too few images is refused by name."""
+    images, captions, names = emoji_data.emoji_dataset("owner", limit=40)
+    monkeypatch.setattr(emoji_data, "write_emoji_dataset", small_emoji_writer(images, captions, names))
+    whole = demo.release(tmp_path, rate=0.05, seed=0)
+    capped = demo.release(tmp_path, rate=0.1, seed=0, images=20)
+    assert capped.owner != whole.owner and len(data.load_imagefolder(whole.owner)) == 40
+    owner = data.load_imagefolder(capped.owner)
+    assert list(owner.file_names) == list(names[:20])
+    key = keys.load_key(capped.key, release=capped.protected)
+    assert key.n_images == 20 and len(key.files) == 2
+    stamp = (capped.key / "key.json").stat().st_mtime_ns
+    assert demo.release(tmp_path, rate=0.1, seed=0, images=20) == capped
+    assert (capped.key / "key.json").stat().st_mtime_ns == stamp, "same settings: reused"
+    own = demo.release(tmp_path, rate=0.1, template="random:0", seed=0, dataset=photo_folder, images=16)
+    assert len(data.load_imagefolder(own.owner)) == 16 and len(data.load_imagefolder(own.held_out)) == 8
+    with pytest.raises(data.DatasetError, match="images=10"):
+        demo.release(tmp_path, rate=0.1, seed=0, images=10)
+
+
+def test_the_lab_at_a_gpu_preset_is_sized_to_its_session():
+    """colab-t4 trains on a smaller release at a higher rate, as many templated images as the CPU lab, each seen
+    as often as the CPU preset that memorizes shows them; other presets keep the whole dataset."""
+    from entruth_lite.infringer import presets
+    from entruth_lite.owner import selection
+
+    lab = demo.LAB
+    assert lab.for_preset(lab.preset) is lab
+    n_owner = len(emoji_data.emoji_splits().owner)
+    t4 = lab.for_preset("colab-t4")
+    assert (t4.preset, t4.steps, t4.template, t4.queries) == ("colab-t4", None, lab.template, lab.queries)
+    assert selection.count_for(t4.release_images, rate=t4.rate) == selection.count_for(n_owner, rate=lab.rate)
+    cpu_passes = presets.exposures(presets.preset("tiny-cpu"), n_owner)
+    assert presets.exposures(presets.preset("colab-t4"), t4.release_images) >= cpu_passes
+    a100 = lab.for_preset("a100")
+    assert a100.release_images is None and a100.rate == lab.rate and a100.steps is None
+    with pytest.raises(ValueError, match="unknown preset 'T4'"):
+        lab.for_preset("T4")
 
 
 def test_demo_release_of_the_owners_own_photos_holds_out_the_probe_set(tmp_path, photo_folder):

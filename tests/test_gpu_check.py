@@ -29,6 +29,15 @@ def table_rows(printed: str) -> dict[str, list[str]]:
     return {cells[0].strip(): [c.strip() for c in cells] for cells in rows}
 
 
+def test_each_preset_is_checked_at_its_own_resolution_unless_one_is_given():
+    args = gpu_check.parse_args([])
+    assert {name: gpu_check.resolution_of(name, args) for name in presets.gpu_presets()} == {
+        name: presets.preset(name).resolution for name in presets.gpu_presets()}
+    assert gpu_check.resolution_of("colab-t4", args) == 256 and gpu_check.data_resolution(args) == 512
+    assert gpu_check.data_resolution(gpu_check.parse_args(["--preset", "colab-t4"])) == 256
+    assert gpu_check.resolution_of("a100", gpu_check.parse_args(["--resolution", "64"])) == 64
+
+
 def test_gpu_check_runs_every_gpu_preset_on_the_cpu(one_thread, capsys):
     assert gpu_check.main(SMOKE) == 0
     printed = capsys.readouterr().out
@@ -39,7 +48,7 @@ def test_gpu_check_runs_every_gpu_preset_on_the_cpu(one_thread, capsys):
     for name in gpu_presets:
         cells = dict(zip(header, rows[name]))
         assert math.isfinite(float(cells["s/step"])) and float(cells["s/step"]) > 0, cells
-        assert cells["precision"] == "no" and cells["status"] == "ok", cells
+        assert cells["precision"] == "no" and cells["status"] == "ok" and cells["px"] == "64", cells
         assert 0 < float(cells["p-value"]) <= 1, cells
         assert f"{name}: on the CPU, mixed_precision" in printed  # the override is said, not silent
     assert "GPU check passed" in printed

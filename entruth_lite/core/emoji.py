@@ -146,12 +146,14 @@ TWEMOJI_CREDIT = (
 )
 
 
-def write_emoji_dataset(out: str | os.PathLike, split: str = "owner", size: int = 32, overwrite: bool = False) -> Path:
-    """Write one emoji split as an imagefolder (the CLI's ``entruth-lite data emoji OUT``)."""
+def write_emoji_dataset(out: str | os.PathLike, split: str = "owner", size: int = 32, overwrite: bool = False,
+                        limit: int | None = None) -> Path:
+    """Write one emoji split (its first ``limit`` images; all when None) as an imagefolder (the CLI's
+    ``entruth-lite data emoji OUT``)."""
     if Path(out).is_dir() and (Path(out) / "README.md").is_file() and \
             (Path(out) / "README.md").read_bytes() == TWEMOJI_CREDIT.encode():
         files.adopt(Path(out))  # an emoji split an earlier version wrote (it carries this credit file)
-    images, captions, names = emoji_dataset(split, size)
+    images, captions, names = emoji_dataset(split, size, limit)
     return save_imagefolder(
         images, captions, out, file_names=names, overwrite=overwrite,
         extra_files={"README.md": TWEMOJI_CREDIT.encode()},

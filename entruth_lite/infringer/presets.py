@@ -112,10 +112,12 @@ PRESETS: dict[str, dict] = {
                           lr_scheduler="constant", cache_latents=True),
     # GPU presets checkpoint often: Colab runtimes disconnect, and a resumed run replays exactly. Their length and
     # memory are sized to their card (benchmarks/gpu_estimates.py: estimates until benchmarks/gpu_check.py measures)
-    "colab-t4": dict(model="stable-diffusion-v1-5/stable-diffusion-v1-5", method="lora", lora_rank=8, resolution=512,
-                     batch_size=1, gradient_accumulation_steps=4, learning_rate=1e-4, lr_scheduler="cosine",
-                     lr_warmup_steps=50, steps=650, mixed_precision="fp16", gradient_checkpointing=True,
-                     snr_gamma=5.0, random_flip=False, cache_latents=True, checkpoint_every=200),
+    # a free Colab T4 session is about an hour: 256 px (a quarter of SD's pixels) and a release sized to the session
+    # (``teaching.demo.GPU_LABS``), so that each templated image is seen as often as ``tiny-cpu`` shows it
+    "colab-t4": dict(model="stable-diffusion-v1-5/stable-diffusion-v1-5", method="lora", lora_rank=8, resolution=256,
+                     batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-4, lr_scheduler="cosine",
+                     lr_warmup_steps=100, steps=3000, mixed_precision="fp16", gradient_checkpointing=True,
+                     snr_gamma=5.0, random_flip=False, cache_latents=True, checkpoint_every=250),
     "a100": dict(model="stable-diffusion-v1-5/stable-diffusion-v1-5", method="lora", lora_rank=16, resolution=512,
                  batch_size=16, learning_rate=1e-4, lr_scheduler="cosine", lr_warmup_steps=100, steps=3000,
                  mixed_precision="bf16", gradient_checkpointing=True, snr_gamma=5.0, cache_latents=True,

@@ -158,6 +158,7 @@ class AuditConfig:
     num_inference_steps: int = 25
     guidance_scale: float = 3.0
     max_negatives: int = MAX_NEGATIVES  # plain images used as negatives (VAE round trips), at most
+    resolution: int | None = None  # the side the suspect is queried at (None: its own; a LoRA trained at 256 px: 256)
 
     def __post_init__(self):
         if self.detector not in DETECTORS:
@@ -368,7 +369,7 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
     if methods != config.methods:
         config = checked_already(config, methods=methods)
     generation = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                      progress=progress)
+                      resolution=config.resolution, progress=progress)
     if probed is None:
         probed = probe.probe_model(pipe, captions, key.trigger, key.placement, n=config.queries, seed=config.probe_seed,
                              **generation)
@@ -386,7 +387,8 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
         ref_probe = ProbeResult(plain, triggered, seeds, probe.generate(reference_pipe, triggered, seeds, **generation), [])
     wants_negatives = config.detector == "classifier" or {"binomial", "one-query"} & set(config.methods)
     if wants_negatives or negatives is not None:
-        negatives = audit_plain_images(key, default_resolution(pipe), config.max_negatives, negatives)
+        side = config.resolution or default_resolution(pipe)
+        negatives = audit_plain_images(key, side, config.max_negatives, negatives)
     if config.detector == "classifier" and classifier is None:
         classifier = detect.train_classifier(template, negatives, vae=pipe, progress=progress)
         notes.append(f"classifier trained on {len(negatives)} plain images (VAE round trips), calibrated on "

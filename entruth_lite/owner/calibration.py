@@ -49,6 +49,7 @@ def audit_plain_images(key, side: int, max_negatives: int = MAX_NEGATIVES,
     return negatives_as_trained(plain_images_of(key) if plain is None else plain, side, max_negatives)
 
 
-def audit_negatives(key, vae, max_negatives: int = MAX_NEGATIVES) -> list[Image.Image]:
-    """``audit_plain_images`` as ``vae`` (a pipeline) draws them: the projection detector's negatives in an audit."""
-    return vae_round_trip(vae, audit_plain_images(key, default_resolution(vae), max_negatives))
+def audit_negatives(key, vae, max_negatives: int = MAX_NEGATIVES, side: int | None = None) -> list[Image.Image]:
+    """``audit_plain_images`` at ``side`` px (default: the model's own) as ``vae`` (a pipeline) draws them: the
+    projection detector's negatives in an audit."""
+    return vae_round_trip(vae, audit_plain_images(key, side or default_resolution(vae), max_negatives))

@@ -1,5 +1,6 @@
-"""The demo's shared artefacts under ``runs/``: the owner's dataset, its protected release and key, so that
-each notebook can run on its own (it reuses what an earlier notebook wrote when the settings match)."""
+"""The lab the notebooks share: its settings, its models (fine-tuned once under ``runs/``, or read from a class
+pack) and their answers to probe queries, so that each notebook can run on its own (it reuses what an earlier
+notebook wrote when the settings match). Its data, the owner's dataset and release, is ``lab_data``'s."""
 
 from __future__ import annotations
 
@@ -8,31 +9,37 @@ import json
 import multiprocessing
 import os
 import queue
-import re
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from ..core import data, emoji, files, models
-from ..core.families import DEFAULT_FAMILY, is_family
+from ..core import data, files, models
+from ..core.families import DEFAULT_FAMILY
 from ..core.models import load_finetuned, load_pipeline
 from ..core.progress import tqdm
 from ..evaluation import quality
 from ..infringer import checkpoints, presets, train
 from ..infringer.presets import TrainConfig
 from ..infringer.train import TrainResult
-from ..owner import keys, probe, protect, record, selection, triggers, verify
+from ..owner import keys, probe, record, verify
 from . import classroom
+from .lab_data import (  # noqa: F401  the notebooks' demo.release, demo.held_out_captions, ...
+    EMOJI,
+    MIN_HELD_OUT,
+    Release,
+    captioning_corpus,
+    dataset_tag,
+    held_out_captions,
+    images_at,
+    release,
+    release_folders,
+    split_held_out,
+)
 
-EMOJI = "emoji"  # the default dataset: the owner split of the Twemoji images that ship with the package
-HELD_OUT_SHARE = 0.1  # of the owner's own dataset, kept out of the release: its captions are the probe prompts
-MIN_HELD_OUT = 8
-SOURCE_FILE = "source.json"
 SECONDS_FILE = "train_seconds.json"  # in a fine-tune's folder: how long ``finetuned`` trained it
 
 
@@ -49,9 +56,22 @@ class LabSettings:
     queries: int = 64  # probe queries per model (trigger and control prompts each)
     sample_steps: int = 25  # sampler steps of every probe and quality sample
     quality_samples: int = 128  # notebook 05's generations per model for FID / KID
+    release_images: int | None = None  # images of the owner's data the release holds (None: all of them)
+
+    def for_preset(self, preset: str) -> "LabSettings":
+        """The lab at another preset: its own number of steps, and the release a GPU preset is sized for
+        (``GPU_LABS``)."""
+        if preset == self.preset:
+            return self
+        presets.preset(preset)  # a clear error for an unknown name
+        return replace(self, preset=preset, steps=None, **GPU_LABS.get(preset, {}))
 
 
 LAB = LabSettings()
+# The release a GPU preset is sized for, where the whole dataset would get too few passes in the card's session:
+# colab-t4 (3,000 steps of 4 images, about an hour of a free T4: benchmarks/gpu_estimates.py) shows 250 images 48
+# times each, as often as tiny-cpu shows the 1,005 emoji, and 4 % of them keeps the CPU lab's 10 templated images
+GPU_LABS: dict[str, dict] = {"colab-t4": dict(rate=0.04, release_images=250)}
 
 
 def measured_power_note(table, rate: float, template: str, steps: int = LAB.steps) -> str:
@@ -65,111 +85,9 @@ def measured_power_note(table, rate: float, template: str, steps: int = LAB.step
     return note + (f" ({'; '.join(caveats)})" if caveats else "")
 
 
-@dataclass
-class Release:
-    owner: Path  # the owner's data as the demo trains on it (the clean model's training set)
-    protected: Path  # its protected release
-    key: Path  # the owner's key
-    held_out: Path | None = None  # captioned images never released: their captions are the probe prompts
-
-
-def dataset_tag(dataset: str | Path = EMOJI, size: int = 32) -> str:
-    """The folder name of one dataset at one training resolution (``32px`` for the emoji; ``<name>-<hash>-<size>px``
-    for the owner's own data, the hash of where it came from, so two datasets called ``photos`` never mix)."""
-    if str(dataset) == EMOJI:
-        return f"{size}px"
-    source = str(Path(dataset).resolve()) if Path(dataset).exists() else str(dataset)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(str(dataset)).name or "dataset").strip("-.") or "dataset"
-    return f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:8]}-{size}px"
-
-
-def release_folders(runs: str | Path, size: int = 32, dataset: str | Path = EMOJI) -> Release:
-    """Where the demo keeps the owner's data, its release, the held-out probe set and the key: one set per dataset
-    and resolution, so tiny and Stable Diffusion runs never overwrite each other."""
-    runs, tag = Path(runs), dataset_tag(dataset, size)
-    return Release(owner=runs / "data" / tag / "owner", protected=runs / "data" / tag / "protected",
-                   key=runs / "keys" / tag / "owner-key", held_out=runs / "data" / tag / "held-out")
-
-
-def split_held_out(n: int, seed: int = 0) -> np.ndarray:
-    """Indices of the rows of an ``n``-row dataset kept out of the release (a fixed, seeded share)."""
-    n_held = max(MIN_HELD_OUT, round(HELD_OUT_SHARE * n))
-    if n - n_held < MIN_HELD_OUT:
-        raise data.DatasetError(f"the dataset has {n} images: the demo needs at least {2 * MIN_HELD_OUT} "
-                                f"({MIN_HELD_OUT} held out for probe prompts, the rest released)")
-    return np.sort(np.random.default_rng(seed).permutation(n)[:n_held])
-
-
-def write_owner_data(dataset: str | Path, folders: Release, size: int) -> None:
-    """The owner's data and a held-out probe set: the emoji (owner and probe splits, drawn at ``size``), or the
-    owner's own imagefolder (or hub dataset, imported at ``size``) split into released and held-out rows. Files
-    of a local folder are copied byte for byte; the source is never modified."""
-    if (folders.owner.parent / SOURCE_FILE).is_file():  # the demo's own folders, perhaps from an earlier version
-        for folder in (folders.owner, folders.held_out):
-            files.adopt(folder)
-    if str(dataset) == EMOJI:
-        emoji.write_emoji_dataset(folders.owner, size=size, overwrite=True)
-        emoji.write_emoji_dataset(folders.held_out, split="probe", size=size, overwrite=True)
-    else:
-        folder = Path(dataset)
-        if not (folder / data.METADATA).is_file():  # a hub id (or a datasets folder): import once
-            folder = folders.owner.parent / "imported"
-            if not (folder / data.METADATA).is_file():
-                data.import_captioned(str(dataset), folder, resolution=size, overwrite=True)
-        source = data.load_imagefolder(folder)
-        held = set(split_held_out(len(source)).tolist())
-        for folder, rows in ((folders.owner, [i for i in range(len(source)) if i not in held]),
-                             (folders.held_out, sorted(held))):
-            data.save_imagefolder([source.path(i) for i in rows], [source.captions[i] for i in rows], folder,
-                                  file_names=[source.file_names[i] for i in rows],
-                                  extras=[source.extras[i] for i in rows], overwrite=True)
-    (folders.owner.parent / SOURCE_FILE).write_text(json.dumps({"dataset": str(dataset), "size": size}))
-
-
-def _owner_data_current(dataset: str | Path, folders: Release, size: int) -> bool:
-    marker = folders.owner.parent / SOURCE_FILE
-    return (marker.is_file() and json.loads(marker.read_text()) == {"dataset": str(dataset), "size": size}
-            and (folders.owner / data.METADATA).is_file() and (folders.held_out / data.METADATA).is_file())
-
-
-def release(runs: str | Path, rate: float = 0.01, template: str = DEFAULT_FAMILY, seed: int = 0,
-            size: int = 32, dataset: str | Path = EMOJI) -> Release:
-    """The owner's dataset (``dataset``: the emoji, or a folder or hub id of the owner's own captioned images;
-    ``size`` px: 32 for the tiny model, 512 for Stable Diffusion) and its protected release at ``rate``; made
-    once, then reused while the settings match. Images of any size are templated at ``size``, as a trainer
-    would crop them."""
-    folders = release_folders(runs, size, dataset)
-    owner, protected, key_dir = folders.owner, folders.protected, folders.key
-    fresh_owner = not _owner_data_current(dataset, folders, size)
-    if fresh_owner:
-        write_owner_data(dataset, folders, size)
-    try:
-        key = keys.load_key(key_dir, release=protected)  # also: the release committed to this key
-        same_template = (key.template.family == template if is_family(template) and ":" not in template
-                         else key.template.name == template)  # a family name: any secret member of it will do
-        current = (not fresh_owner and same_template and key.seed == seed
-                   and len(key.files) == selection.count_for(key.n_images, rate=rate)
-                   and (protected / data.METADATA).is_file()
-                   # the trigger protect draws now (a release made before a change of the default is remade)
-                   and key.trigger == triggers.generate_trigger(data.load_imagefolder(owner).captions, seed=seed))
-    except (FileNotFoundError, ValueError):
-        current = False
-    if not current:
-        protect.protect(owner, template, protected, key_dir, rate=rate, seed=seed, overwrite=True,
-                        resolution=None if str(dataset) == EMOJI else size)
-    return folders
-
-
-def held_out_captions(release: Release) -> list[str]:
-    """The probe prompts: captions of images the release never contained."""
-    return [record.text for record in data.read_metadata(release.held_out)]
-
-
-def images_at(folder: str | Path, size: int, limit: int | None = None) -> tuple[list, list[str]]:
-    """(images, captions) of an imagefolder as a trainer sees them: each resized and centre-cropped to ``size``."""
-    dataset = data.load_imagefolder(folder)
-    rows = range(len(dataset) if limit is None else min(limit, len(dataset)))
-    return [data.crop_to_square(dataset.image(i), size) for i in rows], [dataset.captions[i] for i in rows]
+def training_size(config: TrainConfig, pipe) -> int:
+    """The side in px the lab trains, probes and audits at: the preset's resolution, or the model's own."""
+    return config.resolution or models.default_resolution(pipe)
 
 
 def model_folder(runs: str | Path, name: str, config, data_dir: str | Path) -> Path:
@@ -210,29 +128,24 @@ def saved_seconds(folder: str | Path) -> float | None:
 
 
 def cached_probe(runs: str | Path, model: str, load, key, captions, n: int, seed: int = 1, num_inference_steps: int = 25,
-           guidance_scale: float = 3.0):
+                 guidance_scale: float = 3.0, resolution: int | None = None):
     """The probe of a model (``model``: its name under ``runs/models``, e.g. a ``finetuned`` folder's, or
-    ``"base-tiny"``) with ``key``'s trigger on ``captions``: generated once, stored under ``runs/probes`` and read
-    back by any notebook that asks for the same queries (``load()`` is called only when it must generate)."""
+    ``"base-tiny"``) with ``key``'s trigger on ``captions``, at ``resolution`` px (None: the model's own): generated
+    once, stored under ``runs/probes`` and read back by any notebook that asks for the same queries (``load()`` is
+    called only when it must generate)."""
     settings = dict(trigger=key.trigger, placement=key.placement, captions=list(captions), n=n, seed=seed,
                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    if resolution is not None:  # probes stored before the setting existed keep their names
+        settings["resolution"] = resolution
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     path = Path(runs) / "probes" / f"{Path(str(model)).name}-{digest}.npz"
     if path.is_file():
         return probe.load_probe(path)
     result = probe.probe_model(load(), captions, key.trigger, key.placement, n=n, seed=seed,
-                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                               resolution=resolution)
     probe.save_probe(result, path)
     return result
-
-
-def captioning_corpus(release: Release, dataset: str | Path, size: int, limit: int | None = None):
-    """(images, captions) an infringer's retrieval captioner learns from, none of them released: another emoji
-    split for the emoji, the held-out images for the owner's own data."""
-    if str(dataset) == EMOJI:
-        images, captions, _ = emoji.emoji_dataset("pretrain", size=size, limit=limit)
-        return images, captions
-    return images_at(release.held_out, size, limit)
 
 
 @dataclass
@@ -275,7 +188,8 @@ class Lab:
             return {name: self.pack.probe(name, captions, key.trigger, key.placement, n, seed, num_inference_steps,
                                           guidance_scale) for name in names}
         return {name: cached_probe(self.runs, self._model_name(name), lambda name=name: self.pipeline(name), key, captions,
-                             n, seed, num_inference_steps, guidance_scale) for name in names}
+                                   n, seed, num_inference_steps, guidance_scale, self.config.resolution)
+                for name in names}
 
     def samples(self, name: str, prompts: Sequence[str], seeds: Sequence[int], num_inference_steps: int = 25,
                 guidance_scale: float = 3.0) -> list:
@@ -283,7 +197,7 @@ class Lab:
         if self.recorded:
             return self.pack.samples(name, prompts, seeds, num_inference_steps, guidance_scale)
         return probe.generate(self.pipeline(name), prompts, seeds, num_inference_steps=num_inference_steps,
-                              guidance_scale=guidance_scale)
+                              guidance_scale=guidance_scale, resolution=self.config.resolution)
 
     def audit_pipeline(self, name: str):
         """The pipeline an audit of ``name``'s stored answers needs for the owner's side (its VAE draws the plain
@@ -414,7 +328,7 @@ def record_class(runs: str | os.PathLike = "runs", out: str | os.PathLike = clas
     config = presets.notebook_preset(settings.preset, None, settings.steps, settings.seed)
     base = models.load_pipeline(config.model)
     folders = release(runs, rate=settings.rate, template=settings.template, seed=settings.seed,
-                      size=models.default_resolution(base))
+                      size=training_size(config, base), images=settings.release_images)
     owner_captions = list(data.load_imagefolder(folders.owner).captions)  # notebook 05's, as images_at gives them
     return record_lab(lab(runs, folders, config, base), keys.load_key(folders.key, release=folders.protected),
                       held_out_captions(folders), owner_captions, out, settings.queries, settings.sample_steps,
