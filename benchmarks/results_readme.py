@@ -219,7 +219,10 @@ QUERY_BUDGET = """## How many queries the evidence needs
 `benchmarks.query_budget`: the audit's decoy test (the sequential rule, up to `max_decoys` decoys) on the first n of the
 64 stored queries of each detection-power run at the collection's key design (`tiny-cpu` full fine-tunes, 1,500
 steps). Per rate and n: seeds detected at alpha = 0.01, and the median and worst seed's p-value. The CSV has every
-run.
+run. The 0.3 % runs (3 templated images of 1,005; `detection_power --rates 0.003 --train-only`, archived) were
+trained for this table: none of the three is detected with 64 queries (p 0.10, 0.21, 0.011), so the smallest number
+of templated images detected on at least 2 of 3 seeds is 5 (0.5 %, every seed from 32 queries). At 0.3 % a smaller
+n detects one seed (16 queries: p 2.4e-3), which the fixed plan of 64 queries does not count.
 """
 
 QUERY_MILLION = """## A million decoys at 2 %
