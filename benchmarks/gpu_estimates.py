@@ -4,7 +4,7 @@ them on a GPU (issue #17). Nothing here was run on a GPU.
     python -m benchmarks.gpu_estimates [--out benchmarks/results/gpu_estimates.csv]
 
 For each preset: how many images it shows the model (steps x batch x accumulation), the estimated wall time on its
-card, the release the lab trains it on (``demo.LabSettings.for_preset``: the whole emoji set, or the smaller one a
+card (and for the lab's two fine-tunes), the release the lab trains it on (``demo.LabSettings.for_preset``: the whole emoji set, or the smaller one a
 preset is sized for, ``demo.GPU_LABS``), its templated images and the passes over each image, against the passes
 the ``tiny-cpu`` preset gives the owner's emoji (the setting that memorizes on the CPU: ``presets.exposures``), and
 the largest release that would still get as many. Memory is SD 1.5's frozen weights in half precision (parameter
@@ -38,6 +38,7 @@ ACTIVATIONS_GIB_PER_IMAGE_512 = {True: 0.8, False: 3.0}  # with / without gradie
 OVERHEAD_GIB = 1.5  # CUDA context, allocator slack, LoRA weights and optimizer state
 SD15_PARAMETERS = 859_520_964 + 83_653_863 + 123_060_480  # UNet + VAE + text encoder (sd_architecture, full)
 MARGIN = 0.75  # a preset "fits" when the estimate is at most this share of the card
+LAB_FINE_TUNES = 2  # the lab trains a protected and a clean model (teaching.demo.finetuned), one after the other
 
 
 def estimate(name: str, tiny_exposures: float, n_owner: int) -> dict:
@@ -51,7 +52,8 @@ def estimate(name: str, tiny_exposures: float, n_owner: int) -> dict:
     card, card_gib = CARD[name]
     return dict(preset=name, card=card, resolution=config.resolution, steps=config.steps, batch=config.batch_size,
                 accumulation=config.gradient_accumulation_steps, images_shown=images,
-                est_minutes=round(minutes), lab_release=release, lab_rate=lab.rate,
+                est_minutes=round(minutes), est_lab_minutes=round(LAB_FINE_TUNES * minutes), lab_release=release,
+                lab_rate=lab.rate,
                 templated=selection.count_for(release, rate=lab.rate),
                 passes=round(presets.exposures(config, release), 1),
                 max_release_at_tiny_exposures=int(images // tiny_exposures),

@@ -178,10 +178,11 @@ LoRA runs); `benchmarks.gpu_check` measures both on SD 1.5's architecture where 
 replace these. `images_shown` = steps x batch x accumulation. `lab_release`, `lab_rate`, `templated`: the release
 the notebooks train the preset on (`demo.LabSettings.for_preset`), and `passes` = images_shown / lab_release, against
 `tiny_exposures`, the passes `tiny-cpu` gives the owner's emoji (the setting that memorizes on the CPU at 1 %).
-`max_release_at_tiny_exposures`: the largest release that would still get as many. On a free T4 (a session of about
-an hour) that is far below the 1,005 emoji, so `colab-t4` trains at 256 px (a quarter of the pixels: about four times
-the images in the same time; the time per image is scaled by the pixel count) on the first 250 images at 4 %: the CPU
-lab's 10 templated images, each seen 48 times.
+`max_release_at_tiny_exposures`: the largest release that would still get as many. `est_lab_minutes`: the lab's
+fine-tunes (a protected and a clean model), one after the other on the card. On a free T4 (a session of about an
+hour) that release is far below the 1,005 emoji, so `colab-t4` trains at 256 px (a quarter of the pixels: about four
+times the images in the same time; the time per image is scaled by the pixel count) on the first 125 images at 8 %:
+as many templated images (10) as the CPU lab's 1 %, each seen 48 times.
 """
 
 FRONTIER = """## What an infringer gains against the evidence left (the frontier)

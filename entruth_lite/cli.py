@@ -107,8 +107,11 @@ def _audit(args) -> None:
     release = args.release or (key.release if key.release and Path(key.release).is_dir() else None)
     if release:
         keys.check_commitment(key, release)  # before any work, the prompt sheet's included
+    # a white-box audit queries at the size the suspect was trained at: --resolution, else the key's (else the model's
+    # own); the prompt sheet asks for the same; a service's answers are scored at the size they come in
+    queried_at = None if args.images else args.resolution or key.resolution
     config = audit.AuditConfig(queries=args.queries, detector=args.detector, methods=tuple(args.method),
-                               alpha=args.alpha, decoys=args.decoys, resolution=args.resolution)
+                               alpha=args.alpha, decoys=args.decoys, resolution=queried_at)
     if args.step == "prompts":  # black box, step 1: the prompts to send to the service
         _write_prompt_sheet(args, key, _probe_captions(args), config)
         return
@@ -350,8 +353,8 @@ def _add_audit(commands) -> None:
     au.add_argument("--replay", help="rerun an audit from its record (--json output or HTML report); --model / "
                     "--weights: where the recorded files are now")
     au.add_argument("--out", help="audit prompts: where to write the prompt sheet (JSON lines)")
-    au.add_argument("--resolution", type=int, help="the side to query the model at (default: its own); audit prompts: "
-                    "the size to ask for (default: the key's, else 32 for tiny, 512 for others)")
+    au.add_argument("--resolution", type=int, help="the side to query the model at, or the prompt sheet asks for "
+                    "(default: the key's, else the model's own: 32 for tiny, 512 for Stable Diffusion)")
     _overwrite_and_json(au, "audit prompts: replace an existing sheet", "print the verdicts as one JSON object")
     au.set_defaults(func=_audit)
 

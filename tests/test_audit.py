@@ -183,6 +183,23 @@ def test_cli_audit_prints_json_and_writes_the_report(suspect, capsys):
                                                 for q in payload["queries"])
 
 
+def test_cli_audit_queries_at_the_size_it_is_given_and_its_record_replays_there(suspect, tmp_path, capsys):
+    """``--resolution``: a suspect trained below its model's own size (colab-t4: SD 1.5 at 256 px) is queried there;
+    the record says so, and its replay queries at that size and gives the same p-values."""
+    args = ["--key", str(suspect / "key"), "--queries", "2", "--decoys", "99", "--json", "--method", "decoy",
+            "binomial"]
+    assert cli.main(["audit", "--weights", str(suspect / "full"), "--resolution", "64", *args,
+                     "--report", str(tmp_path / "report.html")]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["environment"]["resolution"] == 64 and payload["config"]["resolution"] == 64
+    assert cli.main(["audit", "--replay", str(tmp_path / "report.html"), "--weights", str(suspect / "full"),
+                     "--json"]) == 0
+    replayed = json.loads(capsys.readouterr().out)
+    assert replayed["environment"]["resolution"] == 64
+    assert [v["test"] for v in replayed["verdicts"]] == ["decoy"]  # the tests a replay reruns
+    assert replayed["verdicts"][0]["p_value"] == replayed["recorded_p_values"]["decoy"]
+
+
 def test_cli_audit_refuses_pickled_weights(suspect, tmp_path, capsys):
     import shutil
 

@@ -187,7 +187,7 @@ def test_a_model_trained_below_its_native_size_is_probed_and_audited_at_that_siz
     assert {im.size for im in larger.trigger_images + larger.control_images} == {(64, 64)}
     assert len(list((tmp_path / "probes").glob("full-*.npz"))) == 2
     result = audit.audit(pipe, key, captions, config, progress=False)
-    assert {im.size for im in result.probe.trigger_images} == {(64, 64)}
+    assert {im.size for im in result.probe.trigger_images} == {(64, 64)} and result.environment["resolution"] == 64
     assert [a.tobytes() for a in result.probe.trigger_images] == [a.tobytes() for a in larger.trigger_images]
 
 

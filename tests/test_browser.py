@@ -159,14 +159,14 @@ def _run_all(browser, lab, name: str) -> None:
     assert _tracebacks(browser) == [], f"{name} raised on Run All"
 
 
-def _settle(browser, output, quiet: float = 2.0, timeout: float = 120) -> None:
-    """Wait until the output has not changed for ``quiet`` seconds with the kernel idle."""
-    last, since, deadline = output.get_attribute("innerHTML"), time.time(), time.time() + timeout
+def _settle(browser, index: int, quiet: float = 2.0, timeout: float = 120) -> None:
+    """Wait until the ``index``-th widget's output has not changed for ``quiet`` seconds with the kernel idle."""
+    last, since, deadline = _output_html(browser, index), time.time(), time.time() + timeout
     while time.time() - since < quiet:
         if time.time() > deadline:
             raise AssertionError("a widget kept redrawing")
         time.sleep(0.5)
-        now = output.get_attribute("innerHTML")
+        now = _output_html(browser, index)
         if now != last or not _idle(browser):
             last, since = now, time.time()
 
@@ -176,6 +176,24 @@ def _figure_heights(browser, output) -> list[int]:
     images = browser.execute_script("return Array.from(arguments[0].querySelectorAll('img')).map(i => "
                                     "i.complete && i.naturalWidth > 0 ? i.getBoundingClientRect().height : -1)", output)
     return [round(h) for h in images] if images and min(images) >= 0 else []
+
+
+def _widget_output(browser, index: int):
+    """The output element of the page's ``index``-th interact box, found afresh."""
+    from selenium.webdriver.common.by import By
+
+    return browser.find_elements(By.CSS_SELECTOR, ".widget-interact")[index].find_element(By.CSS_SELECTOR,
+                                                                                        ".widget-output")
+
+
+def _output_html(browser, index: int) -> str | None:
+    """The widget's output as HTML, or None while the lab replaces the element."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        return _widget_output(browser, index).get_attribute("innerHTML")
+    except (NoSuchElementException, StaleElementReferenceException, IndexError):
+        return None
 
 
 def _controls(box):
@@ -217,18 +235,23 @@ def test_every_widget_redraws_in_a_real_browser(lab, browser, name):
     assert boxes, f"{name} shows no interactive widget"
     changed = 0
     for b, box in enumerate(boxes):
-        output = box.find_element(By.CSS_SELECTOR, ".widget-output")
         for k, (kind, control) in enumerate(_controls(box)):
-            before = output.get_attribute("innerHTML")
+            before = _output_html(browser, b)  # the element found afresh each time: a redraw may replace it
             _change(browser, kind, control)
-            _wait(lambda: output.get_attribute("innerHTML") != before and _idle(browser), 120,
+            _wait(lambda: _output_html(browser, b) not in (None, before) and _idle(browser), 120,
                   f"widget {b} of {name} to redraw after its {kind} {k} changed")
-            _settle(browser, output)  # a control may redraw twice (04's attack resets its strength)
+            _settle(browser, b)  # a control may redraw twice (04's attack resets its strength)
             assert _tracebacks(box) == [], f"{name}: widget {b}, {kind} {k}"
             # found again: the lab may have redrawn the whole output element, leaving the old reference stale
-            figures = _wait(lambda: _figure_heights(browser, browser.find_elements(
-                By.CSS_SELECTOR, ".widget-interact")[b].find_element(By.CSS_SELECTOR, ".widget-output")), 30,
-                f"widget {b} of {name} to draw its figure")
+            try:
+                figures = _wait(lambda: _figure_heights(browser, _widget_output(browser, b)), 60,
+                                f"widget {b} of {name} to draw its figure")
+            except AssertionError as error:  # seen once on a quiet machine: keep what a person needs to tell why
+                shot = SHOTS / f"{name}-widget{b}-{kind}{k}-no-figure.png"
+                browser.save_screenshot(str(shot))
+                html = _output_html(browser, b) or ""
+                raise AssertionError(f"{error}; its output: {len(html)} characters of HTML, "
+                                     f"{html.count('<img')} images; see {shot}") from None
             assert min(figures) >= 60, f"{name}: widget {b}, {kind} {k} draws a figure {min(figures)} px high"
             browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", box)
             browser.save_screenshot(str(SHOTS / f"{name}-widget{b}-{kind}{k}.png"))

@@ -305,7 +305,8 @@ def test_notebook_runs_in_class_mode_on_the_shipped_pack_without_training(path, 
 
 SD_NOTEBOOKS = [p for p in NOTEBOOKS if p.name[:2] in ("02", "03", "04", "05")]
 # smoke size for Stable Diffusion's architecture: the colab-t4 preset's code path on 40 photos of mixed sizes, the
-# release cut to 24 of them as the preset's lab cuts it (demo.GPU_LABS)
+# release cut to 24 of them (a GPU lab's cut, demo.GPU_LABS, set here: a runner's values follow the parameters cell,
+# so its SETUP line does not see them)
 SD_SMOKE = {"PRESET": "colab-t4", "RATE": 0.05, "RELEASE_IMAGES": 24, "STEPS": 4, "QUERIES": 8, "DECOYS": 99,
             "SAMPLE_STEPS": 4, "N_SAMPLES": 8, "N_IMAGES": 16, "CLASSIFIER_STEPS": 30, "N_PREVIEW": 40}
 
@@ -428,6 +429,11 @@ def test_notebook_preset_runs_the_gpu_presets_code_on_this_machine(tmp_path):
     assert tiny.fingerprint() == presets.preset("tiny-cpu", steps=20, seed=3).fingerprint(), "the tiny demo unchanged"
     sd = presets.notebook_preset("colab-t4", model=tmp_path, seed=0)
     assert sd.model == str(tmp_path) and sd.resolution is None and sd.steps == presets.PRESETS["colab-t4"]["steps"]
+    for sample_size, side in ((64, 256), (8, 64)):  # SD 1.5's own 512 px: the preset's 256; a narrow build's 64
+        for part, config in (("unet", {"sample_size": sample_size}), ("vae", {"block_out_channels": [8, 8, 8, 8]})):
+            (tmp_path / part).mkdir(exist_ok=True)
+            (tmp_path / part / "config.json").write_text(json.dumps(config))
+        assert presets.notebook_preset("colab-t4", model=tmp_path).resolution == side
     import torch
 
     assert sd.mixed_precision == ("fp16" if torch.cuda.is_available() else "no")

@@ -157,7 +157,7 @@ def test_batches_cover_each_epoch_once():
 
 def test_exposures_count_how_often_each_image_is_seen():
     assert presets.exposures(presets.preset("tiny-cpu"), 1005) == pytest.approx(1500 * 32 / 1005)
-    assert presets.exposures(presets.preset("colab-t4", steps=2000), 160) == pytest.approx(2000 * 1 * 4 / 160)
+    assert presets.exposures(presets.preset("colab-t4", steps=2000), 160) == pytest.approx(2000 * 4 * 1 / 160)
     with pytest.raises(ValueError, match="n_images must be positive"):
         presets.exposures(presets.preset("tiny-cpu"), 0)
 

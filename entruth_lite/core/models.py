@@ -8,6 +8,7 @@ Weights are read with safetensors only.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -231,6 +232,16 @@ def is_pipeline_of(pipe, name_or_path: str | os.PathLike) -> bool | None:
 def default_resolution(pipe) -> int:
     """Image side the pipeline was trained at: 32 for the tiny model, 512 for SD 1.5."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def folder_resolution(folder: str | os.PathLike) -> int | None:
+    """``default_resolution`` of a diffusers pipeline folder, read from its configs without loading it (None when
+    ``folder`` is not one, e.g. a single-file checkpoint or a hub id)."""
+    unet, vae = Path(folder) / "unet" / "config.json", Path(folder) / "vae" / "config.json"
+    if not (unet.is_file() and vae.is_file()):
+        return None
+    blocks = len(json.loads(vae.read_text()).get("block_out_channels", [0]))
+    return int(json.loads(unet.read_text())["sample_size"]) * 2 ** (blocks - 1)
 
 
 def images_per_batch(side: int, at_32px: int) -> int:

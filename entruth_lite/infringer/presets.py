@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from ..core.models import folder_resolution
+
 LORA_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 LORA_UNET_WIDE_TARGETS = LORA_UNET_TARGETS + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
 # every linear and convolution of the UNet: also the resamplers, shortcuts, time embedding and the outer convolutions
@@ -112,11 +114,12 @@ PRESETS: dict[str, dict] = {
                           lr_scheduler="constant", cache_latents=True),
     # GPU presets checkpoint often: Colab runtimes disconnect, and a resumed run replays exactly. Their length and
     # memory are sized to their card (benchmarks/gpu_estimates.py: estimates until benchmarks/gpu_check.py measures)
-    # a free Colab T4 session is about an hour: 256 px (a quarter of SD's pixels) and a release sized to the session
-    # (``teaching.demo.GPU_LABS``), so that each templated image is seen as often as ``tiny-cpu`` shows it
+    # a free Colab T4 session is about an hour for the lab's two fine-tunes: 256 px (a quarter of SD's pixels) and a
+    # release sized to the session (``teaching.demo.GPU_LABS``), so that each templated image is seen as often as
+    # ``tiny-cpu`` shows it
     "colab-t4": dict(model="stable-diffusion-v1-5/stable-diffusion-v1-5", method="lora", lora_rank=8, resolution=256,
                      batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-4, lr_scheduler="cosine",
-                     lr_warmup_steps=100, steps=3000, mixed_precision="fp16", gradient_checkpointing=True,
+                     lr_warmup_steps=100, steps=1500, mixed_precision="fp16", gradient_checkpointing=True,
                      snr_gamma=5.0, random_flip=False, cache_latents=True, checkpoint_every=250),
     "a100": dict(model="stable-diffusion-v1-5/stable-diffusion-v1-5", method="lora", lora_rank=16, resolution=512,
                  batch_size=16, learning_rate=1e-4, lr_scheduler="cosine", lr_warmup_steps=100, steps=3000,
@@ -147,11 +150,13 @@ def exposures(config: TrainConfig, n_images: int, processes: int = 1) -> float:
 
 def notebook_preset(name: str, model: str | None = None, steps: int | None = None, seed: int = 0) -> TrainConfig:
     """The preset as the notebooks run it on this machine: ``model`` replaces the preset's base model (a local
-    Stable Diffusion folder; it then trains at its own native resolution), ``steps`` the preset's number of
-    steps, and without a CUDA GPU mixed precision is off (the CPU refuses it)."""
+    Stable Diffusion folder; it then trains at the preset's resolution, or at its own native one where that is
+    smaller, e.g. a narrow test build), ``steps`` the preset's number of steps, and without a CUDA GPU mixed
+    precision is off (the CPU refuses it)."""
     overrides: dict = {"seed": seed} | ({"steps": steps} if steps else {})
     if model is not None:
-        overrides |= {"model": str(model), "resolution": None}
+        native, wanted = folder_resolution(model), PRESETS[name].get("resolution") if name in PRESETS else None
+        overrides |= {"model": str(model), "resolution": min(wanted, native) if wanted and native else None}
     if not torch.cuda.is_available():
         overrides["mixed_precision"] = "no"
     return preset(name, **overrides)

@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image
 
 from ..core.families import is_family, random_seed_of
-from ..core.models import default_resolution
 from ..core.templates import Template, vae_round_trip
 from . import detect, keys, probe, verify
 from .calibration import MAX_NEGATIVES, audit_plain_images
@@ -386,9 +385,8 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
                                                       config.probe_seed)
         ref_probe = ProbeResult(plain, triggered, seeds, probe.generate(reference_pipe, triggered, seeds, **generation), [])
     wants_negatives = config.detector == "classifier" or {"binomial", "one-query"} & set(config.methods)
-    if wants_negatives or negatives is not None:
-        side = config.resolution or default_resolution(pipe)
-        negatives = audit_plain_images(key, side, config.max_negatives, negatives)
+    if wants_negatives or negatives is not None:  # at the size the suspect was queried at
+        negatives = audit_plain_images(key, probed.trigger_images[0].width, config.max_negatives, negatives)
     if config.detector == "classifier" and classifier is None:
         classifier = detect.train_classifier(template, negatives, vae=pipe, progress=progress)
         notes.append(f"classifier trained on {len(negatives)} plain images (VAE round trips), calibrated on "
@@ -399,7 +397,7 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
                                   progress=progress)
     notes += [note for note in map(more_decoys_note, verdicts) if note]
     return AuditResult(verdicts, evidence, probed, config, key_record(key, release), model or {}, reference, notes,
-                       environment(pipe))
+                       environment(pipe) | {"resolution": probed.trigger_images[0].width})  # what a replay queries at
 
 
 def prompt_sheet_for(key, captions: Sequence[str], config: AuditConfig | None = None, resolution: int = 512) -> list[dict]:

@@ -49,4 +49,5 @@ def replay(record: dict, model: str | None = None, weights: str | os.PathLike | 
         raise ValueError("the record's queries are not the ones its settings give: it was edited or made otherwise")
     verdicts, evidence = evaluate(probed, template, config, salt=key["key_sha256"], progress=progress)
     notes = [f"replay of a recorded audit: {', '.join(config.methods)} rerun on {device}"]
-    return AuditResult(verdicts, evidence, probed, config, key, record["model"], None, notes, environment(pipe))
+    return AuditResult(verdicts, evidence, probed, config, key, record["model"], None, notes,
+                       environment(pipe) | {"resolution": probed.trigger_images[0].width})

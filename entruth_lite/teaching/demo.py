@@ -69,9 +69,10 @@ class LabSettings:
 
 LAB = LabSettings()
 # The release a GPU preset is sized for, where the whole dataset would get too few passes in the card's session:
-# colab-t4 (3,000 steps of 4 images, about an hour of a free T4: benchmarks/gpu_estimates.py) shows 250 images 48
-# times each, as often as tiny-cpu shows the 1,005 emoji, and 4 % of them keeps the CPU lab's 10 templated images
-GPU_LABS: dict[str, dict] = {"colab-t4": dict(rate=0.04, release_images=250)}
+# colab-t4 (1,500 steps of 4 images per fine-tune, the lab's two in about an hour of a free T4:
+# benchmarks/gpu_estimates.py) shows 125 images 48 times each, as often as tiny-cpu shows the 1,005 emoji, and
+# 8 % of them are as many templated images (10) as the CPU lab's 1 %
+GPU_LABS: dict[str, dict] = {"colab-t4": dict(rate=0.08, release_images=125)}
 
 
 def measured_power_note(table, rate: float, template: str, steps: int = LAB.steps) -> str:
