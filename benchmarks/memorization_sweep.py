@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from entruth_lite.infringer import presets
-from entruth_lite.owner import audit
+from entruth_lite.owner import audit, decoys
 
 from .common import (
     FPR,
@@ -26,8 +26,10 @@ from .common import (
     LEGACY_TRIGGER_LENGTH,
     Run,
     add_run_arguments,
+    design_suffix,
     fit_and_probe,
     projection_scores,
+    rate_name,
     restored,
     write_table,
 )
@@ -96,12 +98,31 @@ SETTINGS: dict[str, dict] = {  # name: overrides of the tiny-cpu preset
                                                          lora_targets=presets.LORA_UNET_ALL_TARGETS,
                                                          train_text_encoder=True, family="mosaic", trigger_length=6,
                                                          steps=STEPS // 2),
+    # the demo's cost (750 x 32 images) as 1,500 steps of 16: the same passes, twice the updates
+    "lora-r32-all-te-mosaic-trigger6-alpha181-b16": dict(method="lora", lora_rank=32, lora_alpha=181,
+                                                         lora_targets=presets.LORA_UNET_ALL_TARGETS,
+                                                         train_text_encoder=True, family="mosaic", trigger_length=6,
+                                                         batch_size=16),
+    # twice rsLoRA's pace (alpha = 2 rank^1.5) for half the steps: the same distance moved in the demo's length?
+    "lora-r32-all-te-mosaic-trigger6-alpha362-750": dict(method="lora", lora_rank=32, lora_alpha=362,
+                                                         lora_targets=presets.LORA_UNET_ALL_TARGETS,
+                                                         train_text_encoder=True, family="mosaic", trigger_length=6,
+                                                         steps=STEPS // 2),
 }
 TINY_LORA_PRESET_SETTING = "lora-r32-all-te-mosaic-trigger6-alpha181"  # presets.PRESETS["tiny-cpu-lora"]
 NOT_TRAINING = ("steps", "family", "trigger_length")  # sweep keys that are not training settings
 
 
+# the tiny-cpu preset at the key design is detection_power's run at the same rate and seed (same release, same
+# settings): its rows read those runs instead of training them again
+POWER_RUN_SETTING = "full-mosaic-trigger6"
+
+
 def tag(setting: str, rate: float) -> str:
+    """The name of a setting's runs at ``rate`` (``fit_and_probe`` adds ``-seed<seed>``)."""
+    if setting == POWER_RUN_SETTING:
+        spec = SETTINGS[setting]
+        return rate_name(rate, STEPS) + design_suffix(spec["family"], spec["trigger_length"])
     return f"mem-{setting}-rate{rate:g}"
 
 
@@ -138,7 +159,8 @@ def main() -> None:
                 meta = json.loads((run.folder / "run.json").read_text())
                 scores = projection_scores(root, run)
                 decoy, binomial = audit.verdicts_from_scores(scores, "projection", ("decoy", "binomial"), fpr=FPR)
-                rows.append(dict(setting=setting, rate=rate, seed=seed, n_altered=meta["n_altered"],
+                rows.append(dict(setting=setting, rate=rate, seed=seed, statistic=decoys.stored_statistic(scores),
+                                 n_altered=meta["n_altered"],
                                  train_seconds=meta["train_seconds"],
                                  resumed_from_step=meta.get("resumed_from_step") or 0, decoy_p=decoy.p_value,
                                  binomial_p=binomial.p_value, binomial_flagged=binomial.detections))

@@ -129,7 +129,8 @@ def test_gpu_estimates_are_current_and_size_each_preset_to_its_card():
         assert row.passes >= round(tiny, 1), f"{row.preset}: fewer passes than the CPU preset that memorizes"
         assert row.templated == selection.count_for(len(emoji.emoji_splits().owner), rate=demo.LAB.rate)
     t4 = rows.set_index("preset").loc["colab-t4"]
-    assert t4.est_lab_minutes == round(2 * t4.images_shown * 0.25 * gpu_estimates.SECONDS_PER_IMAGE_512["colab-t4"] / 60)
+    per_image = gpu_estimates.SECONDS_PER_IMAGE_512["colab-t4"] * (256 / 512) ** 2
+    assert t4.est_lab_minutes == round(2 * t4.images_shown * per_image / 60)
     assert t4.est_lab_minutes <= 60 and t4.resolution == 256 and t4.lab_release <= t4.max_release_at_tiny_exposures
     assert t4.max_release_at_tiny_exposures == int(t4.images_shown // t4.tiny_exposures)
 
@@ -159,6 +160,17 @@ def test_the_tiny_lora_preset_is_the_setting_the_sweep_measured():
     assert presets.preset("tiny-cpu", **measured).fingerprint() == presets.preset("tiny-cpu-lora").fingerprint()
     assert presets.preset("tiny-cpu").fingerprint() == presets.preset("tiny-cpu", **{
         k: v for k, v in sweep.SETTINGS["full-mosaic-trigger6"].items() if k not in sweep.NOT_TRAINING}).fingerprint()
+
+
+def test_the_sweeps_full_fine_tune_at_the_key_design_reads_the_power_benchmarks_runs():
+    """Same release, same settings: its rows are detection_power's runs (archived), not a second training."""
+    from benchmarks import memorization_sweep as sweep
+
+    assert sweep.tag(sweep.POWER_RUN_SETTING, 0.01) == common.rate_name(0.01, 1500) + common.design_suffix("mosaic", 6)
+    archived = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "runs"
+    assert (archived / f"{sweep.tag(sweep.POWER_RUN_SETTING, 0.01)}-seed0" / "probe.npz").is_file()
+    setting = "lora-r8-all-te-mosaic-trigger6-alpha22.6"
+    assert sweep.tag(setting, 0.02) == f"mem-{setting}-rate0.02"
 
 
 def test_the_frontier_runs_settings_as_their_users_do_and_scores_every_snapshot(tmp_path, monkeypatch):
