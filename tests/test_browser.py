@@ -178,6 +178,29 @@ def _figure_heights(browser, output) -> list[int]:
     return [round(h) for h in images] if images and min(images) >= 0 else []
 
 
+def _painted(browser, element) -> None:
+    """Return once every image in ``element`` is decoded and two frames have been drawn since: what a person would
+    see, before the screenshot."""
+    browser.set_script_timeout(30)
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "Promise.all(Array.from(arguments[0].querySelectorAll('img')).map(i => i.decode().catch(() => null)))"
+        ".then(() => requestAnimationFrame(() => requestAnimationFrame(() => done(true))));", element)
+
+
+def _inked_shares(browser, element) -> list[float]:
+    """For each image in ``element``, the share of its pixels that are not white: a redraw that shows an empty
+    figure (seen with pyplot's figures in a widget) has none."""
+    return browser.execute_script(
+        "return Array.from(arguments[0].querySelectorAll('img')).map(i => {"
+        "const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;"
+        "const g = c.getContext('2d'); g.drawImage(i, 0, 0);"
+        "const d = g.getImageData(0, 0, c.width, c.height).data; let n = 0;"
+        "for (let p = 0; p < d.length; p += 4)"
+        "  if (d[p + 3] > 0 && (d[p] < 240 || d[p + 1] < 240 || d[p + 2] < 240)) n++;"
+        "return n / (c.width * c.height);})", element)
+
+
 def _widget_output(browser, index: int):
     """The output element of the page's ``index``-th interact box, found afresh."""
     from selenium.webdriver.common.by import By
@@ -253,7 +276,10 @@ def test_every_widget_redraws_in_a_real_browser(lab, browser, name):
                 raise AssertionError(f"{error}; its output: {len(html)} characters of HTML, "
                                      f"{html.count('<img')} images; see {shot}") from None
             assert min(figures) >= 60, f"{name}: widget {b}, {kind} {k} draws a figure {min(figures)} px high"
+            inked = _inked_shares(browser, _widget_output(browser, b))
+            assert min(inked) > 0.01, f"{name}: widget {b}, {kind} {k} draws a blank figure (inked shares {inked})"
             browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", box)
+            _painted(browser, _widget_output(browser, b))
             browser.save_screenshot(str(SHOTS / f"{name}-widget{b}-{kind}{k}.png"))
             changed += 1
     assert changed >= 2, f"{name}: only {changed} controls found"

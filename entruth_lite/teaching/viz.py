@@ -66,23 +66,26 @@ def plot_losses(histories: dict[str, Sequence[float]], window: int = 25, ax=None
 def show_image(image: Image.Image, title: str | None = None, width: float = 8.0,
                row_labels: Sequence[str] | None = None) -> None:
     """Show one image in a notebook with matplotlib, pixels kept sharp (tiny images are upscaled). ``row_labels``:
-    names for the equal-height rows of a grid (e.g. the models of ``memorization_grid``), shown at its left."""
-    # imported here, not at the top: plotting libraries are slow to import
-    import matplotlib.pyplot as plt
+    names for the equal-height rows of a grid (e.g. the models of ``memorization_grid``), shown at its left. A
+    figure of its own, displayed, not pyplot's: in a widget's redraw pyplot's figures were seen to show blank."""
+    # imported here, not at the top: plotting and display libraries are slow to import
+    from IPython.display import display
+    from matplotlib.figure import Figure
 
-    plt.figure(figsize=(width, width * image.height / image.width))
-    plt.imshow(image, interpolation="nearest")
-    plt.xticks([])
+    figure = Figure(figsize=(width, width * image.height / image.width))
+    ax = figure.subplots()
+    ax.imshow(image, interpolation="nearest")
+    ax.set_xticks([])
     if row_labels:
         step = image.height / len(row_labels)
-        plt.yticks([step * (k + 0.5) for k in range(len(row_labels))], row_labels)
-        plt.tick_params(axis="y", length=0)
+        ax.set_yticks([step * (k + 0.5) for k in range(len(row_labels))], row_labels)
+        ax.tick_params(axis="y", length=0)
     else:
-        plt.yticks([])
-    plt.gca().spines[:].set_visible(False)
+        ax.set_yticks([])
+    ax.spines[:].set_visible(False)
     if title:
-        plt.title(title)
-    plt.show()
+        ax.set_title(title)
+    display(figure)
 
 
 def plot_roc(curves: dict, ax=None):
