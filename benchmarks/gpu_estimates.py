@@ -4,8 +4,9 @@ them on a GPU (issue #17). Nothing here was run on a GPU.
     python -m benchmarks.gpu_estimates [--out benchmarks/results/gpu_estimates.csv]
 
 For each preset: how many images it shows the model (steps x batch x accumulation), the estimated wall time on its
-card (and for the lab's two fine-tunes), the release the lab trains it on (``demo.LabSettings.for_preset``: the whole emoji set, or the smaller one a
-preset is sized for, ``demo.GPU_LABS``), its templated images and the passes over each image, against the passes
+card (and for the lab's two fine-tunes), the release the lab trains it on (``demo.LabSettings.for_preset``: the
+whole emoji set, or the smaller one a preset is sized for, ``demo.GPU_LABS``), its templated images and the passes
+over each image, against the passes
 the ``tiny-cpu`` preset gives the owner's emoji (the setting that memorizes on the CPU: ``presets.exposures``), and
 the largest release that would still get as many. Memory is SD 1.5's frozen weights in half precision (parameter
 counts of ``sd_architecture``'s full build) plus a per-image activation footprint.

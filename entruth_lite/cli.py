@@ -132,8 +132,9 @@ def _write_prompt_sheet(args, key, captions: list[str], config) -> None:
 
     if not args.out:
         raise ValueError("audit prompts needs --out (the prompt sheet to write, e.g. prompts.jsonl)")
-    # the size the suspect was trained at: the key's, else the tiny model's or Stable Diffusion 1.5's
-    resolution = args.resolution or key.resolution or (TINY_RESOLUTION if (args.model or "tiny") == "tiny" else 512)
+    # the size the suspect was trained at (``config.resolution``: --resolution, else the key's), else the tiny
+    # model's or Stable Diffusion 1.5's
+    resolution = config.resolution or (TINY_RESOLUTION if (args.model or "tiny") == "tiny" else 512)
     out = probe.write_prompt_sheet(audit.prompt_sheet_for(key, captions, config, resolution), args.out,
                                    overwrite=args.overwrite)
     print(f"wrote {config.queries} trigger and {config.queries} control prompts to {out}; save the service's "

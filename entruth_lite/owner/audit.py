@@ -385,8 +385,9 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
                                                       config.probe_seed)
         ref_probe = ProbeResult(plain, triggered, seeds, probe.generate(reference_pipe, triggered, seeds, **generation), [])
     wants_negatives = config.detector == "classifier" or {"binomial", "one-query"} & set(config.methods)
-    if wants_negatives or negatives is not None:  # at the size the suspect was queried at
-        negatives = audit_plain_images(key, probed.trigger_images[0].width, config.max_negatives, negatives)
+    queried_at = probed.trigger_images[0].width  # the plain images and a replay follow the suspect's answers
+    if wants_negatives or negatives is not None:
+        negatives = audit_plain_images(key, queried_at, config.max_negatives, negatives)
     if config.detector == "classifier" and classifier is None:
         classifier = detect.train_classifier(template, negatives, vae=pipe, progress=progress)
         notes.append(f"classifier trained on {len(negatives)} plain images (VAE round trips), calibrated on "
@@ -397,7 +398,7 @@ def audit(pipe, key, captions: Sequence[str], config: AuditConfig | None = None,
                                   progress=progress)
     notes += [note for note in map(more_decoys_note, verdicts) if note]
     return AuditResult(verdicts, evidence, probed, config, key_record(key, release), model or {}, reference, notes,
-                       environment(pipe) | {"resolution": probed.trigger_images[0].width})  # what a replay queries at
+                       environment(pipe) | {"resolution": queried_at})
 
 
 def prompt_sheet_for(key, captions: Sequence[str], config: AuditConfig | None = None, resolution: int = 512) -> list[dict]:
